@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from tasks.errors import UserError
-from tasks.nsfw import NON_FINITE_REASON, load_nsfw_head
+from tasks.nsfw import NON_FINITE_REASON, OUT_OF_RANGE_REASON, load_nsfw_head
 
 HEADS = {"vit_l_14": 768, "vit_b_32": 512}
 REGIMES = ["unit_float32", "unit_fp16_rounded", "scaled_fp16_rounded"]
@@ -85,6 +85,15 @@ def test_non_finite_rows_are_reported_not_scored(laion_dir, reference_dir):
     assert np.isnan(result.nsfw_score[[2, 5, 7]]).all()
     good = [0, 1, 3, 4, 6, 8, 9]
     np.testing.assert_allclose(result.nsfw_score[good], ref["unit_float32.keras_scores"][good], atol=TOLERANCE, rtol=0)
+
+
+def test_overflowing_rows_are_reported_not_scored(laion_dir):
+    head = load_nsfw_head(laion_dir / "vit_b_32.safetensors")
+    x = np.full((3, 512), 0.04, np.float32)
+    x[1] = 3e38  # finite, but the first layer overflows float32
+    result = head.score(x)
+    assert result.unscored == {1: OUT_OF_RANGE_REASON}
+    assert np.isnan(result.nsfw_score[1]) and np.isfinite(result.nsfw_score[[0, 2]]).all()
 
 
 def test_empty_batch(laion_dir):
