@@ -1,0 +1,111 @@
+"""`nsfw-curator` command line: each subcommand parses its arguments and calls a flow or a function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from tasks.errors import UserError
+from tasks.locations import default_model_dir, nsfw_weights_path
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _add_score_embeddings(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "score-embeddings",
+        help="score CLIP embeddings you already have (.npy or Parquet) with the LAION NSFW head",
+        description="Score CLIP image embeddings computed elsewhere (for example clip-retrieval's img_emb/*.npy) "
+        "and write Parquet with `nsfw_score` (float32, null when not scored) and `error` added; other "
+        "Parquet columns such as `key` are carried over.",
+    )
+    parser.add_argument("--input", required=True, help="a .npy of shape [N, D], or Parquet with an `embedding` list column")
+    parser.add_argument("--output", required=True, help="the Parquet file to write (local path or fsspec URL)")
+    weights = parser.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--nsfw-weights", help="an NSFW-head safetensors file")
+    weights.add_argument("--model-dir", help="the model directory; the head for --clip-model is read from it")
+    parser.add_argument("--clip-model", default="ViT-L-14", help="with --model-dir: which CLIP model the embeddings come from (default: ViT-L-14)")
+    parser.add_argument("--model-inference-batch-size", type=int, default=32, help="rows scored per batch (default: 32)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.set_defaults(handler=_run_score_embeddings)
+
+
+def _run_score_embeddings(args: argparse.Namespace) -> int:
+    import torch
+
+    from tasks.nsfw import load_nsfw_head
+    from tasks.score_file import score_embedding_file
+
+    weights = args.nsfw_weights or nsfw_weights_path(args.model_dir, args.clip_model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    head = load_nsfw_head(weights, device=device)
+    rows = score_embedding_file(args.input, args.output, head, batch_size=args.model_inference_batch_size, device=device)
+    print(f"scored {rows} embeddings -> {args.output}")
+    return 0
+
+
+def _add_models(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("models", help="get or convert model weights")
+    models = parser.add_subparsers(dest="models_command", required=True, metavar="{fetch,convert-laion}")
+    fetch = models.add_parser(
+        "fetch",
+        help="download CLIP and the LAION NSFW head into --model-dir",
+        description="Download the CLIP weights (through open_clip) and LAION's NSFW head (converted to safetensors) "
+        "into the layout the pipeline reads offline. Skips what is already there.",
+    )
+    fetch.add_argument("--model-dir", default=default_model_dir(), help="where weights go (default: %(default)s)")
+    fetch.add_argument("--clip-model", default="ViT-L-14", help="open_clip model name (default: ViT-L-14)")
+    fetch.add_argument("--clip-pretrained", default="openai", help="open_clip pretrained tag (default: openai)")
+    fetch.set_defaults(handler=_run_models_fetch)
+    convert = models.add_parser(
+        "convert-laion",
+        help="convert LAION's Keras NSFW-detector zip to safetensors",
+        description="Convert LAION's original Keras/AutoKeras zip (clip_autokeras_binary_nsfw.zip or "
+        "clip_autokeras_nsfw_b32.zip) into the safetensors head the pipeline loads. Needs no TensorFlow.",
+    )
+    convert.add_argument("zip", help="LAION's zip file")
+    convert.add_argument("out", help="the safetensors file to write")
+    convert.set_defaults(handler=_run_convert_laion)
+
+
+def _run_models_fetch(args: argparse.Namespace) -> int:
+    from tasks.model_fetch import fetch_models
+
+    for path in fetch_models(args.model_dir, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained):
+        print(path)
+    return 0
+
+
+def _run_convert_laion(args: argparse.Namespace) -> int:
+    from tasks.laion_convert import convert_laion_zip
+
+    print(convert_laion_zip(args.zip, args.out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nsfw-curator",
+        description="Score WebDataset images with LAION's CLIP-based NSFW detector, filter them, and reuse the embeddings.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for add in ADD_SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+ADD_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_score_embeddings, _add_models]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except UserError as exc:
+        print(f"nsfw-curator: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

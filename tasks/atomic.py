@@ -1,0 +1,63 @@
+"""Atomic writes to any fsspec URL: readers see the old file or the whole new one, never a part.
+
+Local disk: write a hidden temp file in the same directory, fsync, `os.replace`. Object stores (S3, GCS):
+an object becomes visible only when its upload completes, so writing the final key directly is atomic;
+an interrupted multipart upload leaves no object behind.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from contextlib import contextmanager
+from typing import BinaryIO, Iterator
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+OBJECT_STORE_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
+
+
+def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and the protocol-less path for a URL or a local path."""
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return fs, path
+
+
+def is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return bool(OBJECT_STORE_PROTOCOLS.intersection(protocols))
+
+
+@contextmanager
+def atomic_output(url: str, storage_options: dict | None = None) -> Iterator[BinaryIO]:
+    """Open `url` for writing; the file appears complete when the block exits, or not at all on error."""
+    fs, path = filesystem(url, storage_options)
+    if is_object_store(fs):
+        with fs.open(path, "wb") as handle:
+            yield handle
+        return
+    parent = os.path.dirname(path)
+    fs.makedirs(parent, exist_ok=True)
+    tmp_path = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with fs.open(tmp_path, "wb") as handle:
+            yield handle
+            if isinstance(fs, LocalFileSystem):
+                handle.flush()
+                os.fsync(handle.fileno())
+        if isinstance(fs, LocalFileSystem):
+            os.replace(tmp_path, path)
+        else:
+            fs.mv(tmp_path, path)
+    except BaseException:
+        try:
+            fs.rm(tmp_path)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = None) -> None:
+    with atomic_output(url, storage_options) as handle:
+        handle.write(data)

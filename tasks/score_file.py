@@ -1,0 +1,116 @@
+"""Score embeddings a user already has (`.npy` [N, D], or Parquet with an `embedding` list column).
+
+Serves embeddings computed elsewhere, such as clip-retrieval's `img_emb/*.npy` or its Parquet output.
+Parquet input streams by record batch, so memory does not grow with the file; every input column is
+carried over and `nsfw_score` (float32, null when not scored) and `error` are added.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.atomic import atomic_output
+from tasks.errors import UserError
+from tasks.nsfw import NSFWHead
+
+READ_ROWS = 65536
+
+
+def embeddings_from_list_column(column: pa.Array | pa.ChunkedArray, embedding_dim: int) -> tuple[np.ndarray, list[str | None]]:
+    """A float32 [N, D] matrix from a list<float> column; null or wrong-length rows become NaN with a reason."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type) or pa.types.is_fixed_size_list(column.type)):
+        raise UserError(f"the `embedding` column has type {column.type}; it must be a list of floats.")
+    lengths = column.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    good = valid & (lengths == embedding_dim)
+    matrix = np.full((len(column), embedding_dim), np.nan, dtype=np.float32)
+    if good.all():
+        matrix[:] = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, embedding_dim)
+    elif good.any():
+        matrix[good] = np.stack([np.asarray(column[int(i)].as_py(), dtype=np.float32) for i in np.flatnonzero(good)])
+    reasons: list[str | None] = [None] * len(column)
+    for row in np.flatnonzero(~good):
+        reasons[row] = "no embedding" if not valid[row] else f"embedding has {lengths[row]} values, expected {embedding_dim}"
+    return matrix, reasons
+
+
+def _check_parquet_dimension(column: pa.Array, head: NSFWHead, source: str) -> None:
+    lengths = column.value_lengths().drop_null().to_numpy(zero_copy_only=False)
+    if len(lengths) and not (lengths == head.embedding_dim).any():
+        head.check_dimension(int(lengths[0]), source)
+
+
+def _scored_batch(table: pa.RecordBatch | pa.Table, head: NSFWHead, batch_size: int, device: str | None) -> pa.Table:
+    matrix, reasons = embeddings_from_list_column(table.column("embedding"), head.embedding_dim)
+    result = head.score(matrix, batch_size=batch_size, device=device)
+    for row, reason in result.unscored.items():
+        reasons[row] = reasons[row] or reason
+    out = pa.Table.from_batches([table]) if isinstance(table, pa.RecordBatch) else table
+    out = out.append_column("nsfw_score", pa.array(result.nsfw_score, type=pa.float32(), from_pandas=True))
+    return out.append_column("error", pa.array(reasons, type=pa.string()))
+
+
+def score_embedding_file(
+    input_path: str,
+    output_path: str,
+    head: NSFWHead,
+    batch_size: int = 32,
+    device: str | None = None,
+) -> int:
+    """Score every row of `input_path` and write Parquet to `output_path`; returns the number of rows."""
+    suffix = PurePosixPath(input_path.split("?")[0]).suffix.lower()
+    if suffix not in (".npy", ".parquet", ".pq"):
+        raise UserError(f"{input_path} is neither .npy nor .parquet; pass embeddings as a [N, D] .npy or Parquet with an `embedding` column.")
+    try:
+        source = fsspec.open(input_path, "rb").open()
+    except FileNotFoundError:
+        raise UserError(f"{input_path} does not exist; pass an existing .npy or Parquet file of embeddings.") from None
+    rows = 0
+    with source, atomic_output(output_path) as sink:
+        if suffix == ".npy":
+            try:
+                embeddings = np.load(source, allow_pickle=False)
+            except ValueError as exc:
+                raise UserError(f"{input_path} is not a readable .npy array ({exc}); save embeddings with numpy.save.") from None
+            if embeddings.ndim != 2:
+                raise UserError(f"{input_path} holds an array of shape {embeddings.shape}; embeddings must be [N, D].")
+            head.check_dimension(int(embeddings.shape[1]), f"the embeddings in {input_path}")
+            result = head.score(embeddings, batch_size=batch_size, device=device)
+            reasons = [result.unscored.get(i) for i in range(len(embeddings))]
+            table = pa.table(
+                {
+                    "row": pa.array(np.arange(len(embeddings), dtype=np.int64)),
+                    "nsfw_score": pa.array(result.nsfw_score, type=pa.float32(), from_pandas=True),
+                    "error": pa.array(reasons, type=pa.string()),
+                }
+            )
+            pq.write_table(table, sink)
+            return len(embeddings)
+        try:
+            parquet = pq.ParquetFile(source)
+        except pa.ArrowInvalid as exc:
+            raise UserError(f"{input_path} is not a readable Parquet file ({exc}).") from None
+        if "embedding" not in parquet.schema_arrow.names:
+            raise UserError(f"{input_path} has no `embedding` column (columns: {', '.join(parquet.schema_arrow.names)}); name the list-of-floats column `embedding`.")
+        writer = None
+        for batch in parquet.iter_batches(batch_size=READ_ROWS):
+            if rows == 0:
+                _check_parquet_dimension(batch.column("embedding"), head, f"the embeddings in {input_path}")
+            scored = _scored_batch(batch, head, batch_size, device)
+            if writer is None:
+                writer = pq.ParquetWriter(sink, scored.schema)
+            writer.write_table(scored)
+            rows += batch.num_rows
+        if writer is None:  # empty input: keep the schema
+            empty = parquet.schema_arrow.empty_table()
+            empty = empty.append_column("nsfw_score", pa.array([], pa.float32())).append_column("error", pa.array([], pa.string()))
+            writer = pq.ParquetWriter(sink, empty.schema)
+        writer.close()
+    return rows
