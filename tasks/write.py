@@ -1,0 +1,295 @@
+"""Outputs under `output_path`: filtered WebDataset shards, the scores Parquet, partition manifests.
+
+Layout (one partition = `files_per_partition` input shards, named by its index in the run):
+
+    shards/part-{partition:06d}-{n:04d}.tar   passed samples, `images_per_tar` per file, members byte for byte
+    scores/part-{partition:06d}.parquet       one row per input sample: key, shard, nsfw_score, passed, error, output_shard
+    _manifests/part-{partition:06d}.json      written last: the partition is complete when its manifest exists
+    summary.json                              the run summary (counts, threshold, models, histogram)
+
+Every file is written atomically; a partition re-run rewrites the same names and removes files of an
+earlier attempt that the new manifest does not list, so outputs never hold duplicates.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import tarfile
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Iterator, Protocol, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.atomic import atomic_output, filesystem, write_bytes_atomic
+
+SCORES_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("shard", pa.string()),
+        ("nsfw_score", pa.float32()),
+        ("passed", pa.bool_()),
+        ("error", pa.string()),
+        ("output_shard", pa.string()),
+    ]
+)
+HISTOGRAM_BINS = 20
+
+
+class RawSample(Protocol):
+    key: str | None
+    shard: str
+    members: dict[str, bytes]
+
+
+def join_url(base: str, *parts: str) -> str:
+    return posixpath.join(base.rstrip("/"), *parts)
+
+
+def partition_stem(partition_index: int) -> str:
+    return f"part-{partition_index:06d}"
+
+
+def manifest_url(output_path: str, partition_index: int) -> str:
+    return join_url(output_path, "_manifests", f"{partition_stem(partition_index)}.json")
+
+
+def scores_url(output_path: str, partition_index: int) -> str:
+    return join_url(output_path, "scores", f"{partition_stem(partition_index)}.parquet")
+
+
+def _tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    info.mtime = 0  # fixed, so a re-run writes byte-identical shards
+    return info, io.BytesIO(data)
+
+
+class FilteredShardWriter:
+    """Streams passed samples into `shards/part-{partition}-{n}.tar`, `images_per_tar` samples per file."""
+
+    def __init__(self, output_path: str, partition_index: int, images_per_tar: int, storage_options: dict | None = None) -> None:
+        assert images_per_tar >= 1
+        self.output_path = output_path
+        self.partition_index = partition_index
+        self.images_per_tar = images_per_tar
+        self.storage_options = storage_options
+        self.written: list[str] = []
+        self._context = None
+        self._tar: tarfile.TarFile | None = None
+        self._in_current = 0
+
+    def _open_next(self) -> None:
+        url = join_url(self.output_path, "shards", f"{partition_stem(self.partition_index)}-{len(self.written):04d}.tar")
+        self._context = atomic_output(url, self.storage_options)
+        handle = self._context.__enter__()
+        self._tar = tarfile.open(fileobj=handle, mode="w", format=tarfile.PAX_FORMAT)
+        self.written.append(url)
+        self._in_current = 0
+
+    def _close_current(self, exc: BaseException | None = None) -> None:
+        if self._tar is None:
+            return
+        tar, context = self._tar, self._context
+        self._tar = self._context = None
+        if exc is None:
+            tar.close()
+            context.__exit__(None, None, None)
+        else:
+            context.__exit__(type(exc), exc, exc.__traceback__)
+
+    def add(self, sample: RawSample) -> str:
+        """Append one sample (all its members, in order); returns the URL of the shard it went to."""
+        assert sample.key is not None
+        if self._tar is None or self._in_current >= self.images_per_tar:
+            self._close_current()
+            self._open_next()
+        for extension, data in sample.members.items():
+            self._tar.addfile(*_tar_member(f"{sample.key}.{extension}", data))
+        self._in_current += 1
+        return self.written[-1]
+
+    def close(self) -> list[str]:
+        self._close_current()
+        return list(self.written)
+
+    def abort(self, exc: BaseException) -> None:
+        self._close_current(exc)
+        # Tars completed by this attempt stay; the re-run overwrites them under the same names.
+
+    def __enter__(self) -> "FilteredShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.close()
+        else:
+            self.abort(exc)
+
+
+def score_histogram(nsfw_score: np.ndarray) -> list[int]:
+    """Counts of scored samples in `HISTOGRAM_BINS` equal bins over [0, 1] (NaN scores left out)."""
+    finite = nsfw_score[np.isfinite(nsfw_score)]
+    counts, _ = np.histogram(finite, bins=HISTOGRAM_BINS, range=(0.0, 1.0))
+    return counts.astype(int).tolist()
+
+
+@dataclass
+class PartitionResult:
+    """What a partition wrote; the manifest holds exactly this."""
+
+    partition_index: int
+    partition_id: str
+    shard_urls: list[str]
+    samples: int
+    passed: int
+    filtered: int
+    errors: int
+    histogram: list[int]
+    scores_file: str
+    output_shards: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PartitionResult":
+        return cls(**json.loads(text))
+
+
+def write_scores(url: str, rows: dict[str, list], storage_options: dict | None = None) -> None:
+    table = pa.table(rows, schema=SCORES_SCHEMA)
+    with atomic_output(url, storage_options) as handle:
+        pq.write_table(table, handle)
+
+
+def remove_stale_outputs(output_path: str, partition_index: int, keep: Iterable[str], storage_options: dict | None = None) -> list[str]:
+    """Delete this partition's shards that `keep` does not list (left by an earlier, larger attempt)."""
+    fs, root = filesystem(output_path, storage_options)
+    pattern = posixpath.join(root.rstrip("/"), "shards", f"{partition_stem(partition_index)}-*.tar")
+    keep_paths = {filesystem(url, storage_options)[1] for url in keep}
+    stale = [path for path in fs.glob(pattern) if path not in keep_paths]
+    for path in stale:
+        fs.rm(path)
+    return stale
+
+
+def read_manifest(output_path: str, partition_index: int, storage_options: dict | None = None) -> PartitionResult | None:
+    fs, path = filesystem(manifest_url(output_path, partition_index), storage_options)
+    try:
+        with fs.open(path, "rb") as handle:
+            return PartitionResult.from_json(handle.read().decode())
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError):
+        return None  # unreadable manifest: the partition is redone
+
+
+def write_manifest(output_path: str, result: PartitionResult, storage_options: dict | None = None) -> str:
+    url = manifest_url(output_path, result.partition_index)
+    write_bytes_atomic(url, json.dumps(asdict(result), indent=2).encode(), storage_options)
+    return url
+
+
+def write_filtered_partition(
+    output_path: str,
+    partition_index: int,
+    partition_id: str,
+    shard_urls: Sequence[str],
+    samples: Iterator[RawSample],
+    scored: Iterator[tuple[float, str | None]],
+    score_threshold: float,
+    images_per_tar: int,
+    storage_options: dict | None = None,
+) -> PartitionResult:
+    """Write one partition's outputs from its raw samples and, in the same order, their (score, error).
+
+    `passed` is `error is None and nsfw_score < score_threshold`. Returns the manifest's content after
+    the manifest is written (the partition's commit point).
+    """
+    columns: dict[str, list[Any]] = {name: [] for name in SCORES_SCHEMA.names}
+    with FilteredShardWriter(output_path, partition_index, images_per_tar, storage_options) as writer:
+        for sample in samples:
+            nsfw_score, error = next(scored)
+            passed = error is None and sample.key is not None and bool(nsfw_score < score_threshold)
+            columns["key"].append(sample.key)
+            columns["shard"].append(sample.shard)
+            columns["nsfw_score"].append(None if error is not None or not np.isfinite(nsfw_score) else float(nsfw_score))
+            columns["passed"].append(passed)
+            columns["error"].append(error)
+            columns["output_shard"].append(writer.add(sample) if passed else None)
+        assert next(scored, None) is None, "more scores than samples"
+    output_shards = writer.written
+    score_file = scores_url(output_path, partition_index)
+    write_scores(score_file, columns, storage_options)
+    remove_stale_outputs(output_path, partition_index, output_shards, storage_options)
+    nsfw_scores = np.array([np.nan if s is None else s for s in columns["nsfw_score"]], dtype=np.float32)
+    passed_count = int(sum(columns["passed"]))
+    error_count = int(sum(e is not None for e in columns["error"]))
+    result = PartitionResult(
+        partition_index=partition_index,
+        partition_id=partition_id,
+        shard_urls=list(shard_urls),
+        samples=len(columns["key"]),
+        passed=passed_count,
+        filtered=len(columns["key"]) - passed_count - error_count,
+        errors=error_count,
+        histogram=score_histogram(nsfw_scores),
+        scores_file=score_file,
+        output_shards=output_shards,
+    )
+    write_manifest(output_path, result, storage_options)
+    return result
+
+
+@dataclass
+class RunSummary:
+    samples: int
+    passed: int
+    filtered: int
+    errors: int
+    partitions: int
+    score_threshold: float
+    histogram_bins: list[float]
+    histogram: list[int]
+    models: dict[str, str]
+    output_path: str
+    scores_files: list[str]
+    output_shards: list[str]
+
+    @classmethod
+    def from_partitions(
+        cls, results: Sequence[PartitionResult], score_threshold: float, models: dict[str, str], output_path: str
+    ) -> "RunSummary":
+        histogram = np.zeros(HISTOGRAM_BINS, dtype=int)
+        for result in results:
+            histogram += np.asarray(result.histogram, dtype=int)
+        return cls(
+            samples=sum(r.samples for r in results),
+            passed=sum(r.passed for r in results),
+            filtered=sum(r.filtered for r in results),
+            errors=sum(r.errors for r in results),
+            partitions=len(results),
+            score_threshold=score_threshold,
+            histogram_bins=np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1).round(4).tolist(),
+            histogram=histogram.tolist(),
+            models=dict(models),
+            output_path=output_path,
+            scores_files=[r.scores_file for r in results],
+            output_shards=[url for r in results for url in r.output_shards],
+        )
+
+    def write(self, storage_options: dict | None = None) -> str:
+        url = join_url(self.output_path, "summary.json")
+        write_bytes_atomic(url, json.dumps(asdict(self), indent=2).encode(), storage_options)
+        return url
+
+    def histogram_markdown(self) -> str:
+        """The score histogram as a Markdown table with bars, threshold bin marked."""
+        peak = max(self.histogram) or 1
+        lines = ["| nsfw_score | count | |", "| --- | ---: | --- |"]
+        for low, high, count in zip(self.histogram_bins[:-1], self.histogram_bins[1:], self.histogram):
+            mark = " ← threshold" if low <= self.score_threshold < high else ""
+            lines.append(f"| {low:.2f}–{high:.2f} | {count} | {'█' * round(30 * count / peak)}{mark} |")
+        return "\n".join(lines)

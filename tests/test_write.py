@@ -1,0 +1,124 @@
+"""Output writing: filtered shards byte for byte, scores rows, manifests, stale-file cleanup, S3."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.write import (
+    FilteredShardWriter,
+    RunSummary,
+    read_manifest,
+    write_filtered_partition,
+)
+
+
+@dataclass
+class FakeSample:  # a plain record of the reader's shape; the code under test is the writer
+    key: str | None
+    shard: str
+    members: dict[str, bytes] = field(default_factory=dict)
+
+
+def make_samples(n: int, shard: str = "in/a.tar") -> list[FakeSample]:
+    rng = np.random.default_rng(0)
+    return [
+        FakeSample(f"dir/{i:05d}", shard, {"jpg": rng.bytes(100 + i), "txt": f"caption {i}".encode(), "json": b'{"i": %d}' % i})
+        for i in range(n)
+    ]
+
+
+def read_tar(path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+
+
+def test_writer_rotates_and_keeps_members_byte_for_byte(tmp_path):
+    samples = make_samples(7)
+    with FilteredShardWriter(str(tmp_path), 3, images_per_tar=3) as writer:
+        targets = [writer.add(s) for s in samples]
+    assert [t.rsplit("/", 1)[1] for t in writer.written] == ["part-000003-0000.tar", "part-000003-0001.tar", "part-000003-0002.tar"]
+    assert targets == [writer.written[i // 3] for i in range(7)]
+    members = [m for url in writer.written for m in read_tar(url)]
+    expected = [(f"{s.key}.{ext}", data) for s in samples for ext, data in s.members.items()]
+    assert members == expected
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_partition_outputs_scores_and_manifest(tmp_path):
+    samples = make_samples(10) + [FakeSample(None, "in/a.tar")]
+    scores = [0.1, 0.9, 0.5, 0.49999, float("nan"), 0.2, 0.0, 1.0, 0.3, 0.7, float("nan")]
+    errors = [None, None, None, None, "image is truncated", None, None, None, None, None, "tar is truncated after 10 samples"]
+    out = str(tmp_path / "out")
+    result = write_filtered_partition(out, 0, "pid", ["in/a.tar"], iter(samples), iter(zip(scores, errors)), 0.5, 2)
+    table = pq.read_table(result.scores_file)
+    assert table.schema.field("nsfw_score").type == pa.float32()
+    frame = table.to_pydict()
+    assert frame["key"] == [s.key for s in samples]
+    assert frame["passed"] == [True, False, False, True, False, True, True, False, True, False, False]
+    assert frame["error"][4] == "image is truncated" and frame["nsfw_score"][4] is None
+    assert frame["nsfw_score"][10] is None and frame["error"][10].startswith("tar is truncated")
+    passed_keys = [s.key for s, p in zip(samples, frame["passed"]) if p]
+    written = [name.rsplit(".", 1)[0] for url in result.output_shards for name, _ in read_tar(url)]
+    assert sorted(set(written)) == sorted(passed_keys)
+    assert (result.samples, result.passed, result.filtered, result.errors) == (11, 5, 4, 2)
+    assert sum(result.histogram) == 9
+    assert read_manifest(out, 0) == result
+
+
+def test_rerun_with_fewer_outputs_removes_stale_shards(tmp_path):
+    out = str(tmp_path / "out")
+    samples = make_samples(6)
+    first = write_filtered_partition(out, 1, "p", ["a"], iter(samples), iter([(0.0, None)] * 6), 0.5, 2)
+    assert len(first.output_shards) == 3
+    second = write_filtered_partition(out, 1, "p", ["a"], iter(samples), iter([(0.0, None)] * 2 + [(0.9, None)] * 4), 0.5, 2)
+    assert len(second.output_shards) == 1
+    assert sorted(p.name for p in (tmp_path / "out" / "shards").iterdir()) == ["part-000001-0000.tar"]
+
+
+def test_failure_midway_leaves_no_partial_file_and_no_manifest(tmp_path):
+    out = tmp_path / "out"
+
+    def broken_samples():
+        yield from make_samples(3)
+        raise OSError("connection reset while reading the shard")
+
+    with pytest.raises(OSError, match="connection reset"):
+        write_filtered_partition(str(out), 0, "p", ["a"], broken_samples(), iter([(0.0, None)] * 5), 0.5, 2)
+    assert read_manifest(str(out), 0) is None
+    assert not list(out.rglob("*.tmp"))
+    for path in out.rglob("*.tar"):  # completed shards are whole tars
+        assert len(read_tar(path)) == 6
+
+
+def test_summary_and_histogram(tmp_path):
+    out = str(tmp_path / "out")
+    r0 = write_filtered_partition(out, 0, "p0", ["a"], iter(make_samples(4)), iter([(0.05, None), (0.55, None), (0.95, None), (0.51, None)]), 0.5, 10)
+    r1 = write_filtered_partition(out, 1, "p1", ["b"], iter(make_samples(2, "b")), iter([(0.02, None), (float("nan"), "bad")]), 0.5, 10)
+    summary = RunSummary.from_partitions([r0, r1], 0.5, {"clip": "ViT-L-14"}, out)
+    url = summary.write()
+    with open(url) as fh:
+        data = json.load(fh)
+    assert (data["samples"], data["passed"], data["filtered"], data["errors"]) == (6, 2, 3, 1)
+    assert data["histogram"][0] == 1 and data["histogram"][1] == 1 and data["histogram"][10] == 1 and data["histogram"][11] == 1 and data["histogram"][19] == 1
+    assert "← threshold" in summary.histogram_markdown().splitlines()[12]
+
+
+def test_outputs_on_s3(s3_bucket):
+    import s3fs
+
+    out = f"s3://{s3_bucket}/run"
+    result = write_filtered_partition(out, 0, "p", ["a"], iter(make_samples(5)), iter([(0.1, None)] * 5), 0.5, 2)
+    fs = s3fs.S3FileSystem()
+    fs.invalidate_cache()
+    assert sorted(fs.ls(f"{s3_bucket}/run/shards")) == sorted(u[len("s3://"):] for u in result.output_shards)
+    assert read_manifest(out, 0) == result
+    with fs.open(result.scores_file) as fh:
+        assert pd.read_parquet(fh)["passed"].all()
