@@ -1,0 +1,198 @@
+"""List WebDataset shards under `file_paths` and group them into partitions (units of work).
+
+`file_paths` may be a local directory or file, a `file://`, `s3://` or other fsspec URL (directory,
+prefix, single shard or glob), a list of such URLs, or WebDataset brace notation
+(`shards/part-{000000..000099}.tar`, several patterns joined by `::`). Shards come back as full URLs,
+deduplicated and in natural order, so a partition's identity is the same in every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import braceexpand
+import fsspec
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+from tasks.errors import UserError
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_DIGITS = re.compile(r"(\d+)")
+
+
+@dataclass(frozen=True)
+class Partition:
+    """A group of shards processed as one unit of work."""
+
+    index: int  # position in the run, 0-based
+    shard_urls: tuple[str, ...]
+
+    @property
+    def partition_id(self) -> str:
+        """16 hex digits derived from the shard URLs only, so it is stable across runs and machines."""
+        digest = hashlib.sha256("\n".join(self.shard_urls).encode("utf-8")).hexdigest()
+        return digest[:16]
+
+
+def _natural_key(url: str) -> tuple:
+    # "part-9.tar" before "part-10.tar"; the raw string breaks ties so the order is total.
+    parts = _DIGITS.split(url)
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in parts if part), url
+
+
+def _expand(file_paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Every URL or pattern named by `file_paths`, with WebDataset brace notation and `::` expanded."""
+    if isinstance(file_paths, (str, os.PathLike)):
+        items = [os.fspath(file_paths)]
+    else:
+        items = [os.fspath(item) for item in file_paths]
+    expanded: list[str] = []
+    for item in items:
+        if not isinstance(item, str) or not item.strip():
+            raise UserError(f"file_paths holds an empty entry {item!r}; pass directories, prefixes or shard URLs.")
+        for part in item.split("::"):
+            expanded.extend(braceexpand.braceexpand(part) if "{" in part else [part])
+    if not expanded:
+        raise UserError("file_paths is empty; pass a directory, a prefix URL, a list of shard URLs or a brace pattern.")
+    return expanded
+
+
+def _filesystem(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    try:
+        return url_to_fs(url, **(storage_options or {}))
+    except ValueError as exc:
+        if "Protocol not known" not in str(exc):
+            raise
+        protocol = url.split("://", 1)[0]
+        raise UserError(
+            f"{url} uses the unknown protocol '{protocol}://'; use a local path, file://, s3:// or another fsspec protocol."
+        ) from None
+    except ImportError as exc:
+        raise UserError(f"{url} needs a filesystem package that is not installed ({exc}); install it and retry.") from None
+
+
+def _full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    # Local shards are plain absolute paths whether given as relative paths, absolute paths or file:// URLs.
+    if isinstance(fs, LocalFileSystem):
+        return fs._strip_protocol(path)
+    return fs.unstrip_protocol(path)
+
+
+def _listing_error(url: str, exc: BaseException) -> UserError:
+    if isinstance(exc, PermissionError):
+        return UserError(f"Cannot list {url}: access denied; check the storage credentials and permissions in the environment.")
+    if isinstance(exc, FileNotFoundError):
+        reason = str(exc).strip() or "not found"
+        return UserError(f"Cannot list {url}: {reason}; check the bucket or directory name.")
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UserError(
+        f"Cannot list {url} ({type(exc).__name__}: {reason}); check the storage endpoint, network and credentials in the environment."
+    )
+
+
+def _has_extension(path: str, extensions: tuple[str, ...]) -> bool:
+    return path.lower().endswith(extensions)
+
+
+def _list_one(url: str, extensions: tuple[str, ...], storage_options: dict | None) -> list[str]:
+    """Shards named by one URL: a glob, a single shard, or everything under a directory/prefix."""
+    fs, path = _filesystem(url, storage_options)
+    try:
+        if _GLOB_CHARS.search(path):
+            matches = [p for p in fs.glob(path) if fs.isfile(p)]
+            where = f"matches {url}"
+        elif _has_extension(path, extensions) and fs.isfile(path):
+            return [_full_url(fs, path)]
+        else:
+            matches = fs.find(path)
+            where = f"was found under {url}"
+            if not matches and not fs.exists(path):
+                raise UserError(f"No shard found: {url} does not exist; check file_paths.")
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every backend has its own listing errors; all mean "cannot list"
+        raise _listing_error(url, exc) from None
+    shards = [_full_url(fs, p) for p in matches if _has_extension(p, extensions)]
+    if not shards:
+        raise UserError(f"No shard ending in {' or '.join(extensions)} {where}; check file_paths and file_extensions.")
+    return shards
+
+
+def _check_exist(urls: Iterable[str], storage_options: dict | None) -> list[str]:
+    """Full URLs of explicitly named shards, after checking they exist with one listing per parent directory."""
+    by_parent: dict[tuple[int, str], list[tuple[str, str]]] = {}
+    filesystems: dict[int, fsspec.AbstractFileSystem] = {}
+    for url in urls:
+        fs, path = _filesystem(url, storage_options)
+        filesystems[id(fs)] = fs
+        by_parent.setdefault((id(fs), fs._parent(path)), []).append((url, path))
+    found: list[str] = []
+    missing: list[tuple[str, str]] = []
+    for (fs_id, parent), entries in by_parent.items():
+        fs = filesystems[fs_id]
+        try:
+            listed = {fs._strip_protocol(p).rstrip("/") for p in fs.ls(parent, detail=False)}
+        except FileNotFoundError as exc:
+            missing.extend((url, str(exc).strip() or "not found") for url, _ in entries)
+            continue
+        except Exception as exc:  # noqa: BLE001 - see _list_one
+            raise _listing_error(fs.unstrip_protocol(parent), exc) from None
+        for url, path in entries:
+            if fs._strip_protocol(path).rstrip("/") in listed:
+                found.append(_full_url(fs, path))
+            else:
+                missing.append((url, "no such file"))
+    if missing:
+        first_url, reason = missing[0]
+        total = len(found) + len(missing)
+        raise UserError(
+            f"{len(missing)} of {total} shards named in file_paths do not exist (first: {first_url}, {reason}); "
+            f"fix file_paths or the brace range."
+        )
+    return found
+
+
+def list_shards(
+    file_paths: str | os.PathLike | Sequence[str | os.PathLike],
+    file_extensions: Sequence[str] = (".tar",),
+    storage_options: dict | None = None,
+) -> list[str]:
+    """Full shard URLs (`s3://bucket/x.tar`, or absolute local paths), deduplicated, in natural order.
+
+    A single URL is a shard, a glob, or a directory/prefix listed recursively. Several URLs (a list or
+    brace notation) are shards when they end in one of `file_extensions` (checked to exist) and
+    directories/prefixes otherwise. Credentials and endpoints come from the environment (fsspec/s3fs
+    configuration); `storage_options` passes other filesystem options through.
+    """
+    if isinstance(file_extensions, str):
+        file_extensions = [file_extensions]
+    extensions = tuple(ext.lower() if ext.startswith(".") else f".{ext.lower()}" for ext in file_extensions)
+    if not extensions or any(ext == "." for ext in extensions):
+        raise UserError(f"file_extensions {list(file_extensions)!r} names no extension; pass e.g. ['.tar'].")
+    urls = _expand(file_paths)
+    if len(urls) == 1:
+        shards = _list_one(urls[0], extensions, storage_options)
+    else:
+        explicit = [url for url in urls if not _GLOB_CHARS.search(url) and _has_extension(url, extensions)]
+        shards = _check_exist(explicit, storage_options)
+        for url in urls:
+            if _GLOB_CHARS.search(url) or not _has_extension(url, extensions):
+                shards.extend(_list_one(url, extensions, storage_options))
+    return sorted(set(shards), key=_natural_key)
+
+
+def partition_shards(shard_urls: Sequence[str], files_per_partition: int = 1) -> list[Partition]:
+    """Consecutive groups of `files_per_partition` shards, in the given order (the last may be smaller)."""
+    if isinstance(files_per_partition, bool) or not isinstance(files_per_partition, int) or files_per_partition < 1:
+        raise UserError(f"files_per_partition must be a whole number of at least 1, not {files_per_partition!r}.")
+    if isinstance(shard_urls, str):
+        shard_urls = [shard_urls]
+    return [
+        Partition(index=index, shard_urls=tuple(shard_urls[start : start + files_per_partition]))
+        for index, start in enumerate(range(0, len(shard_urls), files_per_partition))
+    ]
