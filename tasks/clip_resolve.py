@@ -1,0 +1,261 @@
+"""Which CLIP model and weights a run uses, found offline, and the identity of the embeddings they make.
+
+The counterpart of open_clip's `pretrained.py`: names, configs, tags and checkpoint paths are resolved
+here without building the model, so the flow can check the embedding store (and skip loading CLIP when
+every shard hits) from this module alone. Construction and batched embedding live in `tasks.embed`.
+
+- `clip_model`: an open_clip model name (`ViT-L-14`) or a path to an open_clip model-config JSON whose
+  file stem is the model name.
+- `clip_pretrained`: a checkpoint path (`.safetensors`, `.bin`, `.pt`, `.pth`) or a pretrained tag found
+  at `{model_dir}/clip/{clip_model}/{tag}.{safetensors,bin,pt}` (see `tasks.locations`). A tag open_clip
+  knows also brings open_clip's preprocessing and QuickGELU setting for it (the `openai` weights were
+  trained with QuickGELU; open_clip's `ViT-L-14` config alone would only warn about the mismatch).
+
+Nothing here downloads anything; `nsfw-curator models fetch` (`tasks.model_fetch`) does.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tasks.errors import UserError
+from tasks.locations import clip_weights_dir
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# Order in which a tag's files are looked up in the model directory: safetensors first (no pickle).
+TAG_SUFFIXES = (".safetensors", ".bin", ".pt")
+FINGERPRINT_SIDECAR_SUFFIX = ".sha256"
+# Bumped when the meaning of an identity changes, so old store entries become misses.
+IDENTITY_VERSION = 1
+_PREPROCESS_TAG_KEYS = ("mode", "mean", "std", "interpolation", "resize_mode", "fill_color")
+_HASH_CHUNK_BYTES = 8 << 20
+
+
+@dataclass(frozen=True)
+class ClipWeights:
+    """A resolved CLIP model: everything needed to build it and to name its embeddings, no tensors.
+
+    `model_config` and `preprocess` are canonical JSON strings (the dataclass stays hashable); `preprocess`
+    describes open_clip's inference transform for the model, `weights_fingerprint` is the checkpoint's SHA-256.
+    """
+
+    model_name: str
+    config_path: str | None
+    checkpoint_path: str
+    pretrained_tag: str | None
+    weights_fingerprint: str
+    embedding_dim: int
+    image_size: tuple[int, int]
+    quick_gelu: bool
+    model_config: str
+    preprocess: str
+
+    @property
+    def preprocess_cfg(self) -> dict:
+        """open_clip's `PreprocessCfg` fields for the model's inference transform."""
+        return json.loads(self.preprocess)["cfg"]
+
+
+def _canonical_json(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _to_2tuple(size: int | list | tuple) -> tuple[int, int]:
+    if isinstance(size, (list, tuple)):
+        assert len(size) == 2, f"image size {size} is not (height, width)"
+        return int(size[0]), int(size[1])
+    return int(size), int(size)
+
+
+def read_model_config(config_path: Path) -> dict:
+    if not config_path.is_file():
+        raise UserError(f"CLIP model config {config_path} does not exist; pass an open_clip model name or an existing model-config JSON.")
+    try:
+        config = json.loads(config_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"CLIP model config {config_path} is not valid JSON ({error}); pass an open_clip model-config JSON.") from None
+    if not isinstance(config, dict) or not all(key in config for key in ("embed_dim", "vision_cfg", "text_cfg")):
+        raise UserError(
+            f"CLIP model config {config_path} lacks `embed_dim`, `vision_cfg` or `text_cfg`; "
+            f"pass an open_clip model-config JSON like open_clip's model_configs/ViT-L-14.json."
+        )
+    return config
+
+
+def _model_name_and_config(clip_model: str) -> tuple[str, Path | None, dict]:
+    import open_clip
+
+    if clip_model.lower().endswith(".json"):
+        config_path = Path(clip_model).expanduser().resolve()
+        return config_path.stem, config_path, read_model_config(config_path)
+    model_name = clip_model.replace("/", "-")
+    config = open_clip.get_model_config(model_name)
+    if config is None or model_name.startswith(("hf-hub:", "local-dir:")):
+        raise UserError(
+            f"CLIP model {clip_model!r} is not an open_clip model name (see open_clip.list_models()) nor a "
+            f"model-config .json path; pass one of those as clip_model."
+        )
+    return model_name, None, config
+
+
+def _checkpoint_path(model_name: str, clip_pretrained: str, model_dir: str | os.PathLike) -> tuple[Path, str | None]:
+    """The checkpoint file and the pretrained tag (None when `clip_pretrained` is a path)."""
+    candidate = Path(clip_pretrained).expanduser()
+    if candidate.suffix.lower() in CHECKPOINT_SUFFIXES or os.sep in clip_pretrained or "/" in clip_pretrained:
+        if not candidate.is_file():
+            raise UserError(
+                f"CLIP checkpoint {candidate} does not exist; pass an existing .safetensors/.bin/.pt file "
+                f"or a pretrained tag found under --model-dir."
+            )
+        if candidate.suffix.lower() not in CHECKPOINT_SUFFIXES:
+            raise UserError(f"CLIP checkpoint {candidate} is not a .safetensors, .bin, .pt or .pth file; convert it to one of those.")
+        return candidate.resolve(), None
+    weights_dir = clip_weights_dir(model_dir, model_name)
+    tags = dict.fromkeys([clip_pretrained, clip_pretrained.lower().replace("-", "_")])
+    for tag in tags:
+        for suffix in TAG_SUFFIXES:
+            path = weights_dir / f"{tag}{suffix}"
+            if path.is_file():
+                return path.resolve(), tag
+    raise UserError(
+        f"CLIP weights {model_name} ({clip_pretrained}) were not found: looked for {weights_dir}/{clip_pretrained}"
+        f".{{safetensors,bin,pt}}; run `nsfw-curator models fetch --model-dir {model_dir}` to get them, "
+        f"or pass a checkpoint path as clip_pretrained."
+    )
+
+
+_fingerprint_lock = threading.Lock()
+_fingerprint_memo: dict[tuple, str] = {}
+
+
+def weights_fingerprint(checkpoint_path: str | os.PathLike) -> str:
+    """SHA-256 of the checkpoint file, cached by (size, mtime) in-process and in a `.sha256` sidecar.
+
+    Hashing ViT-L/14 (900 MB) takes seconds, so the digest is stored beside the checkpoint as
+    `{checkpoint}.sha256` (JSON with size and mtime_ns) when that directory is writable, and reused
+    while the file keeps its size and mtime. That cache is fooled only by replacing the checkpoint with
+    another of the same byte size *and* restoring the old mtime; delete the sidecar after doing so.
+    """
+    path = Path(checkpoint_path).resolve()
+    stat = path.stat()
+    memo_key = (str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    with _fingerprint_lock:
+        if memo_key in _fingerprint_memo:
+            return _fingerprint_memo[memo_key]
+    sidecar = path.with_name(path.name + FINGERPRINT_SIDECAR_SUFFIX)
+    digest = _read_sidecar(sidecar, stat.st_size, stat.st_mtime_ns)
+    if digest is None:
+        hasher = hashlib.sha256()
+        with path.open("rb") as handle:
+            while chunk := handle.read(_HASH_CHUNK_BYTES):
+                hasher.update(chunk)
+        digest = hasher.hexdigest()
+        _write_sidecar(sidecar, stat.st_size, stat.st_mtime_ns, digest)
+    with _fingerprint_lock:
+        _fingerprint_memo[memo_key] = digest
+    return digest
+
+
+def _read_sidecar(sidecar: Path, size: int, mtime_ns: int) -> str | None:
+    try:
+        record = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("size") != size or record.get("mtime_ns") != mtime_ns:
+        return None
+    digest = record.get("sha256")
+    return digest if isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest) else None
+
+
+def _write_sidecar(sidecar: Path, size: int, mtime_ns: int, digest: str) -> None:
+    tmp_path = sidecar.with_name(f".{sidecar.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp_path.write_text(_canonical_json({"size": size, "mtime_ns": mtime_ns, "sha256": digest}))
+        os.replace(tmp_path, sidecar)
+    except OSError:
+        # A read-only model directory only costs a re-hash in the next process.
+        tmp_path.unlink(missing_ok=True)
+
+
+def _preprocess_description(image_size: tuple[int, int], tag_cfg: dict) -> tuple[dict, str]:
+    """open_clip's final inference preprocess config for the model, and the transform it builds."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+
+    cfg = merge_preprocess_dict(PreprocessCfg(), {key: tag_cfg[key] for key in _PREPROCESS_TAG_KEYS if key in tag_cfg})
+    cfg["size"] = image_size
+    cfg = {key: list(value) if isinstance(value, tuple) else value for key, value in cfg.items()}
+    transform = image_transform_v2(PreprocessCfg(**copy.deepcopy(cfg)), is_train=False)
+    return cfg, repr(transform)
+
+
+def resolve_clip(clip_model: str = "ViT-L-14", clip_pretrained: str = "openai", model_dir: str | os.PathLike | None = None) -> ClipWeights:
+    """Find the model config and checkpoint offline and fingerprint them; raises UserError with a remedy."""
+    import open_clip
+
+    if model_dir is None:
+        from tasks.locations import default_model_dir
+
+        model_dir = default_model_dir()
+    model_name, config_path, config = _model_name_and_config(str(clip_model))
+    checkpoint_path, tag = _checkpoint_path(model_name, str(clip_pretrained), model_dir)
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, tag) if tag else {}
+    config = copy.deepcopy(config)
+    quick_gelu = bool(config.get("quick_gelu", False) or tag_cfg.get("quick_gelu", False))
+    if quick_gelu:
+        config["quick_gelu"] = True
+    image_size = _to_2tuple(config["vision_cfg"].get("image_size", 224))
+    preprocess_cfg, transform_repr = _preprocess_description(image_size, tag_cfg)
+    return ClipWeights(
+        model_name=model_name,
+        config_path=str(config_path) if config_path else None,
+        checkpoint_path=str(checkpoint_path),
+        pretrained_tag=tag,
+        weights_fingerprint=weights_fingerprint(checkpoint_path),
+        embedding_dim=int(config["embed_dim"]),
+        image_size=image_size,
+        quick_gelu=quick_gelu,
+        model_config=_canonical_json(config),
+        preprocess=_canonical_json({"cfg": preprocess_cfg, "transform": transform_repr}),
+    )
+
+
+def clip_identity(weights: ClipWeights, decode_identity: str) -> str:
+    """The embedding identity: `{model_name}-{32 hex}` over model config, weights, preprocessing and decoding.
+
+    Computed without building the model. Device and precision are not part of it: an entry written on a
+    GPU under fp16 autocast serves a CPU run and vice versa (they agree to a cosine of about 0.9999).
+    """
+    digest = hashlib.sha256(
+        _canonical_json(
+            {
+                "version": IDENTITY_VERSION,
+                "model_name": weights.model_name,
+                "model_config": weights.model_config,
+                "weights_sha256": weights.weights_fingerprint,
+                "preprocess": weights.preprocess,
+                "decode": decode_identity,
+            }
+        ).encode()
+    ).hexdigest()[:32]
+    return f"{safe_name(weights.model_name)}-{digest}"
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe form of a model or shard name (letters, digits, `.`, `_`, `-`)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
+    return cleaned or "unnamed"
+
+
+def identity_record(weights: ClipWeights, decode_identity: str) -> dict[str, str]:
+    """What an identity covers, in readable form, for the store's file metadata."""
+    record = {key: value for key, value in asdict(weights).items() if key not in ("config_path", "checkpoint_path")}
+    record["image_size"] = list(weights.image_size)
+    record["decode"] = decode_identity
+    return record

@@ -1,0 +1,289 @@
+"""CLIP image embeddings: build the resolved open_clip model once per process, embed in batches.
+
+The counterpart of open_clip's `factory.py` + `transform.py`: `tasks.clip_resolve` decides which model and
+weights, this module builds them with `open_clip.create_model` (open_clip's own checkpoint loading) and
+feeds them with open_clip's own inference transform, so embeddings equal open_clip's
+`encode_image(preprocess(image))`, L2-normalised.
+
+Batches of `batch_size` images run under `torch.inference_mode`. Preprocessing (open_clip's transform)
+runs in a background thread one model batch ahead, so on CPU it overlaps inference; on CUDA the batch is
+built in pinned memory, copied with `non_blocking=True` and run under fp16 autocast.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from tasks.clip_resolve import ClipWeights, clip_identity, identity_record, read_model_config, weights_fingerprint
+from tasks.errors import UserError
+from tasks.store import EmbeddingStore, embedding_table, shard_fingerprint
+
+_PREFETCH_BATCHES = 2
+
+
+def select_device(preferred: str | torch.device | None = None) -> torch.device:
+    """`preferred` if given (it must exist), else CUDA when available, else CPU."""
+    if preferred is None or str(preferred) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(preferred)
+    except RuntimeError:
+        raise UserError(f"device {preferred!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:N'.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {preferred!r} was asked for but torch sees no CUDA GPU; use 'cpu' or run on a GPU machine.")
+    return device
+
+
+def build_clip_model(weights: ClipWeights, device: torch.device) -> tuple[torch.nn.Module, object]:
+    """The open_clip model (eval, on `device`, fp32 weights) and its inference transform."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    if weights_fingerprint(weights.checkpoint_path) != weights.weights_fingerprint:
+        raise UserError(f"CLIP checkpoint {weights.checkpoint_path} changed since it was resolved; start the run again.")
+    if weights.config_path and open_clip.get_model_config(weights.model_name) != read_model_config(Path(weights.config_path)):
+        # open_clip's documented way to use a model-config file: register it under its file stem.
+        open_clip.add_model_config(weights.config_path)
+    built_config = dict(open_clip.get_model_config(weights.model_name) or {})
+    if weights.quick_gelu:
+        built_config["quick_gelu"] = True
+    if json.loads(weights.model_config) != built_config:
+        raise UserError(f"CLIP model config for {weights.model_name} changed since it was resolved; start the run again.")
+    preprocess_cfg = weights.preprocess_cfg
+    try:
+        model = open_clip.create_model(
+            weights.model_name,
+            pretrained=weights.checkpoint_path,
+            force_quick_gelu=weights.quick_gelu,
+            force_preprocess_cfg={key: value for key, value in preprocess_cfg.items() if key != "size"},
+            device=device,
+        )
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        hint = (
+            "it is a TorchScript archive, which is not loaded without pickle; `nsfw-curator models fetch` stores weights as safetensors"
+            if "TorchScript" in str(error)
+            else "pass the checkpoint made for this model config"
+        )
+        raise UserError(f"CLIP checkpoint {weights.checkpoint_path} does not load into {weights.model_name} ({first_line}); {hint}.") from None
+    model.eval().requires_grad_(False)
+    built_preprocess = {key: list(value) if isinstance(value, tuple) else value for key, value in model.visual.preprocess_cfg.items()}
+    if isinstance(built_preprocess.get("size"), int):
+        built_preprocess["size"] = [built_preprocess["size"]] * 2
+    assert built_preprocess == preprocess_cfg, f"open_clip built preprocessing {built_preprocess}, identity says {preprocess_cfg}"
+    return model, image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+
+
+class ClipEmbedder:
+    """A loaded CLIP image tower. `embed(images)` -> float32 [N, D], L2-normalised."""
+
+    def __init__(self, weights: ClipWeights, model: torch.nn.Module, transform, device: torch.device, batch_size: int = 32) -> None:
+        if batch_size < 1:
+            raise UserError(f"model_inference_batch_size must be at least 1, got {batch_size}.")
+        self.weights = weights
+        self.model = model
+        self.transform = transform
+        self.device = device
+        self.batch_size = int(batch_size)
+        self.embedding_dim = weights.embedding_dim
+
+    @property
+    def precision(self) -> str:
+        return "fp16-autocast" if self.device.type == "cuda" else "fp32"
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """open_clip's transform on each image, stacked [N, 3, H, W]; pinned when the model is on CUDA."""
+        pixels = torch.stack([self.transform(image) for image in images])
+        return pixels.pin_memory() if self.device.type == "cuda" else pixels
+
+    @torch.inference_mode()
+    def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """Embeddings of one preprocessed batch, float32 [N, D], L2-normalised."""
+        pixels = pixels.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.float16):
+                features = self.model.encode_image(pixels)
+        else:
+            features = self.model.encode_image(pixels)
+        return F.normalize(features.float(), dim=-1).cpu().numpy()
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Embeddings of `images`, float32 [N, D], L2-normalised, in batches of `batch_size`."""
+        return next(self.embed_batches([images]))
+
+    def embed_batches(self, image_batches: Iterable[Sequence[Image.Image]]) -> Iterator[np.ndarray]:
+        """One float32 [len(batch), D] array per input batch, in order.
+
+        A background thread pulls the input batches and preprocesses them `batch_size` images at a
+        time, up to two model batches ahead of inference; it keeps no image once it is preprocessed.
+        """
+        ready: queue.Queue = queue.Queue(maxsize=_PREFETCH_BATCHES)
+        stop = threading.Event()
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce() -> None:
+            batches = iter(image_batches)
+            try:
+                for images in batches:
+                    images = list(images)
+                    if not images and not put(_Chunk(None, last=True)):
+                        return
+                    for start in range(0, len(images), self.batch_size):
+                        chunk = self.preprocess(images[start : start + self.batch_size])
+                        if not put(_Chunk(chunk, last=start + self.batch_size >= len(images))):
+                            return
+                    del images
+                put(_DONE)
+            except BaseException as error:  # re-raised in the consumer
+                put(_Failure(error))
+            finally:
+                close = getattr(batches, "close", None)
+                if close is not None:
+                    close()
+
+        worker = threading.Thread(target=produce, name="clip-preprocess", daemon=True)
+        worker.start()
+        try:
+            parts: list[np.ndarray] = []
+            while True:
+                item = ready.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, _Failure):
+                    raise item.error
+                if item.pixels is not None:
+                    parts.append(self.embed_pixels(item.pixels))
+                if item.last:
+                    yield np.concatenate(parts) if parts else np.zeros((0, self.embedding_dim), np.float32)
+                    parts = []
+        finally:
+            stop.set()
+            worker.join()
+
+
+@dataclass
+class _Chunk:
+    pixels: torch.Tensor | None
+    last: bool
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
+_DONE = object()
+
+_model_lock = threading.Lock()
+_loaded_model: dict[tuple[ClipWeights, str], tuple[torch.nn.Module, object]] = {}
+
+
+def load_clip_embedder(weights: ClipWeights, device: str | torch.device | None = None, batch_size: int = 32) -> ClipEmbedder:
+    """A `ClipEmbedder` for `weights`; the model is built once per process and reused across partitions."""
+    device = select_device(device)
+    key = (weights, str(device))
+    with _model_lock:
+        if key not in _loaded_model:
+            # One model per worker process: drop any other before building (ViT-L/14 holds 1.7 GB).
+            _loaded_model.clear()
+            _loaded_model[key] = build_clip_model(weights, device)
+        model, transform = _loaded_model[key]
+    return ClipEmbedder(weights, model, transform, device, batch_size)
+
+
+def embed_shard(
+    shard_url: str,
+    embedder: ClipEmbedder,
+    store: EmbeddingStore,
+    decode_options,
+    task_batch_size: int = 100,
+    storage_options: dict | None = None,
+) -> str:
+    """Embed every decodable image of one shard and write its store entry; returns the entry URL.
+
+    One row per sample, including samples that failed to decode (null embedding, `error` set) and
+    shard-level damage (key None). Images are released as soon as they are preprocessed.
+    """
+    from tasks.read import iter_batches
+
+    fingerprint = shard_fingerprint(shard_url, storage_options)
+    identity = clip_identity(embedder.weights, decode_options.identity())
+    keys: list[str | None] = []
+    errors: list[str | None] = []
+    embedded_rows: list[np.ndarray] = []
+    pending: deque[list[tuple[str | None, str | None]]] = deque()
+
+    def images_of(batches) -> Iterator[list[Image.Image]]:
+        for samples in batches:
+            # Appended by the preprocessing thread, taken in the same order by the loop below.
+            pending.append([(sample.key, _error_of(sample)) for sample in samples])
+            yield [sample.image for sample in samples if _error_of(sample) is None]
+            del samples
+
+    batches = iter_batches([shard_url], task_batch_size, decode=decode_options, storage_options=storage_options)
+    for batch_embeddings in embedder.embed_batches(images_of(batches)):
+        rows = pending.popleft()
+        full = np.full((len(rows), embedder.embedding_dim), np.nan, dtype=np.float32)
+        good = np.array([error is None for _, error in rows], dtype=bool)
+        assert int(good.sum()) == batch_embeddings.shape[0], "embeddings do not match the decoded samples"
+        full[good] = batch_embeddings
+        embedded_rows.append(full)
+        keys.extend(key for key, _ in rows)
+        errors.extend(error for _, error in rows)
+    assert not pending, "samples left without embeddings"
+    embeddings = np.concatenate(embedded_rows) if embedded_rows else np.zeros((0, embedder.embedding_dim), np.float32)
+    table = embedding_table(keys, shard_url, embeddings, errors)
+    metadata = dict(identity_record(embedder.weights, decode_options.identity()), precision=embedder.precision)
+    return store.write(identity, shard_url, table, shard_fingerprint=fingerprint, metadata=metadata)
+
+
+def _error_of(sample) -> str | None:
+    if sample.error is not None:
+        return str(sample.error)
+    if sample.image is None:
+        return "no image in sample"
+    return None
+
+
+def embed_partition(
+    shard_urls: Sequence[str],
+    weights: ClipWeights,
+    store: EmbeddingStore,
+    decode_options,
+    task_batch_size: int = 100,
+    model_inference_batch_size: int = 32,
+    storage_options: dict | None = None,
+    device: str | torch.device | None = None,
+) -> list[str]:
+    """Entry URLs for a partition's shards; embeds (loading CLIP only then) the shards the store misses."""
+    identity = clip_identity(weights, decode_options.identity())
+    entry_urls = []
+    embedder: ClipEmbedder | None = None
+    for shard_url in shard_urls:
+        fingerprint = shard_fingerprint(shard_url, storage_options)
+        if store.read_table(identity, shard_url, fingerprint) is not None:
+            entry_urls.append(store.entry_url(identity, shard_url, fingerprint))
+            continue
+        if embedder is None:
+            embedder = load_clip_embedder(weights, device, model_inference_batch_size)
+        entry_urls.append(embed_shard(shard_url, embedder, store, decode_options, task_batch_size, storage_options))
+    return entry_urls

@@ -1,0 +1,394 @@
+"""The embedding store: one Parquet file per shard per embedding identity, under `cache_path`.
+
+Layout (readable by pandas, pyarrow or a dedup flow without this module):
+
+    {cache_path}/{identity}/{shard_name}-{shard_fingerprint}.parquet
+
+`identity` is `tasks.clip_resolve.clip_identity(...)`, `{model_name}-{32 hex}`: a hash of the model config,
+the checkpoint's SHA-256, open_clip's preprocessing and the decode settings. `shard_fingerprint` names the
+shard's content (see `shard_fingerprint`). Columns: `key` (string; null for shard-level damage), `shard`
+(string, the shard URL of the run that wrote the entry), `embedding` (fixed-size list of float32, length =
+embedding dimension, L2-normalised; null where the sample could not be embedded), `error` (null or why).
+The footer's key-value metadata `nsfw_curator` (JSON) repeats what the identity covers.
+
+Writes are atomic: a temp file + `os.replace` on local disk, one PUT on object stores (an object appears
+whole or not at all). Concurrent writers of one entry leave one complete file (the last). An entry that
+cannot be read, fails its page checksums, or does not match its name is a miss with a warning, and the
+next embedding of that shard overwrites it.
+
+Credentials are never passed here explicitly: fsspec/s3fs find them in the environment, `~/.aws`, the
+fsspec config, or `storage_options` built by the flow (e.g. from a Prefect block). This module never logs
+`storage_options` and strips `user:password@` from any URL it prints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import PurePosixPath
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from tasks.atomic import write_bytes_atomic
+from tasks.clip_resolve import safe_name
+from tasks.errors import UserError
+
+METADATA_KEY = b"nsfw_curator"
+ENTRY_FORMAT_VERSION = 1
+ENTRY_SUFFIX = ".parquet"
+SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+_HASH_CHUNK_BYTES = 8 << 20
+_FOOTER_BLOCK_BYTES = 1 << 16
+
+
+class CorruptEntryWarning(UserWarning):
+    """An embedding store entry could not be read; it counts as a miss and will be rewritten."""
+
+
+def redact_url(url: str) -> str:
+    """The URL without any `user:password@` part, for messages and metadata."""
+    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1", str(url))
+
+
+def _filesystem(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    try:
+        return fsspec.core.url_to_fs(url, **(storage_options or {}))
+    except (ImportError, ValueError) as error:
+        raise UserError(f"cannot open {redact_url(url)} ({error}); install the fsspec backend for its protocol or fix the URL.") from None
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
+    return set(fs.protocol) if isinstance(fs.protocol, (tuple, list)) else {fs.protocol}
+
+
+def _storage_error(error: Exception, url: str, what: str) -> UserError:
+    """One sentence for an access problem (credentials, permissions, missing bucket)."""
+    reason = type(error).__name__ if not str(error) else str(error).splitlines()[0][:200]
+    return UserError(
+        f"cannot {what} {redact_url(url)} ({reason}); check that it exists and that credentials are set "
+        f"(environment, ~/.aws or fsspec config, or the flow's storage block)."
+    )
+
+
+def _is_access_error(error: BaseException) -> bool:
+    if isinstance(error, PermissionError):
+        return True
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return bool(names & {"NoCredentialsError", "PartialCredentialsError", "ClientError", "EndpointConnectionError", "NoSuchBucket"})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shard fingerprints
+
+
+_local_digest_lock = threading.Lock()
+_local_digest_memo: dict[tuple, str] = {}
+
+
+def _local_md5(path: str) -> str:
+    """MD5 of a local file, memoised in-process by (path, size, mtime_ns, ctime_ns, inode)."""
+    stat = os.stat(path)
+    memo_key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+    with _local_digest_lock:
+        if memo_key in _local_digest_memo:
+            return _local_digest_memo[memo_key]
+    digest = _stream_md5(open(path, "rb"))
+    with _local_digest_lock:
+        _local_digest_memo[memo_key] = digest
+    return digest
+
+
+def _stream_md5(handle) -> str:
+    hasher = hashlib.md5(usedforsecurity=False)
+    with handle:
+        while chunk := handle.read(_HASH_CHUNK_BYTES):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def shard_fingerprint(shard_url: str, storage_options: dict | None = None) -> str:
+    """A file-name-safe name for the shard's bytes; equal bytes give an equal name wherever the shard is read.
+
+    - local disk and any backend without a content checksum (http, sftp, ...): `md5-{hex}`, the MD5 of the
+      bytes, read once per process (memoised by path, size, mtime, ctime and inode). Fooled only by an
+      MD5 collision made on purpose.
+    - S3: `etag-{etag}-{size}`, from one HEAD request. S3 gives every write of different bytes a new ETag
+      (the MD5 for plain single-part uploads), so it is fooled only by a store that does not do this;
+      re-uploading the same bytes with another part size is a false *miss*, never a false hit.
+    - GCS: `gcs-md5-{md5}` or `gcs-crc32c-{crc}-{size}` (composite objects have only a CRC32C).
+    """
+    fs, path = _filesystem(shard_url, storage_options)
+    protocols = _protocols(fs)
+    try:
+        if isinstance(fs, LocalFileSystem):
+            return f"md5-{_local_md5(path)}"
+        if protocols & {"s3", "s3a"}:
+            info = fs.info(path)
+            etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+            if etag:
+                return safe_name(f"etag-{etag}-{info.get('size')}")
+        if protocols & {"gs", "gcs"}:
+            info = fs.info(path)
+            if info.get("md5Hash"):
+                return safe_name(f"gcs-md5-{_b64_to_hex(info['md5Hash'])}")
+            if info.get("crc32c"):
+                return safe_name(f"gcs-crc32c-{_b64_to_hex(info['crc32c'])}-{info.get('size')}")
+        return f"md5-{_stream_md5(fs.open(path, 'rb'))}"
+    except FileNotFoundError:
+        raise UserError(f"shard {redact_url(shard_url)} does not exist; check file_paths.") from None
+    except Exception as error:
+        if _is_access_error(error):
+            raise _storage_error(error, shard_url, "read shard") from None
+        raise
+
+
+def _b64_to_hex(value: str) -> str:
+    import base64
+
+    return base64.b64decode(value).hex()
+
+
+def shard_name(shard_url: str) -> str:
+    """The shard's file name without its tar suffix, made file-name-safe (`.../00012.tar` -> `00012`)."""
+    name = PurePosixPath(redact_url(shard_url).split("?", 1)[0].rstrip("/")).name
+    for suffix in SHARD_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return safe_name(name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tables
+
+
+def embedding_table(
+    keys: Sequence[str | None],
+    shard_url: str,
+    embeddings: np.ndarray,
+    errors: Sequence[str | None],
+) -> pa.Table:
+    """An entry's table from keys, a float32 [N, D] matrix and per-row errors (rows with an error get a null embedding)."""
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    assert embeddings.ndim == 2, f"embeddings must be [N, D], got shape {embeddings.shape}"
+    assert len(keys) == len(errors) == embeddings.shape[0], "keys, errors and embeddings differ in length"
+    failed = np.array([error is not None for error in errors], dtype=bool)
+    embedding_column = pa.FixedSizeListArray.from_arrays(
+        pa.array(embeddings.reshape(-1)), embeddings.shape[1], mask=pa.array(failed, type=pa.bool_())
+    )
+    return pa.table(
+        {
+            "key": pa.array(list(keys), type=pa.string()),
+            "shard": pa.array([redact_url(shard_url)] * len(keys), type=pa.string()),
+            "embedding": embedding_column,
+            "error": pa.array(list(errors), type=pa.string()),
+        }
+    )
+
+
+def embedding_matrix(table: pa.Table | pd.DataFrame) -> np.ndarray:
+    """The `embedding` column as float32 [N, D]; rows without an embedding are NaN."""
+    if isinstance(table, pd.DataFrame):
+        table = pa.Table.from_pandas(table, preserve_index=False)
+    column = table.column("embedding").combine_chunks()
+    if pa.types.is_fixed_size_list(column.type):
+        dim = column.type.list_size
+    else:
+        lengths = column.value_lengths().drop_null().to_numpy(zero_copy_only=False)
+        dim = int(lengths[0]) if len(lengths) else 0
+        column = column.cast(pa.list_(pa.float32(), dim))
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    # Null rows of a fixed-size list still own D child slots, so flattening keeps rows aligned.
+    matrix = column.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=True).reshape(len(column), dim)
+    matrix[~valid] = np.nan
+    return matrix
+
+
+def _validate(table_schema: pa.Schema, num_rows: int, expected: dict) -> str | None:
+    """Why an entry's schema/metadata do not match what its name promises, or None when they do."""
+    metadata = table_schema.metadata or {}
+    if METADATA_KEY not in metadata:
+        return "no nsfw_curator metadata"
+    try:
+        record = json.loads(metadata[METADATA_KEY])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "metadata is not JSON"
+    for name in ("identity", "shard_fingerprint"):
+        if record.get(name) != expected[name]:
+            return f"{name} is {record.get(name)!r}, expected {expected[name]!r}"
+    if record.get("rows") != num_rows:
+        return f"{num_rows} rows, metadata says {record.get('rows')}"
+    missing = {"key", "shard", "embedding", "error"} - set(table_schema.names)
+    if missing:
+        return f"columns {sorted(missing)} are missing"
+    embedding_type = table_schema.field("embedding").type
+    if not (pa.types.is_fixed_size_list(embedding_type) and pa.types.is_float32(embedding_type.value_type)):
+        return f"embedding column has type {embedding_type}"
+    if record.get("embedding_dim") not in (None, embedding_type.list_size):
+        return f"embedding dimension {embedding_type.list_size}, metadata says {record.get('embedding_dim')}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The store
+
+
+class EmbeddingStore:
+    """Entries under `cache_path` (a local directory or any fsspec URL such as `s3://bucket/prefix`)."""
+
+    def __init__(self, cache_path: str | os.PathLike, storage_options: dict | None = None) -> None:
+        cache_path = str(cache_path)
+        if "://" not in cache_path:
+            cache_path = os.path.abspath(os.path.expanduser(cache_path))
+        self.cache_path = cache_path.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self._fs, self._root = _filesystem(self.cache_path, self.storage_options)
+
+    def __repr__(self) -> str:
+        # storage_options may hold credentials: never shown.
+        return f"EmbeddingStore({redact_url(self.cache_path)!r})"
+
+    def __reduce__(self):
+        return (EmbeddingStore, (self.cache_path, self.storage_options))
+
+    def _fingerprint(self, shard_url: str, fingerprint: str | None) -> str:
+        return fingerprint if fingerprint is not None else shard_fingerprint(shard_url, self.storage_options)
+
+    def _relative(self, identity: str, shard_url: str, fingerprint: str) -> str:
+        assert safe_name(identity) == identity, f"identity {identity!r} is not file-name-safe"
+        assert safe_name(fingerprint) == fingerprint, f"shard fingerprint {fingerprint!r} is not file-name-safe"
+        return f"{identity}/{shard_name(shard_url)}-{fingerprint}{ENTRY_SUFFIX}"
+
+    def entry_url(self, identity: str, shard_url: str, shard_fingerprint: str | None = None) -> str:
+        """Where the entry for this shard and identity lives (computes the shard fingerprint if not given).
+
+        Pass `shard_fingerprint` when the shards need other storage options than the store.
+        """
+        return f"{self.cache_path}/{self._relative(identity, shard_url, self._fingerprint(shard_url, shard_fingerprint))}"
+
+    def _path(self, identity: str, shard_url: str, fingerprint: str) -> str:
+        return f"{self._root.rstrip('/')}/{self._relative(identity, shard_url, fingerprint)}"
+
+    def _warn_corrupt(self, url: str, reason: str) -> None:
+        warnings.warn(
+            f"embedding store entry {redact_url(url)} is unreadable ({reason}); counting it as a miss, it will be rewritten.",
+            CorruptEntryWarning,
+            stacklevel=3,
+        )
+
+    def has(self, identity: str, shard_url: str, shard_fingerprint: str | None = None) -> bool:
+        """True when a complete entry exists, judged from its footer alone (cheap on S3)."""
+        fingerprint = self._fingerprint(shard_url, shard_fingerprint)
+        path = self._path(identity, shard_url, fingerprint)
+        expected = {"identity": identity, "shard_fingerprint": fingerprint}
+        try:
+            with self._fs.open(path, "rb", block_size=_FOOTER_BLOCK_BYTES) as handle:
+                parquet_file = pq.ParquetFile(handle)
+                reason = _validate(parquet_file.schema_arrow, parquet_file.metadata.num_rows, expected)
+        except FileNotFoundError:
+            return False
+        except Exception as error:
+            if _is_access_error(error):
+                raise _storage_error(error, self.entry_url(identity, shard_url, fingerprint), "read the embedding store at") from None
+            reason = f"{type(error).__name__}: {error}"
+        if reason is not None:
+            self._warn_corrupt(self.entry_url(identity, shard_url, fingerprint), reason)
+            return False
+        return True
+
+    def read_table(self, identity: str, shard_url: str, shard_fingerprint: str | None = None) -> pa.Table | None:
+        """The entry as a pyarrow Table, or None on a miss (with a CorruptEntryWarning if it exists but is unreadable)."""
+        fingerprint = self._fingerprint(shard_url, shard_fingerprint)
+        path = self._path(identity, shard_url, fingerprint)
+        url = self.entry_url(identity, shard_url, fingerprint)
+        try:
+            data = self._fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        except Exception as error:
+            if _is_access_error(error):
+                raise _storage_error(error, url, "read the embedding store at") from None
+            raise
+        try:
+            # Page checksums (written by `write`) catch flipped bytes that would still decode.
+            table = pq.read_table(pa.BufferReader(data), page_checksum_verification=True)
+            table.validate(full=True)
+        except (pa.ArrowException, OSError, ValueError) as error:
+            self._warn_corrupt(url, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+            return None
+        reason = _validate(table.schema, table.num_rows, {"identity": identity, "shard_fingerprint": fingerprint})
+        if reason is not None:
+            self._warn_corrupt(url, reason)
+            return None
+        # Same bytes may live at another URL: report the shard the caller asked about.
+        return table.set_column(table.schema.get_field_index("shard"), "shard", pa.array([redact_url(shard_url)] * table.num_rows, pa.string()))
+
+    def read(self, identity: str, shard_url: str, shard_fingerprint: str | None = None) -> pd.DataFrame | None:
+        """The entry as a DataFrame (`embedding` holds float32 arrays or None), or None on a miss."""
+        table = self.read_table(identity, shard_url, shard_fingerprint)
+        return None if table is None else table.to_pandas()
+
+    def write(
+        self,
+        identity: str,
+        shard_url: str,
+        table: pa.Table | pd.DataFrame,
+        shard_fingerprint: str | None = None,
+        metadata: dict | None = None,
+    ) -> str:
+        """Write the entry atomically (replacing any existing one) and return its URL.
+
+        `table` has the columns `key`, `shard`, `embedding` (fixed-size list of float32) and `error`
+        (see `embedding_table`); `metadata` (JSON-serialisable) is stored in the footer beside the identity.
+        """
+        fingerprint = self._fingerprint(shard_url, shard_fingerprint)
+        if isinstance(table, pd.DataFrame):
+            table = pa.Table.from_pandas(table, preserve_index=False)
+        embedding_type = table.schema.field("embedding").type
+        assert pa.types.is_fixed_size_list(embedding_type), f"embedding column must be a fixed-size list, got {embedding_type}"
+        record = dict(metadata or {})
+        record.update(
+            format=ENTRY_FORMAT_VERSION,
+            identity=identity,
+            shard_url=redact_url(shard_url),
+            shard_fingerprint=fingerprint,
+            rows=table.num_rows,
+            embedding_dim=embedding_type.list_size,
+        )
+        table = table.select(["key", "shard", "embedding", "error"]).replace_schema_metadata({METADATA_KEY: json.dumps(record, sort_keys=True)})
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer, write_page_checksum=True)
+        url = self.entry_url(identity, shard_url, fingerprint)
+        try:
+            write_bytes_atomic(url, buffer.getvalue().to_pybytes(), self.storage_options)
+        except Exception as error:
+            # On an object store a FileNotFoundError on write means the bucket is missing.
+            if _is_access_error(error) or isinstance(error, FileNotFoundError):
+                raise _storage_error(error, url, "write the embedding store at") from None
+            raise
+        return url
+
+
+def partition_embedding_identity(
+    shard_urls: Iterable[str],
+    identity: str,
+    store: EmbeddingStore,
+    storage_options: dict | None = None,
+) -> str:
+    """A cache key for a partition: the hash of its entries' URLs (store root, identity, each shard's content).
+
+    Made for a Prefect cache policy (`cache_key_fn=lambda ctx, p: partition_embedding_identity(...)`):
+    the same shards, model, weights, preprocessing and store give the same key, anything else another.
+    """
+    entry_urls = [store.entry_url(identity, url, shard_fingerprint(url, storage_options)) for url in shard_urls]
+    return hashlib.sha256("\n".join(entry_urls).encode()).hexdigest()

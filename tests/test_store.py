@@ -1,0 +1,282 @@
+"""The embedding store: layout, hits and misses, corrupt entries, concurrent writers, S3 through moto."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.errors import UserError
+from tasks.store import (
+    CorruptEntryWarning,
+    EmbeddingStore,
+    embedding_matrix,
+    embedding_table,
+    partition_embedding_identity,
+    redact_url,
+    shard_fingerprint,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+IDENTITY = "tiny-clip-0123456789abcdef0123456789abcdef"
+DIM = 16
+
+
+def unit_rows(n: int, seed: int = 0) -> np.ndarray:
+    rows = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def sample_table(shard_url: str, n: int = 5, seed: int = 0) -> tuple[pa.Table, np.ndarray]:
+    embeddings = unit_rows(n, seed)
+    keys = [f"{i:05d}" for i in range(n - 1)] + [None]
+    errors = [None] * (n - 2) + ["cannot identify image file", "tar is truncated"]
+    return embedding_table(keys, shard_url, embeddings, errors), embeddings
+
+
+def write_shard(path: Path, payload: bytes = b"shard bytes") -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(payload)
+    return str(path)
+
+
+def test_write_then_read_roundtrip_layout_and_columns(tmp_path):
+    shard = write_shard(tmp_path / "data" / "00007.tar")
+    store = EmbeddingStore(tmp_path / "cache")
+    table, embeddings = sample_table(shard)
+    url = store.write(IDENTITY, shard, table, metadata={"model_name": "tiny-clip"})
+
+    md5 = hashlib.md5(Path(shard).read_bytes()).hexdigest()
+    assert url == f"{tmp_path}/cache/{IDENTITY}/00007-md5-{md5}.parquet"
+    assert url == store.entry_url(IDENTITY, shard)
+    assert store.has(IDENTITY, shard)
+
+    # Readable by plain pyarrow/pandas, with the documented columns and types.
+    raw = pq.read_table(url)
+    assert raw.column_names == ["key", "shard", "embedding", "error"]
+    assert pa.types.is_fixed_size_list(raw.schema.field("embedding").type)
+    assert raw.schema.field("embedding").type.list_size == DIM
+    assert pa.types.is_float32(raw.schema.field("embedding").type.value_type)
+    record = json.loads(raw.schema.metadata[b"nsfw_curator"])
+    assert record["identity"] == IDENTITY and record["rows"] == 5 and record["model_name"] == "tiny-clip"
+
+    frame = store.read(IDENTITY, shard)
+    assert isinstance(frame, pd.DataFrame)
+    assert frame["key"].tolist()[:4] == ["00000", "00001", "00002", "00003"] and pd.isna(frame["key"].iloc[4])
+    assert frame["error"].isna().tolist() == [True, True, True, False, False]
+    assert frame["error"].tolist()[3:] == ["cannot identify image file", "tar is truncated"]
+    assert frame["embedding"].iloc[3] is None and frame["embedding"].iloc[4] is None
+    assert set(frame["shard"]) == {shard}
+    matrix = embedding_matrix(frame)
+    np.testing.assert_array_equal(matrix[:3], embeddings[:3])
+    assert np.isnan(matrix[3:]).all()
+    np.testing.assert_array_equal(embedding_matrix(store.read_table(IDENTITY, shard)), matrix)
+    assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+def test_miss_on_changed_content_identity_or_store(tmp_path):
+    shard = write_shard(tmp_path / "a.tar", b"first version")
+    store = EmbeddingStore(tmp_path / "cache")
+    assert store.read(IDENTITY, shard) is None and not store.has(IDENTITY, shard)
+    store.write(IDENTITY, shard, sample_table(shard)[0])
+    assert store.read(IDENTITY, shard) is not None
+
+    other_identity = IDENTITY.replace("0123", "9999", 1)
+    assert store.read(other_identity, shard) is None and not store.has(other_identity, shard)
+    assert EmbeddingStore(tmp_path / "other-cache").read(IDENTITY, shard) is None
+
+    write_shard(tmp_path / "a.tar", b"second version")
+    assert store.read(IDENTITY, shard) is None and not store.has(IDENTITY, shard)
+    # The same bytes again: the old entry is valid again.
+    write_shard(tmp_path / "a.tar", b"first version")
+    assert store.read(IDENTITY, shard) is not None
+
+
+def test_same_bytes_elsewhere_hit_and_report_the_asked_shard(tmp_path):
+    first = write_shard(tmp_path / "x" / "00001.tar", b"same")
+    moved = write_shard(tmp_path / "y" / "00001.tar", b"same")
+    store = EmbeddingStore(tmp_path / "cache")
+    store.write(IDENTITY, first, sample_table(first)[0])
+    frame = store.read(IDENTITY, moved)
+    assert frame is not None and set(frame["shard"]) == {moved}
+    assert shard_fingerprint(first) == shard_fingerprint(f"file://{moved}")
+
+
+def test_shard_fingerprint_is_the_content_md5_and_follows_rewrites(tmp_path):
+    shard = write_shard(tmp_path / "s.tar", b"abc" * 1000)
+    assert shard_fingerprint(shard) == f"md5-{hashlib.md5(b'abc' * 1000).hexdigest()}"
+    write_shard(tmp_path / "s.tar", b"abd" * 1000)  # same size, new content
+    assert shard_fingerprint(shard) == f"md5-{hashlib.md5(b'abd' * 1000).hexdigest()}"
+    with pytest.raises(UserError, match="does not exist; check file_paths"):
+        shard_fingerprint(str(tmp_path / "missing.tar"))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["truncate", "flip_data_byte", "garbage", "empty", "wrong_identity"],
+)
+def test_unreadable_entry_is_a_miss_with_a_warning_and_is_rewritten(tmp_path, damage):
+    shard = write_shard(tmp_path / "a.tar")
+    store = EmbeddingStore(tmp_path / "cache")
+    table, _ = sample_table(shard, n=50)
+    url = store.write(IDENTITY, shard, table)
+    data = Path(url).read_bytes()
+    if damage == "truncate":
+        Path(url).write_bytes(data[: len(data) // 2])
+    elif damage == "flip_data_byte":
+        # A byte inside the embedding column's data page: only the page checksum notices.
+        offset = data.index(np.float32(table.column("embedding")[10].values[3].as_py()).tobytes())
+        Path(url).write_bytes(data[:offset] + bytes([data[offset] ^ 0x10]) + data[offset + 1 :])
+    elif damage == "garbage":
+        Path(url).write_bytes(b"not parquet at all" * 10)
+    elif damage == "empty":
+        Path(url).write_bytes(b"")
+    elif damage == "wrong_identity":
+        other = EmbeddingStore(tmp_path / "elsewhere").write("other-identity", shard, table)
+        Path(url).write_bytes(Path(other).read_bytes())
+
+    with pytest.warns(CorruptEntryWarning, match="unreadable .*counting it as a miss"):
+        assert store.read(IDENTITY, shard) is None
+    if damage != "flip_data_byte":  # the footer of a flipped-page file is intact; only a full read sees it
+        with pytest.warns(CorruptEntryWarning):
+            assert not store.has(IDENTITY, shard)
+
+    assert store.write(IDENTITY, shard, table) == url
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        frame = store.read(IDENTITY, shard)
+    assert frame is not None and len(frame) == 50
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from tasks.store import EmbeddingStore, embedding_table
+    cache, shard, seed, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    store = EmbeddingStore(cache)
+    rng = np.random.default_rng(seed)
+    n = 4000
+    for _ in range(rounds):
+        rows = rng.standard_normal((n, 64)).astype(np.float32)
+        rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+        rows[:, 0] = seed  # which writer made the file
+        store.write("race-identity", shard, embedding_table([str(i) for i in range(n)], shard, rows, [None] * n))
+    """
+)
+
+
+def run_concurrent_writers(cache: str, shard: str, rounds: int = 6) -> list[float]:
+    """Two processes rewrite one entry while this one reads it; returns which writer each read saw."""
+    writers = [
+        subprocess.Popen([sys.executable, "-c", WRITER, cache, shard, str(seed), str(rounds)], cwd=REPO_ROOT)
+        for seed in (1, 2)
+    ]
+    store = EmbeddingStore(cache)
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a partial file would warn: fail instead
+        while any(w.poll() is None for w in writers):
+            table = store.read_table("race-identity", shard)
+            if table is not None:
+                assert table.num_rows == 4000
+                first_column = embedding_matrix(table)[:, 0]
+                assert len(set(first_column.tolist())) == 1
+                seen.append(float(first_column[0]))
+    assert [w.wait() for w in writers] == [0, 0]
+    final = store.read_table("race-identity", shard)
+    assert final is not None and final.num_rows == 4000
+    assert set(embedding_matrix(final)[:, 0].tolist()) in ({1.0}, {2.0})
+    return seen
+
+
+def test_concurrent_writers_leave_one_complete_file(tmp_path):
+    shard = write_shard(tmp_path / "race.tar")
+    run_concurrent_writers(str(tmp_path / "cache"), shard)
+    entries = list((tmp_path / "cache").rglob("*"))
+    assert [p.name for p in entries if p.is_file()] == [Path(EmbeddingStore(tmp_path / "cache").entry_url("race-identity", shard)).name]
+
+
+def test_partition_identity_follows_shards_identity_and_store(tmp_path):
+    shards = [write_shard(tmp_path / f"{i}.tar", f"shard {i}".encode()) for i in range(3)]
+    store = EmbeddingStore(tmp_path / "cache")
+    key = partition_embedding_identity(shards, IDENTITY, store)
+    assert key == partition_embedding_identity(list(shards), IDENTITY, EmbeddingStore(str(tmp_path / "cache") + "/"))
+    assert key != partition_embedding_identity(shards, IDENTITY + "0", store)
+    assert key != partition_embedding_identity(shards, IDENTITY, EmbeddingStore(tmp_path / "cache2"))
+    assert key != partition_embedding_identity(shards[:2], IDENTITY, store)
+    write_shard(tmp_path / "1.tar", b"changed")
+    assert key != partition_embedding_identity(shards, IDENTITY, store)
+
+
+def test_credentials_never_shown():
+    store = EmbeddingStore("s3://bucket/prefix", storage_options={"key": "AKIASECRET", "secret": "hunter2"})
+    assert "AKIASECRET" not in repr(store) and "hunter2" not in repr(store)
+    assert redact_url("s3://user:hunter2@bucket/x.tar") == "s3://bucket/x.tar"
+    assert redact_url("https://user:pw@host/a.tar") == "https://host/a.tar"
+
+
+# --- S3 through moto's server -------------------------------------------------------------------
+
+
+def test_store_on_s3(s3_bucket, tmp_path):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    shard = f"s3://{s3_bucket}/shards/00003.tar"
+    fs.pipe_file(shard, b"tar bytes on s3")
+    fingerprint = shard_fingerprint(shard)
+    assert fingerprint.startswith("etag-")
+
+    store = EmbeddingStore(f"s3://{s3_bucket}/cache")
+    assert store.read(IDENTITY, shard) is None and not store.has(IDENTITY, shard)
+    table, embeddings = sample_table(shard)
+    url = store.write(IDENTITY, shard, table)
+    assert url == f"s3://{s3_bucket}/cache/{IDENTITY}/00003-{fingerprint}.parquet"
+    assert fs.exists(url) and store.has(IDENTITY, shard)
+    np.testing.assert_array_equal(embedding_matrix(store.read(IDENTITY, shard))[:3], embeddings[:3])
+    # pandas reads the store directly, credentials from the environment.
+    assert len(pd.read_parquet(url)) == 5
+
+    # A second store object (as another process would make) hits; new shard content misses.
+    assert EmbeddingStore(f"s3://{s3_bucket}/cache/").read(IDENTITY, shard) is not None
+    fs.pipe_file(shard, b"tar bytes on s3, rewritten")
+    assert shard_fingerprint(shard) != fingerprint
+    assert store.read(IDENTITY, shard) is None
+
+    # A truncated object is a miss with a warning, then rewritten.
+    fs.pipe_file(url, fs.cat_file(url)[:100])
+    with pytest.warns(CorruptEntryWarning):
+        assert store.read(IDENTITY, shard, fingerprint) is None
+    store.write(IDENTITY, shard, table, shard_fingerprint=fingerprint)
+    assert store.read(IDENTITY, shard, fingerprint) is not None
+
+
+def test_concurrent_writers_on_s3(s3_bucket):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    shard = f"s3://{s3_bucket}/race.tar"
+    fs.pipe_file(shard, b"race")
+    run_concurrent_writers(f"s3://{s3_bucket}/cache", shard, rounds=4)
+    assert [p.rsplit("/", 1)[1] for p in fs.find(f"{s3_bucket}/cache")] == [
+        EmbeddingStore(f"s3://{s3_bucket}/cache").entry_url("race-identity", shard).rsplit("/", 1)[1]
+    ]
+
+
+def test_missing_bucket_is_one_clear_sentence(s3_endpoint, tmp_path):
+    shard = write_shard(tmp_path / "a.tar")
+    store = EmbeddingStore("s3://no-such-bucket-for-tests/cache")
+    table, _ = sample_table(shard)
+    with pytest.raises(UserError, match="no-such-bucket-for-tests.*credentials"):
+        store.write(IDENTITY, shard, table)
