@@ -109,6 +109,8 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
 
 def _message(buf: bytes) -> dict[int, list]:
     """A protobuf message's fields by number: ints for varint/fixed fields, bytes for the rest."""
+    if not isinstance(buf, bytes):
+        raise _CorruptError("a protobuf message field has the wrong wire type")
     fields: dict[int, list] = {}
     pos = 0
     while pos < len(buf):
@@ -132,9 +134,14 @@ def _message(buf: bytes) -> dict[int, list]:
     return fields
 
 
-def _first(fields: dict[int, list], number: int, default=None):
+def _first(fields: dict[int, list], number: int, default: int | bytes):
+    """A field's last value (protobuf's rule for scalars), which must have the default's type."""
     values = fields.get(number)
-    return values[-1] if values else default
+    if not values:
+        return default
+    if type(values[-1]) is not type(default):
+        raise _CorruptError(f"protobuf field {number} has the wrong wire type")
+    return values[-1]
 
 
 def _submessage(fields: dict[int, list], number: int) -> dict[int, list]:
@@ -153,6 +160,13 @@ def _packed_ints(values: list) -> list[int]:
             number, pos = _varint(value, pos)
             result.append(number)
     return result
+
+
+def _text(raw: bytes) -> str:
+    """A name field; damaged bytes become U+FFFD (and then a clear "not found") instead of raising."""
+    if not isinstance(raw, bytes):
+        raise _CorruptError("a protobuf string field has the wrong wire type")
+    return raw.decode("utf-8", "replace")
 
 
 def _int64(value: int) -> int:
@@ -221,10 +235,7 @@ def _bundle_entries(index: bytes) -> dict[str, dict[int, list]]:
         raise _CorruptError("the checkpoint is not a single-shard tensor bundle")
     if _first(header, 2, 0) != 0:
         raise _UnsupportedError("the checkpoint was written on a big-endian machine")
-    try:
-        return {key.decode(): _message(value) for key, value in raw_entries.items()}
-    except UnicodeDecodeError:
-        raise _CorruptError("variables.index has a key that is not UTF-8") from None
+    return {_text(key): _message(value) for key, value in raw_entries.items()}
 
 
 def _bundle_tensor(entries: dict[str, dict[int, list]], data: bytes, key: str) -> np.ndarray:
@@ -260,8 +271,8 @@ def _tensor_proto(proto: dict[int, list]) -> np.ndarray | list[bytes]:
         return values
     if dtype != _DT_INT64:
         raise _UnsupportedError(f"a lookup-table constant has TensorFlow dtype {dtype}")
-    content = _first(proto, 4)
-    if content is not None:
+    content = _first(proto, 4, b"")
+    if content:
         if len(content) != 8 * count:
             raise _CorruptError(f"an int64 constant holds {len(content)} bytes for {count} elements")
         return np.frombuffer(content, "<i8").astype(np.int64)
@@ -276,12 +287,12 @@ def _graph_constants(graph_def: dict[int, list]) -> dict[str, dict[int, list]]:
     constants = {}
     for raw_node in graph_def.get(1, []):
         node = _message(raw_node)
-        if _first(node, 2) != b"Const":
+        if _first(node, 2, b"") != b"Const":
             continue
         for raw_attr in node.get(5, []):  # map<string, AttrValue> entries
             attr = _message(raw_attr)
-            if _first(attr, 1) == b"value":
-                constants[_first(node, 1, b"").decode()] = _submessage(_submessage(attr, 2), 8)
+            if _first(attr, 1, b"") == b"value":
+                constants[_text(_first(node, 1, b""))] = _submessage(_submessage(attr, 2), 8)
     return constants
 
 
@@ -297,7 +308,7 @@ def _vocabularies(saved_model: bytes, columns: list[int]) -> dict[int, tuple[lis
     functions = {}
     for raw_item in object_graph.get(2, []):  # map<string, SavedConcreteFunction> entries
         item = _message(raw_item)
-        functions[_first(item, 1, b"").decode()] = _submessage(item, 2)
+        functions[_text(_first(item, 1, b""))] = _submessage(item, 2)
 
     def saved_object(node_id: int) -> dict[int, list]:
         if not 0 <= node_id < len(objects):
@@ -307,7 +318,7 @@ def _vocabularies(saved_model: bytes, columns: list[int]) -> dict[int, tuple[lis
     def child(node_id: int, name: str) -> int:
         for raw_reference in saved_object(node_id).get(1, []):
             reference = _message(raw_reference)
-            if _first(reference, 2) == name.encode():
+            if _first(reference, 2, b"") == name.encode():
                 return _first(reference, 1, 0)
         raise _UnsupportedError(f"the SavedModel object graph has no {name!r} under node {node_id}")
 
@@ -316,13 +327,13 @@ def _vocabularies(saved_model: bytes, columns: list[int]) -> dict[int, tuple[lis
     for column in columns:
         initialize = child(child(child(encoding_layers, str(column)), "lookup_table"), "_initialize")
         function_names = _submessage(saved_object(initialize), 6).get(1, [])
-        if not function_names or function_names[0].decode() not in functions:
+        if not function_names or _text(function_names[0]) not in functions:
             raise _UnsupportedError(f"column {column}'s lookup table has no saved initializer function")
         captured = []
-        for node_id in _packed_ints(functions[function_names[0].decode()].get(2, [])):
+        for node_id in _packed_ints(functions[_text(function_names[0])].get(2, [])):
             constant = saved_object(node_id).get(9)  # SavedConstant: the Const op's name
             if constant:
-                operation = _first(_message(constant[0]), 1, b"").decode()
+                operation = _text(_first(_message(constant[0]), 1, b""))
                 if operation not in constants:
                     raise _CorruptError(f"saved_model.pb has no constant {operation}")
                 captured.append(_tensor_proto(constants[operation]))
@@ -346,6 +357,9 @@ def _micro(token: bytes) -> int:
 
 def _vocabulary_tensors(column: int, tokens: list[bytes], indices: np.ndarray) -> dict[str, np.ndarray]:
     """keys_micro (ascending) and values for one column; non-finite tokens are dropped (never scored)."""
+    # IndexLookup numbers its V tokens 1..V (index 0 is the single OOV index, there is no mask).
+    if not np.array_equal(np.sort(indices), np.arange(1, len(indices) + 1)):
+        raise _CorruptError(f"column {column}'s vocabulary indices are not 1..{len(indices)}")
     kept = [i for i, token in enumerate(tokens) if token not in _NON_FINITE_TOKENS]
     keys = np.array([_micro(tokens[i]) for i in kept], dtype=np.int64)
     values = indices[kept]
@@ -353,8 +367,6 @@ def _vocabulary_tensors(column: int, tokens: list[bytes], indices: np.ndarray) -
     keys, values = keys[order], values[order]
     if keys.size > 1 and not bool((keys[1:] > keys[:-1]).all()):
         raise _UnsupportedError(f"column {column}'s vocabulary has two tokens for the same number (0 and -0?)")
-    if values.size and values.min() < 1:
-        raise _CorruptError(f"column {column}'s vocabulary maps a token to index {values.min()}, an OOV or mask index")
     return {
         f"categorical.{column}.keys_micro": keys,
         f"categorical.{column}.values": values.astype(np.int64),
@@ -370,7 +382,7 @@ def _keras_objects(keras_metadata: bytes) -> dict[str, dict]:
     for raw_node in _message(keras_metadata).get(1, []):
         node = _message(raw_node)
         try:
-            objects[_first(node, 3, b"").decode()] = json.loads(_first(node, 5, b"{}"))
+            objects[_text(_first(node, 3, b""))] = json.loads(_first(node, 5, b"{}"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise _CorruptError("keras_metadata.pb holds a layer description that is not JSON") from None
     return objects
@@ -420,7 +432,7 @@ def _architecture(objects: dict[str, dict]) -> tuple[int, list[int], int]:
             if settings != (False, 1, None, "int"):
                 raise _UnsupportedError(f"column {column}'s StringLookup is not int output, one OOV index, no mask")
         return input_dim, columns, signature.count("D")
-    except (KeyError, IndexError, TypeError) as missing:
+    except (KeyError, IndexError, TypeError, AttributeError) as missing:
         raise _UnsupportedError(f"keras_metadata.pb lacks the expected layer description ({missing!r})") from None
 
 
