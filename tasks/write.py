@@ -152,6 +152,7 @@ class PartitionResult:
     histogram: list[int]
     scores_file: str
     output_shards: list[str] = field(default_factory=list)
+    settings_identity: str = ""  # threshold, images_per_tar, NSFW head and embedding identity of the attempt
 
     @classmethod
     def from_json(cls, text: str) -> "PartitionResult":
@@ -197,29 +198,28 @@ def write_filtered_partition(
     partition_index: int,
     partition_id: str,
     shard_urls: Sequence[str],
-    samples: Iterator[RawSample],
-    scored: Iterator[tuple[float, str | None]],
+    scored_samples: Iterable[tuple[RawSample, float, str | None]],
     score_threshold: float,
     images_per_tar: int,
+    settings_identity: str = "",
     storage_options: dict | None = None,
 ) -> PartitionResult:
-    """Write one partition's outputs from its raw samples and, in the same order, their (score, error).
+    """Write one partition's outputs from (raw sample, nsfw_score, error) triples in input order.
 
     `passed` is `error is None and nsfw_score < score_threshold`. Returns the manifest's content after
     the manifest is written (the partition's commit point).
     """
     columns: dict[str, list[Any]] = {name: [] for name in SCORES_SCHEMA.names}
     with FilteredShardWriter(output_path, partition_index, images_per_tar, storage_options) as writer:
-        for sample in samples:
-            nsfw_score, error = next(scored)
-            passed = error is None and sample.key is not None and bool(nsfw_score < score_threshold)
+        for sample, nsfw_score, error in scored_samples:
+            scored = error is None and sample.key is not None and bool(np.isfinite(nsfw_score))
+            passed = scored and bool(nsfw_score < score_threshold)
             columns["key"].append(sample.key)
             columns["shard"].append(sample.shard)
-            columns["nsfw_score"].append(None if error is not None or not np.isfinite(nsfw_score) else float(nsfw_score))
+            columns["nsfw_score"].append(float(nsfw_score) if scored else None)
             columns["passed"].append(passed)
-            columns["error"].append(error)
+            columns["error"].append(error if error is not None or scored else "not scored")
             columns["output_shard"].append(writer.add(sample) if passed else None)
-        assert next(scored, None) is None, "more scores than samples"
     output_shards = writer.written
     score_file = scores_url(output_path, partition_index)
     write_scores(score_file, columns, storage_options)
@@ -238,6 +238,7 @@ def write_filtered_partition(
         histogram=score_histogram(nsfw_scores),
         scores_file=score_file,
         output_shards=output_shards,
+        settings_identity=settings_identity,
     )
     write_manifest(output_path, result, storage_options)
     return result

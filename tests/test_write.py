@@ -57,7 +57,7 @@ def test_partition_outputs_scores_and_manifest(tmp_path):
     scores = [0.1, 0.9, 0.5, 0.49999, float("nan"), 0.2, 0.0, 1.0, 0.3, 0.7, float("nan")]
     errors = [None, None, None, None, "image is truncated", None, None, None, None, None, "tar is truncated after 10 samples"]
     out = str(tmp_path / "out")
-    result = write_filtered_partition(out, 0, "pid", ["in/a.tar"], iter(samples), iter(zip(scores, errors)), 0.5, 2)
+    result = write_filtered_partition(out, 0, "pid", ["in/a.tar"], zip(samples, scores, errors), 0.5, 2)
     table = pq.read_table(result.scores_file)
     assert table.schema.field("nsfw_score").type == pa.float32()
     frame = table.to_pydict()
@@ -76,9 +76,9 @@ def test_partition_outputs_scores_and_manifest(tmp_path):
 def test_rerun_with_fewer_outputs_removes_stale_shards(tmp_path):
     out = str(tmp_path / "out")
     samples = make_samples(6)
-    first = write_filtered_partition(out, 1, "p", ["a"], iter(samples), iter([(0.0, None)] * 6), 0.5, 2)
+    first = write_filtered_partition(out, 1, "p", ["a"], [(s, 0.0, None) for s in samples], 0.5, 2)
     assert len(first.output_shards) == 3
-    second = write_filtered_partition(out, 1, "p", ["a"], iter(samples), iter([(0.0, None)] * 2 + [(0.9, None)] * 4), 0.5, 2)
+    second = write_filtered_partition(out, 1, "p", ["a"], [(s, 0.0 if i < 2 else 0.9, None) for i, s in enumerate(samples)], 0.5, 2)
     assert len(second.output_shards) == 1
     assert sorted(p.name for p in (tmp_path / "out" / "shards").iterdir()) == ["part-000001-0000.tar"]
 
@@ -87,11 +87,12 @@ def test_failure_midway_leaves_no_partial_file_and_no_manifest(tmp_path):
     out = tmp_path / "out"
 
     def broken_samples():
-        yield from make_samples(3)
+        for sample in make_samples(3):
+            yield sample, 0.0, None
         raise OSError("connection reset while reading the shard")
 
     with pytest.raises(OSError, match="connection reset"):
-        write_filtered_partition(str(out), 0, "p", ["a"], broken_samples(), iter([(0.0, None)] * 5), 0.5, 2)
+        write_filtered_partition(str(out), 0, "p", ["a"], broken_samples(), 0.5, 2)
     assert read_manifest(str(out), 0) is None
     assert not list(out.rglob("*.tmp"))
     for path in out.rglob("*.tar"):  # completed shards are whole tars
@@ -100,8 +101,8 @@ def test_failure_midway_leaves_no_partial_file_and_no_manifest(tmp_path):
 
 def test_summary_and_histogram(tmp_path):
     out = str(tmp_path / "out")
-    r0 = write_filtered_partition(out, 0, "p0", ["a"], iter(make_samples(4)), iter([(0.05, None), (0.55, None), (0.95, None), (0.51, None)]), 0.5, 10)
-    r1 = write_filtered_partition(out, 1, "p1", ["b"], iter(make_samples(2, "b")), iter([(0.02, None), (float("nan"), "bad")]), 0.5, 10)
+    r0 = write_filtered_partition(out, 0, "p0", ["a"], zip(make_samples(4), [0.05, 0.55, 0.95, 0.51], [None] * 4), 0.5, 10)
+    r1 = write_filtered_partition(out, 1, "p1", ["b"], zip(make_samples(2, "b"), [0.02, float("nan")], [None, "bad"]), 0.5, 10)
     summary = RunSummary.from_partitions([r0, r1], 0.5, {"clip": "ViT-L-14"}, out)
     url = summary.write()
     with open(url) as fh:
@@ -115,7 +116,7 @@ def test_outputs_on_s3(s3_bucket):
     import s3fs
 
     out = f"s3://{s3_bucket}/run"
-    result = write_filtered_partition(out, 0, "p", ["a"], iter(make_samples(5)), iter([(0.1, None)] * 5), 0.5, 2)
+    result = write_filtered_partition(out, 0, "p", ["a"], [(s, 0.1, None) for s in make_samples(5)], 0.5, 2)
     fs = s3fs.S3FileSystem()
     fs.invalidate_cache()
     assert sorted(fs.ls(f"{s3_bucket}/run/shards")) == sorted(u[len("s3://"):] for u in result.output_shards)

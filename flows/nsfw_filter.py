@@ -1,0 +1,245 @@
+"""The `nsfw-filter` flow: shards -> CLIP embeddings (cached) -> LAION NSFW scores -> filtered outputs.
+
+Reads top to bottom like the pipeline. The work lives in plain functions under `tasks/`; the Prefect
+tasks here only add retries, caching, GPU slots and logging around them.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal, Optional, Union
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.tasks import exponential_backoff
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from flows.prefect_cache import embedding_cache_key, embedding_result_storage, partition_in_store, retry_unless_user_error
+from flows.runners import gpu_remote_options, open_task_runner
+from tasks.embed import embed_partition
+from tasks.errors import UserError
+from tasks.filter_stage import clean_partitions_beyond, filter_partition
+from tasks.gpu import GPU_SLOTS
+from tasks.partition import Partition
+from tasks.run_plan import FilterRun, cached_nsfw_head, plan_filter_run
+from tasks.write import PartitionResult, RunSummary
+
+
+class FilterSettings(BaseModel):
+    """Range checks of the flow's parameters (types and defaults live in the flow's signature)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file_paths: Union[str, list[str]]
+    output_path: str = Field(min_length=1)
+    files_per_partition: int = Field(ge=1)
+    file_extensions: list[str] = Field(min_length=1)
+    task_batch_size: int = Field(ge=1)
+    model_dir: Optional[str]
+    clip_model: str = Field(min_length=1)
+    clip_pretrained: str = Field(min_length=1)
+    nsfw_weights: Optional[str]
+    model_inference_batch_size: int = Field(ge=1)
+    num_gpus_per_worker: float = Field(gt=0, le=1)
+    score_threshold: float = Field(ge=0, le=1)
+    cache_path: Optional[str]
+    images_per_tar: int = Field(ge=1)
+    verbose: bool
+    task_runner: Literal["threads", "ray"]
+    ray_address: Optional[str]
+    max_workers: Optional[int] = Field(ge=1)
+    storage_options_secret: Optional[str]
+
+
+def validate_settings(parameters: dict[str, Any]) -> FilterSettings:
+    """FilterSettings from the flow's parameters; UserError with one sentence per bad value."""
+    try:
+        return FilterSettings(**parameters)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc'])} {error['msg'].lower()} (got {error.get('input')!r})" for error in exc.errors()
+        )
+        raise UserError(f"invalid parameters: {problems}.") from None
+
+
+def storage_options_from_secret(block_name: str | None) -> dict:
+    """fsspec storage options (e.g. key, secret, endpoint_url) from a Prefect Secret block holding JSON."""
+    if not block_name:
+        return {}
+    from prefect.blocks.system import Secret
+
+    try:
+        value = Secret.load(block_name).get()
+    except ValueError:
+        raise UserError(f"Prefect Secret block {block_name!r} was not found; create it with the storage options as JSON.") from None
+    if not isinstance(value, dict):
+        raise UserError(f"Prefect Secret block {block_name!r} must hold a JSON object of fsspec storage options.")
+    return value
+
+
+@task(
+    name="embed-partition",
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_unless_user_error,
+    cache_key_fn=embedding_cache_key,
+    persist_result=True,
+    tags=["gpu"],
+)
+def embed_partition_task(partition: Partition, run: FilterRun) -> list[str]:
+    """Store entries for the partition's shards, running CLIP only for the shards the store misses."""
+    logger = get_run_logger()
+    with GPU_SLOTS.hold(run.num_gpus_per_worker) as device:
+        entry_urls = embed_partition(
+            partition.shard_urls,
+            run.clip_weights,
+            run.store,
+            run.decode,
+            task_batch_size=run.task_batch_size,
+            model_inference_batch_size=run.model_inference_batch_size,
+            storage_options=run.storage_options,
+            device=device,
+        )
+    if run.verbose:
+        logger.info("partition %d: %d store entries on %s", partition.index, len(entry_urls), device)
+    return entry_urls
+
+
+@task(
+    name="filter-partition",
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_unless_user_error,
+    persist_result=False,
+)
+def filter_partition_task(partition: Partition, entry_urls: list[str], run: FilterRun) -> PartitionResult:
+    """Score the partition's embeddings and write its scores, filtered shards and manifest."""
+    logger = get_run_logger()
+    assert len(entry_urls) == len(partition.shard_urls)
+    return filter_partition(
+        partition,
+        run.embedding_identity,
+        run.store,
+        cached_nsfw_head(run.nsfw_weights),
+        run.head_fingerprint,
+        run.output_path,
+        score_threshold=run.score_threshold,
+        images_per_tar=run.images_per_tar,
+        model_inference_batch_size=run.model_inference_batch_size,
+        storage_options=run.storage_options,
+        log=logger.info if run.verbose else None,
+    )
+
+
+def publish_artifacts(summary: RunSummary, summary_url: str) -> None:
+    create_table_artifact(
+        key="nsfw-filter-counts",
+        table=[
+            {"what": "samples", "count": summary.samples},
+            {"what": "passed", "count": summary.passed},
+            {"what": "filtered (nsfw_score >= threshold)", "count": summary.filtered},
+            {"what": "not scored (errors)", "count": summary.errors},
+            {"what": "partitions", "count": summary.partitions},
+        ],
+        description=f"nsfw-filter counts at score_threshold {summary.score_threshold}",
+    )
+    create_markdown_artifact(
+        key="nsfw-filter-histogram",
+        markdown=f"## nsfw_score histogram\n\n{summary.histogram_markdown()}\n",
+        description="distribution of nsfw_score over all scored samples",
+    )
+    link = summary_url if "://" in summary_url else f"file://{summary_url}"
+    create_link_artifact(key="nsfw-filter-summary", link=link, link_text="run summary (summary.json)")
+    outputs = summary.output_path if "://" in summary.output_path else f"file://{summary.output_path}"
+    create_link_artifact(key="nsfw-filter-outputs", link=outputs, link_text="filtered shards and scores")
+
+
+@flow(name="nsfw-filter", log_prints=False)
+def nsfw_filter(
+    file_paths: Union[str, list[str]],
+    output_path: str,
+    files_per_partition: int = 1,
+    file_extensions: list[str] = [".tar"],  # noqa: B006 - Prefect shows the default in the form; never mutated
+    task_batch_size: int = 100,
+    model_dir: Optional[str] = None,
+    clip_model: str = "ViT-L-14",
+    clip_pretrained: str = "openai",
+    nsfw_weights: Optional[str] = None,
+    model_inference_batch_size: int = 32,
+    num_gpus_per_worker: float = 0.25,
+    score_threshold: float = 0.5,
+    cache_path: Optional[str] = None,
+    images_per_tar: int = 1000,
+    verbose: bool = False,
+    task_runner: Literal["threads", "ray"] = "threads",
+    ray_address: Optional[str] = None,
+    max_workers: Optional[int] = None,
+    storage_options_secret: Optional[str] = None,
+) -> dict:
+    """Score every image of a WebDataset with LAION's CLIP-based NSFW detector and keep the safe ones.
+
+    Args:
+        file_paths: Shards to read: a directory or prefix (local, file://, s3://, any fsspec URL), a list of shard URLs, or brace notation like shards/part-{000000..000099}.tar.
+        output_path: Where filtered shards, scores Parquet and the run summary go (local or object storage).
+        files_per_partition: Tar shards per unit of work (one task pair per partition).
+        file_extensions: Which files under file_paths are shards.
+        task_batch_size: Images decoded per batch.
+        model_dir: Where model weights live (CLIP under clip/, the NSFW head under nsfw/); default $NSFW_CURATOR_MODEL_DIR or ~/.cache/nsfw-curator/models.
+        clip_model: An open_clip model name, or a path to an open_clip model-config JSON (model name = file stem).
+        clip_pretrained: An open_clip pretrained tag resolved offline from model_dir, or a path to a checkpoint (.safetensors, .bin, .pt).
+        nsfw_weights: Path to an NSFW-head safetensors file; default model_dir/nsfw/{clip_model}.safetensors.
+        model_inference_batch_size: Batch size for CLIP and for the NSFW head.
+        num_gpus_per_worker: Fraction of one GPU an embedding task holds; at most floor(1/f) such tasks share a GPU.
+        score_threshold: Images with nsfw_score >= score_threshold are filtered out.
+        cache_path: Root of the embedding store (local directory or s3://...); default $NSFW_CURATOR_CACHE_PATH or ~/.cache/nsfw-curator/embeddings.
+        images_per_tar: Samples per output shard.
+        verbose: Log every partition's progress.
+        task_runner: threads (one machine) or ray (a local Ray, or the cluster at ray_address).
+        ray_address: Address of an existing Ray cluster (ray://host:10001 or auto); empty starts a local Ray.
+        max_workers: Partitions processed at once with the threads runner; default from the GPUs (2 without GPU).
+        storage_options_secret: Name of a Prefect Secret block holding fsspec storage options as JSON (credentials stay out of parameters).
+    """
+    settings = validate_settings(dict(locals()))
+    logger = get_run_logger()
+    run = plan_filter_run(
+        settings.file_paths,
+        settings.output_path,
+        files_per_partition=settings.files_per_partition,
+        file_extensions=settings.file_extensions,
+        task_batch_size=settings.task_batch_size,
+        model_dir=settings.model_dir,
+        clip_model=settings.clip_model,
+        clip_pretrained=settings.clip_pretrained,
+        nsfw_weights=settings.nsfw_weights,
+        model_inference_batch_size=settings.model_inference_batch_size,
+        num_gpus_per_worker=settings.num_gpus_per_worker,
+        score_threshold=settings.score_threshold,
+        cache_path=settings.cache_path,
+        images_per_tar=settings.images_per_tar,
+        verbose=settings.verbose,
+        storage_options=storage_options_from_secret(settings.storage_options_secret),
+    )
+    logger.info("%d shards in %d partitions; embeddings %s", sum(len(p.shard_urls) for p in run.partitions), len(run.partitions), run.embedding_identity)
+
+    embed = embed_partition_task.with_options(result_storage=embedding_result_storage(run))
+    # A partition missing from the store is (re)computed even if Prefect remembers an old result for it.
+    embed_again = embed.with_options(refresh_cache=True)
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        in_store = list(pool.map(lambda p: partition_in_store(run, p.shard_urls), run.partitions))
+    logger.info("%d of %d partitions already in the embedding store", sum(in_store), len(in_store))
+    with open_task_runner(settings.task_runner, settings.ray_address, settings.max_workers, run.num_gpus_per_worker) as runner:
+        written = []
+        for partition in run.partitions:
+            with gpu_remote_options(runner, run.num_gpus_per_worker):
+                entries = runner.submit(embed if in_store[partition.index] else embed_again, {"partition": partition, "run": run})
+            written.append(runner.submit(filter_partition_task, {"partition": partition, "entry_urls": entries, "run": run}))
+        results: list[PartitionResult] = [future.result() for future in written]
+
+    clean_partitions_beyond(run.output_path, len(run.partitions), run.storage_options)
+    summary = RunSummary.from_partitions(results, run.score_threshold, run.models(), run.output_path)
+    summary_url = summary.write(run.storage_options)
+    publish_artifacts(summary, summary_url)
+    logger.info("%d samples: %d passed, %d filtered, %d not scored", summary.samples, summary.passed, summary.filtered, summary.errors)
+    return {"summary": summary_url, "samples": summary.samples, "passed": summary.passed, "filtered": summary.filtered, "errors": summary.errors}

@@ -1,0 +1,133 @@
+"""Score a partition's cached embeddings and write its filtered outputs.
+
+Reads the store entries the embedding stage wrote, scores every embedding with the NSFW head, streams
+the shards once more without decoding images (raw members only) and hands (sample, score, error) in
+input order to the writer. A partition whose manifest already records the same settings is skipped, so
+a re-run after a crash only redoes the partitions that did not finish.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Callable, Iterator
+
+import numpy as np
+
+from tasks.atomic import filesystem
+from tasks.nsfw import NSFWHead
+from tasks.partition import Partition
+from tasks.read import iter_samples
+from tasks.store import EmbeddingStore, embedding_matrix, shard_fingerprint
+from tasks.write import PartitionResult, read_manifest, write_filtered_partition
+
+
+def settings_identity(embedding_identity: str, head_fingerprint: str, score_threshold: float, images_per_tar: int) -> str:
+    """What makes a partition's outputs what they are, beyond its input shards."""
+    record = {
+        "embedding": embedding_identity,
+        "nsfw_head": head_fingerprint,
+        "score_threshold": float(score_threshold),
+        "images_per_tar": int(images_per_tar),
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def completed_partition(
+    output_path: str, partition: Partition, identity_of_settings: str, storage_options: dict | None = None
+) -> PartitionResult | None:
+    """The manifest of an earlier attempt with the same shards and settings whose files all exist."""
+    manifest = read_manifest(output_path, partition.index, storage_options)
+    if manifest is None or manifest.partition_id != partition.partition_id or manifest.settings_identity != identity_of_settings:
+        return None
+    fs, _ = filesystem(output_path, storage_options)
+    for url in [manifest.scores_file, *manifest.output_shards]:
+        if not fs.exists(filesystem(url, storage_options)[1]):
+            return None
+    return manifest
+
+
+def _scored_shard(
+    shard_url: str,
+    identity: str,
+    store: EmbeddingStore,
+    head: NSFWHead,
+    batch_size: int,
+    storage_options: dict | None,
+) -> Iterator[tuple[object, float, str | None]]:
+    table = store.read_table(identity, shard_url, shard_fingerprint(shard_url, storage_options))
+    if table is None:
+        raise RuntimeError(f"the embedding store has no entry for {shard_url}; the embedding stage must run first")
+    keys = table.column("key").to_pylist()
+    errors = table.column("error").to_pylist()
+    embeddings = embedding_matrix(table)
+    valid = np.array([error is None for error in errors], dtype=bool)
+    nsfw_score = np.full(len(keys), np.nan, dtype=np.float32)
+    if valid.any():
+        result = head.score(embeddings[valid], batch_size=batch_size)
+        nsfw_score[valid] = result.nsfw_score
+        valid_rows = np.flatnonzero(valid)
+        for row, reason in result.unscored.items():
+            errors[valid_rows[row]] = reason
+    changed = f"{shard_url} no longer matches its cached embeddings; it changed during the run, run again"
+    count = 0
+    for row, sample in enumerate(iter_samples(shard_url, decode=None, storage_options=storage_options)):
+        if row >= len(keys) or sample.key != keys[row]:
+            raise RuntimeError(changed)
+        yield sample, float(nsfw_score[row]), errors[row] or sample.error
+        count += 1
+    if count != len(keys):
+        raise RuntimeError(changed)
+
+
+def filter_partition(
+    partition: Partition,
+    embedding_identity: str,
+    store: EmbeddingStore,
+    head: NSFWHead,
+    head_fingerprint: str,
+    output_path: str,
+    score_threshold: float = 0.5,
+    images_per_tar: int = 1000,
+    model_inference_batch_size: int = 32,
+    storage_options: dict | None = None,
+    log: Callable[[str], None] | None = None,
+) -> PartitionResult:
+    """Score and write one partition (or return its completed manifest); the manifest is the commit point."""
+    identity_of_settings = settings_identity(embedding_identity, head_fingerprint, score_threshold, images_per_tar)
+    done = completed_partition(output_path, partition, identity_of_settings, storage_options)
+    if done is not None:
+        if log:
+            log(f"partition {partition.index} already complete; kept")
+        return done
+
+    def scored_samples() -> Iterator[tuple[object, float, str | None]]:
+        for shard_url in partition.shard_urls:
+            yield from _scored_shard(shard_url, embedding_identity, store, head, model_inference_batch_size, storage_options)
+            if log:
+                log(f"scored {shard_url}")
+
+    return write_filtered_partition(
+        output_path,
+        partition.index,
+        partition.partition_id,
+        partition.shard_urls,
+        scored_samples(),
+        score_threshold,
+        images_per_tar,
+        identity_of_settings,
+        storage_options,
+    )
+
+
+def clean_partitions_beyond(output_path: str, partition_count: int, storage_options: dict | None = None) -> list[str]:
+    """Remove outputs of partitions numbered >= `partition_count` (left by an earlier run over more shards)."""
+    fs, root = filesystem(output_path, storage_options)
+    removed = []
+    for folder, suffix in (("_manifests", ".json"), ("scores", ".parquet"), ("shards", ".tar")):
+        for path in fs.glob(f"{root.rstrip('/')}/{folder}/part-*{suffix}"):
+            index = int(path.rsplit("/", 1)[1][5:11])
+            if index >= partition_count:
+                fs.rm(path)
+                removed.append(path)
+    return removed
