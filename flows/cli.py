@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
 import sys
-from typing import Callable, Sequence
+import typing
+from typing import Any, Callable, Sequence
 
 from tasks.errors import UserError
 from tasks.locations import default_model_dir, nsfw_weights_path
@@ -84,6 +87,72 @@ def _run_convert_laion(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_list(annotation: Any) -> bool:
+    return typing.get_origin(annotation) is list or any(typing.get_origin(a) is list for a in typing.get_args(annotation))
+
+
+def add_flow_arguments(parser: argparse.ArgumentParser, flow_fn: Callable) -> None:
+    """One `--kebab-case` option per flow parameter, typed and documented from the flow's signature and docstring."""
+    from prefect.utilities.callables import parameter_docstrings
+
+    docs = parameter_docstrings(inspect.getdoc(flow_fn))
+    hints = typing.get_type_hints(flow_fn)
+    for name, parameter in inspect.signature(flow_fn).parameters.items():
+        annotation = hints[name]
+        option = "--" + name.replace("_", "-")
+        required = parameter.default is inspect.Parameter.empty
+        default = None if required else parameter.default
+        help_text = docs.get(name, "")
+        if not required and default not in (None, False):
+            help_text += f" (default: {' '.join(default) if isinstance(default, list) else default})"
+        kwargs: dict[str, Any] = {"dest": name, "help": help_text, "required": required, "default": default}
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if annotation is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(annotation) is typing.Literal:
+            kwargs["choices"] = list(typing.get_args(annotation))
+        elif _is_list(annotation):
+            kwargs["nargs"] = "+"
+        else:
+            scalar = args[0] if args else annotation
+            kwargs["type"] = scalar if scalar in (int, float) else str
+        parser.add_argument(option, **kwargs)
+
+
+def flow_arguments(args: argparse.Namespace, flow_fn: Callable) -> dict[str, Any]:
+    """The flow's keyword arguments from parsed options (a one-item list for `str | list[str]` becomes the str)."""
+    hints = typing.get_type_hints(flow_fn)
+    values = {}
+    for name in inspect.signature(flow_fn).parameters:
+        value = getattr(args, name)
+        if isinstance(value, list) and len(value) == 1 and typing.get_origin(hints[name]) is typing.Union and str in typing.get_args(hints[name]):
+            value = value[0]
+        values[name] = value
+    return values
+
+
+def _add_filter(subparsers: argparse._SubParsersAction) -> None:
+    from flows.nsfw_filter import nsfw_filter
+
+    parser = subparsers.add_parser(
+        "filter",
+        help="run the nsfw-filter flow: score every image, keep those below --score-threshold",
+        description=inspect.getdoc(nsfw_filter.fn).split("\n\n")[0],
+    )
+    add_flow_arguments(parser, nsfw_filter.fn)
+    parser.set_defaults(handler=_run_filter)
+
+
+def _run_filter(args: argparse.Namespace) -> int:
+    from flows.nsfw_filter import nsfw_filter, preflight
+
+    kwargs = flow_arguments(args, nsfw_filter.fn)
+    preflight(kwargs)  # user mistakes end here with one sentence, before a flow run is created
+    result = nsfw_filter(**kwargs)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nsfw-curator",
@@ -95,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-ADD_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_score_embeddings, _add_models]
+ADD_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_filter, _add_score_embeddings, _add_models]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -105,6 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as exc:
         print(f"nsfw-curator: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - a failed run: say so in one line; Prefect has logged the details
+        print(f"nsfw-curator: the run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

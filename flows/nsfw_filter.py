@@ -6,6 +6,7 @@ tasks here only add retries, caching, GPU slots and logging around them.
 
 from __future__ import annotations
 
+import inspect
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, Optional, Union
 
@@ -60,6 +61,33 @@ def validate_settings(parameters: dict[str, Any]) -> FilterSettings:
             f"{'.'.join(str(p) for p in error['loc'])} {error['msg'].lower()} (got {error.get('input')!r})" for error in exc.errors()
         )
         raise UserError(f"invalid parameters: {problems}.") from None
+
+
+def _plan(settings: FilterSettings) -> FilterRun:
+    return plan_filter_run(
+        settings.file_paths,
+        settings.output_path,
+        files_per_partition=settings.files_per_partition,
+        file_extensions=settings.file_extensions,
+        task_batch_size=settings.task_batch_size,
+        model_dir=settings.model_dir,
+        clip_model=settings.clip_model,
+        clip_pretrained=settings.clip_pretrained,
+        nsfw_weights=settings.nsfw_weights,
+        model_inference_batch_size=settings.model_inference_batch_size,
+        num_gpus_per_worker=settings.num_gpus_per_worker,
+        score_threshold=settings.score_threshold,
+        cache_path=settings.cache_path,
+        images_per_tar=settings.images_per_tar,
+        verbose=settings.verbose,
+        storage_options=storage_options_from_secret(settings.storage_options_secret),
+    )
+
+
+def preflight(parameters: dict[str, Any]) -> FilterRun:
+    """Validate and plan a run outside Prefect (the CLI's fast, traceback-free check); raises UserError."""
+    defaults = {name: p.default for name, p in inspect.signature(nsfw_filter.fn).parameters.items() if p.default is not inspect.Parameter.empty}
+    return _plan(validate_settings({**defaults, **parameters}))
 
 
 def storage_options_from_secret(block_name: str | None) -> dict:
@@ -203,24 +231,7 @@ def nsfw_filter(
     """
     settings = validate_settings(dict(locals()))
     logger = get_run_logger()
-    run = plan_filter_run(
-        settings.file_paths,
-        settings.output_path,
-        files_per_partition=settings.files_per_partition,
-        file_extensions=settings.file_extensions,
-        task_batch_size=settings.task_batch_size,
-        model_dir=settings.model_dir,
-        clip_model=settings.clip_model,
-        clip_pretrained=settings.clip_pretrained,
-        nsfw_weights=settings.nsfw_weights,
-        model_inference_batch_size=settings.model_inference_batch_size,
-        num_gpus_per_worker=settings.num_gpus_per_worker,
-        score_threshold=settings.score_threshold,
-        cache_path=settings.cache_path,
-        images_per_tar=settings.images_per_tar,
-        verbose=settings.verbose,
-        storage_options=storage_options_from_secret(settings.storage_options_secret),
-    )
+    run = _plan(settings)
     logger.info("%d shards in %d partitions; embeddings %s", sum(len(p.shard_urls) for p in run.partitions), len(run.partitions), run.embedding_identity)
 
     embed = embed_partition_task.with_options(result_storage=embedding_result_storage(run))
