@@ -27,6 +27,7 @@ from PIL import Image
 
 from tasks.clip_resolve import ClipWeights, clip_identity, identity_record, read_model_config, weights_fingerprint
 from tasks.errors import UserError
+from tasks.read import DecodeOptions, Sample, iter_batches
 from tasks.store import EmbeddingStore, embedding_table, shard_fingerprint
 
 _PREFETCH_BATCHES = 2
@@ -50,6 +51,8 @@ def build_clip_model(weights: ClipWeights, device: torch.device) -> tuple[torch.
     import open_clip
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
+    if not Path(weights.checkpoint_path).is_file():
+        raise UserError(f"CLIP checkpoint {weights.checkpoint_path} no longer exists; restore it or resolve the weights again.")
     if weights_fingerprint(weights.checkpoint_path) != weights.weights_fingerprint:
         raise UserError(f"CLIP checkpoint {weights.checkpoint_path} changed since it was resolved; start the run again.")
     if weights.config_path and open_clip.get_model_config(weights.model_name) != read_model_config(Path(weights.config_path)):
@@ -210,11 +213,19 @@ def load_clip_embedder(weights: ClipWeights, device: str | torch.device | None =
     return ClipEmbedder(weights, model, transform, device, batch_size)
 
 
+def unload_clip_models() -> None:
+    """Drop the process's loaded CLIP model (to free its memory; the next `load_clip_embedder` builds it again)."""
+    with _model_lock:
+        _loaded_model.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def embed_shard(
     shard_url: str,
     embedder: ClipEmbedder,
     store: EmbeddingStore,
-    decode_options,
+    decode_options: DecodeOptions,
     task_batch_size: int = 100,
     storage_options: dict | None = None,
 ) -> str:
@@ -223,8 +234,6 @@ def embed_shard(
     One row per sample, including samples that failed to decode (null embedding, `error` set) and
     shard-level damage (key None). Images are released as soon as they are preprocessed.
     """
-    from tasks.read import iter_batches
-
     fingerprint = shard_fingerprint(shard_url, storage_options)
     identity = clip_identity(embedder.weights, decode_options.identity())
     keys: list[str | None] = []
@@ -256,7 +265,7 @@ def embed_shard(
     return store.write(identity, shard_url, table, shard_fingerprint=fingerprint, metadata=metadata)
 
 
-def _error_of(sample) -> str | None:
+def _error_of(sample: Sample) -> str | None:
     if sample.error is not None:
         return str(sample.error)
     if sample.image is None:
@@ -268,7 +277,7 @@ def embed_partition(
     shard_urls: Sequence[str],
     weights: ClipWeights,
     store: EmbeddingStore,
-    decode_options,
+    decode_options: DecodeOptions,
     task_batch_size: int = 100,
     model_inference_batch_size: int = 32,
     storage_options: dict | None = None,

@@ -1,0 +1,417 @@
+"""CLIP embedding: offline resolution, parity with open_clip, batching, identity, the per-process model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from support.tars import BAD_CASE_EXPECTED, bad_case_members, member_offsets, shard_of_good_samples, tar_bytes, write_tar
+from support.tiny_clip import make_tiny_clip, save_clip_checkpoint, tiny_clip_config
+
+from tasks.clip_resolve import clip_identity, resolve_clip, weights_fingerprint
+from tasks.embed import ClipEmbedder, embed_partition, embed_shard, load_clip_embedder, select_device, unload_clip_models
+from tasks.errors import UserError
+from tasks.read import DecodeOptions, iter_samples
+from tasks.store import EmbeddingStore, embedding_matrix, partition_embedding_identity
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PARITY_COSINE = 0.99999
+
+
+def random_images(count: int, seed: int = 0) -> list[Image.Image]:
+    """Images of varied sizes, aspect ratios and modes (the transform converts to RGB)."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for i in range(count):
+        height, width = int(rng.integers(20, 160)), int(rng.integers(20, 160))
+        pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels)
+        images.append(image.convert("L") if i % 5 == 3 else image.convert("RGBA") if i % 5 == 4 else image)
+    return images
+
+
+def open_clip_reference(config_path: Path, checkpoint_path: Path, images: list[Image.Image]) -> np.ndarray:
+    """The embeddings open_clip itself gives: its transform, encode_image, L2 normalisation, one image at a time."""
+    open_clip.add_model_config(config_path)
+    model, _, preprocess = open_clip.create_model_and_transforms(config_path.stem, pretrained=str(checkpoint_path))
+    model.eval()
+    with torch.no_grad():
+        rows = [model.encode_image(preprocess(image).unsqueeze(0)) for image in images]
+    return torch.nn.functional.normalize(torch.cat(rows), dim=-1).numpy()
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.fixture(scope="module")
+def tiny_768(tmp_path_factory):
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny768"), embed_dim=768)
+
+
+@pytest.mark.parametrize("embed_dim, checkpoint_format", [(768, "safetensors"), (512, "pt"), (512, "bin")])
+def test_embeddings_equal_open_clip(tmp_path, embed_dim, checkpoint_format):
+    config_path, checkpoint_path = make_tiny_clip(tmp_path, embed_dim=embed_dim, checkpoint_format=checkpoint_format, name=f"tiny-{embed_dim}")
+    images = random_images(11)
+    weights = resolve_clip(str(config_path), str(checkpoint_path), tmp_path)
+    embedder = load_clip_embedder(weights, "cpu", batch_size=4)
+    embeddings = embedder.embed(images)
+
+    assert embeddings.dtype == np.float32 and embeddings.shape == (11, embed_dim)
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+    reference = open_clip_reference(config_path, checkpoint_path, images)
+    assert cosines(embeddings, reference).min() >= PARITY_COSINE
+
+
+def test_quick_gelu_from_config_matches_open_clip(tmp_path):
+    config = dict(tiny_clip_config(embed_dim=512), quick_gelu=True)
+    config_path = tmp_path / "tiny-quickgelu.json"
+    config_path.write_text(json.dumps(config))
+    checkpoint_path = save_clip_checkpoint(config, tmp_path / "tiny-quickgelu.safetensors")
+    weights = resolve_clip(str(config_path), str(checkpoint_path), tmp_path)
+    assert weights.quick_gelu
+    images = random_images(5)
+    embeddings = load_clip_embedder(weights, "cpu").embed(images)
+    assert cosines(embeddings, open_clip_reference(config_path, checkpoint_path, images)).min() >= PARITY_COSINE
+
+
+def test_batch_size_does_not_change_embeddings(tiny_768):
+    weights = resolve_clip(str(tiny_768[0]), str(tiny_768[1]))
+    images = random_images(9)
+    one_by_one = load_clip_embedder(weights, "cpu", batch_size=1).embed(images)
+    batched = load_clip_embedder(weights, "cpu", batch_size=7).embed(images)
+    assert cosines(one_by_one, batched).min() >= PARITY_COSINE
+
+
+def test_embed_batches_keeps_order_and_empty_batches(tiny_768):
+    weights = resolve_clip(str(tiny_768[0]), str(tiny_768[1]))
+    embedder = load_clip_embedder(weights, "cpu", batch_size=3)
+    images = random_images(8)
+    outputs = list(embedder.embed_batches([images[:5], [], images[5:]]))
+    assert [o.shape for o in outputs] == [(5, 768), (0, 768), (3, 768)]
+    assert cosines(np.concatenate(outputs), embedder.embed(images)).min() >= PARITY_COSINE
+
+
+def test_embed_batches_reports_input_errors_and_stops_early(tiny_768):
+    embedder = load_clip_embedder(resolve_clip(str(tiny_768[0]), str(tiny_768[1])), "cpu", batch_size=2)
+
+    def failing():
+        yield random_images(2)
+        raise OSError("shard went away")
+
+    stream = embedder.embed_batches(failing())
+    assert next(stream).shape == (2, 768)
+    with pytest.raises(OSError, match="shard went away"):
+        next(stream)
+
+    pulled = []
+
+    def endless():
+        while True:
+            pulled.append(1)
+            yield random_images(2)
+
+    stream = embedder.embed_batches(endless())
+    next(stream)
+    stream.close()  # the preprocessing thread stops instead of reading forever
+    count = len(pulled)
+    assert count <= 5
+    assert len(pulled) == count
+
+
+def test_model_is_loaded_once_per_process(tiny_768):
+    weights = resolve_clip(str(tiny_768[0]), str(tiny_768[1]))
+    first = load_clip_embedder(weights, "cpu", batch_size=8)
+    second = load_clip_embedder(weights, None, batch_size=2)
+    assert first.model is second.model and second.batch_size == 2
+    assert not first.model.training
+
+
+# --- Offline resolution -------------------------------------------------------------------------
+
+
+def test_pretrained_tag_resolves_from_model_dir_layout(tmp_path):
+    config_path, _ = make_tiny_clip(tmp_path / "configs")
+    model_dir = tmp_path / "models"
+    weights_dir = model_dir / "clip" / "tiny-clip"
+    checkpoint = save_clip_checkpoint(json.loads(config_path.read_text()), weights_dir / "mytag.bin", seed=3)
+    weights = resolve_clip(str(config_path), "mytag", model_dir)
+    assert weights.checkpoint_path == str(checkpoint.resolve()) and weights.pretrained_tag == "mytag"
+    # safetensors is preferred when both exist.
+    safetensors_checkpoint = save_clip_checkpoint(json.loads(config_path.read_text()), weights_dir / "mytag.safetensors", seed=3)
+    assert resolve_clip(str(config_path), "mytag", model_dir).checkpoint_path == str(safetensors_checkpoint.resolve())
+    embeddings = load_clip_embedder(resolve_clip(str(config_path), "mytag", model_dir), "cpu").embed(random_images(2))
+    assert embeddings.shape == (2, 768)
+
+
+def test_missing_weights_name_where_they_were_looked_for(tmp_path):
+    with pytest.raises(UserError) as raised:
+        resolve_clip("ViT-L-14", "openai", tmp_path)
+    message = str(raised.value)
+    assert f"{tmp_path}/clip/ViT-L-14/openai.{{safetensors,bin,pt}}" in message
+    assert "nsfw-curator models fetch" in message
+    assert message.count(". ") == 0 and message.endswith(".")
+
+
+def test_default_vit_l_14_openai_resolves_without_building(tmp_path):
+    """ViT-L-14 + openai: open_clip's preprocessing for the tag and QuickGELU, as OpenAI trained it."""
+    checkpoint = tmp_path / "clip" / "ViT-L-14" / "openai.safetensors"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"stand-in bytes; resolution never loads them")
+    weights = resolve_clip("ViT-L-14", "openai", tmp_path)
+    assert weights.model_name == "ViT-L-14" and weights.embedding_dim == 768 and weights.image_size == (224, 224)
+    assert weights.quick_gelu and json.loads(weights.model_config)["quick_gelu"] is True
+    assert weights.preprocess_cfg["mean"] == list(open_clip.OPENAI_DATASET_MEAN)
+    assert weights.preprocess_cfg["interpolation"] == "bicubic" and weights.preprocess_cfg["resize_mode"] == "shortest"
+    assert clip_identity(weights, "decode").startswith("ViT-L-14-")
+    # A name with a slash is open_clip's spelling too.
+    assert resolve_clip("ViT-L/14", "openai", tmp_path) == weights
+
+
+@pytest.mark.parametrize(
+    "clip_model, clip_pretrained, message",
+    [
+        ("ViT-Nope-99", "openai", "not an open_clip model name"),
+        ("missing/config.json", "openai", "does not exist"),
+        ("BADJSON", "openai", "not valid JSON"),
+        ("NOKEYS", "openai", "lacks `embed_dim`"),
+        ("TINY", "missing/weights.safetensors", "does not exist"),
+        ("TINY", "WRONGSUFFIX", "is not a .safetensors, .bin, .pt or .pth file"),
+    ],
+)
+def test_bad_model_or_weights_get_one_sentence(tmp_path, clip_model, clip_pretrained, message):
+    config_path, _ = make_tiny_clip(tmp_path)
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "nokeys.json").write_text('{"embed_dim": 3}')
+    (tmp_path / "weights.npz").write_bytes(b"x")
+    substitutions = {
+        "BADJSON": str(tmp_path / "bad.json"),
+        "NOKEYS": str(tmp_path / "nokeys.json"),
+        "TINY": str(config_path),
+        "WRONGSUFFIX": str(tmp_path / "weights.npz"),
+    }
+    with pytest.raises(UserError, match=message):
+        resolve_clip(substitutions.get(clip_model, clip_model), substitutions.get(clip_pretrained, clip_pretrained), tmp_path)
+
+
+def test_checkpoint_of_another_model_is_a_user_error(tmp_path):
+    config_768, _ = make_tiny_clip(tmp_path / "a", embed_dim=768, name="tiny-a")
+    _, checkpoint_512 = make_tiny_clip(tmp_path / "b", embed_dim=512, name="tiny-b")
+    weights = resolve_clip(str(config_768), str(checkpoint_512), tmp_path)
+    with pytest.raises(UserError, match="does not load into tiny-a"):
+        load_clip_embedder(weights, "cpu")
+
+
+def test_device_and_batch_size_errors(tiny_768):
+    assert select_device() == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert select_device("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match="not a torch device"):
+        select_device("tpu-please")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA GPU"):
+            select_device("cuda")
+    weights = resolve_clip(str(tiny_768[0]), str(tiny_768[1]))
+    embedder = load_clip_embedder(weights, "cpu")
+    with pytest.raises(UserError, match="at least 1"):
+        ClipEmbedder(weights, embedder.model, embedder.transform, embedder.device, batch_size=0)
+
+
+# --- Weights fingerprint and identity -----------------------------------------------------------
+
+
+def test_weights_fingerprint_is_sha256_cached_in_a_sidecar(tmp_path):
+    import hashlib
+
+    checkpoint = tmp_path / "w.safetensors"
+    checkpoint.write_bytes(b"a" * 1000)
+    digest = weights_fingerprint(checkpoint)
+    assert digest == hashlib.sha256(b"a" * 1000).hexdigest()
+    sidecar = json.loads((tmp_path / "w.safetensors.sha256").read_text())
+    assert sidecar["sha256"] == digest and sidecar["size"] == 1000
+
+    # New content (and so a new mtime): a new digest, and the sidecar follows.
+    checkpoint.write_bytes(b"b" * 1000)
+    os.utime(checkpoint, ns=(sidecar["mtime_ns"] + 10**9, sidecar["mtime_ns"] + 10**9))
+    assert weights_fingerprint(checkpoint) == hashlib.sha256(b"b" * 1000).hexdigest()
+    assert json.loads((tmp_path / "w.safetensors.sha256").read_text())["sha256"] == hashlib.sha256(b"b" * 1000).hexdigest()
+
+
+def test_weights_fingerprint_reuses_a_sidecar_matching_size_and_mtime(tmp_path):
+    checkpoint = tmp_path / "big.safetensors"
+    checkpoint.write_bytes(b"d" * 100)
+    stat = checkpoint.stat()
+    recorded = "f" * 64  # what an earlier process hashed: the file is not read again
+    (tmp_path / "big.safetensors.sha256").write_text(json.dumps({"size": 100, "mtime_ns": stat.st_mtime_ns, "sha256": recorded}))
+    assert weights_fingerprint(checkpoint) == recorded
+    stale = tmp_path / "stale.safetensors"
+    stale.write_bytes(b"e" * 100)
+    (tmp_path / "stale.safetensors.sha256").write_text(json.dumps({"size": 100, "mtime_ns": stale.stat().st_mtime_ns - 1, "sha256": recorded}))
+    assert weights_fingerprint(stale) != recorded
+
+
+def test_weights_fingerprint_when_the_sidecar_cannot_be_written(tmp_path):
+    import hashlib
+
+    checkpoint = tmp_path / "w.pt"
+    checkpoint.write_bytes(b"c" * 10)
+    (tmp_path / "w.pt.sha256").mkdir()  # stands in for a read-only model directory, even for root
+    assert weights_fingerprint(checkpoint) == hashlib.sha256(b"c" * 10).hexdigest()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pt", "w.pt.sha256"]
+
+
+def test_identity_changes_with_weights_model_preprocessing_and_decoding(tmp_path):
+    config_path, checkpoint = make_tiny_clip(tmp_path / "base")
+    base = resolve_clip(str(config_path), str(checkpoint))
+    identity = clip_identity(base, "decode-a")
+    assert identity == clip_identity(resolve_clip(str(config_path), str(checkpoint)), "decode-a")
+
+    _, other_weights = make_tiny_clip(tmp_path / "seed", seed=1)
+    other_model_config, other_model_checkpoint = make_tiny_clip(tmp_path / "deeper", layers=3)
+    changed = {
+        "weights": clip_identity(resolve_clip(str(config_path), str(other_weights)), "decode-a"),
+        "model": clip_identity(resolve_clip(str(other_model_config), str(other_model_checkpoint)), "decode-a"),
+        "preprocessing": clip_identity(dataclasses.replace(base, preprocess=base.preprocess.replace("bicubic", "bilinear")), "decode-a"),
+        "decoding": clip_identity(base, "decode-b"),
+        "model name": clip_identity(dataclasses.replace(base, model_name="tiny-clip-2"), "decode-a"),
+    }
+    assert identity not in changed.values() and len(set(changed.values())) == len(changed)
+
+
+# --- The shard stage: reader -> embedder -> store -----------------------------------------------
+
+NO_REDUCTION = DecodeOptions(reduced_jpeg_size=None)
+
+
+@pytest.fixture(scope="module")
+def bad_case_shard(tmp_path_factory) -> str:
+    return str(write_tar(tmp_path_factory.mktemp("shards") / "00042.tar", bad_case_members()))
+
+
+def test_embed_shard_one_row_per_sample_and_open_clip_parity(tmp_path, tiny_768, bad_case_shard):
+    weights = resolve_clip(str(tiny_768[0]), str(tiny_768[1]))
+    embedder = load_clip_embedder(weights, "cpu", batch_size=4)
+    store = EmbeddingStore(tmp_path / "cache")
+    url = embed_shard(bad_case_shard, embedder, store, NO_REDUCTION, task_batch_size=7)
+    assert url == store.entry_url(clip_identity(weights, NO_REDUCTION.identity()), bad_case_shard)
+
+    frame = pq.read_table(url).to_pandas()
+    samples = list(iter_samples(bad_case_shard, NO_REDUCTION))
+    assert frame["key"].tolist() == [s.key for s in samples] == [key for key, _ in BAD_CASE_EXPECTED]
+    for (_, expected_error), error, embedding in zip(BAD_CASE_EXPECTED, frame["error"], frame["embedding"]):
+        if expected_error is None:
+            assert pd.isna(error) and embedding is not None
+        else:
+            assert expected_error in error and embedding is None
+    good = [s.image for s in samples if s.error is None]
+    matrix = embedding_matrix(store.read_table(clip_identity(weights, NO_REDUCTION.identity()), bad_case_shard))
+    stage = matrix[~np.isnan(matrix).any(axis=1)]
+    reference = open_clip_reference(tiny_768[0], tiny_768[1], good)
+    assert stage.shape == reference.shape
+    assert cosines(stage, reference).min() >= PARITY_COSINE
+    record = json.loads(pq.read_schema(url).metadata[b"nsfw_curator"])
+    assert record["model_name"] == "tiny-clip" and record["precision"] == "fp32" and record["decode"] == NO_REDUCTION.identity()
+
+
+def test_damaged_tar_gets_a_shard_level_row(tmp_path, tiny_768):
+    data = tar_bytes(shard_of_good_samples(["a", "b", "c"]))
+    shard = tmp_path / "damaged.tar"
+    shard.write_bytes(data[: member_offsets(data)["c.jpg"][1] + 100])
+    embedder = load_clip_embedder(resolve_clip(str(tiny_768[0]), str(tiny_768[1])), "cpu")
+    frame = pq.read_table(embed_shard(str(shard), embedder, EmbeddingStore(tmp_path / "cache"), NO_REDUCTION)).to_pandas()
+    assert frame["key"].tolist()[:2] == ["a", "b"] and pd.isna(frame["key"].iloc[-1])
+    assert frame["embedding"].iloc[0] is not None and frame["embedding"].iloc[-1] is None
+    assert "the tar is damaged" in frame["error"].iloc[-1]
+
+
+def test_all_hits_never_load_clip(tmp_path, tiny_768):
+    """A re-run whose shards all hit returns the same entries without building the model."""
+    config_path, _ = tiny_768
+    checkpoint = tmp_path / "own.safetensors"
+    checkpoint.write_bytes(Path(tiny_768[1]).read_bytes())
+    shards = [str(write_tar(tmp_path / f"{i:05d}.tar", shard_of_good_samples([f"k{i}a", f"k{i}b"]))) for i in range(3)]
+    weights = resolve_clip(str(config_path), str(checkpoint))
+    store = EmbeddingStore(tmp_path / "cache")
+    cold = embed_partition(shards, weights, store, NO_REDUCTION, task_batch_size=2, device="cpu")
+    unload_clip_models()
+    checkpoint.unlink()  # building the model would now fail
+    warm = embed_partition(shards, weights, store, NO_REDUCTION, task_batch_size=2, device="cpu")
+    assert warm == cold
+    identity = clip_identity(weights, NO_REDUCTION.identity())
+    key = partition_embedding_identity(shards, identity, store)
+    assert key == partition_embedding_identity(shards, identity, EmbeddingStore(tmp_path / "cache"))
+    # A changed shard is a miss, which needs the model: the missing checkpoint proves it is loaded only then.
+    write_tar(shards[1], shard_of_good_samples(["changed"]))
+    assert partition_embedding_identity(shards, identity, store) != key
+    with pytest.raises(UserError, match="own.safetensors no longer exists"):
+        embed_partition(shards, weights, store, NO_REDUCTION, device="cpu")
+
+
+def test_decode_settings_content_and_weights_changes_miss(tmp_path, tiny_768, bad_case_shard):
+    weights = resolve_clip(str(tiny_768[0]), str(tiny_768[1]))
+    store = EmbeddingStore(tmp_path / "cache")
+    embed_partition([bad_case_shard], weights, store, NO_REDUCTION, device="cpu")
+    assert store.has(clip_identity(weights, NO_REDUCTION.identity()), bad_case_shard)
+    assert not store.has(clip_identity(weights, DecodeOptions().identity()), bad_case_shard)
+    _, reseeded = make_tiny_clip(tmp_path / "reseeded", seed=5)
+    assert not store.has(clip_identity(resolve_clip(str(tiny_768[0]), str(reseeded)), NO_REDUCTION.identity()), bad_case_shard)
+
+
+HITS_IN_ANOTHER_PROCESS = textwrap.dedent(
+    """
+    import json, sys
+    from tasks.clip_resolve import clip_identity, resolve_clip
+    from tasks.read import DecodeOptions
+    from tasks.store import EmbeddingStore, embedding_matrix
+    config, checkpoint, cache, shard = sys.argv[1:5]
+    identity = clip_identity(resolve_clip(config, checkpoint), DecodeOptions(reduced_jpeg_size=None).identity())
+    store = EmbeddingStore(cache)
+    print(json.dumps({"has": store.has(identity, shard), "url": store.entry_url(identity, shard),
+                      "matrix": embedding_matrix(store.read_table(identity, shard)).tolist()}))
+    """
+)
+
+
+def test_another_process_hits_the_same_entry(tmp_path, tiny_768, bad_case_shard):
+    store = EmbeddingStore(tmp_path / "cache")
+    weights = resolve_clip(str(tiny_768[0]), str(tiny_768[1]))
+    [url] = embed_partition([bad_case_shard], weights, store, NO_REDUCTION, device="cpu")
+    result = subprocess.run(
+        [sys.executable, "-c", HITS_IN_ANOTHER_PROCESS, str(tiny_768[0]), str(tiny_768[1]), str(tmp_path / "cache"), bad_case_shard],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    answer = json.loads(result.stdout)
+    assert answer["has"] and answer["url"] == url
+    mine = embedding_matrix(store.read_table(clip_identity(weights, NO_REDUCTION.identity()), bad_case_shard))
+    np.testing.assert_array_equal(np.array(answer["matrix"], dtype=np.float32), mine)
+
+
+def test_stage_reads_and_writes_s3(s3_bucket, tmp_path, tiny_768):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    shard = f"s3://{s3_bucket}/shards/00001.tar"
+    fs.pipe_file(shard, tar_bytes(shard_of_good_samples(["x", "y", "z"])))
+    weights = resolve_clip(str(tiny_768[0]), str(tiny_768[1]))
+    store = EmbeddingStore(f"s3://{s3_bucket}/cache")
+    [url] = embed_partition([shard], weights, store, NO_REDUCTION, device="cpu")
+    assert url.startswith(f"s3://{s3_bucket}/cache/tiny-clip-") and fs.exists(url)
+    frame = store.read(clip_identity(weights, NO_REDUCTION.identity()), shard)
+    assert frame["key"].tolist() == ["x", "y", "z"] and frame["error"].isna().all()
+    local = embed_shard(str(write_tar(tmp_path / "00001.tar", shard_of_good_samples(["x", "y", "z"]))),
+                        load_clip_embedder(weights, "cpu"), EmbeddingStore(tmp_path / "cache"), NO_REDUCTION)
+    assert cosines(embedding_matrix(frame), embedding_matrix(pq.read_table(local))).min() >= PARITY_COSINE
