@@ -73,13 +73,13 @@ def build_clip_model(weights: ClipWeights, device: torch.device) -> tuple[torch.
             device=device,
         )
     except RuntimeError as error:
-        first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        reason = " ".join(str(error).split())[:300] or type(error).__name__
         hint = (
             "it is a TorchScript archive, which is not loaded without pickle; `nsfw-curator models fetch` stores weights as safetensors"
             if "TorchScript" in str(error)
             else "pass the checkpoint made for this model config"
         )
-        raise UserError(f"CLIP checkpoint {weights.checkpoint_path} does not load into {weights.model_name} ({first_line}); {hint}.") from None
+        raise UserError(f"CLIP checkpoint {weights.checkpoint_path} does not load into {weights.model_name} ({reason}); {hint}.") from None
     model.eval().requires_grad_(False)
     built_preprocess = {key: list(value) if isinstance(value, tuple) else value for key, value in model.visual.preprocess_cfg.items()}
     if isinstance(built_preprocess.get("size"), int):

@@ -415,3 +415,36 @@ def test_stage_reads_and_writes_s3(s3_bucket, tmp_path, tiny_768):
     local = embed_shard(str(write_tar(tmp_path / "00001.tar", shard_of_good_samples(["x", "y", "z"]))),
                         load_clip_embedder(weights, "cpu"), EmbeddingStore(tmp_path / "cache"), NO_REDUCTION)
     assert cosines(embedding_matrix(frame), embedding_matrix(pq.read_table(local))).min() >= PARITY_COSINE
+
+
+# --- models fetch: only what needs no network ---------------------------------------------------
+
+
+def test_fetch_keeps_what_is_present_and_valid(tmp_path, laion_dir):
+    from safetensors.torch import save_file
+
+    from tasks.model_fetch import fetch_models
+
+    checkpoint = tmp_path / "clip" / "ViT-L-14" / "openai.safetensors"
+    checkpoint.parent.mkdir(parents=True)
+    save_file({"visual.proj": torch.zeros(4, 2)}, str(checkpoint))
+    head = tmp_path / "nsfw" / "ViT-L-14.safetensors"
+    head.parent.mkdir()
+    head.write_bytes((laion_dir / "vit_l_14.safetensors").read_bytes())
+    before = {checkpoint: checkpoint.stat().st_mtime_ns, head: head.stat().st_mtime_ns}
+
+    assert fetch_models(tmp_path) == [checkpoint, head]
+    assert {path: path.stat().st_mtime_ns for path in before} == before
+    assert (tmp_path / "clip" / "ViT-L-14" / "openai.safetensors.sha256").is_file()
+    # What fetch put there is exactly what the offline resolution finds.
+    assert resolve_clip("ViT-L-14", "openai", tmp_path).checkpoint_path == str(checkpoint)
+
+
+def test_fetch_refuses_unknown_tags_and_heads_before_downloading(tmp_path):
+    from tasks.model_fetch import fetch_clip_weights, fetch_models
+
+    with pytest.raises(UserError, match="no pretrained weights 'nope' for ViT-L-14 .*openai"):
+        fetch_clip_weights(tmp_path, "ViT-L-14", "nope")
+    with pytest.raises(UserError, match="NSFW heads only for ViT-L-14 and ViT-B-32"):
+        fetch_models(tmp_path, "RN50", "openai")
+    assert not any(tmp_path.iterdir())
