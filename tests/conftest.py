@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import os
+import atexit
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import pytest
+
+# Prefect reads its settings at import: give the whole test session its own home before any test imports it.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="nsfw-curator-prefect-")
+atexit.register(shutil.rmtree, _PREFECT_HOME, True)
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("NSFW_CURATOR_SHARED", REPO_ROOT.parent / "shared"))
@@ -87,3 +96,22 @@ def s3_bucket(s3_endpoint: str) -> str:
     fs.mkdir(name)
     s3fs.S3FileSystem.clear_instance_cache()
     return name
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """A real Prefect API (a temporary server on 127.0.0.1 with its own SQLite database) for the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        from prefect.settings import PREFECT_API_URL
+
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_768(tmp_path_factory):
+    """(config_path, checkpoint_path) of a tiny random-weight open_clip model with 768-d embeddings."""
+    from tests.support.tiny_clip import make_tiny_clip
+
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), embed_dim=768)

@@ -1,0 +1,228 @@
+"""End-to-end: the nsfw-filter flow on real tars, a tiny random CLIP, the real LAION ViT-L/14 head, a real Prefect API."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from flows.nsfw_filter import nsfw_filter
+from tasks.errors import UserError
+from tests.support.tars import BAD_CASE_EXPECTED, bad_case_members, member_offsets, shard_of_good_samples, tar_bytes, write_tar
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+@dataclass
+class Dataset:
+    input_dir: Path
+    keys: dict[str, list[str | None]]  # shard URL -> keys in order (None: the unreadable rest of a damaged tar)
+    samples: dict[str, list[tuple[str, dict[str, bytes]]]]  # shard URL -> (key, {member name: bytes}) in order
+
+
+def group_samples(tar: tarfile.TarFile) -> list[tuple[str, dict[str, bytes]]]:
+    """WebDataset's rule, written plainly: consecutive members whose names agree up to the first dot of the file name."""
+    samples: list[tuple[str, dict[str, bytes]]] = []
+    for member in tar.getmembers():
+        directory, _, base = member.name.rpartition("/")
+        key = (directory + "/" if directory else "") + base.split(".", 1)[0]
+        if not samples or samples[-1][0] != key:
+            samples.append((key, {}))
+        if member.isfile():
+            samples[-1][1][member.name] = tar.extractfile(member).read()
+    return samples
+
+
+def tar_members(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def build_dataset(root: Path, good_shards: int = 3, per_shard: int = 5) -> Dataset:
+    input_dir = root / "in"
+    keys: dict[str, list[str | None]] = {}
+    samples: dict[str, list[tuple[str, dict[str, bytes]]]] = {}
+    for s in range(good_shards):
+        shard_keys = [f"{s:03d}/{j:04d}" for j in range(per_shard)]
+        path = write_tar(input_dir / f"part-{s:06d}.tar", shard_of_good_samples(shard_keys, size=(96, 72)))
+        keys[str(path)] = shard_keys
+    bad = write_tar(input_dir / f"part-{good_shards:06d}.tar", bad_case_members())
+    keys[str(bad)] = [key for key, _ in BAD_CASE_EXPECTED]
+    whole = tar_bytes(shard_of_good_samples([f"t/{i:04d}" for i in range(6)], size=(64, 48)))
+    truncated = input_dir / f"part-{good_shards + 1:06d}.tar"
+    truncated.write_bytes(whole[: member_offsets(whole)["t/0003.jpg"][1] + 100])
+    keys[str(truncated)] = ["t/0000", "t/0001", "t/0002", None]
+    for url in keys:
+        with tarfile.open(url) if url != str(truncated) else tarfile.open(fileobj=io.BytesIO(whole)) as tar:
+            samples[url] = group_samples(tar)
+    return Dataset(input_dir, keys, samples)
+
+
+def read_scores(output_path: Path) -> dict[str, list]:
+    tables = [pq.read_table(p) for p in sorted((output_path / "scores").glob("*.parquet"))]
+    rows: dict[str, list] = {name: [] for name in tables[0].schema.names}
+    for table in tables:
+        for name, values in table.to_pydict().items():
+            rows[name].extend(values)
+    return rows
+
+
+def tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def run_filter(dataset: Dataset, tiny_clip, laion_dir, root: Path, **overrides) -> dict:
+    config_path, checkpoint_path = tiny_clip
+    parameters = dict(
+        file_paths=str(dataset.input_dir),
+        output_path=str(root / "out"),
+        files_per_partition=2,
+        task_batch_size=4,
+        clip_model=str(config_path),
+        clip_pretrained=str(checkpoint_path),
+        nsfw_weights=str(laion_dir / "vit_l_14.safetensors"),
+        cache_path=str(root / "cache"),
+        images_per_tar=3,
+        model_dir=str(root / "models"),
+    )
+    parameters.update(overrides)
+    return nsfw_filter(**parameters)
+
+
+def check_outputs(dataset: Dataset, output_path: Path, threshold: float) -> dict[str, list]:
+    scores = read_scores(output_path)
+    # every input key appears exactly once, in input order, with its shard
+    expected = [(url, key) for url, keys in dataset.keys.items() for key in keys]
+    assert list(zip(scores["shard"], scores["key"])) == expected
+    assert pq.read_schema(next((output_path / "scores").glob("*.parquet"))).field("nsfw_score").type == "float"
+    by_key = {}
+    for row in zip(scores["shard"], scores["key"], scores["nsfw_score"], scores["passed"], scores["error"], scores["output_shard"]):
+        shard, key, nsfw_score, passed, error, output_shard = row
+        if error is None:
+            assert nsfw_score is not None and 0.0 <= nsfw_score <= 1.0
+            assert passed == (nsfw_score < threshold)
+        else:
+            assert nsfw_score is None and passed is False
+        assert (output_shard is not None) == passed
+        by_key[(shard, key)] = row
+    # bad samples carry their error
+    bad_url = next(url for url in dataset.keys if url.endswith("part-000003.tar"))
+    for key, fragment in BAD_CASE_EXPECTED:
+        if fragment is not None:
+            rows = [r for (s, k), r in by_key.items() if s == bad_url and k == key]
+            assert any(fragment in (r[4] or "") for r in rows), (key, rows)
+    damaged = [r for (s, k), r in by_key.items() if k is None]
+    assert len(damaged) == 1 and "damaged" in damaged[0][4]
+    # the output shards hold exactly the passed samples, members byte for byte
+    written: dict[str, bytes] = {}
+    for shard_path in sorted((output_path / "shards").glob("*.tar")):
+        for name, data in tar_members(shard_path).items():
+            assert name not in written, f"{name} written twice"
+            written[name] = data
+    expected_members: dict[str, bytes] = {}
+    for url, samples in dataset.samples.items():
+        for (key, members), passed in zip(samples, [by_key_passed for (s, _), by_key_passed in zip(zip(scores["shard"], scores["key"]), scores["passed"]) if s == url]):
+            if passed:
+                expected_members.update(members)
+    assert written == expected_members
+    return scores
+
+
+def test_filter_end_to_end(tmp_path, tiny_clip_768, laion_dir):
+    dataset = build_dataset(tmp_path)
+    before = tree(tmp_path)
+    result = run_filter(dataset, tiny_clip_768, laion_dir, tmp_path)
+    scores = check_outputs(dataset, tmp_path / "out", 0.5)
+    # a threshold that splits the scored samples, so both sides are exercised
+    scored = sorted(s for s in scores["nsfw_score"] if s is not None)
+    threshold = float(np.float32((scored[len(scored) // 2 - 1] + scored[len(scored) // 2]) / 2))
+    result = run_filter(dataset, tiny_clip_768, laion_dir, tmp_path, score_threshold=threshold)
+    scores = check_outputs(dataset, tmp_path / "out", threshold)
+    assert 0 < sum(scores["passed"]) < len(scored)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["samples"] == len(scores["key"]) == result["samples"]
+    assert summary["passed"] == sum(scores["passed"])
+    assert summary["errors"] == sum(e is not None for e in scores["error"])
+    assert summary["filtered"] == summary["samples"] - summary["passed"] - summary["errors"]
+    assert sum(summary["histogram"]) == len(scored)
+    assert summary["models"]["clip_model"] == "tiny-clip"
+    # nothing is written outside output_path and cache_path
+    new = {p for p in tree(tmp_path) - before if not p.startswith(("out", "cache"))}
+    assert new == set()
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.name.endswith(".tmp")]
+
+
+def flow_run_task_states(flow_run_id) -> dict[str, list[str]]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200
+        )
+    states: dict[str, list[str]] = {}
+    for run in runs:
+        states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
+    return states
+
+
+def test_rerun_is_cached_and_never_loads_clip(tmp_path, laion_dir):
+    from tests.support.tiny_clip import make_tiny_clip
+
+    tiny_clip = make_tiny_clip(tmp_path / "clip", embed_dim=768)
+    dataset = build_dataset(tmp_path, good_shards=2)
+    first_state = run_filter(dataset, tiny_clip, laion_dir, tmp_path, return_state=True)
+    first_outputs = {p: p.read_bytes() for p in sorted((tmp_path / "out").rglob("*")) if p.is_file()}
+    # Keep the checkpoint's size and mtime (its fingerprint is cached by those) but ruin its bytes:
+    # building CLIP from it would fail, so a green re-run proves CLIP was never loaded.
+    checkpoint = tiny_clip[1]
+    stat = checkpoint.stat()
+    checkpoint.write_bytes(b"\0" * stat.st_size)
+    os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second_state = run_filter(dataset, tiny_clip, laion_dir, tmp_path, return_state=True)
+    assert second_state.is_completed()
+    first_tasks = flow_run_task_states(first_state.state_details.flow_run_id)
+    second_tasks = flow_run_task_states(second_state.state_details.flow_run_id)
+    assert first_tasks["embed-partition"] == ["Completed"] * 2
+    assert second_tasks["embed-partition"] == ["Cached"] * 2
+    second_outputs = {p: p.read_bytes() for p in sorted((tmp_path / "out").rglob("*")) if p.is_file()}
+    assert second_outputs == first_outputs  # idempotent: same files, same bytes
+
+
+def test_bad_parameters_fail_fast_with_one_sentence(tmp_path, tiny_clip_768, laion_dir):
+    dataset = build_dataset(tmp_path, good_shards=1)
+    with pytest.raises(UserError, match=r"score_threshold input should be less than or equal to 1 \(got 1.5\)"):
+        run_filter(dataset, tiny_clip_768, laion_dir, tmp_path, score_threshold=1.5)
+    with pytest.raises(UserError, match=r"num_gpus_per_worker input should be greater than 0"):
+        run_filter(dataset, tiny_clip_768, laion_dir, tmp_path, num_gpus_per_worker=0)
+    with pytest.raises(UserError, match=r"expects 512-d embeddings from CLIP ViT-B-32"):
+        run_filter(dataset, tiny_clip_768, laion_dir, tmp_path, nsfw_weights=str(laion_dir / "vit_b_32.safetensors"))
+    with pytest.raises(UserError, match=r"output_path .* holds input shards"):
+        run_filter(dataset, tiny_clip_768, laion_dir, tmp_path, output_path=str(dataset.input_dir))
+    with pytest.raises(UserError, match=r"CLIP weights ViT-L-14 \(openai\) were not found.*models fetch"):
+        run_filter(dataset, tiny_clip_768, laion_dir, tmp_path, clip_model="ViT-L-14", clip_pretrained="openai")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_cli_runs_the_flow_and_reports_failure(tmp_path, tiny_clip_768, laion_dir):
+    dataset = build_dataset(tmp_path, good_shards=1)
+    config_path, checkpoint_path = tiny_clip_768
+    command = [sys.executable, "-m", "flows.cli", "filter", "--file-paths", str(dataset.input_dir), "--output-path", str(tmp_path / "out"),
+               "--clip-model", str(config_path), "--clip-pretrained", str(checkpoint_path), "--nsfw-weights", str(laion_dir / "vit_l_14.safetensors"),
+               "--cache-path", str(tmp_path / "cache"), "--files-per-partition", "3", "--images-per-tar", "2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout[done.stdout.index("{"):])["samples"] == sum(len(k) for k in dataset.keys.values())
+    failed = subprocess.run(command + ["--score-threshold", "-0.1"], capture_output=True, text=True, timeout=600)
+    assert failed.returncode == 2
+    assert failed.stderr.strip() == "nsfw-curator: error: invalid parameters: score_threshold input should be greater than or equal to 0 (got -0.1)."
