@@ -22,6 +22,7 @@ from tasks.errors import UserError
 from tasks.filter_stage import clean_partitions_beyond, filter_partition
 from tasks.gpu import GPU_SLOTS
 from tasks.partition import Partition
+from tasks.review import publish_review_artifacts, write_review_sheet
 from tasks.run_plan import FilterRun, cached_nsfw_head, plan_filter_run
 from tasks.write import PartitionResult, RunSummary
 
@@ -50,6 +51,7 @@ class FilterSettings(BaseModel):
     ray_address: Optional[str]
     max_workers: Optional[int] = Field(ge=1)
     storage_options_secret: Optional[str]
+    review_samples: int = Field(ge=0)
 
 
 def validate_settings(parameters: dict[str, Any]) -> FilterSettings:
@@ -205,6 +207,7 @@ def nsfw_filter(
     ray_address: Optional[str] = None,
     max_workers: Optional[int] = None,
     storage_options_secret: Optional[str] = None,
+    review_samples: int = 0,
 ) -> dict:
     """Score every image of a WebDataset with LAION's CLIP-based NSFW detector and keep the safe ones.
 
@@ -228,6 +231,7 @@ def nsfw_filter(
         ray_address: Address of an existing Ray cluster (ray://host:10001 or auto); empty starts a local Ray.
         max_workers: Partitions processed at once with the threads runner; default from the GPUs (2 without GPU).
         storage_options_secret: Name of a Prefect Secret block holding fsspec storage options as JSON (credentials stay out of parameters).
+        review_samples: When above 0, end the run by writing review/review.html under output_path (score histogram and this many thumbnails across score bands, denser around score_threshold, blurred at nsfw_score >= 0.5) for calibrating the threshold.
     """
     settings = validate_settings(dict(locals()))
     logger = get_run_logger()
@@ -252,5 +256,10 @@ def nsfw_filter(
     summary = RunSummary.from_partitions(results, run.score_threshold, run.models(), run.output_path)
     summary_url = summary.write(run.storage_options)
     publish_artifacts(summary, summary_url)
+    if settings.review_samples > 0:
+        # Opt-in threshold-calibration sheet (tasks/review.py); the run's outputs are complete before it starts.
+        sheet = write_review_sheet(run.output_path, n=settings.review_samples, storage_options=run.storage_options)
+        publish_review_artifacts(sheet, run.storage_options)
+        logger.info("review sheet with %d samples: %s", len(sheet.samples), sheet.sheet_url)
     logger.info("%d samples: %d passed, %d filtered, %d not scored", summary.samples, summary.passed, summary.filtered, summary.errors)
     return {"summary": summary_url, "samples": summary.samples, "passed": summary.passed, "filtered": summary.filtered, "errors": summary.errors}
