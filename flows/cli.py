@@ -153,6 +153,36 @@ def _run_filter(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_review(subparsers: argparse._SubParsersAction) -> None:
+    from tasks.review import DEFAULT_BLUR_ABOVE, DEFAULT_REVIEW_SAMPLES
+
+    parser = subparsers.add_parser(
+        "review",
+        help="write an HTML review sheet of a filter run's scores for calibrating --score-threshold",
+        description="Read a filter run's scores and input shards and write {output_path}/review/review.html: a score "
+        "histogram with the threshold marked, then thumbnails sampled across score bands, denser around the threshold, "
+        "each with key, shard, score and caption. Thumbnails of high-scoring images are blurred unless --no-blur.",
+    )
+    parser.add_argument("--output-path", required=True, help="the output_path of a finished filter run (local or object storage)")
+    parser.add_argument("--n", type=int, default=DEFAULT_REVIEW_SAMPLES, help="samples to show (default: %(default)s)")
+    parser.add_argument("--around", type=float, default=None, help="nsfw_score to sample densely around (default: the run's score_threshold)")
+    parser.add_argument("--blur-above", type=float, default=DEFAULT_BLUR_ABOVE, help="blur thumbnails with nsfw_score >= this (default: %(default)s)")
+    parser.add_argument("--no-blur", action="store_true", help="show every thumbnail unblurred (opt in to see explicit images)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed; the same seed picks the same samples (default: %(default)s)")
+    parser.set_defaults(handler=_run_review)
+
+
+def _run_review(args: argparse.Namespace) -> int:
+    from tasks.review import write_review_sheet
+
+    sheet = write_review_sheet(
+        args.output_path, n=args.n, around=args.around, blur_above=args.blur_above, blur=not args.no_blur, seed=args.seed
+    )
+    unavailable = sum(sample.thumbnail is None for sample in sheet.samples)
+    print(f"{len(sheet.samples)} samples ({unavailable} without image) of {sheet.overview.scored} scored -> {sheet.sheet_url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nsfw-curator",
@@ -164,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-ADD_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_filter, _add_score_embeddings, _add_models]
+ADD_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_filter, _add_score_embeddings, _add_models, _add_review]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
