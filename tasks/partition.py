@@ -103,8 +103,11 @@ def _list_one(url: str, extensions: tuple[str, ...], storage_options: dict | Non
     """Shards named by one URL: a glob, a single shard, or everything under a directory/prefix."""
     fs, path = _filesystem(url, storage_options)
     try:
-        if _GLOB_CHARS.search(path):
-            matches = [p for p in fs.glob(path) if fs.isfile(p)]
+        # A long-lived process (a notebook) must see shards added since its last listing.
+        glob_at = _GLOB_CHARS.search(path)
+        fs.invalidate_cache(path[: glob_at.start()].rpartition("/")[0] if glob_at else path)
+        if glob_at:
+            matches = [p for p, info in fs.glob(path, detail=True).items() if info.get("type") == "file"]
             where = f"matches {url}"
         elif _has_extension(path, extensions) and fs.isfile(path):
             return [_full_url(fs, path)]
@@ -136,6 +139,7 @@ def _check_exist(urls: Iterable[str], storage_options: dict | None) -> list[str]
     for (fs_id, parent), entries in by_parent.items():
         fs = filesystems[fs_id]
         try:
+            fs.invalidate_cache(parent)
             listed = {fs._strip_protocol(p).rstrip("/") for p in fs.ls(parent, detail=False)}
         except FileNotFoundError as exc:
             missing.extend((url, str(exc).strip() or "not found") for url, _ in entries)

@@ -6,6 +6,7 @@ together with a few good ones, and `BAD_CASE_EXPECTED` says what each key must b
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import struct
@@ -18,14 +19,20 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 # Photos bundled with scikit-image (no download); all RGB after conversion.
-PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "hubble_deep_field", "retina", "ihc")
+PHOTO_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle", "hubble_deep_field", "retina", "immunohistochemistry")
+
+
+@functools.lru_cache(maxsize=None)
+def _photo_pixels(name: str) -> np.ndarray:
+    import skimage.data
+
+    pixels = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
+    return pixels
 
 
 def photo(name: str) -> Image.Image:
     """A scikit-image sample photo as an RGB PIL image."""
-    import skimage.data
-
-    return Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+    return Image.fromarray(_photo_pixels(name)).convert("RGB")
 
 
 def drawn_image(width: int = 320, height: int = 240, seed: int = 0) -> Image.Image:
