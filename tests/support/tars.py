@@ -139,12 +139,13 @@ def write_tar(path: str | Path, entries, gzip: bool = False) -> Path:
     return path
 
 
-def member_offsets(data: bytes) -> dict[str, tuple[int, int]]:
-    """For each member of an uncompressed tar: (offset of its header block, offset of its data)."""
+def member_offsets(data: bytes) -> dict[str, tuple[int, int, int]]:
+    """For each member of an uncompressed tar: (offset of its header block, offset of its data, end of its data
+    padded to the 512-byte block)."""
     offsets = {}
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         for info in tar:
-            offsets[info.name] = (info.offset, info.offset_data)
+            offsets[info.name] = (info.offset, info.offset_data, info.offset_data + -(-info.size // 512) * 512)
     return offsets
 
 

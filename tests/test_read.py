@@ -1,0 +1,346 @@
+"""Reading real WebDataset tars: every good and bad sample, damaged tars, batching, and S3 through moto."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+
+import fsspec
+import numpy as np
+import pytest
+from PIL import Image
+
+from support.tars import (
+    BAD_CASE_EXPECTED,
+    Member,
+    bad_case_members,
+    encode,
+    jpeg_with_orientation,
+    large_photo,
+    member_offsets,
+    photo,
+    shard_of_good_samples,
+    tar_bytes,
+    write_tar,
+)
+from tasks.errors import UserError
+from tasks.read import DecodeOptions, Sample, image_extension, iter_batches, iter_samples
+
+NO_RETRIES = {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}}
+FULL = DecodeOptions(reduced_jpeg_size=None)  # exact pixels; reduced decoding has its own tests
+
+
+@pytest.fixture(scope="module")
+def bad_case_shard(tmp_path_factory):
+    return str(write_tar(tmp_path_factory.mktemp("bad") / "bad.tar", bad_case_members()))
+
+
+@pytest.fixture(scope="module")
+def bad_case_samples(bad_case_shard):
+    return list(iter_samples(bad_case_shard, FULL))
+
+
+def by_key(samples: list[Sample]) -> dict[str, Sample]:
+    """First sample of each key (the second 'split' is looked at separately)."""
+    found: dict[str, Sample] = {}
+    for sample in samples:
+        found.setdefault(sample.key, sample)
+    return found
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_every_sample_of_the_bad_case_shard_becomes_what_it_should(bad_case_shard, bad_case_samples):
+    got = [(sample.key, sample.error) for sample in bad_case_samples]
+    assert [key for key, _ in got] == [key for key, _ in BAD_CASE_EXPECTED]
+    for (key, error), (_, expected) in zip(got, BAD_CASE_EXPECTED):
+        if expected is None:
+            assert error is None, (key, error)
+        else:
+            assert error is not None and expected in error, (key, error, expected)
+            assert "\n" not in error and len(error) <= 160 and key is not None
+    for sample in bad_case_samples:
+        assert sample.shard == bad_case_shard
+        assert (sample.image is None) == (sample.error is not None)
+        if sample.image is not None:
+            assert sample.image.mode == "RGB"
+
+
+def test_nothing_is_silently_dropped(bad_case_samples):
+    """Every member of the input is a member of a sample or named in a sample's error."""
+    kept = [sample.member_name(ext) for sample in bad_case_samples for ext in sample.members]
+    errors = " ".join(sample.error or "" for sample in bad_case_samples)
+    for member in bad_case_members():
+        assert member.name in kept or repr(member.name) in errors, member.name
+
+
+def test_good_samples_keep_raw_bytes_caption_and_metadata(bad_case_shard, bad_case_samples):
+    members = {m.name: m.data for m in bad_case_members()}
+    good = by_key(bad_case_samples)["good"]
+    assert list(good.members) == ["jpg", "txt", "json"]  # tar order
+    assert all(good.members[ext] == members[f"good.{ext}"] for ext in good.members)  # byte for byte
+    assert good.caption == "an astronaut"
+    assert good.metadata == {"source": "skimage"}
+    assert good.image.size == (512, 512)
+    assert np.abs(pixels(good.image) - pixels(photo("astronaut"))).mean() < 3  # the JPEG of the astronaut
+    default = next(iter_samples(bad_case_shard))  # by default a 512 px JPEG decodes at half size
+    assert default.key == "good" and default.image.size == (256, 256)
+
+
+def test_formats_modes_and_orientation(bad_case_samples):
+    samples = by_key(bad_case_samples)
+    assert samples["png"].image.size == (600, 400)
+    assert np.array_equal(pixels(samples["png"].image), pixels(photo("coffee")))  # PNG is lossless
+    assert samples["webp"].image.size == (640, 427)
+    assert samples["tiff"].image.size == (451, 300)
+    assert samples["bmp"].image.size == (64, 48)
+    assert tuple(samples["gif"].image.getpixel((5, 5))) == (255, 0, 0)  # first frame of red, blue
+    grey = pixels(samples["grey"].image)
+    assert np.array_equal(grey[..., 0], grey[..., 1]) and np.array_equal(grey[..., 1], grey[..., 2])
+    cmyk = pixels(samples["cmyk"].image)
+    assert np.abs(cmyk - pixels(photo("coffee"))).mean() < 8
+    alpha = samples["alpha"].image
+    assert tuple(alpha.getpixel((2, 2))) == (255, 0, 0) and tuple(alpha.getpixel((30, 15))) == (255, 255, 255)
+    assert tuple(samples["deep"].image.getpixel((0, 0))) == (128, 128, 128)  # 16-bit 0x8000 -> 128, not clipped
+    rotated = samples["rotated"].image
+    assert rotated.size == (300, 451)  # EXIF orientation 6 applied
+    upright = photo("chelsea").transpose(Image.Transpose.ROTATE_270)
+    assert np.abs(pixels(rotated) - pixels(upright)).mean() < 4
+
+
+def test_webdataset_key_rules(bad_case_samples):
+    samples = by_key(bad_case_samples)
+    assert list(samples["upper"].members) == ["JPG"]  # extension case kept for the writer
+    assert samples["upper"].image is not None
+    assert samples["pngnamedjpg"].image.size == (50, 40)  # content decides the decoder
+    assert samples["emptycaption"].caption == ""  # an empty caption is a value, not an error
+    assert list(samples["multi"].members) == ["jpg", "seg.png"]  # key is up to the first dot
+    assert samples["multi"].image.size == (50, 40)
+    two = samples["two"]
+    assert list(two.members) == ["png", "jpg"] and image_extension(two.members) == "jpg"
+    assert pixels(two.image)[..., 2].min() > 240 and pixels(two.image)[..., 1].max() < 10  # the blue JPEG
+    assert samples["d1/same"].image is not None and samples["d2/same"].image is not None
+    splits = [sample for sample in bad_case_samples if sample.key == "split"]
+    assert [list(s.members) for s in splits] == [["jpg"], ["txt"]]
+    assert splits[0].error is None and "reappears" in splits[1].error
+
+
+def test_bad_samples_keep_their_members_and_reasons(bad_case_samples):
+    samples = by_key(bad_case_samples)
+    assert samples["corrupt"].members["txt"] == b"kept with the error"
+    assert samples["zero"].members == {"jpg": b"", "txt": b"the image is empty"}
+    assert samples["truncated"].error == "image 'truncated.jpg' is truncated"
+    assert samples["noimage"].error.startswith("no image member")
+    assert samples["bomb"].error == "image 'bomb.png' has 3600000000 pixels, over Pillow's hard limit (possible decompression bomb)"
+    assert samples["heic"].error == "image member 'heic.heic' has an unsupported format (.heic)"
+    assert samples["ppm"].error == "image 'ppm.jpg' is in the unsupported format PPM"
+    assert samples["../escape"].members  # still carried; the error keeps it from ever being written
+    assert "never written" in samples["/absolute"].error
+    assert samples["dup"].members and "appears twice" in samples["dup"].error
+    assert samples["link"].members == {}
+    assert samples["README"].members == {}
+
+
+def test_raw_pass_has_the_same_keys_and_structural_errors(bad_case_shard, bad_case_samples):
+    raw = list(iter_samples(bad_case_shard, decode=None))
+    assert [s.key for s in raw] == [s.key for s in bad_case_samples]
+    for plain, decoded in zip(raw, bad_case_samples):
+        assert plain.members == decoded.members
+        assert plain.image is None and plain.caption is None and plain.metadata is None
+        if plain.error is not None:
+            assert plain.error == decoded.error  # structure is judged the same way in both passes
+    decode_only_errors = {s.key for s in bad_case_samples if s.error} - {s.key for s in raw if s.error}
+    assert decode_only_errors == {"corrupt", "truncated", "bomb", "ppm", "badjson"}
+
+
+def test_pixel_limit_guards_against_decompression_bombs(tmp_path):
+    shard = write_tar(tmp_path / "s.tar", [Member("big.png", encode(Image.new("RGB", (400, 300)), "PNG"))])
+    [sample] = iter_samples(str(shard), DecodeOptions(max_pixels=100_000))
+    assert sample.error == "image 'big.png' is 400x300 pixels, over the limit of 100000 (possible decompression bomb)"
+    [sample] = iter_samples(str(shard), DecodeOptions(max_pixels=120_000))
+    assert sample.error is None and sample.image.size == (400, 300)
+
+
+def test_large_jpegs_decode_at_reduced_size_keeping_both_sides(tmp_path):
+    big = large_photo(1200, 900)
+    shard = write_tar(
+        tmp_path / "s.tar",
+        [
+            Member("big.jpg", encode(big, "JPEG", quality=92)),
+            Member("bigpng.png", encode(big, "PNG")),
+            Member("turned.jpg", jpeg_with_orientation(big, 6)),
+            Member("small.jpg", encode(big.resize((500, 375)), "JPEG")),
+        ],
+    )
+    sizes = {s.key: s.image.size for s in iter_samples(str(shard), DecodeOptions(reduced_jpeg_size=256))}
+    # 1/2 scale: 1/4 would make the short side 225 < 256. PNGs and small JPEGs are decoded in full.
+    assert sizes == {"big": (600, 450), "bigpng": (1200, 900), "turned": (450, 600), "small": (500, 375)}
+    full = {s.key: s.image for s in iter_samples(str(shard), DecodeOptions(reduced_jpeg_size=None))}
+    assert full["big"].size == (1200, 900) and full["turned"].size == (900, 1200)
+    reduced = next(iter_samples(str(shard), DecodeOptions(reduced_jpeg_size=200))).image
+    assert reduced.size == (300, 225)
+    downsized = pixels(full["big"].resize(reduced.size, Image.Resampling.BOX))
+    assert np.abs(pixels(reduced) - downsized).mean() < 6  # the same picture, smaller
+
+
+def test_decode_options_identity_and_validation():
+    default = DecodeOptions()
+    assert default.identity() == DecodeOptions().identity()
+    assert default.identity() == DecodeOptions(max_pixels=10).identity()  # the limit does not change pixels
+    assert DecodeOptions(reduced_jpeg_size=None).identity() != default.identity()
+    assert DecodeOptions(reduced_jpeg_size=300).identity() != default.identity()
+    assert "jpeg-reduced-min-side=off" in DecodeOptions(reduced_jpeg_size=None).identity()
+    with pytest.raises(UserError, match=r"^max_pixels must be a positive whole number"):
+        DecodeOptions(max_pixels=0)
+    with pytest.raises(UserError, match=r"^reduced_jpeg_size must be a positive number of pixels or None"):
+        DecodeOptions(reduced_jpeg_size=-5)
+
+
+@pytest.fixture()
+def four_samples():
+    members = shard_of_good_samples(["a", "b", "c", "d"])
+    data = tar_bytes(members)
+    return data, member_offsets(data)
+
+
+def read_bytes(tmp_path, data: bytes, name: str = "damaged.tar") -> list[Sample]:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return list(iter_samples(str(path)))
+
+
+def test_truncated_tar_keeps_what_was_read_and_records_the_rest(tmp_path, four_samples):
+    data, offsets = four_samples
+    samples = read_bytes(tmp_path, data[: offsets["c.jpg"][1] + 100])
+    assert [(s.key, s.error) for s in samples[:2]] == [("a", None), ("b", None)]
+    assert samples[0].image is not None and samples[1].caption == "caption b"
+    rest = samples[2]
+    assert len(samples) == 3 and rest.key is None and rest.members == {}
+    assert rest.error == "the tar is damaged inside member 'c.jpg' (unexpected end of data); the rest of the shard could not be read"
+
+
+def test_corrupt_tar_header_is_not_mistaken_for_the_end(tmp_path, four_samples):
+    data, offsets = four_samples
+    header = offsets["c.jpg"][0]
+    samples = read_bytes(tmp_path, data[:header] + b"\x07" * 512 + data[header + 512 :])
+    assert [s.key for s in samples] == ["a", "b", None]
+    assert samples[0].error is None
+    assert "may be missing" in samples[1].error and samples[1].members  # b may have lost a member
+    assert samples[2].error.startswith("the tar is damaged after member 'b.json' (a tar header is corrupt")
+
+
+def test_tar_without_end_marker_is_reported(tmp_path, four_samples):
+    data, offsets = four_samples
+    samples = read_bytes(tmp_path, data[: offsets["d.json"][2]])  # cut off the end-of-archive blocks
+    last = samples[-1]
+    assert last.key is None and "end-of-archive marker" in last.error
+    assert all(s.error is None for s in samples[:-2]) and "may be missing" in samples[-2].error
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [(b"", "not a readable tar file (empty file)"), (b"hello" * 300, "not a readable tar file")],
+    ids=["empty", "not-a-tar"],
+)
+def test_unreadable_shard_is_one_record(tmp_path, data, reason):
+    [record] = read_bytes(tmp_path, data)
+    assert record.key is None and reason in record.error
+
+
+def test_gzip_shards_and_truncated_gzip(tmp_path):
+    members = shard_of_good_samples(["a", "b", "c", "d"], size=(200, 150))
+    packed = tar_bytes(members, gzip=True)
+    assert [s.key for s in read_bytes(tmp_path, packed, "ok.tar.gz")] == ["a", "b", "c", "d"]
+    cut = read_bytes(tmp_path, packed[: len(packed) * 2 // 3], "cut.tar.gz")
+    assert cut[-1].key is None and "the rest of the shard could not be read" in cut[-1].error
+    assert all(s.error is None for s in cut[:-2]) and len(cut) >= 2
+
+
+def test_missing_shard_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match=r"^Shard .*gone\.tar does not exist; list the shards again or fix file_paths\.$"):
+        list(iter_samples(str(tmp_path / "gone.tar")))
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("many")
+    urls = []
+    for shard in range(4):
+        keys = [f"s{shard}-{index:02d}" for index in range(7)]
+        urls.append(str(write_tar(root / f"part-{shard}.tar", shard_of_good_samples(keys, size=(64, 48)))))
+    urls.append(str(write_tar(root / "part-4.tar", bad_case_members())))
+    return urls
+
+
+def test_batches_span_shards_in_order_and_match_samples(many_shards):
+    expected = [(s.key, s.shard, s.error, s.caption) for url in many_shards for s in iter_samples(url)]
+    for threads in (1, 3):
+        batches = list(iter_batches(many_shards, task_batch_size=5, threads=threads, prefetch=1))
+        assert all(len(batch) == 5 for batch in batches[:-1]) and 1 <= len(batches[-1]) <= 5
+        got = [(s.key, s.shard, s.error, s.caption) for batch in batches for s in batch]
+        assert got == expected
+    raw = [s for batch in iter_batches(many_shards, task_batch_size=10, decode=None) for s in batch]
+    assert [s.key for s in raw] == [key for key, *_ in expected] and all(s.image is None for s in raw)
+
+
+def test_stopping_early_stops_the_reader(many_shards):
+    before = threading.active_count()
+    batches = iter_batches(many_shards * 5, task_batch_size=3, threads=2, prefetch=1)
+    first = next(batches)
+    assert len(first) == 3 and first[0].image is not None
+    batches.close()  # the caller stops: reader and decoders must not linger
+    assert threading.active_count() == before
+
+
+def test_batch_errors_reach_the_caller(many_shards, tmp_path):
+    with pytest.raises(UserError, match=r"missing\.tar does not exist"):
+        for _ in iter_batches([many_shards[0], str(tmp_path / "missing.tar")], task_batch_size=2):
+            pass
+    with pytest.raises(UserError, match=r"^task_batch_size must be a whole number of at least 1, not 0\.$"):
+        next(iter_batches(many_shards, task_batch_size=0))
+
+
+def test_reading_from_s3_through_moto(s3_bucket, bad_case_shard, bad_case_samples):
+    fs = fsspec.filesystem("s3")
+    with open(bad_case_shard, "rb") as handle:
+        fs.pipe(f"{s3_bucket}/shards/part-000000.tar", handle.read())
+    fs.pipe(f"{s3_bucket}/shards/part-000001.tar", tar_bytes(shard_of_good_samples(["x", "y"])))
+    url = f"s3://{s3_bucket}/shards/part-000000.tar"
+    from_s3 = list(iter_samples(url, FULL))
+    assert [(s.key, s.error, s.members) for s in from_s3] == [(s.key, s.error, s.members) for s in bad_case_samples]
+    assert all(s.shard == url for s in from_s3)
+    assert np.array_equal(pixels(from_s3[0].image), pixels(bad_case_samples[0].image))
+    urls = [url, f"s3://{s3_bucket}/shards/part-000001.tar"]
+    keys = [s.key for batch in iter_batches(urls, task_batch_size=8, threads=2) for s in batch]
+    assert keys == [s.key for s in bad_case_samples] + ["x", "y"]
+    with pytest.raises(UserError, match=r"^Shard s3://.*/shards/nope\.tar does not exist"):
+        list(iter_samples(f"s3://{s3_bucket}/shards/nope.tar"))
+
+
+def test_unreachable_s3_endpoint_is_one_sentence(s3_endpoint, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
+    with pytest.raises(UserError, match=r"^Cannot open shard s3://bucket/a\.tar \(EndpointConnectionError: .*\); check the storage endpoint"):
+        list(iter_samples("s3://bucket/a.tar", storage_options=NO_RETRIES))
+
+
+def test_metadata_must_be_a_json_object(tmp_path):
+    shard = write_tar(
+        tmp_path / "s.tar",
+        [
+            Member("list.jpg", encode(Image.new("RGB", (8, 8)), "JPEG")),
+            Member("list.json", json.dumps([1, 2]).encode()),
+        ],
+    )
+    [sample] = iter_samples(str(shard))
+    assert sample.error == "member 'list.json' is JSON but not an object" and sample.image is None
+
+
+def test_small_jpeg_decodes_exactly_as_pillow_does(tmp_path):
+    data = encode(photo("rocket"), "JPEG", quality=90)
+    shard = write_tar(tmp_path / "s.tar", [Member("r.jpg", data)])
+    [sample] = iter_samples(str(shard))
+    expected = Image.open(io.BytesIO(data)).convert("RGB")
+    assert np.array_equal(pixels(sample.image), pixels(expected))
