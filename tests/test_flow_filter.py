@@ -176,6 +176,18 @@ def flow_run_task_states(flow_run_id) -> dict[str, list[str]]:
     return states
 
 
+def flow_run_task_run_counts(flow_run_id) -> list[int]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200
+        )
+    return [run.run_count for run in runs]
+
+
 def test_rerun_is_cached_and_never_loads_clip(tmp_path, laion_dir):
     from tests.support.tiny_clip import make_tiny_clip
 
@@ -226,3 +238,55 @@ def test_cli_runs_the_flow_and_reports_failure(tmp_path, tiny_clip_768, laion_di
     failed = subprocess.run(command + ["--score-threshold", "-0.1"], capture_output=True, text=True, timeout=600)
     assert failed.returncode == 2
     assert failed.stderr.strip() == "nsfw-curator: error: invalid parameters: score_threshold input should be greater than or equal to 0 (got -0.1)."
+
+
+def upload_dir(fs, local: Path, remote: str) -> None:
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            fs.put_file(str(path), f"{remote}/{path.relative_to(local).as_posix()}")
+
+
+def test_filter_on_s3_absorbs_transient_failures(tmp_path, s3_bucket, s3_endpoint, tiny_clip_768, laion_dir, monkeypatch):
+    import s3fs
+
+    from tests.support.faulty_s3 import FaultyS3Proxy
+
+    dataset = build_dataset(tmp_path)
+    fs = s3fs.S3FileSystem()
+    upload_dir(fs, dataset.input_dir, f"{s3_bucket}/in")
+    remote_dataset = Dataset(
+        dataset.input_dir,
+        {f"s3://{s3_bucket}/in/{Path(url).name}": keys for url, keys in dataset.keys.items()},
+        {f"s3://{s3_bucket}/in/{Path(url).name}": samples for url, samples in dataset.samples.items()},
+    )
+    counts: dict[str, int] = {}
+
+    def rule(method: str, path: str):
+        # Every shard's first reads get 503 (one shard's more often than the S3 client's 2 attempts set below, so
+        # a task-level retry is needed); the first writes of outputs and store entries get 500; one read of a store
+        # entry is cut off half way.
+        for name, fault, times in (("/in/part-000001.tar", 503, 3), ("/in/part-", 503, 1), ("/out/scores/", 500, 3), ("/cache/", 500, 1)):
+            if name in path and method == ("GET" if name == "/in/part-" else "PUT"):
+                shard = path.split("?")[0]
+                counts[shard] = counts.get(shard, 0) + 1
+                return fault if counts[shard] <= times else None
+        if "/cache/tiny-clip" in path and method == "GET" and counts.setdefault("reset", 0) < 1:
+            counts["reset"] += 1
+            return "reset"
+        return None
+
+    with FaultyS3Proxy(s3_endpoint, rule) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+        s3fs.S3FileSystem.clear_instance_cache()
+        state = run_filter(remote_dataset, tiny_clip_768, laion_dir, tmp_path, file_paths=f"s3://{s3_bucket}/in",
+                           output_path=f"s3://{s3_bucket}/out", cache_path=f"s3://{s3_bucket}/cache", return_state=True)
+    s3fs.S3FileSystem.clear_instance_cache()
+    assert state.is_completed()
+    assert len(proxy.injected) >= 15, proxy.injected
+    assert max(flow_run_task_run_counts(state.state_details.flow_run_id)) >= 2  # a task-level retry absorbed the rest
+    local_out = tmp_path / "downloaded"
+    fs.get(f"{s3_bucket}/out", str(local_out), recursive=True)
+    check_outputs(remote_dataset, local_out, 0.5)
+    assert fs.ls(f"{s3_bucket}/cache")  # the store lives in the bucket
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
