@@ -29,7 +29,6 @@ import pandas as pd
 from tasks.dedup_search import (
     DEFAULT_BLOCK_ENTRIES,
     DEFAULT_CLUSTERS_PER_POINT,
-    DEFAULT_EXACT_MAX_ROWS,
     DEFAULT_SIMILARITY_THRESHOLD,
     MISSING_REASON,
     ZERO_REASON,
@@ -259,7 +258,7 @@ def deduplicate(
     method: Method = "auto",
     clusters_per_point: int = DEFAULT_CLUSTERS_PER_POINT,
     num_clusters: int | None = None,
-    exact_max_rows: int = DEFAULT_EXACT_MAX_ROWS,
+    exact_max_rows: int | None = None,
     matmul_dtype: MatmulDtype = "auto",
     device: str | None = None,
     block_entries: int = DEFAULT_BLOCK_ENTRIES,
@@ -270,9 +269,10 @@ def deduplicate(
 
     `method`: "exact" compares all pairs; "clustered" compares pairs within k-means clusters, each row in
     its `clusters_per_point` nearest of `num_clusters` (default about clusters_per_point * sqrt(N / 2));
-    "auto" is exact up to `exact_max_rows` compared rows. `include_pairs` also returns every pair found
-    (memory grows with the number of pairs). Memory otherwise stays within the caller's array plus
-    `block_entries` similarities per block and the rows of one cluster.
+    "auto" is exact up to `exact_max_rows` compared rows (50,000 on CPU, 400,000 on a GPU). `include_pairs`
+    also returns every pair found (memory grows with the number of pairs). Otherwise memory beyond the
+    caller's array is a few bytes of bookkeeping per row, `block_entries` similarities per block, the rows
+    of the clusters being compared, and (exact only) one copy of the rows in the matmul dtype.
     """
     started = time.perf_counter()
     embeddings = check_embeddings(embeddings)

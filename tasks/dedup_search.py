@@ -39,8 +39,9 @@ MATMUL_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": t
 
 DEFAULT_SIMILARITY_THRESHOLD = 0.99
 DEFAULT_CLUSTERS_PER_POINT = 3
-# `auto` searches exactly up to this many rows: ~5e9 pair products, 10-60 s on two CPU cores.
-DEFAULT_EXACT_MAX_ROWS = 100_000
+# `auto` searches exactly up to this many rows: 1.25e9 similarities, ~5 s (bfloat16) to ~20 s (float32) on
+# two CPU cores; a GPU computes 8e10 (400k rows) in about as long.
+DEFAULT_EXACT_MAX_ROWS = {"cpu": 50_000, "cuda": 400_000}
 # Similarity entries per screening block (64 MB in float32): bounds the memory of a block product.
 DEFAULT_BLOCK_ENTRIES = 1 << 24
 
@@ -204,11 +205,14 @@ def plan_search(
     method: Method = "auto",
     clusters_per_point: int = DEFAULT_CLUSTERS_PER_POINT,
     num_clusters: int | None = None,
-    exact_max_rows: int = DEFAULT_EXACT_MAX_ROWS,
+    exact_max_rows: int | None = None,
     matmul_dtype: MatmulDtype = "auto",
     device: str | torch.device | None = None,
 ) -> SearchPlan:
-    """The search for `num_rows` valid embeddings of dimension `dim`: `auto` is exact up to `exact_max_rows`."""
+    """The search for `num_rows` valid embeddings of dimension `dim`.
+
+    `auto` is exact up to `exact_max_rows` (default `DEFAULT_EXACT_MAX_ROWS` for the device), else clustered.
+    """
     threshold = check_threshold(similarity_threshold)
     if method not in METHODS:
         raise UserError(f"method must be one of {', '.join(METHODS)}; got {method!r}.")
@@ -224,6 +228,8 @@ def plan_search(
         raise UserError(f"device {device!r} asks for a GPU but torch sees none; pass device='cpu' or leave it unset.")
     chosen = method
     if method == "auto":
+        if exact_max_rows is None:
+            exact_max_rows = DEFAULT_EXACT_MAX_ROWS.get(resolved_device.type, DEFAULT_EXACT_MAX_ROWS["cpu"])
         chosen = "exact" if num_rows <= exact_max_rows else "clustered"
     dtype = choose_matmul_dtype(matmul_dtype, resolved_device)
     clusters, per_point = 0, 0
