@@ -24,7 +24,7 @@ from tasks.gpu import GPU_SLOTS
 from tasks.partition import Partition
 from tasks.review import publish_review_artifacts, write_review_sheet
 from tasks.run_plan import FilterRun, cached_nsfw_head, plan_filter_run
-from tasks.write import PartitionResult, RunSummary
+from tasks.write import PartitionResult, RunSummary, remove_leftover_temp_files
 
 
 class FilterSettings(BaseModel):
@@ -253,6 +253,7 @@ def nsfw_filter(
         results: list[PartitionResult] = [future.result() for future in written]
 
     clean_partitions_beyond(run.output_path, len(run.partitions), run.storage_options)
+    remove_leftover_temp_files(run.output_path, run.storage_options)
     summary = RunSummary.from_partitions(results, run.score_threshold, run.models(), run.output_path)
     summary_url = summary.write(run.storage_options)
     publish_artifacts(summary, summary_url)

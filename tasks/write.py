@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.atomic import atomic_output, filesystem, write_bytes_atomic
+from tasks.atomic import atomic_output, filesystem, is_object_store, write_bytes_atomic
 
 SCORES_SCHEMA = pa.schema(
     [
@@ -174,6 +174,17 @@ def remove_stale_outputs(output_path: str, partition_index: int, keep: Iterable[
     for path in stale:
         fs.rm(path)
     return stale
+
+
+def remove_leftover_temp_files(output_path: str, storage_options: dict | None = None) -> list[str]:
+    """Delete temp files a killed run left on local disk (object stores never show partial objects)."""
+    fs, root = filesystem(output_path, storage_options)
+    if is_object_store(fs) or not fs.exists(root):
+        return []
+    leftovers = [path for path in fs.find(root) if posixpath.basename(path).startswith(".") and path.endswith(".tmp")]
+    for path in leftovers:
+        fs.rm(path)
+    return leftovers
 
 
 def read_manifest(output_path: str, partition_index: int, storage_options: dict | None = None) -> PartitionResult | None:

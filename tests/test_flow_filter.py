@@ -27,6 +27,7 @@ class Dataset:
     input_dir: Path
     keys: dict[str, list[str | None]]  # shard URL -> keys in order (None: the unreadable rest of a damaged tar)
     samples: dict[str, list[tuple[str, dict[str, bytes]]]]  # shard URL -> (key, {member name: bytes}) in order
+    bad_shard_name: str  # the shard holding every bad case
 
 
 def group_samples(tar: tarfile.TarFile) -> list[tuple[str, dict[str, bytes]]]:
@@ -64,7 +65,7 @@ def build_dataset(root: Path, good_shards: int = 3, per_shard: int = 5) -> Datas
     for url in keys:
         with tarfile.open(url) if url != str(truncated) else tarfile.open(fileobj=io.BytesIO(whole)) as tar:
             samples[url] = group_samples(tar)
-    return Dataset(input_dir, keys, samples)
+    return Dataset(input_dir, keys, samples, bad.name)
 
 
 def read_scores(output_path: Path) -> dict[str, list]:
@@ -115,7 +116,7 @@ def check_outputs(dataset: Dataset, output_path: Path, threshold: float) -> dict
         assert (output_shard is not None) == passed
         by_key[(shard, key)] = row
     # bad samples carry their error
-    bad_url = next(url for url in dataset.keys if url.endswith("part-000003.tar"))
+    bad_url = next(url for url in dataset.keys if url.endswith("/" + dataset.bad_shard_name))
     for key, fragment in BAD_CASE_EXPECTED:
         if fragment is not None:
             rows = [r for (s, k), r in by_key.items() if s == bad_url and k == key]
@@ -258,6 +259,7 @@ def test_filter_on_s3_absorbs_transient_failures(tmp_path, s3_bucket, s3_endpoin
         dataset.input_dir,
         {f"s3://{s3_bucket}/in/{Path(url).name}": keys for url, keys in dataset.keys.items()},
         {f"s3://{s3_bucket}/in/{Path(url).name}": samples for url, samples in dataset.samples.items()},
+        dataset.bad_shard_name,
     )
     counts: dict[str, int] = {}
 
@@ -290,3 +292,28 @@ def test_filter_on_s3_absorbs_transient_failures(tmp_path, s3_bucket, s3_endpoin
     check_outputs(remote_dataset, local_out, 0.5)
     assert fs.ls(f"{s3_bucket}/cache")  # the store lives in the bucket
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_kill_9_midway_then_rerun_completes_without_duplicates(tmp_path, tiny_clip_768, laion_dir, prefect_api):
+    import signal
+    import time
+
+    dataset = build_dataset(tmp_path, good_shards=10, per_shard=6)
+    config_path, checkpoint_path = tiny_clip_768
+    command = [sys.executable, "-m", "flows.cli", "filter", "--file-paths", str(dataset.input_dir), "--output-path", str(tmp_path / "out"),
+               "--clip-model", str(config_path), "--clip-pretrained", str(checkpoint_path), "--nsfw-weights", str(laion_dir / "vit_l_14.safetensors"),
+               "--cache-path", str(tmp_path / "cache"), "--images-per-tar", "2", "--task-batch-size", "2", "--max-workers", "1"]
+    process = subprocess.Popen(command, env={**os.environ, "PREFECT_API_URL": prefect_api}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    manifests = tmp_path / "out" / "_manifests"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(manifests.glob("*.json"))) < 2 and process.poll() is None:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    done_before_kill = len(list(manifests.glob("*.json")))
+    assert 2 <= done_before_kill < 6, "the run should have been killed midway"
+    run_filter(dataset, tiny_clip_768, laion_dir, tmp_path, files_per_partition=1, task_batch_size=2, images_per_tar=2)
+    check_outputs(dataset, tmp_path / "out", 0.5)  # complete, every key once, no member written twice
+    assert len(list(manifests.glob("*.json"))) == 12
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.name.endswith(".tmp")]
