@@ -1,0 +1,225 @@
+"""The deployments of deployments/, run the way the README says: a real server, the pool, `prefect deploy`, workers.
+
+One Prefect server (`prefect server start` on 127.0.0.1, its own home and SQLite database) serves the
+whole module. The README's commands run as subprocesses from the repository root: create the work
+pool, deploy everything in deployments/prefect.yaml, start the workers. Then a flow run is created
+through the REST route the UI's "Run" button calls, on real tars, a tiny random-weight CLIP and the
+real LAION head, and the tests check its outputs, the dedup run its completion triggers, the nightly
+schedule, and (with Chromium) the UI's run form. Everything started is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tests.support.prefect_server import PrefectServer, prefect_server, wait_for
+from tests.support.tars import shard_of_good_samples, write_tar
+
+pytestmark = pytest.mark.deployments
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PREFECT_FILE = REPO_ROOT / "deployments" / "prefect.yaml"
+CHROMIUM = Path("/usr/bin/chromium")
+
+# The README's "Deployments" commands, run from the repository root in this order.
+CREATE_POOL = ["prefect", "work-pool", "create", "gpu-pool", "--type", "process"]
+DEPLOY = ["prefect", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"]
+START_WORKERS = ["deployments/start-workers.sh"]
+
+# Test-only server settings: the scheduler and the worker look for work every 2 s instead of 60 s / 10 s.
+FAST_LOOPS = {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2", "PREFECT_WORKER_QUERY_SECONDS": "2"}
+RUN_TIMEOUT_S = 240
+TERMINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+@dataclass
+class Deployed:
+    server: PrefectServer
+    filter_id: str
+    dedup_id: str
+    deployed_at: float  # time.monotonic() when `prefect deploy` returned
+
+
+def pool_name() -> str:
+    return yaml.safe_load(PREFECT_FILE.read_text())["definitions"]["work_pools"]["gpu_pool"]["name"]
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory) -> Deployed:
+    if not (REPO_ROOT / "flows" / "dedup.py").exists():
+        pytest.skip("flows/dedup.py (the image-dedup flow deployments/prefect.yaml deploys) is not in this checkout yet")
+    root = tmp_path_factory.mktemp("prefect-deployments")
+    with prefect_server(root / "server", settings=FAST_LOOPS) as server:
+        server.run(CREATE_POOL, cwd=REPO_ROOT)
+        output = server.run(DEPLOY, cwd=REPO_ROOT)
+        deployed_at = time.monotonic()
+        assert "nsfw-filter/gpu" in output and "image-dedup/gpu" in output, output
+        server.start("workers", START_WORKERS, cwd=REPO_ROOT)
+        filter_id = server.get("/deployments/name/nsfw-filter/gpu")["id"]
+        dedup_id = server.get("/deployments/name/image-dedup/gpu")["id"]
+        wait_for(
+            lambda: server.post(f"/work_pools/{pool_name()}/workers/filter", {"workers": {"status": {"any_": ["ONLINE"]}}}),
+            90,
+            "a worker on the pool to come online",
+            logs=server.logs(),
+        )
+        yield Deployed(server, filter_id, dedup_id, deployed_at)
+
+
+def flow_runs(server: PrefectServer, deployment_id: str, auto_scheduled: bool | None = None) -> list[dict]:
+    """The deployment's flow runs, earliest first; only those the scheduler made (or did not) when asked."""
+    body = {"flow_runs": {"deployment_id": {"any_": [deployment_id]}}, "sort": "EXPECTED_START_TIME_ASC"}
+    return [run for run in server.post("/flow_runs/filter", body) if auto_scheduled is None or run["auto_scheduled"] is auto_scheduled]
+
+
+def wait_until_final(server: PrefectServer, flow_run_id: str) -> dict:
+    def final() -> dict | None:
+        run = server.get(f"/flow_runs/{flow_run_id}")
+        return run if run["state_type"] in TERMINAL_STATES else None
+
+    run = wait_for(final, RUN_TIMEOUT_S, f"flow run {flow_run_id} to finish", interval_s=2, logs=server.logs())
+    if run["state_type"] != "COMPLETED":
+        logs = server.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC"})
+        text = "\n".join(entry["message"] for entry in logs)[-6000:]
+        raise AssertionError(f"flow run {run['name']} ended {run['state_type']}: {run['state']['message']}\n{text}")
+    return run
+
+
+def build_dataset(root: Path) -> dict[str, list[str]]:
+    """Three shards of four good samples; sample j of every shard shows the same picture (near-duplicates for dedup)."""
+    keys = {}
+    for s in range(3):
+        shard_keys = [f"{s:03d}/{j:04d}" for j in range(4)]
+        keys[str(write_tar(root / f"part-{s:06d}.tar", shard_of_good_samples(shard_keys, size=(80, 64))))] = shard_keys
+    return keys
+
+
+def test_deployments_are_declared_for_the_gpu_pool(deployed):
+    server = deployed.server
+    pool = server.get(f"/work_pools/{pool_name()}")
+    assert pool["type"] == "process"
+    for deployment_id, flow_name in ((deployed.filter_id, "nsfw-filter"), (deployed.dedup_id, "image-dedup")):
+        deployment = server.get(f"/deployments/{deployment_id}")
+        assert server.get(f"/flows/{deployment['flow_id']}")["name"] == flow_name
+        assert deployment["work_pool_name"] == pool["name"]
+        assert deployment["job_variables"]["env"]["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+        # a worker's own CUDA_VISIBLE_DEVICES (one GPU per worker) must not be overridden by the deployment
+        assert "CUDA_VISIBLE_DEVICES" not in deployment["job_variables"]["env"]
+        # the code comes from this checkout, not from a clone or an upload
+        assert deployment["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO_ROOT)}}]
+        schema = deployment["parameter_openapi_schema"]
+        assert {"file_paths", "output_path", "cache_path", "clip_model"} <= set(schema["properties"])
+        assert all(schema["properties"][name].get("description") for name in ("file_paths", "output_path", "cache_path"))
+        assert deployment["parameters"]["file_paths"] and deployment["parameters"]["output_path"]  # a filled form
+    filter_deployment = server.get(f"/deployments/{deployed.filter_id}")
+    assert "score_threshold" in filter_deployment["parameter_openapi_schema"]["properties"]
+    [schedule] = filter_deployment["schedules"]
+    assert schedule["active"] is False and schedule["schedule"]["cron"] == "0 2 * * *"
+
+
+def test_ui_run_on_a_worker_writes_outputs_and_starts_dedup(deployed, tmp_path, tiny_clip_768, laion_dir):
+    server = deployed.server
+    keys = build_dataset(tmp_path / "in")
+    config_path, checkpoint_path = tiny_clip_768
+    parameters = {
+        "file_paths": str(tmp_path / "in"),
+        "output_path": str(tmp_path / "out"),
+        "cache_path": str(tmp_path / "cache"),
+        "model_dir": str(tmp_path / "models"),
+        "clip_model": str(config_path),
+        "clip_pretrained": str(checkpoint_path),
+        "nsfw_weights": str(laion_dir / "vit_l_14.safetensors"),
+        "task_batch_size": 4,
+        "images_per_tar": 3,
+    }
+    # What the UI's "Run > Custom run" form posts.
+    created = server.post(f"/deployments/{deployed.filter_id}/create_flow_run", {"parameters": parameters})
+    run = wait_until_final(server, created["id"])
+    assert run["parameters"]["file_paths"] == parameters["file_paths"]
+
+    scores: dict[str, list] = {}
+    for part in sorted((tmp_path / "out" / "scores").glob("*.parquet")):
+        for column, values in pq.read_table(part).to_pydict().items():
+            scores.setdefault(column, []).extend(values)
+    assert list(zip(scores["shard"], scores["key"])) == [(url, key) for url, shard_keys in keys.items() for key in shard_keys]
+    assert all(error is None and 0.0 <= score <= 1.0 for score, error in zip(scores["nsfw_score"], scores["error"]))
+    assert scores["passed"] == [score < 0.5 for score in scores["nsfw_score"]]
+    kept = set()
+    for shard in (tmp_path / "out" / "shards").glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            kept |= {member.name.rsplit(".", 1)[0] for member in tar.getmembers()}
+    assert kept == {key for key, passed in zip(scores["key"], scores["passed"]) if passed}
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["samples"] == 12 and summary["passed"] == sum(scores["passed"])
+    assert list((tmp_path / "cache").rglob("*.parquet"))  # the embedding store the dedup run reads
+
+    # The completion trigger starts image-dedup/gpu on the same dataset, store and models.
+    [dedup_run] = wait_for(lambda: flow_runs(server, deployed.dedup_id), 60, "the trigger to create an image-dedup run", logs=server.logs())
+    assert dedup_run["parameters"] == {
+        "file_paths": parameters["file_paths"],
+        "cache_path": parameters["cache_path"],
+        "model_dir": parameters["model_dir"],
+        "clip_model": parameters["clip_model"],
+        "clip_pretrained": parameters["clip_pretrained"],
+        "output_path": parameters["output_path"] + "/dedup",
+    }
+    wait_until_final(server, dedup_run["id"])
+    assert (tmp_path / "out" / "dedup").is_dir() and any((tmp_path / "out" / "dedup").iterdir())
+
+
+def test_schedule_is_off_until_turned_on_then_schedules_runs(deployed):
+    server = deployed.server
+    [schedule] = server.get(f"/deployments/{deployed.filter_id}")["schedules"]
+    # Let the scheduler loop (every 2 s here) pass several times over the inactive schedule.
+    time.sleep(max(0.0, deployed.deployed_at + 10 - time.monotonic()))
+    assert flow_runs(server, deployed.filter_id, auto_scheduled=True) == []
+
+    # The UI's schedule toggle.
+    server.patch(f"/deployments/{deployed.filter_id}/schedules/{schedule['id']}", {"active": True})
+    scheduled = wait_for(
+        lambda: flow_runs(server, deployed.filter_id, auto_scheduled=True), 60, "the scheduler to create runs", logs=server.logs()
+    )
+    deployment_parameters = server.get(f"/deployments/{deployed.filter_id}")["parameters"]
+    for run in scheduled:
+        assert run["state_type"] == "SCHEDULED"
+        assert run["expected_start_time"].split("T")[1].startswith("02:00:00")  # 0 2 * * * in UTC
+        assert run["parameters"] == deployment_parameters
+    server.patch(f"/deployments/{deployed.filter_id}/schedules/{schedule['id']}", {"active": False})
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is missing: install Debian's chromium package (apt-get install -y chromium)")
+def test_ui_renders_the_run_form(deployed, tmp_path_factory):
+    server = deployed.server
+    page = f"{server.url}/deployments/deployment/{deployed.filter_id}/run"
+    shots = tmp_path_factory.mktemp("ui")
+    flags = [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--window-size=1400,2000", "--virtual-time-budget=15000",
+    ]  # fmt: skip
+
+    def chromium(*mode: str) -> str:
+        profile = shots / f"profile-{mode[0].lstrip('-').split('=')[0]}"
+        result = subprocess.run(
+            [str(CHROMIUM), *flags, f"--user-data-dir={profile}", *mode, page], capture_output=True, text=True, timeout=120, start_new_session=True
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    dom = chromium("--dump-dom")
+    for name in ("file_paths", "output_path", "score_threshold", "cache_path"):
+        assert name in dom, f"{name} is not on the run form"
+    assert "Where filtered shards, scores Parquet and the run summary go" in dom  # a docstring description
+    screenshot = shots / "nsfw-filter-run-form.png"
+    chromium(f"--screenshot={screenshot}")
+    assert screenshot.stat().st_size > 10_000
+    shutil.copy(screenshot, tmp_path_factory.getbasetemp() / screenshot.name)  # kept with pytest's temp files, never in git
