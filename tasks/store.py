@@ -11,8 +11,8 @@ shard's content (see `shard_fingerprint`). Columns: `key` (string; null for shar
 embedding dimension, L2-normalised; null where the sample could not be embedded), `error` (null or why).
 The footer's key-value metadata `nsfw_curator` (JSON) repeats what the identity covers.
 
-Writes are atomic: a temp file + `os.replace` on local disk, one PUT on object stores (an object appears
-whole or not at all). Concurrent writers of one entry leave one complete file (the last). An entry that
+Writes are atomic (`tasks.atomic`): a temp file + `os.replace` on local disk; on object stores the
+object appears whole or not at all (one PUT, or a multipart upload completed at close). Concurrent writers of one entry leave one complete file (the last). An entry that
 cannot be read, fails its page checksums, or does not match its name is a miss with a warning, and the
 next embedding of that shard overwrites it.
 
