@@ -106,15 +106,27 @@ def image_extension(members: dict[str, bytes]) -> str | None:
     return None
 
 
+def _printable(name: str) -> str:
+    """The name as valid UTF-8 text: tarfile keeps undecodable bytes as surrogates, which Parquet cannot store."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _short(text: str) -> str:
-    text = " ".join(str(text).split())
+    """One line of valid UTF-8 text, at most _MAX_REASON_CHARS long."""
+    text = " ".join(_printable(str(text)).split())
     return text if len(text) <= _MAX_REASON_CHARS else text[: _MAX_REASON_CHARS - 3] + "..."
 
 
 def _unsafe_name_reason(name: str) -> str | None:
-    """Why a member name must never become a path (absolute, `..`, NUL), or None when it is safe."""
+    """Why a member name must never be used (absolute, `..`, NUL, not UTF-8), or None when it is safe."""
     if "\x00" in name:
         return "contains a NUL character"
+    if _printable(name) != name:
+        return "is not valid UTF-8"
     if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
         return "is an absolute path"
     if ".." in re.split(r"[\\/]", name):
@@ -219,6 +231,7 @@ def _samples_from_tar(fileobj, shard_url: str) -> Iterator[Sample]:
         yield Sample(key=None, shard=shard_url, error=_short(f"the shard is not a readable tar file ({exc})"))
         return
     current: Sample | None = None
+    current_key: str | None = None  # the key as tarfile decoded it (Sample.key is its printable form)
     seen_keys: set[str] = set()  # per shard only: detects a key whose members are not contiguous
     member_name: str | None = None  # the last member whose header was read
     reading: str | None = None  # the member whose data is being read
@@ -236,24 +249,21 @@ def _samples_from_tar(fileobj, shard_url: str) -> Iterator[Sample]:
                     _check_structure(current)
                     yield current
                     current = None
-                yield Sample(
-                    key=member_name,
-                    shard=shard_url,
-                    error=_short(f"member {member_name!r} has no extension, so it belongs to no WebDataset sample"),
-                )
+                name = _printable(member_name)
+                yield Sample(key=name, shard=shard_url, error=_short(f"member {name!r} has no extension, so it belongs to no WebDataset sample"))
                 continue
             key, extension = match.group(1), match.group(2)
-            if current is None or key != current.key:
+            if current is None or key != current_key:
                 if current is not None:
                     _check_structure(current)
                     yield current
-                current = Sample(key=key, shard=shard_url)
+                current, current_key = Sample(key=_printable(key), shard=shard_url), key
                 if key in seen_keys:
-                    _fail(current, f"key {key!r} reappears after other keys; WebDataset reads its later members as a second sample")
+                    _fail(current, f"key {current.key!r} reappears after other keys; WebDataset reads its later members as a second sample")
                 seen_keys.add(key)
             unsafe = _unsafe_name_reason(member_name)
             if unsafe:
-                _fail(current, f"member name {member_name!r} {unsafe}, so the sample is never written")
+                _fail(current, f"member name {_printable(member_name)!r} {unsafe}, so the sample is never written")
             if extension.lower() in {ext.lower() for ext in current.members}:
                 _fail(current, f"member {member_name!r} appears twice in the sample")
                 continue
@@ -280,7 +290,8 @@ def _samples_from_tar(fileobj, shard_url: str) -> Iterator[Sample]:
         yield current
     if damage is not None:
         where = f"inside member {reading!r}" if reading else f"after member {member_name!r}" if member_name else "at its start"
-        yield Sample(key=None, shard=shard_url, error=f"the tar is damaged {where} ({damage}); the rest of the shard could not be read")
+        error = f"the tar is damaged {where} ({damage}); the rest of the shard could not be read"
+        yield Sample(key=None, shard=shard_url, error=_printable(error))
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

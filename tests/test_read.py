@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 import threading
 
 import fsspec
@@ -344,3 +345,17 @@ def test_small_jpeg_decodes_exactly_as_pillow_does(tmp_path):
     [sample] = iter_samples(str(shard))
     expected = Image.open(io.BytesIO(data)).convert("RGB")
     assert np.array_equal(pixels(sample.image), pixels(expected))
+
+
+def test_member_names_that_are_not_utf8_get_a_printable_key_and_an_error(tmp_path):
+    path = tmp_path / "latin1.tar"
+    name = b"caf\xe9.jpg".decode("utf-8", "surrogateescape")
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape") as tar:
+        for member_name, data in [(name, encode(Image.new("RGB", (8, 8)), "JPEG")), ("ok.jpg", encode(Image.new("RGB", (8, 8)), "JPEG"))]:
+            info = tarfile.TarInfo(member_name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    latin, ok = iter_samples(str(path))
+    assert latin.key == "caf\\xe9" and latin.error == "member name 'caf\\\\xe9.jpg' is not valid UTF-8, so the sample is never written"
+    latin.error.encode("utf-8")  # storable in Parquet
+    assert ok.key == "ok" and ok.error is None
