@@ -127,7 +127,8 @@ def _list_one(url: str, extensions: tuple[str, ...], storage_options: dict | Non
 
 
 def _check_exist(urls: Iterable[str], storage_options: dict | None) -> list[str]:
-    """Full URLs of explicitly named shards, after checking they exist with one listing per parent directory."""
+    """Full URLs of explicitly named shards, checked with one listing per parent directory (and a
+    per-shard check only for those the listing does not show, e.g. on HTTP)."""
     by_parent: dict[tuple[int, str], list[tuple[str, str]]] = {}
     filesystems: dict[int, fsspec.AbstractFileSystem] = {}
     for url in urls:
@@ -138,24 +139,33 @@ def _check_exist(urls: Iterable[str], storage_options: dict | None) -> list[str]
     missing: list[tuple[str, str]] = []
     for (fs_id, parent), entries in by_parent.items():
         fs = filesystems[fs_id]
+        reason = "no such file"
         try:
             fs.invalidate_cache(parent)
             listed = {fs._strip_protocol(p).rstrip("/") for p in fs.ls(parent, detail=False)}
         except FileNotFoundError as exc:
-            missing.extend((url, str(exc).strip() or "not found") for url, _ in entries)
-            continue
-        except Exception as exc:  # noqa: BLE001 - see _list_one
-            raise _listing_error(fs.unstrip_protocol(parent), exc) from None
+            listed, reason = set(), str(exc).strip() or reason
+        except Exception:  # noqa: BLE001 - some filesystems cannot list; each shard is checked below
+            listed = set()
         for url, path in entries:
             if fs._strip_protocol(path).rstrip("/") in listed:
                 found.append(_full_url(fs, path))
+                continue
+            try:
+                present = fs.info(path).get("type") == "file"  # isfile() would hide connection errors
+            except FileNotFoundError:
+                present = False
+            except Exception as exc:  # noqa: BLE001 - see _list_one
+                raise _listing_error(url, exc) from None
+            if present:
+                found.append(_full_url(fs, path))
             else:
-                missing.append((url, "no such file"))
+                missing.append((url, reason))
     if missing:
-        first_url, reason = missing[0]
+        first_url, first_reason = missing[0]
         total = len(found) + len(missing)
         raise UserError(
-            f"{len(missing)} of {total} shards named in file_paths do not exist (first: {first_url}, {reason}); "
+            f"{len(missing)} of {total} shards named in file_paths do not exist (first: {first_url}, {first_reason}); "
             f"fix file_paths or the brace range."
         )
     return found

@@ -16,6 +16,17 @@ NO_RETRIES = {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout
 
 
 @pytest.fixture()
+def unreachable_s3(s3_endpoint, monkeypatch):
+    """S3 requests go to a closed port (the discard port); filesystems made meanwhile are forgotten after."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture()
 def shard_dir(tmp_path):
     """part-1, part-2, part-10 (.tar), sub/deep.TAR, a .tar.gz and a stray text file."""
     root = tmp_path / "shards"
@@ -120,8 +131,7 @@ def test_s3_prefix_brace_and_listing_errors(s3_bucket):
         list_shards("s3://no-such-bucket-anywhere/data")
 
 
-def test_unreachable_endpoint_is_one_sentence_naming_the_url(s3_endpoint, monkeypatch):
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # nothing listens on the discard port
+def test_unreachable_endpoint_is_one_sentence_naming_the_url(unreachable_s3):
     with pytest.raises(UserError, match=r"^Cannot list s3://bucket/data \(EndpointConnectionError: .*\); check the storage endpoint"):
         list_shards("s3://bucket/data", storage_options=NO_RETRIES)
 
@@ -145,3 +155,8 @@ def test_partitions_group_consecutive_shards_with_stable_ids():
 def test_files_per_partition_must_be_a_positive_whole_number(bad):
     with pytest.raises(UserError, match=r"^files_per_partition must be a whole number of at least 1"):
         partition_shards(["a.tar"], files_per_partition=bad)
+
+
+def test_unreachable_endpoint_with_a_list_of_shards(unreachable_s3):
+    with pytest.raises(UserError, match=r"^Cannot list s3://bucket/a-0\.tar \(EndpointConnectionError: "):
+        list_shards("s3://bucket/a-{0..3}.tar", storage_options=NO_RETRIES)

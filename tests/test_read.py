@@ -29,6 +29,17 @@ from tasks.errors import UserError
 from tasks.read import DecodeOptions, Sample, image_extension, iter_batches, iter_samples
 
 NO_RETRIES = {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}}
+
+
+@pytest.fixture()
+def unreachable_s3(s3_endpoint, monkeypatch):
+    """S3 requests go to a closed port (the discard port); filesystems made meanwhile are forgotten after."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
 FULL = DecodeOptions(reduced_jpeg_size=None)  # exact pixels; reduced decoding has its own tests
 
 
@@ -321,8 +332,7 @@ def test_reading_from_s3_through_moto(s3_bucket, bad_case_shard, bad_case_sample
         list(iter_samples(f"s3://{s3_bucket}/shards/nope.tar"))
 
 
-def test_unreachable_s3_endpoint_is_one_sentence(s3_endpoint, monkeypatch):
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
+def test_unreachable_s3_endpoint_is_one_sentence(unreachable_s3):
     with pytest.raises(UserError, match=r"^Cannot open shard s3://bucket/a\.tar \(EndpointConnectionError: .*\); check the storage endpoint"):
         list(iter_samples("s3://bucket/a.tar", storage_options=NO_RETRIES))
 
