@@ -67,6 +67,7 @@ class ScoreOverview:
     samples: int  # rows, scored or not
     scored: int  # rows with a nsfw_score
     histogram: list[int]  # scored rows per band, same bins as summary.json
+    histogram_below_threshold: list[int]  # of those, rows with nsfw_score < score_threshold
     bin_edges: list[float]
     score_threshold: float
     below_threshold: int  # scored rows with nsfw_score < score_threshold (they passed)
@@ -177,6 +178,7 @@ def scan_scores(
     """
     bin_edges = np.linspace(0.0, 1.0, HISTOGRAM_BINS + 1)
     histogram = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
+    histogram_below = np.zeros(HISTOGRAM_BINS, dtype=np.int64)
     samples = below_threshold = below_around = 0
     hash_key = _seed_hash_key(seed)
     kept = pd.DataFrame({"key": pd.Series(dtype=object), "shard": pd.Series(dtype=object), "nsfw_score": pd.Series(dtype=np.float32),
@@ -189,7 +191,9 @@ def scan_scores(
         nsfw_score = scored.column("nsfw_score").to_numpy(zero_copy_only=False).astype(np.float32)
         band = score_bands(nsfw_score, bin_edges)
         histogram += np.bincount(band, minlength=HISTOGRAM_BINS)
-        below_threshold += int(np.count_nonzero(nsfw_score.astype(np.float64) < score_threshold))
+        passes = nsfw_score.astype(np.float64) < score_threshold
+        histogram_below += np.bincount(band[passes], minlength=HISTOGRAM_BINS)
+        below_threshold += int(np.count_nonzero(passes))
         below_around += int(np.count_nonzero(nsfw_score.astype(np.float64) < around))
         # The writer gives every scored row a key and a shard; the mask only keeps hashing total.
         named = pc.and_(pc.is_valid(scored.column("key")), pc.is_valid(scored.column("shard"))).to_numpy(zero_copy_only=False)
@@ -210,6 +214,7 @@ def scan_scores(
         samples=samples,
         scored=int(histogram.sum()),
         histogram=histogram.astype(int).tolist(),
+        histogram_below_threshold=histogram_below.astype(int).tolist(),
         bin_edges=bin_edges.round(4).tolist(),
         score_threshold=float(score_threshold),
         below_threshold=below_threshold,
@@ -403,10 +408,11 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def _compact(count: int) -> str:
-    if count >= 1_000_000:
-        return f"{count / 1_000_000:.1f}M"
-    if count >= 10_000:
-        return f"{count / 1_000:.0f}k" if count >= 100_000 else f"{count / 1_000:.1f}k"
+    """1234 -> 1234, 18123 -> 18.1k, 480000 -> 480k, 1000000 -> 1M: short enough for a bar."""
+    for unit, suffix, smallest in ((1_000_000, "M", 1_000_000), (1_000, "k", 10_000)):
+        if count >= smallest:
+            value = count / unit
+            return (f"{value:.1f}" if value < 100 else f"{value:.0f}").removesuffix(".0") + suffix
     return str(count)
 
 
@@ -428,16 +434,20 @@ def render_histogram_png(overview: ScoreOverview, layout: HistogramLayout = Hist
         draw.line((layout.left, y, layout.width - layout.right, y), fill=_GRID_COLOUR)
         draw.text((layout.left - 6, y), _compact(10**power), fill=_TEXT_COLOUR, font=small, anchor="rm")
     threshold_x = layout.x_of(overview.score_threshold)
-    for index, count in enumerate(histogram):
+    for index, (count, passing) in enumerate(zip(histogram, overview.histogram_below_threshold)):
         x0, x1 = layout.bar_span(index, bins)
         height = layout.bar_height(count, histogram)
         if height == 0:
             continue
         y0 = layout.baseline - height
-        if x0 < threshold_x:
-            draw.rectangle((x0, y0, min(x1, threshold_x - 1), layout.baseline - 1), fill=PASS_COLOUR)
-        if x1 >= threshold_x:
-            draw.rectangle((max(x0, threshold_x), y0, x1, layout.baseline - 1), fill=FILTERED_COLOUR)
+        # A bin the threshold cuts is split left/right in proportion to its samples on each side.
+        split = x0 + round((x1 - x0 + 1) * passing / count)
+        if 0 < passing < count:
+            split = min(max(split, x0 + 1), x1)
+        if split > x0:
+            draw.rectangle((x0, y0, split - 1, layout.baseline - 1), fill=PASS_COLOUR)
+        if split <= x1:
+            draw.rectangle((split, y0, x1, layout.baseline - 1), fill=FILTERED_COLOUR)
         draw.text(((x0 + x1) / 2, y0 - 3), _compact(count), fill=_TEXT_COLOUR, font=small, anchor="mb")
     draw.line((layout.left, layout.baseline, layout.width - layout.right, layout.baseline), fill=_TEXT_COLOUR)
     for tenth in range(11):
@@ -451,13 +461,20 @@ def render_histogram_png(overview: ScoreOverview, layout: HistogramLayout = Hist
         _dashed_vertical(draw, around_x, layout.top - 8, layout.baseline, AROUND_COLOUR)
         draw.text((around_x + 4, layout.top - 8), f"review centre {overview.around:g}", fill=AROUND_COLOUR, font=small, anchor="lt")
     draw.line((threshold_x, layout.top - 26, threshold_x, layout.baseline), fill=THRESHOLD_COLOUR, width=2)
-    below = f"← {overview.below_threshold:,} pass (< {overview.score_threshold:g})"
-    above = f"{overview.at_or_above_threshold:,} filtered (≥ {overview.score_threshold:g}) →"
+    # The pass count left of the line, the filtered count right of it; near an edge both slide inwards, in order.
+    below = f"{overview.below_threshold:,} pass (< {overview.score_threshold:g})"
+    above = f"{overview.at_or_above_threshold:,} filtered (>= {overview.score_threshold:g})"
+    below_width, above_width = normal.getlength(below), normal.getlength(above)
+    below_x, above_x = threshold_x - 8 - below_width, threshold_x + 8
+    if below_x < 8:
+        below_x = 8
+        above_x = max(above_x, below_x + below_width + 16)
+    if above_x + above_width > layout.width - 8:
+        above_x = layout.width - 8 - above_width
+        below_x = min(below_x, above_x - 16 - below_width)
     label_y = layout.top - 30
-    below_right = max(threshold_x - 6, 8 + normal.getlength(below))
-    draw.text((below_right, label_y), below, fill=PASS_COLOUR, font=normal, anchor="rm")
-    above_left = min(threshold_x + 6, layout.width - 8 - normal.getlength(above))
-    draw.text((above_left, label_y), above, fill=FILTERED_COLOUR, font=normal, anchor="lm")
+    draw.text((below_x, label_y), below, fill=PASS_COLOUR, font=normal, anchor="lm")
+    draw.text((above_x, label_y), above, fill=FILTERED_COLOUR, font=normal, anchor="lm")
     buffer = io.BytesIO()
     image.save(buffer, "PNG", optimize=True)
     return buffer.getvalue()
@@ -506,6 +523,11 @@ def _caption_text(caption: str | None) -> str:
     return text if len(text) <= _CAPTION_CHARS else text[: _CAPTION_CHARS - 1] + "…"
 
 
+def score_text(nsfw_score: float) -> str:
+    """Four significant digits: clean data scores far below 0.001, where fixed decimals would all read 0.0000."""
+    return format(nsfw_score, ".4g")
+
+
 def _card(sample: ReviewSample, score_threshold: float) -> str:
     filtered = sample.nsfw_score >= score_threshold
     classes = ["sample", "filtered" if filtered else "passed"] + (["blurred"] if sample.blurred else [])
@@ -519,7 +541,7 @@ def _card(sample: ReviewSample, score_threshold: float) -> str:
     return (
         f'<figure class="{" ".join(classes)}" data-key="{_e(sample.key)}" data-shard="{_e(sample.shard)}" '
         f'data-score="{sample.nsfw_score!r}">{picture}<figcaption>'
-        f'<span class="score">{sample.nsfw_score:.4f}</span><span class="verdict">{"filtered" if filtered else "passes"}</span>{badge}'
+        f'<span class="score">{score_text(sample.nsfw_score)}</span><span class="verdict">{"filtered" if filtered else "passes"}</span>{badge}'
         f'<code class="key">{_e(sample.key)}</code><span class="shard" title="{_e(sample.shard)}">{_e(_shard_label(sample.shard))}</span>'
         f'<p class="caption">{_e(_caption_text(sample.caption))}</p>{problem}</figcaption></figure>'
     )

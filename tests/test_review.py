@@ -1,0 +1,550 @@
+"""The review sheet on a real filter run (tiny random CLIP, real LAION head, real Prefect API, real tars, moto S3)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from flows.nsfw_filter import nsfw_filter
+from tasks.errors import UserError
+from tasks.review import (
+    AROUND_WEIGHT,
+    FILTERED_COLOUR,
+    PASS_COLOUR,
+    THUMBNAIL_SIDE,
+    HistogramLayout,
+    allocate_quotas,
+    band_weights,
+    choose_review_samples,
+    read_run_summary,
+    run_scores_urls,
+    scan_scores,
+    write_review_sheet,
+)
+from tests.support.tars import Member, bad_case_members, drawn_image, encode, shard_of_good_samples, write_tar
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+EVIL_KEY = 'evil"<img src=x onerror=alert(1)>'
+EVIL_CAPTION = '<script>alert("caption")</script> & <b>bold</b>'
+FLOW_REVIEW_SAMPLES = 6
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+# ---------------------------------------------------------------- a real filter run, shared by the module
+
+
+@dataclass
+class FilterRunOutput:
+    input_dir: Path
+    output_path: Path
+    flow_run_id: object
+    score_threshold: float
+
+
+def input_shards(input_dir: Path, good_shards: int = 3, per_shard: int = 8) -> Path:
+    for s in range(good_shards):
+        write_tar(input_dir / f"part-{s:06d}.tar", shard_of_good_samples([f"{s:03d}/{j:04d}" for j in range(per_shard)], size=(160, 120)))
+    evil = [
+        Member(f"{EVIL_KEY}.jpg", encode(drawn_image(120, 90, seed=99), "JPEG")),
+        Member(f"{EVIL_KEY}.txt", EVIL_CAPTION.encode()),
+    ]
+    write_tar(input_dir / f"part-{good_shards:06d}.tar", bad_case_members() + evil)
+    return input_dir
+
+
+def filter_parameters(tiny_clip, laion_dir, root: Path, file_paths: str, output_path: str) -> dict:
+    config_path, checkpoint_path = tiny_clip
+    return dict(
+        file_paths=file_paths,
+        output_path=output_path,
+        files_per_partition=2,
+        task_batch_size=8,
+        clip_model=str(config_path),
+        clip_pretrained=str(checkpoint_path),
+        nsfw_weights=str(laion_dir / "vit_l_14.safetensors"),
+        cache_path=str(root / "cache"),
+        model_dir=str(root / "models"),
+        review_samples=FLOW_REVIEW_SAMPLES,
+        return_state=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def filter_run(tmp_path_factory, tiny_clip_768, laion_dir, prefect_api) -> FilterRunOutput:
+    root = tmp_path_factory.mktemp("review-run")
+    input_dir = input_shards(root / "in")
+    parameters = filter_parameters(tiny_clip_768, laion_dir, root, str(input_dir), str(root / "out"))
+    assert nsfw_filter(**{**parameters, "review_samples": 0}).is_completed()
+    # A random CLIP scores everything far below 0.5; a threshold inside its scores puts samples on both sides.
+    # The second run reuses the cached embeddings and writes the sheet.
+    scores = np.sort(np.array(list(scored_rows(root / "out").values()), dtype=np.float32))
+    threshold = float(np.float32((scores[int(len(scores) * 0.6)] + scores[int(len(scores) * 0.6) - 1]) / 2))
+    state = nsfw_filter(**{**parameters, "score_threshold": threshold})
+    assert state.is_completed()
+    return FilterRunOutput(input_dir, root / "out", state.state_details.flow_run_id, threshold)
+
+
+def copy_of_run(run: FilterRunOutput, tmp_path: Path) -> Path:
+    """The run's outputs copied (the scores still name the original input shards); each test writes its own sheet."""
+    target = tmp_path / "out"
+    shutil.copytree(run.output_path, target, ignore=shutil.ignore_patterns("review"))
+    return target
+
+
+def read_scores(output_path: Path) -> dict[str, list]:
+    table = pa.concat_tables([pq.read_table(p) for p in sorted((output_path / "scores").glob("*.parquet"))])
+    return table.to_pydict()
+
+
+def scored_rows(output_path: Path) -> dict[tuple[str, str], float]:
+    scores = read_scores(output_path)
+    return {(s, k): v for s, k, v in zip(scores["shard"], scores["key"], scores["nsfw_score"]) if v is not None}
+
+
+# ---------------------------------------------------------------- reading the sheet back
+
+
+@dataclass
+class Card:
+    key: str
+    shard: str
+    score: float
+    classes: set[str]
+    src: str | None
+    text: str
+
+
+class SheetParser(HTMLParser):
+    """The cards, image sources, histogram and sides tables of a sheet, as the browser would read them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cards: list[Card] = []
+        self.images: list[str] = []
+        self.tags: set[str] = set()
+        self.links: list[str] = []
+        self.tables: dict[str, list[list[str]]] = {}
+        self._card: Card | None = None
+        self._table: str | None = None
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        attributes = dict(attrs)
+        self.tags.add(tag)
+        self.links += [value for name, value in attrs if name in ("href", "src") and value]
+        if tag == "figure":
+            self._card = Card(attributes["data-key"], attributes["data-shard"], float(attributes["data-score"]), set(attributes["class"].split()), None, "")
+        if tag == "img":
+            self.images.append(attributes["src"])
+            if self._card is not None:
+                self._card.src = attributes["src"]
+        if tag == "table":
+            self._table = attributes["class"]
+            self.tables[self._table] = []
+        if tag == "tr" and self._table:
+            self.tables[self._table].append([])
+        if tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag == "figure":
+            self.cards.append(self._card)
+            self._card = None
+        if tag in ("td", "th") and self._table:
+            self.tables[self._table][-1].append("".join(self._cell))
+            self._cell = None
+        if tag == "table":
+            self._table = None
+
+    def handle_data(self, data):
+        if self._card is not None:
+            self._card.text += data
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def parse_sheet(text: str) -> SheetParser:
+    parser = SheetParser()
+    parser.feed(text)
+    parser.close()
+    return parser
+
+
+def thumbnail_pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.float64)
+
+
+def high_frequency_energy(pixels: np.ndarray) -> float:
+    grey = pixels.mean(axis=2)
+    return float(np.abs(np.diff(grey, axis=0)).mean() + np.abs(np.diff(grey, axis=1)).mean())
+
+
+# ---------------------------------------------------------------- tests on the local run
+
+
+def test_sheet_lists_the_requested_samples_and_every_file_it_references_exists(filter_run, tmp_path):
+    output_path = copy_of_run(filter_run, tmp_path)
+    scored = scored_rows(output_path)
+    blur_above = float(np.median(list(scored.values())))
+    sheet = write_review_sheet(str(output_path), n=12, seed=1, blur_above=blur_above)
+    review_dir = output_path / "review"
+    text = (review_dir / "review.html").read_text()
+    page = parse_sheet(text)
+    assert len(page.cards) == len(sheet.samples) == 12
+    # every card is a distinct scored sample of the run, with its score; all images are present
+    identities = [(card.shard, card.key) for card in page.cards]
+    assert len(set(identities)) == 12
+    for card in page.cards:
+        assert card.score == pytest.approx(scored[(card.shard, card.key)], abs=1e-7)
+        assert card.src is not None, card.text
+        assert ("blurred" in card.classes) == (card.score >= blur_above)
+        assert ("filtered" in card.classes) == (card.score >= filter_run.score_threshold)
+        assert card.key in card.text and os.path.basename(card.shard) in card.text and format(card.score, ".4g") in card.text
+    assert sum("blurred" in card.classes for card in page.cards) > 0 and sum("blurred" not in card.classes for card in page.cards) > 0
+    for src in page.images:
+        assert not src.startswith(("/", "http:", "https:", "file:", "data:")) and ".." not in src
+        path = review_dir / src
+        assert path.is_file(), src
+        with Image.open(path) as image:
+            image.verify()
+    thumbnails = [review_dir / card.src for card in page.cards]
+    assert {p.name for p in (review_dir / "thumbs").iterdir()} == {p.name for p in thumbnails}
+    for path in thumbnails:
+        with Image.open(path) as image:
+            assert image.format == "JPEG" and max(image.size) <= THUMBNAIL_SIDE
+    # captions come from the samples' .txt members
+    good = [card for card in page.cards if card.key[:3].isdigit()]
+    assert all(f"caption {card.key}" in card.text for card in good)
+    # self-contained: inline CSS, no scripts, no stylesheets, nothing fetched from elsewhere
+    assert {"script", "link", "iframe"}.isdisjoint(page.tags) and "<style>" in text
+    assert sorted(page.links) == sorted(page.images)
+
+
+def test_histogram_counts_match_the_scores_parquet(filter_run, tmp_path):
+    output_path = copy_of_run(filter_run, tmp_path)
+    sheet = write_review_sheet(str(output_path), n=5, around=0.3)
+    scores = np.array([v for v in read_scores(output_path)["nsfw_score"] if v is not None], dtype=np.float32)
+    expected, _ = np.histogram(scores, bins=20, range=(0.0, 1.0))
+    summary = json.loads((output_path / "summary.json").read_text())
+    assert sheet.overview.histogram == expected.tolist() == summary["histogram"]
+    page = parse_sheet((output_path / "review" / "review.html").read_text())
+    assert [int(row[1]) for row in page.tables["histogram"][1:]] == expected.tolist()
+    sides = {row[0].split()[0]: (int(row[1].replace(",", "")), int(row[2].replace(",", ""))) for row in page.tables["sides"][1:]}
+    threshold = summary["score_threshold"]
+    assert sides["score_threshold"] == (int((scores < threshold).sum()), int((scores >= threshold).sum())) == (summary["passed"], summary["filtered"])
+    assert summary["passed"] > 0 and summary["filtered"] > 0
+    assert sides["review"] == (int((scores < 0.3).sum()), int((scores >= 0.3).sum()))
+    # the PNG draws a bar exactly where a bin holds samples
+    layout = HistogramLayout()
+    with Image.open(output_path / "review" / "histogram.png") as image:
+        assert image.size == (layout.width, layout.height)
+        pixels = image.convert("RGB")
+        for index, count in enumerate(expected):
+            x0, x1 = layout.bar_span(index)
+            colours = {pixels.getpixel((x, layout.baseline - 2)) for x in range(x0, x1 + 1)}
+            in_bin = scores[(scores >= index / 20) & ((scores < (index + 1) / 20) if index < 19 else (scores <= 1))]
+            sides = {PASS_COLOUR} if (in_bin < threshold).any() else set()
+            sides |= {FILTERED_COLOUR} if (in_bin >= threshold).any() else set()
+            assert colours & {PASS_COLOUR, FILTERED_COLOUR} == sides, (index, count, colours)  # the cut bin shows both
+
+
+def test_blurred_thumbnails_differ_from_unblurred_ones_and_do_not_survive_a_blurred_sheet(filter_run, tmp_path):
+    output_path = copy_of_run(filter_run, tmp_path)
+    scored = scored_rows(output_path)
+    blur_above = float(np.median(list(scored.values())))
+    unblurred = write_review_sheet(str(output_path), n=10, seed=2, blur_above=blur_above, blur=False)
+    unblurred_pixels = [thumbnail_pixels(output_path / "review" / s.thumbnail) for s in unblurred.samples]
+    assert not any(s.blurred for s in unblurred.samples)
+    blurred = write_review_sheet(str(output_path), n=10, seed=2, blur_above=blur_above)
+    assert [(s.shard, s.key) for s in blurred.samples] == [(s.shard, s.key) for s in unblurred.samples]
+    above = 0
+    for sample, plain in zip(blurred.samples, unblurred_pixels):
+        pixels = thumbnail_pixels(output_path / "review" / sample.thumbnail)
+        assert pixels.shape == plain.shape
+        if sample.nsfw_score >= blur_above:
+            assert sample.blurred and sample.thumbnail.endswith("-blurred.jpg")
+            if high_frequency_energy(plain) < 1:
+                continue  # a flat picture (one colour) is its own blur
+            above += 1
+            assert np.abs(pixels - plain).mean() > 8, sample.key  # not the same picture
+            assert high_frequency_energy(pixels) < 0.25 * high_frequency_energy(plain), sample.key  # edges gone
+        else:
+            assert not sample.blurred
+            assert np.abs(pixels - plain).max() == 0
+    assert above > 0
+    # the unblurred thumbnails of the first sheet are gone: only the blurred sheet's files remain
+    remaining = {p.name for p in (output_path / "review" / "thumbs").iterdir()}
+    assert remaining == {Path(s.thumbnail).name for s in blurred.samples}
+
+
+def test_sampling_is_seeded_and_independent_of_file_order(filter_run, tmp_path):
+    output_path = copy_of_run(filter_run, tmp_path)
+    scored = scored_rows(output_path)
+    first = write_review_sheet(str(output_path), n=8, seed=7)
+    again = write_review_sheet(str(output_path), n=8, seed=7)
+    other = write_review_sheet(str(output_path), n=8, seed=8)
+    picked = lambda sheet: [(s.shard, s.key) for s in sheet.samples]  # noqa: E731
+    assert picked(first) == picked(again)
+    assert set(picked(first)) != set(picked(other))
+    assert len(scored) > 8
+    # the seeded hash of (shard, key), not the reading order, decides: reversed files keep the same candidates
+    summary = read_run_summary(str(output_path))
+    urls = run_scores_urls(str(output_path), summary)
+    _, forward = scan_scores(urls, 3, 0.5, 0.5, seed=7)
+    _, backward = scan_scores(urls[::-1], 3, 0.5, 0.5, seed=7)
+    assert forward[["shard", "key"]].values.tolist() == backward[["shard", "key"]].values.tolist()
+
+
+def test_quotas_are_denser_around_the_centre_and_pass_on_what_a_band_lacks():
+    edges = np.linspace(0, 1, 21)
+    weights = band_weights(0.5, edges)
+    assert weights.tolist() == [1.0] * 8 + [float(AROUND_WEIGHT)] * 4 + [1.0] * 8
+    quotas = allocate_quotas(64, [100] * 20, weights)
+    assert quotas.sum() == 64 and quotas[8:12].tolist() == [8, 8, 8, 8] and set(quotas[:8].tolist() + quotas[12:].tolist()) == {2}
+    # a clean dataset: almost everything below 0.05, a thin tail; the empty bands' share goes to the others
+    capacity = [10_000, 40, 12, 5, 3, 1, 0, 0, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    quotas = allocate_quotas(64, capacity, weights)
+    assert quotas.sum() == 64 and (quotas <= np.array(capacity)).all()
+    assert quotas[8:10].tolist() == [2, 1] and quotas[5] == 1  # every sample of the sparse bands near the threshold is shown
+    assert allocate_quotas(500, capacity[1:], weights[1:]).tolist() == capacity[1:]  # fewer samples than asked: all of them
+    assert allocate_quotas(64, [0] * 20, weights).sum() == 0
+
+
+def test_a_spread_of_scores_is_sampled_per_band_and_densest_around_the_centre(tmp_path):
+    from tasks.write import write_scores
+
+    rng = np.random.default_rng(0)
+    # Clean-looking data: most scores near 0 and a thin tail up to 1; plus rows that were not scored.
+    nsfw_score = np.concatenate([rng.beta(0.3, 30, 5000), rng.uniform(0, 1, 400)]).astype(np.float32)
+    urls = []
+    for part, chunk in enumerate(np.array_split(rng.permutation(nsfw_score), 3)):
+        rows = len(chunk) + 2
+        urls.append(str(tmp_path / "scores" / f"part-{part:06d}.parquet"))
+        write_scores(urls[-1], {
+            "key": [f"{part}/{i:05d}" for i in range(rows)],
+            "shard": [f"s3://bucket/in/{part:06d}.tar"] * rows,
+            "nsfw_score": [float(v) for v in chunk] + [None, None],
+            "passed": [bool(v < 0.5) for v in chunk] + [False, False],
+            "error": [None] * len(chunk) + ["image is truncated", "not scored"],
+            "output_shard": [None] * rows,
+        })  # fmt: skip
+    overview, kept = scan_scores(urls, 64, 0.5, 0.3, seed=0)
+    assert overview.samples == len(nsfw_score) + 6 and overview.scored == len(nsfw_score)
+    assert overview.histogram == np.histogram(nsfw_score, bins=20, range=(0.0, 1.0))[0].tolist()
+    assert min(overview.histogram) >= 8  # the tail fills every band, so the weights alone decide
+    samples, quotas = choose_review_samples(kept, overview, 64)
+    assert quotas.tolist() == [2] * 4 + [2 * AROUND_WEIGHT] * 4 + [2] * 12  # bands 0.20-0.40 centred near 0.3
+    assert len(samples) == 64 and len({(s.shard, s.key) for s in samples}) == 64
+    assert np.bincount([s.band for s in samples], minlength=20).tolist() == quotas.tolist()
+    for sample in samples:
+        assert overview.bin_edges[sample.band] <= sample.nsfw_score < overview.bin_edges[sample.band + 1]
+    assert [s.nsfw_score for s in samples] == sorted(s.nsfw_score for s in samples)
+
+
+def test_a_run_without_scored_samples_gets_an_empty_sheet(tmp_path):
+    from tasks.write import write_scores
+
+    write_scores(str(tmp_path / "scores" / "part-000000.parquet"), {
+        "key": ["a", "b"], "shard": ["in/0.tar"] * 2, "nsfw_score": [None, None], "passed": [False, False],
+        "error": ["image is truncated", "no image member"], "output_shard": [None, None],
+    })  # fmt: skip
+    (tmp_path / "summary.json").write_text(json.dumps({"score_threshold": 0.5, "scores_files": ["part-000000.parquet"]}))
+    sheet = write_review_sheet(str(tmp_path), n=4)
+    assert sheet.samples == [] and sheet.overview.samples == 2 and sheet.overview.histogram == [0] * 20
+    text = (tmp_path / "review" / "review.html").read_text()
+    assert "No scored samples to show." in text and parse_sheet(text).images == ["histogram.png"]
+    with Image.open(tmp_path / "review" / "histogram.png") as image:
+        assert image.format == "PNG"
+
+
+def test_untrusted_keys_captions_and_shard_names_are_escaped(filter_run, tmp_path):
+    output_path = copy_of_run(filter_run, tmp_path)
+    scored = scored_rows(output_path)
+    evil_score = next(v for (s, k), v in scored.items() if k == EVIL_KEY)
+    sheet = write_review_sheet(str(output_path), n=3, around=float(evil_score), seed=0)
+    if EVIL_KEY not in [s.key for s in sheet.samples]:  # make sure it is on the sheet: show everything
+        sheet = write_review_sheet(str(output_path), n=len(scored), seed=0)
+    text = (output_path / "review" / "review.html").read_text()
+    page = parse_sheet(text)
+    card = next(card for card in page.cards if card.key == EVIL_KEY)
+    assert EVIL_CAPTION in card.text  # shown as text ...
+    assert "<script" not in text and "<img src=x" not in text and "<b>bold" not in text  # ... never as markup
+    assert "script" not in page.tags and "b" not in page.tags
+
+
+def test_missing_or_changed_shards_are_reported_on_their_cards(filter_run, tmp_path):
+    # The run's inputs are moved (the scores are rewritten to point at the copy), then one shard is deleted
+    # and another truncated after its first sample, as if the data changed after the run.
+    output_path = copy_of_run(filter_run, tmp_path)
+    inputs = tmp_path / "in"
+    shutil.copytree(filter_run.input_dir, inputs)
+    for path in (output_path / "scores").glob("*.parquet"):
+        table = pq.read_table(path)
+        shards = [s.replace(str(filter_run.input_dir), str(inputs)) for s in table.column("shard").to_pylist()]
+        pq.write_table(table.set_column(table.schema.get_field_index("shard"), "shard", pa.array(shards, pa.string())), path)
+    (inputs / "part-000000.tar").unlink()
+    write_tar(inputs / "part-000001.tar", shard_of_good_samples(["001/0000"], size=(160, 120)))
+    scored = scored_rows(output_path)
+    sheet = write_review_sheet(str(output_path), n=len(scored), seed=0)
+    page = parse_sheet((output_path / "review" / "review.html").read_text())
+    assert len(page.cards) == len(scored)
+    for card in page.cards:
+        shard = os.path.basename(card.shard)
+        if shard == "part-000000.tar":
+            assert card.src is None and "shard could not be read" in card.text and "does not exist" in card.text
+        elif shard == "part-000001.tar" and card.key != "001/0000":
+            assert card.src is None and "not found in its shard" in card.text
+        else:
+            assert card.src is not None and (output_path / "review" / card.src).is_file()
+    assert sum(s.thumbnail is None for s in sheet.samples) == 8 + 7
+
+
+def test_bad_requests_get_one_sentence(filter_run, tmp_path):
+    output_path = copy_of_run(filter_run, tmp_path)
+    with pytest.raises(UserError, match=r"has no summary.json; point --output-path at the output_path of a finished nsfw-filter run"):
+        write_review_sheet(str(tmp_path / "elsewhere"))
+    with pytest.raises(UserError, match=r"at least 1, not 0"):
+        write_review_sheet(str(output_path), n=0)
+    with pytest.raises(UserError, match=r"around must be an nsfw_score between 0 and 1, not 1.5"):
+        write_review_sheet(str(output_path), around=1.5)
+    (output_path / "scores" / "part-000001.parquet").unlink()
+    with pytest.raises(UserError, match=r"scores file .*part-000001.parquet is missing; re-run the nsfw-filter flow"):
+        write_review_sheet(str(output_path))
+    assert not (output_path / "review").exists()
+
+
+def test_cli_writes_the_sheet_and_reports_mistakes(filter_run, tmp_path, capsys):
+    from flows.cli import main
+
+    output_path = copy_of_run(filter_run, tmp_path)
+    arguments = ["review", "--output-path", str(output_path), "--n", "5", "--seed", "3", "--blur-above", "0"]
+    assert main(arguments) == 0
+    sheet_path = output_path / "review" / "review.html"
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("5 samples (0 without image) of ") and out.endswith(f"-> {sheet_path}")
+    page = parse_sheet(sheet_path.read_text())
+    assert len(page.cards) == 5 and all("blurred" in c.classes for c in page.cards)  # --blur-above 0 blurs everything
+    shown = write_review_sheet(str(output_path), n=5, seed=3)  # same seed, same samples
+    assert [(c.shard, c.key) for c in page.cards] == [(s.shard, s.key) for s in shown.samples]
+    assert main(arguments + ["--no-blur"]) == 0
+    capsys.readouterr()
+    assert not any("blurred" in c.classes for c in parse_sheet(sheet_path.read_text()).cards)
+    assert main(arguments + ["--around", "2"]) == 2
+    assert capsys.readouterr().err.strip() == "nsfw-curator: error: around must be an nsfw_score between 0 and 1, not 2.0."
+    assert main(["review", "--output-path", str(tmp_path / "nothing")]) == 2
+    assert "has no summary.json" in capsys.readouterr().err
+
+
+def read_artifacts(flow_run_id) -> dict[str, object]:
+    from prefect import get_client
+    from prefect.client.schemas.objects import Artifact
+
+    with get_client(sync_client=True) as client:
+        # A plain POST: the client sends null for every filter left out, which this server refuses.
+        response = client.request("POST", "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}, "limit": 100})
+    return {artifact.key: artifact for artifact in Artifact.model_validate_list(response.json())}
+
+
+def test_flow_writes_the_sheet_and_its_artifacts(filter_run):
+    review_dir = filter_run.output_path / "review"
+    page = parse_sheet((review_dir / "review.html").read_text())
+    assert len(page.cards) == FLOW_REVIEW_SAMPLES
+    assert all((review_dir / src).is_file() for src in page.images)
+    artifacts = read_artifacts(filter_run.flow_run_id)
+    image = artifacts["nsfw-filter-review-histogram"]
+    assert image.type == "image" and image.data == (review_dir / "histogram.png").as_uri()
+    link = artifacts["nsfw-filter-review"]
+    assert link.type == "markdown" and f"(file://{review_dir / 'review.html'})" in link.data
+    assert "nsfw-filter-counts" in artifacts  # the run's other artifacts are still there
+
+
+# ---------------------------------------------------------------- S3
+
+
+def test_flow_on_s3_writes_the_sheet_next_to_its_thumbnails(tmp_path, tiny_clip_768, laion_dir, s3_bucket, s3_endpoint):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    local_inputs = tmp_path / "in"
+    write_tar(local_inputs / "part-000000.tar", shard_of_good_samples([f"s/{j:04d}" for j in range(6)], size=(160, 120)))
+    fs.put(str(local_inputs / "part-000000.tar"), f"{s3_bucket}/in/part-000000.tar")
+    output_url = f"s3://{s3_bucket}/out"
+    state = nsfw_filter(**{**filter_parameters(tiny_clip_768, laion_dir, tmp_path, f"s3://{s3_bucket}/in", output_url), "review_samples": 4})
+    assert state.is_completed()
+    fs.invalidate_cache()
+    review = f"{s3_bucket}/out/review"
+    page = parse_sheet(fs.cat_file(f"{review}/review.html").decode())
+    assert len(page.cards) == 4 and all(card.src for card in page.cards)
+    assert all(fs.exists(f"{review}/{src}") for src in page.images)
+    assert fs.info(f"{review}/review.html")["ContentType"].startswith("text/html")
+    assert fs.info(f"{review}/histogram.png")["ContentType"] == "image/png"
+    artifacts = read_artifacts(state.state_details.flow_run_id)
+    # the image artifact is a pre-signed URL a browser can open: fetching it returns the PNG
+    image_url = artifacts["nsfw-filter-review-histogram"].data
+    assert image_url.startswith(s3_endpoint) and "Signature" in image_url
+    with urllib.request.urlopen(image_url, timeout=30) as response:
+        assert response.read() == fs.cat_file(f"{review}/histogram.png")
+    assert f"(s3://{s3_bucket}/out/review/review.html)" in artifacts["nsfw-filter-review"].data
+    # the function reviews the S3 run again with other settings
+    sheet = write_review_sheet(output_url, n=3, seed=5, blur=False)
+    fs.invalidate_cache()
+    assert sorted(fs.ls(f"{review}/thumbs")) == sorted(f"{review}/{s.thumbnail}" for s in sheet.samples)
+
+
+# ---------------------------------------------------------------- a real browser
+
+
+def chromium_screenshot(page: Path, screenshot: Path, window: tuple[int, int]) -> None:
+    with tempfile.TemporaryDirectory() as profile:
+        command = [
+            str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+            "--force-device-scale-factor=1", f"--user-data-dir={profile}", f"--screenshot={screenshot}",
+            f"--window-size={window[0]},{window[1]}", page.as_uri(),
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and screenshot.is_file(), done.stderr[-3000:]
+
+
+def colourful(pixels: np.ndarray) -> np.ndarray:
+    return (pixels.max(axis=2).astype(int) - pixels.min(axis=2).astype(int)) > 40
+
+
+def test_chromium_renders_the_histogram_and_the_thumbnails(filter_run, tmp_path):
+    if not CHROMIUM.exists():
+        message = f"{CHROMIUM} is missing: install Debian's browser with `apt-get install -y chromium` to render the review sheet"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    output_path = copy_of_run(filter_run, tmp_path)
+    sheet = write_review_sheet(str(output_path), n=8, seed=4, blur_above=float(np.median(list(scored_rows(output_path).values()))))
+    screenshot = Path(os.environ.get("NSFW_CURATOR_SCREENSHOT") or tmp_path / "review.png")  # set it to keep the picture
+    chromium_screenshot(output_path / "review" / "review.html", screenshot, (1200, 2400))
+    shot = np.asarray(Image.open(screenshot).convert("RGB"))
+    histogram = np.asarray(Image.open(output_path / "review" / "histogram.png").convert("RGB"))
+    # the histogram is drawn 1:1: its bar pixels all appear in the screenshot
+    for colour in (PASS_COLOUR, FILTERED_COLOUR):
+        in_png = int(np.all(histogram == colour, axis=2).sum())
+        assert int(np.all(shot == colour, axis=2).sum()) >= 0.95 * in_png, colour
+    # the page itself is greyscale: its colour comes from the histogram and the thumbnails, so they were rendered
+    thumbnails = [np.asarray(Image.open(output_path / "review" / s.thumbnail).convert("RGB")) for s in sheet.samples]
+    expected = int(colourful(histogram).sum()) + sum(int(colourful(t).sum()) for t in thumbnails)
+    assert int(colourful(shot).sum()) >= 0.9 * expected
+    assert sum(int(colourful(t).sum()) for t in thumbnails) > 0.5 * sum(t.shape[0] * t.shape[1] for t in thumbnails)
