@@ -47,6 +47,10 @@ class GpuSlots:
         self._condition = threading.Condition()
         self._active: dict[int, int] = {}
 
+    def __reduce__(self):
+        # Shipped to another process (Ray pickles task code by value), it becomes that process's own slots.
+        return (process_gpu_slots, ())
+
     @contextmanager
     def hold(self, num_gpus_per_worker: float) -> Iterator[torch.device]:
         """Wait for a free slot on the least-busy GPU and yield its device (the CPU when there is no GPU)."""
@@ -77,6 +81,10 @@ class GpuSlots:
 
 
 GPU_SLOTS = GpuSlots()
+
+
+def process_gpu_slots() -> GpuSlots:
+    return GPU_SLOTS
 
 
 def max_overlap(journal_lines: list[str]) -> dict[int, int]:

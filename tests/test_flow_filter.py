@@ -317,3 +317,32 @@ def test_kill_9_midway_then_rerun_completes_without_duplicates(tmp_path, tiny_cl
     check_outputs(dataset, tmp_path / "out", 0.5)  # complete, every key once, no member written twice
     assert len(list(manifests.glob("*.json"))) == 12
     assert not [p for p in (tmp_path / "out").rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_gpu_sharing_bound_with_threads_and_ray(tmp_path, tiny_clip_768, laion_dir, monkeypatch):
+    from tasks.gpu import GPU_JOURNAL_ENV, SIMULATED_GPUS_ENV, max_overlap
+
+    dataset = build_dataset(tmp_path, good_shards=4)  # 6 shards
+    monkeypatch.setenv(SIMULATED_GPUS_ENV, "1")
+    threads_journal, ray_journal = tmp_path / "threads.journal", tmp_path / "ray.journal"
+
+    # threads: f = 0.5 lets exactly two embedding tasks share the one GPU although six could run
+    monkeypatch.setenv(GPU_JOURNAL_ENV, str(threads_journal))
+    run_filter(dataset, tiny_clip_768, laion_dir, tmp_path, files_per_partition=1, num_gpus_per_worker=0.5, max_workers=6,
+               output_path=str(tmp_path / "out-threads"), cache_path=str(tmp_path / "cache-threads"))
+    uses = threads_journal.read_text().splitlines()
+    assert len(uses) == 6 and max_overlap(uses) == {0: 2}
+
+    # Ray (a local Ray started for the run): f = 1 holds the whole GPU, so embedding tasks run one at a time
+    # even though Ray has two CPUs for them; outputs equal the threads run's.
+    monkeypatch.setenv(GPU_JOURNAL_ENV, str(ray_journal))
+    run_filter(dataset, tiny_clip_768, laion_dir, tmp_path, files_per_partition=1, num_gpus_per_worker=1.0, task_runner="ray",
+               output_path=str(tmp_path / "out-ray"), cache_path=str(tmp_path / "cache-ray"))
+    uses = ray_journal.read_text().splitlines()
+    assert len(uses) == 6 and max_overlap(uses) == {0: 1}
+    assert len({line.split()[3] for line in uses}) >= 1  # recorded by Ray worker processes
+    threads_scores, ray_scores = read_scores(tmp_path / "out-threads"), read_scores(tmp_path / "out-ray")
+    assert threads_scores["key"] == ray_scores["key"] and threads_scores["passed"] == ray_scores["passed"]
+    np.testing.assert_allclose(np.array(threads_scores["nsfw_score"], dtype=float), np.array(ray_scores["nsfw_score"], dtype=float), atol=1e-6)
+    for threads_tar in sorted((tmp_path / "out-threads" / "shards").glob("*.tar")):
+        assert threads_tar.read_bytes() == (tmp_path / "out-ray" / "shards" / threads_tar.name).read_bytes()
