@@ -193,7 +193,7 @@ class _TarEnd:
 
 
 def _open_shard(shard_url: str, storage_options: dict | None):
-    """An fsspec file for the shard; one-sentence UserError when it cannot be opened at all."""
+    """An fsspec file for the shard; one-sentence UserError when it can never be opened (missing, denied, bad URL)."""
     try:
         fs, path = url_to_fs(shard_url, **(storage_options or {}))
         if isinstance(fs, LocalFileSystem):
@@ -211,10 +211,7 @@ def _open_shard(shard_url: str, storage_options: dict | None):
         raise UserError(f"Shard {shard_url} uses an unknown protocol; use a local path, file://, s3:// or another fsspec URL.") from None
     except ImportError as exc:
         raise UserError(f"Shard {shard_url} needs a filesystem package that is not installed ({exc}); install it and retry.") from None
-    except Exception as exc:  # noqa: BLE001 - connection errors differ per backend; all mean "cannot reach it"
-        raise UserError(
-            f"Cannot open shard {shard_url} ({type(exc).__name__}: {_short(exc)}); check the storage endpoint, network and credentials."
-        ) from None
+    # Anything else (5xx, timeouts, dropped connections) may be transient: it propagates so the task retries.
 
 
 def _iter_raw_samples(shard_url: str, storage_options: dict | None = None) -> Iterator[Sample]:
