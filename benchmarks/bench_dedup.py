@@ -60,7 +60,7 @@ def timed(label: str, **kwargs) -> tuple[DedupResult, float]:
     seconds = time.perf_counter() - started
     stats = result.stats
     stages = ", ".join(f"{stage} {value:.1f}s" for stage, value in stats.seconds.items() if stage != "total")
-    clusters = f", {stats.num_clusters} clusters x{stats.clusters_per_point}, largest {stats.largest_cluster}" if stats.num_clusters else ""
+    clusters = f", {stats.num_clusters} clusters x{stats.clusters_per_point}, largest leaf {stats.largest_leaf}, {stats.split_clusters} split" if stats.num_clusters else ""
     print(
         f"{label:<34} {seconds:8.1f} s  {stats.method}/{stats.matmul_dtype}{clusters}; "
         f"{stats.comparisons:.3g} similarities, {len(result.pairs)} pairs, {stats.groups} groups  [{stages}]",
@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--similarity-threshold", type=float, default=0.99)
     parser.add_argument("--clusters-per-point", type=int, default=3)
     parser.add_argument("--num-clusters", type=int, default=None)
+    parser.add_argument("--topics", type=int, default=0, help="rows around this many topic centres (0: uniform)")
+    parser.add_argument("--topic-cosine", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-float32", action="store_true", help="skip the float32 exact baseline")
     args = parser.parse_args()
@@ -94,6 +96,8 @@ def main() -> None:
         duplicate_fraction=args.duplicate_fraction,
         leaf_similarity=(args.similarity_threshold, 1.0),
         chain_step_similarity=(args.similarity_threshold, (1 + args.similarity_threshold) / 2),
+        topics=args.topics,
+        topic_cosine=args.topic_cosine,
         seed=args.seed,
     )
     print(

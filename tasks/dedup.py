@@ -38,13 +38,12 @@ from tasks.dedup_search import (
     RowSource,
     SearchCounters,
     SearchPlan,
-    all_cpu_threads,
     check_embeddings,
-    cosine_rows,
     iter_candidates,
     plan_search,
     row_validity,
 )
+from tasks.dedup_compute import UnionFind, all_cpu_threads, cosine_rows
 from tasks.errors import UserError
 
 # Mean similarities closer than this to the group's best count as ties (then the smallest (shard, key) wins).
@@ -75,7 +74,8 @@ class DedupStats:
     device: str
     comparisons: int
     candidates: int
-    largest_cluster: int
+    largest_leaf: int
+    split_clusters: int
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -123,43 +123,6 @@ def _identifiers(key: object, shard: object, num_rows: int) -> pd.DataFrame:
     return identifiers
 
 
-class _UnionFind:
-    """Vectorised union-find over canonical positions; every root is the smallest position of its group."""
-
-    def __init__(self, size: int) -> None:
-        self.parent = np.arange(size, dtype=np.int64)
-
-    def find(self, nodes: np.ndarray) -> np.ndarray:
-        roots = self.parent[nodes]
-        while True:
-            up = self.parent[roots]
-            if np.array_equal(up, roots):
-                break
-            roots = up
-        self.parent[nodes] = roots
-        return roots
-
-    def union(self, first: np.ndarray, second: np.ndarray) -> None:
-        while first.size:
-            first_root, second_root = self.find(first), self.find(second)
-            apart = first_root != second_root
-            first, second = first[apart], second[apart]
-            if not first.size:
-                return
-            # hook the larger root under the smaller; of several hooks on one root the smallest wins
-            np.minimum.at(self.parent, np.maximum(first_root[apart], second_root[apart]), np.minimum(first_root[apart], second_root[apart]))
-
-    def roots(self) -> np.ndarray:
-        parent = self.parent
-        while True:
-            up = parent[parent]
-            if np.array_equal(up, parent):
-                break
-            parent = up
-        self.parent = parent
-        return parent
-
-
 def _verified(source: RowSource, block: CandidateBlock, plan: SearchPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The block's pairs whose exact similarity is >= the threshold, with that similarity."""
     similarity = source.exact_similarity(block.first, block.second)
@@ -167,8 +130,9 @@ def _verified(source: RowSource, block: CandidateBlock, plan: SearchPlan) -> tup
     return block.first[passed], block.second[passed], similarity[passed]
 
 
-def _link_block(components: _UnionFind, source: RowSource, block: CandidateBlock, plan: SearchPlan) -> int:
-    """Union the block's pairs that pass; returns how many candidates needed an exact similarity."""
+def _link_block(components: UnionFind, source: RowSource, block: CandidateBlock, plan: SearchPlan) -> int:
+    """Union the block's links and its candidates that pass; returns how many needed an exact similarity."""
+    components.union(block.linked_first, block.linked_second)
     apart = components.find(block.first) != components.find(block.second)
     first, second, screened = block.first[apart], block.second[apart], block.screen_similarity[apart]
     # clearly above the threshold even after the worst screening error: no exact check needed to link
@@ -299,11 +263,12 @@ def deduplicate(
     counters = SearchCounters()
     counters.add_seconds("prepare", time.perf_counter() - started)
 
-    components = _UnionFind(len(source))
+    components = UnionFind(len(source))
     pair_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     searched = time.perf_counter()
     with all_cpu_threads():
-        for block in iter_candidates(source, counters, block_entries=int(block_entries), seed=seed):
+        candidates = iter_candidates(source, counters, block_entries=int(block_entries), seed=seed, links_only=not include_pairs)
+        for block in candidates:
             counters.candidates += int(block.first.shape[0])
             if include_pairs:
                 pair_parts.append(_verified(source, block, plan))
@@ -313,7 +278,7 @@ def deduplicate(
         if include_pairs:
             first, second, similarity = _unique_pairs(pair_parts, len(source))
             components.union(first, second)
-        # includes the k-means and assignment stages, which are also reported on their own
+        # includes the partition stage, which is also reported on its own
         counters.add_seconds("search", time.perf_counter() - searched)
         grouped = time.perf_counter()
         roots = components.roots()
@@ -363,8 +328,9 @@ def deduplicate(
         device=str(plan.device),
         comparisons=counters.comparisons,
         candidates=counters.candidates,
-        largest_cluster=counters.cluster_sizes_max,
-        seconds={**(counters.seconds or {}), "total": time.perf_counter() - started},
+        largest_leaf=counters.largest_leaf,
+        split_clusters=counters.split_clusters,
+        seconds={**counters.seconds, "total": time.perf_counter() - started},
     )
     return DedupResult(duplicates=duplicates, kept=kept, skipped=skipped, stats=stats, pairs=pairs)
 

@@ -11,25 +11,28 @@ Two ways to choose which pairs are screened:
 - `exact`: all pairs, in row blocks against the rows after them (the upper triangle), memory bounded
   by `block_entries`; cost grows as N^2.
 - `clustered`: spherical k-means on a sample, each row assigned to its `clusters_per_point` nearest
-  centroids, all pairs within each cluster. A pair is found when the two rows share a cluster, so
-  pairs straddling a boundary are still found unless neither row has the other's cluster among its
-  nearest few; cost grows as N^1.5 with the default number of clusters.
+  centroids, all pairs within each cluster (tasks/dedup_clusters.py). A pair is found when the two rows
+  share a cluster, so pairs straddling a boundary are still found unless neither row has the other's
+  cluster among its nearest few; cost grows as N^1.5 with the default number of clusters.
+
+When only groups are wanted (`links_only`), each block's candidates far enough above the threshold
+are reduced to one link per row to a representative before leaving the worker, so a flood of near-copies
+costs memory in proportion to its rows, not to its pairs.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import torch
 
+from tasks.dedup_clusters import default_num_clusters, partition
+from tasks.dedup_compute import UnionFind, cosine_rows, parallel_map
 from tasks.errors import UserError
 
 Method = Literal["auto", "exact", "clustered"]
@@ -48,12 +51,9 @@ DEFAULT_BLOCK_ENTRIES = 1 << 24
 MISSING_REASON = "embedding is missing or has non-finite values (NaN or inf); not compared"
 ZERO_REASON = "embedding is all zeros; not compared"
 
-# k-means trains on this many sampled rows per centroid (faiss warns below 39).
-_SAMPLES_PER_CENTROID = 40
-_KMEANS_ITERATIONS = 10
-# Fewer rows than this per cluster would make clustering pointless overhead.
-_MIN_ROWS_PER_CLUSTER = 16
 _MAX_BLOCK_ROWS = 4096
+# Sets of rows up to this size are searched whole by one worker; larger ones block by block by all.
+_SET_ROWS_PER_WORKER = 8192
 # Rows gathered at once when verifying pairs in float64 (two [rows, D] float64 arrays).
 _VERIFY_ROWS = 4096
 _SCAN_ROWS = 16384
@@ -80,26 +80,33 @@ class SearchPlan:
 
 @dataclass
 class SearchCounters:
-    """What a search did, for run summaries: similarities screened, candidates verified, seconds per stage."""
+    """What a search did, for run summaries: similarities screened, leaves searched, seconds per stage."""
 
     comparisons: int = 0
     candidates: int = 0
     verified: int = 0
-    cluster_sizes_max: int = 0
-    seconds: dict[str, float] | None = None
+    largest_leaf: int = 0
+    split_clusters: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def add_seconds(self, stage: str, seconds: float) -> None:
-        self.seconds = self.seconds or {}
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+
+def _no_positions() -> np.ndarray:
+    return np.zeros(0, dtype=np.int64)
 
 
 @dataclass(frozen=True)
 class CandidateBlock:
-    """Screened pairs of canonical positions (`first < second`) and their screening similarity."""
+    """Screened pairs of canonical positions (`first < second`) still to verify, with their screening
+    similarity, and `links`: pairs of positions certainly in one group (only when searching `links_only`)."""
 
     first: np.ndarray
     second: np.ndarray
     screen_similarity: np.ndarray
+    linked_first: np.ndarray = field(default_factory=_no_positions)
+    linked_second: np.ndarray = field(default_factory=_no_positions)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -191,12 +198,6 @@ def screen_margin(matmul_dtype: torch.dtype, dim: int) -> float:
     return 1.25 * (rounding + accumulation + normalisation)
 
 
-def default_num_clusters(num_rows: int, clusters_per_point: int) -> int:
-    """Balances assigning rows to centroids (N*K) against comparing within clusters (m^2 N^2 / 2K)."""
-    balanced = round(clusters_per_point * math.sqrt(num_rows / 2))
-    return max(1, min(balanced, num_rows // _MIN_ROWS_PER_CLUSTER))
-
-
 def plan_search(
     num_rows: int,
     dim: int,
@@ -253,22 +254,6 @@ def plan_search(
 # Rows
 
 
-def cpu_threads() -> int:
-    """CPUs this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-@contextmanager
-def all_cpu_threads() -> Iterator[None]:
-    """Let torch use every CPU this process may run on (it defaults to physical cores), then restore."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(max(previous, cpu_threads()))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 class RowSource:
     """The valid rows of the caller's array, addressed by canonical position (no copy of the whole array)."""
 
@@ -306,42 +291,20 @@ class RowSource:
         return similarity
 
 
-def cosine_rows(left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """Row-wise cosine of float64 rows, clipped to [-1, 1]."""
-    dot = np.einsum("ij,ij->i", left, right)
-    scale = np.sqrt(np.einsum("ij,ij->i", left, left) * np.einsum("ij,ij->i", right, right))
-    return np.clip(dot / scale, -1.0, 1.0)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Screening
 
 
-def _screen_upper_pairs(
-    block_rows: torch.Tensor, screen_threshold: float, block_entries: int
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Local index pairs (i < j) of `block_rows` whose screened similarity is >= `screen_threshold`."""
-    num_rows = block_rows.shape[0]
-    threshold = _representable_at_most(screen_threshold, block_rows.dtype)
-    start = 0
+def _row_blocks(num_rows: int, block_entries: int) -> list[tuple[int, int]]:
+    """Row ranges [start, stop) whose products with the rows from `start` on hold about `block_entries` similarities."""
+    blocks, start = [], 0
     while start < num_rows - 1:
         width = num_rows - start
-        # a few row blocks per cluster skip most of the lower triangle without shrinking products too far
+        # a few row blocks per set skip most of the lower triangle without shrinking products too far
         height = max(1, min(block_entries // width, _MAX_BLOCK_ROWS, max(256, -(-width // 4))))
-        stop = min(num_rows, start + height)
-        similarity = block_rows[start:stop] @ block_rows[start:].T
-        similarity.diagonal().fill_(-2.0)
-        hit_rows = torch.nonzero(similarity.amax(dim=1) >= threshold).flatten()
-        if hit_rows.numel():
-            hits = similarity[hit_rows]
-            local_row, column = torch.nonzero(hits >= threshold, as_tuple=True)
-            screened = hits[local_row, column].float().cpu().numpy()
-            first = (hit_rows[local_row] + start).cpu().numpy()
-            second = (column + start).cpu().numpy()
-            # the block's own square holds each pair twice; keep the copy above the diagonal
-            upper = second > first
-            yield first[upper], second[upper], screened[upper]
-        start = stop
+        blocks.append((start, min(num_rows, start + height)))
+        start += height
+    return blocks
 
 
 def _representable_at_most(value: float, dtype: torch.dtype) -> float:
@@ -352,131 +315,77 @@ def _representable_at_most(value: float, dtype: torch.dtype) -> float:
     return rounded.item()
 
 
-def _exact_candidates(
-    source: RowSource, block_entries: int, counters: SearchCounters
+class _Screen:
+    """Screens row blocks of one set of rows and hands the candidates on as canonical positions."""
+
+    def __init__(self, plan: SearchPlan, block_entries: int, links_only: bool) -> None:
+        self.plan = plan
+        self.block_entries = block_entries
+        self.links_only = links_only
+        self.threshold = _representable_at_most(plan.screen_threshold, plan.matmul_dtype)
+        self.certain_threshold = plan.similarity_threshold + plan.screen_margin
+
+    def block(self, rows: torch.Tensor, positions: np.ndarray, start: int, stop: int) -> CandidateBlock | None:
+        """Pairs (i, j), start <= i < stop, i < j, of `rows` whose screened similarity passes."""
+        similarity = rows[start:stop] @ rows[start:].T
+        similarity.diagonal().fill_(-2.0)
+        # most rows have no candidate at all: find the few that do before scanning their entries
+        hit_rows = torch.nonzero(similarity.amax(dim=1) >= self.threshold).flatten()
+        if not hit_rows.numel():
+            return None
+        hits = similarity[hit_rows]
+        local_row, column = torch.nonzero(hits >= self.threshold, as_tuple=True)
+        screened = hits[local_row, column].float().cpu().numpy()
+        first = (hit_rows[local_row] + start).cpu().numpy()
+        second = (column + start).cpu().numpy()
+        # the block's own square holds each pair twice; keep the copy above the diagonal
+        upper = second > first
+        first, second, screened = positions[first[upper]], positions[second[upper]], screened[upper]
+        return self._reduce(first, second, screened) if self.links_only else CandidateBlock(first, second, screened)
+
+    def _reduce(self, first: np.ndarray, second: np.ndarray, screened: np.ndarray) -> CandidateBlock:
+        """Certain pairs become one link per row to its component's smallest position; doubtful pairs
+        already joined by certain ones are dropped."""
+        certain = screened >= self.certain_threshold
+        if not certain.any():
+            return CandidateBlock(first, second, screened)
+        nodes, local = np.unique(np.concatenate([first, second]), return_inverse=True)
+        local_first, local_second = local[: first.shape[0]], local[first.shape[0] :]
+        components = UnionFind(nodes.shape[0])
+        components.union(local_first[certain], local_second[certain])
+        roots = components.roots()
+        linked = np.flatnonzero(roots != np.arange(nodes.shape[0]))
+        doubtful = ~certain & (roots[local_first] != roots[local_second])
+        return CandidateBlock(first[doubtful], second[doubtful], screened[doubtful], nodes[linked], nodes[roots[linked]])
+
+    def whole_set(self, source: RowSource, positions: np.ndarray) -> list[CandidateBlock]:
+        rows = source.screen_rows(positions)
+        found = (self.block(rows, positions, start, stop) for start, stop in _row_blocks(positions.shape[0], self.block_entries))
+        return [block for block in found if block is not None]
+
+
+def _screen_sets(
+    source: RowSource, sets: list[np.ndarray], screen: _Screen, counters: SearchCounters
 ) -> Iterator[CandidateBlock]:
-    plan = source.plan
-    started = time.perf_counter()
-    all_rows = torch.empty(len(source), source.dim, dtype=plan.matmul_dtype, device=plan.device)
-    for start in range(0, len(source), _SCAN_ROWS):
-        all_rows[start : start + _SCAN_ROWS] = source.screen_rows(slice(start, start + _SCAN_ROWS))
-    counters.add_seconds("gather", time.perf_counter() - started)
-    counters.comparisons += len(source) * (len(source) - 1) // 2
-    for first, second, screened in _screen_upper_pairs(all_rows, plan.screen_threshold, block_entries):
-        yield CandidateBlock(first, second, screened)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Clustering
-
-
-def _nearest_centroids(rows: torch.Tensor, centroids: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices [n, count] of each row's nearest centroids (by cosine) and the similarity to the nearest."""
-    similarity = rows @ centroids.T
-    best = similarity.topk(count, dim=1)
-    return best.indices, best.values[:, 0].float()
-
-
-def spherical_kmeans(
-    source: RowSource, num_clusters: int, *, seed: int = 0, iterations: int = _KMEANS_ITERATIONS
-) -> torch.Tensor:
-    """Unit centroids [K, D] (float32) from k-means under cosine similarity on a seeded sample of the rows."""
-    plan = source.plan
-    generator = torch.Generator().manual_seed(seed)
-    sample_size = min(len(source), num_clusters * _SAMPLES_PER_CENTROID)
-    sample = np.sort(torch.randperm(len(source), generator=generator)[:sample_size].numpy())
-    sample_rows = torch.cat(
-        [source.screen_rows(sample[start : start + _SCAN_ROWS]) for start in range(0, sample_size, _SCAN_ROWS)]
-    )
-    seeds = torch.randperm(sample_size, generator=generator)[:num_clusters].to(plan.device)
-    centroids = sample_rows[seeds].float()
-    labels = None
-    block = max(1, DEFAULT_BLOCK_ENTRIES // num_clusters)
-    for _ in range(iterations):
-        parts = [
-            _nearest_centroids(sample_rows[start : start + block], centroids.to(plan.matmul_dtype), 1)
-            for start in range(0, sample_size, block)
-        ]
-        new_labels = torch.cat([indices[:, 0] for indices, _ in parts])
-        nearest = torch.cat([values for _, values in parts])
-        if labels is not None and torch.equal(new_labels, labels):
-            break
-        labels = new_labels
-        sums = torch.zeros(num_clusters, source.dim, dtype=torch.float32, device=plan.device)
-        for start in range(0, sample_size, block):
-            sums.index_add_(0, labels[start : start + block], sample_rows[start : start + block].float())
-        counts = torch.bincount(labels, minlength=num_clusters)
-        empty = torch.nonzero(counts == 0).flatten()
-        if empty.numel():
-            # reseed empty clusters at the sampled rows farthest from their centroid
-            farthest = torch.argsort(nearest, stable=True)[: empty.numel()]
-            sums[empty] = sample_rows[farthest].float()
-        centroids = torch.nn.functional.normalize(sums, dim=1)
-    return centroids
-
-
-def assign_clusters(source: RowSource, centroids: torch.Tensor, clusters_per_point: int) -> np.ndarray:
-    """Each row's `clusters_per_point` nearest centroids: int64 [N, clusters_per_point]."""
-    plan = source.plan
-    block = max(1, min(_SCAN_ROWS, DEFAULT_BLOCK_ENTRIES // centroids.shape[0]))
-    centroids_matmul = centroids.to(plan.matmul_dtype)
-    parts = []
-    for start in range(0, len(source), block):
-        indices, _ = _nearest_centroids(source.screen_rows(slice(start, start + block)), centroids_matmul, clusters_per_point)
-        parts.append(indices.cpu().numpy())
-    return np.concatenate(parts) if parts else np.zeros((0, clusters_per_point), dtype=np.int64)
-
-
-def cluster_members(assignment: np.ndarray, num_clusters: int) -> tuple[np.ndarray, np.ndarray]:
-    """Members of every cluster, ascending within each: (positions, offsets) with cluster c at offsets[c]:offsets[c+1]."""
-    flat = assignment.reshape(-1)
-    positions = np.repeat(np.arange(assignment.shape[0], dtype=np.int64), assignment.shape[1])
-    # a stable sort keeps positions ascending inside each cluster
-    order = np.argsort(flat, kind="stable")
-    offsets = np.zeros(num_clusters + 1, dtype=np.int64)
-    np.cumsum(np.bincount(flat, minlength=num_clusters), out=offsets[1:])
-    return positions[order], offsets
-
-
-def _clustered_candidates(
-    source: RowSource, block_entries: int, counters: SearchCounters, seed: int
-) -> Iterator[CandidateBlock]:
-    plan = source.plan
-    started = time.perf_counter()
-    centroids = spherical_kmeans(source, plan.num_clusters, seed=seed)
-    counters.add_seconds("kmeans", time.perf_counter() - started)
-    started = time.perf_counter()
-    assignment = assign_clusters(source, centroids, plan.clusters_per_point)
-    members, offsets = cluster_members(assignment, plan.num_clusters)
-    del assignment
-    counters.add_seconds("assign", time.perf_counter() - started)
-    sizes = np.diff(offsets)
-    counters.cluster_sizes_max = int(sizes.max(initial=0))
+    """Candidates among all pairs within each set of (ascending) canonical positions."""
+    sizes = np.array([positions.shape[0] for positions in sets], dtype=np.int64)
     counters.comparisons += int((sizes * (sizes - 1) // 2).sum())
-
-    def search_cluster(cluster: int) -> list[CandidateBlock]:
-        positions = members[offsets[cluster] : offsets[cluster + 1]]
-        cluster_rows = source.screen_rows(positions)
-        return [
-            CandidateBlock(positions[first], positions[second], screened)
-            for first, second, screened in _screen_upper_pairs(cluster_rows, plan.screen_threshold, block_entries)
-        ]
-
-    clusters = np.flatnonzero(sizes >= 2).tolist()
-    if plan.device.type != "cpu":
-        for cluster in clusters:
-            yield from search_cluster(cluster)
-        return
-    # one cluster per thread, each single-threaded: clusters are too small to share a core team, and
-    # on a busy machine every parallel region waits for a descheduled thread
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max(previous_threads, cpu_threads())) as pool:
-            for blocks in pool.map(search_cluster, clusters):
-                yield from blocks
-    finally:
-        torch.set_num_threads(previous_threads)
+    counters.largest_leaf = max(counters.largest_leaf, int(sizes.max(initial=0)))
+    small = [positions for positions in sets if positions.shape[0] <= _SET_ROWS_PER_WORKER]
+    # one small set per worker: too small for a team of threads to share one product
+    for blocks in parallel_map(lambda positions: screen.whole_set(source, positions), small, source.plan.device):
+        yield from blocks
+    for positions in (positions for positions in sets if positions.shape[0] > _SET_ROWS_PER_WORKER):
+        started = time.perf_counter()
+        rows = torch.empty(positions.shape[0], source.dim, dtype=source.plan.matmul_dtype, device=source.plan.device)
+        for start in range(0, positions.shape[0], _SCAN_ROWS):
+            rows[start : start + _SCAN_ROWS] = source.screen_rows(positions[start : start + _SCAN_ROWS])
+        counters.add_seconds("gather", time.perf_counter() - started)
+        blocks = _row_blocks(positions.shape[0], screen.block_entries)
+        for block in parallel_map(lambda bounds: screen.block(rows, positions, *bounds), blocks, source.plan.device):
+            if block is not None:
+                yield block
+        del rows
 
 
 def iter_candidates(
@@ -485,16 +394,24 @@ def iter_candidates(
     *,
     block_entries: int = DEFAULT_BLOCK_ENTRIES,
     seed: int = 0,
+    links_only: bool = False,
 ) -> Iterator[CandidateBlock]:
     """Screened candidate pairs of canonical positions, block by block (run it under `all_cpu_threads`).
 
-    Every pair with exact similarity >= the plan's threshold is among the candidates (exact method), or
-    is unless the two rows share none of their nearest clusters (clustered). A pair may be yielded more
-    than once by the clustered method. Candidates still need `RowSource.exact_similarity`.
+    Every pair with exact similarity >= the plan's threshold is among the candidates or, with
+    `links_only`, joined by links (exact method); the clustered method misses pairs whose rows share
+    none of their nearest clusters, and may yield a pair more than once. Candidates still need
+    `RowSource.exact_similarity`; links do not.
     """
     if len(source) < 2:
         return
-    if source.plan.method == "exact":
-        yield from _exact_candidates(source, block_entries, counters)
-    else:
-        yield from _clustered_candidates(source, block_entries, counters, seed)
+    plan = source.plan
+    screen = _Screen(plan, block_entries, links_only)
+    if plan.method == "exact":
+        yield from _screen_sets(source, [np.arange(len(source), dtype=np.int64)], screen, counters)
+        return
+    started = time.perf_counter()
+    leaves = partition(source.screen_rows, len(source), plan.num_clusters, plan.clusters_per_point, seed=seed)
+    counters.split_clusters = leaves.split_clusters
+    counters.add_seconds("partition", time.perf_counter() - started)
+    yield from _screen_sets(source, leaves.leaves, screen, counters)

@@ -1,7 +1,9 @@
 """Synthetic embeddings with planted near-duplicate groups, for dedup tests and benchmarks.
 
 Background rows are random unit vectors (in high dimension nearly orthogonal to each other, so they
-never match by accident). A planted group is laid out on consecutive rows and is one of:
+never match by accident), or, with `topics`, rows scattered around topic centres of Zipf-distributed
+sizes (two rows of a topic have cosine about `topic_cosine`), which is closer to CLIP embeddings and
+makes k-means clusters uneven. A planted group is laid out on consecutive rows and is one of:
 - a star: a hub `u` and leaves `c*u + sqrt(1-c^2)*z` (z a unit vector orthogonal to u), c drawn from
   `leaf_similarity`, so every leaf matches the hub and leaves may or may not match each other;
 - a chain: `cos(k*t)*u + sin(k*t)*v` for k = 0, 1, ..., cos(t) drawn from `chain_step_similarity`, so
@@ -58,13 +60,23 @@ def planted_duplicates(
     leaf_similarity: tuple[float, float] = (0.9905, 0.9995),
     chain_step_similarity: tuple[float, float] = (0.9905, 0.9940),
     rows_per_shard: int = 1000,
+    topics: int = 0,
+    topic_cosine: float = 0.5,
     seed: int = 0,
 ) -> PlantedDuplicates:
     """`num_rows` unit embeddings of which about `duplicate_fraction` sit in planted groups."""
     rng = np.random.default_rng(seed)
     embeddings = np.empty((num_rows, dim), dtype=np.float32)
+    if topics:
+        centres = unit_rows(rng, topics, dim)
+        weights = 1.0 / np.arange(1, topics + 1)
+        topic_of_row = rng.choice(topics, size=num_rows, p=weights / weights.sum())
     for start in range(0, num_rows, _CHUNK_ROWS):
-        embeddings[start : start + _CHUNK_ROWS] = unit_rows(rng, min(_CHUNK_ROWS, num_rows - start), dim)
+        chunk = unit_rows(rng, min(_CHUNK_ROWS, num_rows - start), dim)
+        if topics:
+            chunk = np.sqrt(topic_cosine) * centres[topic_of_row[start : start + chunk.shape[0]]] + np.sqrt(1 - topic_cosine) * chunk
+            chunk /= np.linalg.norm(chunk, axis=1, keepdims=True)
+        embeddings[start : start + _CHUNK_ROWS] = chunk
 
     # layout: groups and background rows interleaved at random, each group on consecutive rows
     mean_size = float(np.mean(group_sizes))
