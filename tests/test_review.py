@@ -416,8 +416,11 @@ def test_missing_or_changed_shards_are_reported_on_their_cards(filter_run, tmp_p
     assert sum(s.thumbnail is None for s in sheet.samples) == 8 + 7
 
 
-def test_bad_requests_get_one_sentence(filter_run, tmp_path):
+def test_bad_requests_get_one_sentence(filter_run, tmp_path, tiny_clip_768, laion_dir):
     output_path = copy_of_run(filter_run, tmp_path)
+    parameters = filter_parameters(tiny_clip_768, laion_dir, tmp_path, str(filter_run.input_dir), str(tmp_path / "other"))
+    with pytest.raises(UserError, match=r"review_samples input should be greater than or equal to 0 \(got -1\)"):
+        nsfw_filter(**{**parameters, "return_state": False, "review_samples": -1})
     with pytest.raises(UserError, match=r"has no summary.json; point --output-path at the output_path of a finished nsfw-filter run"):
         write_review_sheet(str(tmp_path / "elsewhere"))
     with pytest.raises(UserError, match=r"at least 1, not 0"):
