@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
 import subprocess
 import tempfile
 import urllib.request
-import uuid
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
