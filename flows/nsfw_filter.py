@@ -229,7 +229,7 @@ def nsfw_filter(
         verbose: Log every partition's progress.
         task_runner: threads (one machine) or ray (a local Ray, or the cluster at ray_address).
         ray_address: Address of an existing Ray cluster (ray://host:10001 or auto); empty starts a local Ray.
-        max_workers: Partitions processed at once with the threads runner; default from the GPUs (2 without GPU).
+        max_workers: Partitions processed at once with the threads runner; default from the GPUs (4 without GPU).
         storage_options_secret: Name of a Prefect Secret block holding fsspec storage options as JSON (credentials stay out of parameters).
         review_samples: When above 0, end the run by writing review/review.html under output_path (score histogram and this many thumbnails across score bands, denser around score_threshold, blurred at nsfw_score >= 0.5) for calibrating the threshold.
     """

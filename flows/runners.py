@@ -15,9 +15,13 @@ _FORWARDED_ENV_PREFIX = "NSFW_CURATOR_"
 
 
 def default_max_workers(num_gpus_per_worker: float) -> int:
-    """Partitions in flight on one machine: every GPU slot busy plus one partition writing, or 2 on CPU."""
+    """Partitions in flight on one machine: every GPU slot busy plus one partition writing; 4 on CPU.
+
+    Small tasks spend much of their time waiting on storage and the Prefect API, so a few in flight
+    hide that latency; CLIP itself is shared by the threads of a worker (one model in memory).
+    """
     gpus = gpu_count()
-    return gpus * slots_per_gpu(num_gpus_per_worker) + 1 if gpus else 2
+    return gpus * slots_per_gpu(num_gpus_per_worker) + 1 if gpus else 4
 
 
 def ray_task_runner(ray_address: str | None) -> TaskRunner:
