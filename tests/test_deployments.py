@@ -104,6 +104,15 @@ def build_dataset(root: Path) -> dict[str, list[str]]:
     return keys
 
 
+def shard_sample_keys(output_path: Path) -> set[str]:
+    """Sample keys in the WebDataset tars under output_path/shards."""
+    keys = set()
+    for shard in (output_path / "shards").glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            keys |= {member.name.split(".", 1)[0] for member in tar.getmembers()}
+    return keys
+
+
 def test_deployments_are_declared_for_the_gpu_pool(deployed):
     server = deployed.server
     pool = server.get(f"/work_pools/{pool_name()}")
@@ -154,27 +163,28 @@ def test_ui_run_on_a_worker_writes_outputs_and_starts_dedup(deployed, tmp_path, 
     assert list(zip(scores["shard"], scores["key"])) == [(url, key) for url, shard_keys in keys.items() for key in shard_keys]
     assert all(error is None and 0.0 <= score <= 1.0 for score, error in zip(scores["nsfw_score"], scores["error"]))
     assert scores["passed"] == [score < 0.5 for score in scores["nsfw_score"]]
-    kept = set()
-    for shard in (tmp_path / "out" / "shards").glob("*.tar"):
-        with tarfile.open(shard) as tar:
-            kept |= {member.name.rsplit(".", 1)[0] for member in tar.getmembers()}
-    assert kept == {key for key, passed in zip(scores["key"], scores["passed"]) if passed}
+    assert shard_sample_keys(tmp_path / "out") == {key for key, passed in zip(scores["key"], scores["passed"]) if passed}
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["samples"] == 12 and summary["passed"] == sum(scores["passed"])
     assert list((tmp_path / "cache").rglob("*.parquet"))  # the embedding store the dedup run reads
 
     # The completion trigger starts image-dedup/gpu on the same dataset, store and models.
     [dedup_run] = wait_for(lambda: flow_runs(server, deployed.dedup_id), 60, "the trigger to create an image-dedup run", logs=server.logs())
-    assert dedup_run["parameters"] == {
-        "file_paths": parameters["file_paths"],
-        "cache_path": parameters["cache_path"],
-        "model_dir": parameters["model_dir"],
-        "clip_model": parameters["clip_model"],
-        "clip_pretrained": parameters["clip_pretrained"],
-        "output_path": parameters["output_path"] + "/dedup",
-    }
+    dedup_output = tmp_path / "out" / "dedup"
+    expected = {name: parameters[name] for name in ("file_paths", "cache_path", "model_dir", "clip_model", "clip_pretrained")}
+    expected |= {"output_path": str(dedup_output), "filter_output_path": parameters["output_path"], "write_dataset": True}
+    assert {name: dedup_run["parameters"].get(name) for name in expected} == expected
     wait_until_final(server, dedup_run["id"])
-    assert (tmp_path / "out" / "dedup").is_dir() and any((tmp_path / "out" / "dedup").iterdir())
+
+    # Sample j of every shard is the same picture: the survivors are shard 0's, the rest are duplicates,
+    # and the deduplicated copy holds the survivors the filter kept.
+    shard_urls = list(keys)
+    kept = pq.read_table(dedup_output / "kept.parquet").to_pydict()
+    duplicates = pq.read_table(dedup_output / "duplicates.parquet").to_pydict()
+    assert set(kept["shard"]) == {shard_urls[0]}
+    assert {(url, key) for url in shard_urls[1:] for key in keys[url]} <= set(zip(duplicates["shard"], duplicates["key"]))
+    passed = {(url, key) for url, key, ok in zip(scores["shard"], scores["key"], scores["passed"]) if ok}
+    assert shard_sample_keys(dedup_output) == {key for url, key in zip(kept["shard"], kept["key"]) if (url, key) in passed}
 
 
 def test_schedule_is_off_until_turned_on_then_schedules_runs(deployed):
