@@ -183,6 +183,26 @@ def _run_review(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_dedup(subparsers: argparse._SubParsersAction) -> None:
+    from flows.dedup import image_dedup
+
+    parser = subparsers.add_parser(
+        "dedup",
+        help="run the image-dedup flow: near-duplicates from the cached embeddings (no CLIP run)",
+        description=inspect.getdoc(image_dedup.fn).split("\n\n")[0],
+    )
+    add_flow_arguments(parser, image_dedup.fn)
+    parser.set_defaults(handler=_run_dedup)
+
+
+def _run_dedup(args: argparse.Namespace) -> int:
+    from flows.dedup import image_dedup
+
+    result = image_dedup(**flow_arguments(args, image_dedup.fn))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nsfw-curator",
@@ -194,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-ADD_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_filter, _add_score_embeddings, _add_models, _add_review]
+ADD_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_filter, _add_dedup, _add_score_embeddings, _add_models, _add_review]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -54,10 +54,10 @@ class FilterSettings(BaseModel):
     review_samples: int = Field(ge=0)
 
 
-def validate_settings(parameters: dict[str, Any]) -> FilterSettings:
-    """FilterSettings from the flow's parameters; UserError with one sentence per bad value."""
+def validate_settings(parameters: dict[str, Any], model: type[BaseModel] = FilterSettings) -> Any:
+    """The settings model from a flow's parameters; UserError with one sentence naming every bad value."""
     try:
-        return FilterSettings(**parameters)
+        return model(**parameters)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in error['loc'])} {error['msg'].lower()} (got {error.get('input')!r})" for error in exc.errors()

@@ -1,0 +1,178 @@
+"""The `image-dedup` flow: near-duplicate images from the embedding store, without running CLIP.
+
+shards -> their store entries (identity found without CLIP weights) -> all-pairs or clustered cosine
+search (tasks/dedup.py) -> duplicates.parquet, kept.parquet, skipped.parquet, summary.json, and
+optionally a deduplicated copy of the dataset (or of what a filter run kept).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any, Literal, Optional, Union
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.tasks import exponential_backoff
+from pydantic import BaseModel, ConfigDict, Field
+
+from flows.nsfw_filter import nsfw_filter, storage_options_from_secret, validate_settings
+from flows.prefect_cache import retry_unless_user_error
+from tasks.dedup import deduplicate
+from tasks.dedup_io import (
+    find_embedding_identity,
+    load_embeddings,
+    missing_shards,
+    passed_samples,
+    write_dedup_summary,
+    write_deduplicated_copy,
+    write_frame,
+)
+from tasks.errors import UserError
+from tasks.locations import default_cache_path
+from tasks.partition import list_shards
+from tasks.run_plan import normalise_output_path
+from tasks.store import EmbeddingStore, redact_url
+from tasks.write import join_url
+
+
+class DedupSettings(BaseModel):
+    """Range checks of the dedup flow's parameters (types and defaults live in its signature)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file_paths: Union[str, list[str]]
+    output_path: str = Field(min_length=1)
+    similarity_threshold: float = Field(gt=0, le=1)
+    clip_model: str = Field(min_length=1)
+    clip_pretrained: str = Field(min_length=1)
+    model_dir: Optional[str]
+    cache_path: Optional[str]
+    file_extensions: list[str] = Field(min_length=1)
+    method: Literal["auto", "exact", "clustered"]
+    embedding_identity: Optional[str]
+    embed_missing: bool
+    write_dataset: bool
+    filter_output_path: Optional[str]
+    images_per_tar: int = Field(ge=1)
+    storage_options_secret: Optional[str]
+
+
+@task(name="load-embeddings", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
+      retry_condition_fn=retry_unless_user_error, persist_result=False)
+def load_embeddings_task(store: EmbeddingStore, identity: str, shard_urls: list[str], storage_options: dict):
+    return load_embeddings(store, identity, shard_urls, storage_options)
+
+
+@task(name="find-duplicates", persist_result=False)
+def find_duplicates_task(stored, similarity_threshold: float, method: str):
+    return deduplicate(stored.embeddings, stored.key, stored.shard, similarity_threshold=similarity_threshold, method=method)
+
+
+@task(name="write-dedup-outputs", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
+      retry_condition_fn=retry_unless_user_error, persist_result=False)
+def write_outputs_task(result, output_path: str, storage_options: dict) -> dict[str, str]:
+    return {
+        name: write_frame(join_url(output_path, f"{name}.parquet"), getattr(result, name), storage_options)
+        for name in ("duplicates", "kept", "skipped")
+    }
+
+
+@flow(name="image-dedup", log_prints=False)
+def image_dedup(
+    file_paths: Union[str, list[str]],
+    output_path: str,
+    similarity_threshold: float = 0.99,
+    clip_model: str = "ViT-L-14",
+    clip_pretrained: str = "openai",
+    model_dir: Optional[str] = None,
+    cache_path: Optional[str] = None,
+    file_extensions: list[str] = [".tar"],  # noqa: B006 - Prefect shows the default in the form; never mutated
+    method: Literal["auto", "exact", "clustered"] = "auto",
+    embedding_identity: Optional[str] = None,
+    embed_missing: bool = False,
+    write_dataset: bool = False,
+    filter_output_path: Optional[str] = None,
+    images_per_tar: int = 1000,
+    storage_options_secret: Optional[str] = None,
+) -> dict:
+    """Find near-duplicate images of a dataset from its cached CLIP embeddings (CLIP is never loaded).
+
+    Args:
+        file_paths: The dataset's shards, as given to nsfw-filter: a directory or prefix, a list of shard URLs, or brace notation.
+        output_path: Where duplicates.parquet, kept.parquet, skipped.parquet, summary.json (and shards/ with write_dataset) go.
+        similarity_threshold: Two images are near-duplicates when the cosine similarity of their embeddings is at least this (NeMo Curator's eps = 1 - this).
+        clip_model: The open_clip model name (or model-config JSON) the embeddings were made with.
+        clip_pretrained: The pretrained tag or checkpoint the embeddings were made with.
+        model_dir: Where model weights live; only needed with embed_missing.
+        cache_path: Root of the embedding store the filter flow wrote; default $NSFW_CURATOR_CACHE_PATH or ~/.cache/nsfw-curator/embeddings.
+        file_extensions: Which files under file_paths are shards.
+        method: exact (all pairs, in blocks), clustered (k-means clusters, pairs within them), or auto (exact up to 50,000 images on CPU, 400,000 on a GPU).
+        embedding_identity: The store identity to read (summary.json of a filter run names it under models); found automatically when empty.
+        embed_missing: Embed shards missing from the store first (runs nsfw-filter for them, which needs the CLIP weights); otherwise missing shards are an error.
+        write_dataset: Also write a deduplicated copy of the dataset under output_path/shards, members byte for byte.
+        filter_output_path: With write_dataset, copy only the samples this nsfw-filter run kept (its output_path).
+        images_per_tar: Samples per shard of the deduplicated copy.
+        storage_options_secret: Name of a Prefect Secret block holding fsspec storage options as JSON.
+    """
+    settings = validate_settings(dict(locals()), DedupSettings)
+    logger = get_run_logger()
+    storage_options = storage_options_from_secret(settings.storage_options_secret)
+    output_path = normalise_output_path(settings.output_path)
+    shard_urls = list_shards(settings.file_paths, settings.file_extensions, storage_options)
+    store = EmbeddingStore(settings.cache_path or default_cache_path(), storage_options)
+
+    missing: list[str] = []
+    try:
+        identity = find_embedding_identity(store, shard_urls, settings.clip_model, settings.clip_pretrained, settings.model_dir,
+                                           settings.embedding_identity, storage_options)
+        missing = missing_shards(store, identity, shard_urls, storage_options)
+    except UserError:
+        if not settings.embed_missing:
+            raise
+        missing = list(shard_urls)
+    if missing:
+        if not settings.embed_missing:
+            listed = ", ".join(redact_url(url) for url in missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise UserError(
+                f"{len(missing)} of {len(shard_urls)} shards have no embeddings in the store ({listed}); fill the store with "
+                f"`nsfw-curator filter --file-paths ... --cache-path {redact_url(store.cache_path)}` or pass --embed-missing."
+            )
+        logger.info("embedding %d shards missing from the store", len(missing))
+        nsfw_filter(file_paths=missing, output_path=join_url(output_path, "_embed_missing"), clip_model=settings.clip_model,
+                    clip_pretrained=settings.clip_pretrained, model_dir=settings.model_dir, cache_path=store.cache_path,
+                    storage_options_secret=settings.storage_options_secret)
+        identity = find_embedding_identity(store, shard_urls, settings.clip_model, settings.clip_pretrained, settings.model_dir,
+                                           settings.embedding_identity, storage_options)
+
+    stored = load_embeddings_task(store, identity, shard_urls, storage_options)
+    logger.info("%d embeddings of %d shards from %s", len(stored.key), len(shard_urls), identity)
+    result = find_duplicates_task(stored, settings.similarity_threshold, settings.method)
+    files = write_outputs_task(result, output_path, storage_options)
+    copied: list[str] = []
+    if settings.write_dataset:
+        keep = set(zip(result.kept["shard"], result.kept["key"]))
+        if settings.filter_output_path:
+            keep &= passed_samples(settings.filter_output_path, storage_options)
+        copied = write_deduplicated_copy(shard_urls, keep, output_path, settings.images_per_tar, storage_options)
+    summary: dict[str, Any] = {
+        "embedding_identity": identity,
+        "shards": len(shard_urls),
+        "stats": asdict(result.stats),
+        "files": files,
+        "deduplicated_shards": copied,
+    }
+    write_dedup_summary(output_path, summary, storage_options)
+    stats = result.stats
+    create_table_artifact(
+        key="image-dedup-counts",
+        table=[
+            {"what": "embeddings read", "count": stats.rows},
+            {"what": "compared", "count": stats.compared_rows},
+            {"what": "skipped (no embedding)", "count": stats.skipped_rows},
+            {"what": "duplicate groups", "count": stats.groups},
+            {"what": "duplicates removed", "count": stats.duplicates},
+        ],
+        description=f"image-dedup at cosine similarity >= {stats.similarity_threshold} ({stats.method} search)",
+    )
+    logger.info("%d duplicates in %d groups among %d images (%s search)", stats.duplicates, stats.groups, stats.compared_rows, stats.method)
+    return {"summary": join_url(output_path, "summary.json"), "duplicates": stats.duplicates, "groups": stats.groups, "kept": len(result.kept)}

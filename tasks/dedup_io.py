@@ -1,0 +1,167 @@
+"""What the dedup flow reads and writes: embeddings from the store (never CLIP), results, a deduplicated copy.
+
+Finding the embeddings without the CLIP weights: the store names each identity `{model_name}-{hash}` and
+every entry's footer records what the identity covers (pretrained tag, weights SHA-256, preprocessing,
+decoding). So the identity of a dataset's embeddings is, in order of preference:
+
+1. `embedding_identity` given explicitly (a filter run's summary.json records it under models);
+2. computed from the CLIP weights when they are on this machine (exactly as the filter flow does);
+3. found in the store: the identities of `clip_model` whose entries record `clip_pretrained` as their
+   pretrained tag (or weights SHA-256; any weights when it is a checkpoint path not on this machine) and
+   hold an entry for the dataset's first shard; exactly one must remain.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.atomic import atomic_output, filesystem, write_bytes_atomic
+from tasks.clip_resolve import clip_identity, resolve_clip, safe_name
+from tasks.errors import UserError
+from tasks.read import DEFAULT_REDUCED_JPEG_SIZE, DecodeOptions, iter_samples
+from tasks.store import METADATA_KEY, EmbeddingStore, embedding_matrix, redact_url, shard_fingerprint
+from tasks.write import FilteredShardWriter, join_url
+
+
+def default_decode_for(image_size: Sequence[int]) -> DecodeOptions:
+    """The decode settings the filter flow uses for a model of this input size (see tasks/run_plan.py)."""
+    return DecodeOptions(reduced_jpeg_size=max(DEFAULT_REDUCED_JPEG_SIZE, *image_size))
+
+
+def _entry_record(store: EmbeddingStore, identity_dir: str) -> dict | None:
+    """The footer record of one entry of an identity folder, or None when it has no readable entry."""
+    fs, root = filesystem(store.cache_path, store.storage_options)
+    for path in sorted(fs.glob(f"{root.rstrip('/')}/{identity_dir}/*.parquet"))[:1]:
+        try:
+            with fs.open(path, "rb") as handle:
+                metadata = pq.ParquetFile(handle).schema_arrow.metadata or {}
+            return json.loads(metadata[METADATA_KEY])
+        except (OSError, KeyError, ValueError, pa.ArrowException):
+            return None
+    return None
+
+
+def find_embedding_identity(
+    store: EmbeddingStore,
+    shard_urls: Sequence[str],
+    clip_model: str,
+    clip_pretrained: str,
+    model_dir: str | None,
+    embedding_identity: str | None = None,
+    storage_options: dict | None = None,
+) -> str:
+    """The identity of the dataset's embeddings in the store, without loading (or needing) CLIP."""
+    if embedding_identity:
+        return embedding_identity
+    try:
+        weights = resolve_clip(clip_model, clip_pretrained, model_dir)
+        return clip_identity(weights, default_decode_for(weights.image_size).identity())
+    except UserError:
+        pass  # no weights here: look the identity up in the store
+    model_name = clip_model.rsplit("/", 1)[-1].removesuffix(".json").replace("/", "-")
+    fs, root = filesystem(store.cache_path, store.storage_options)
+    prefix = f"{root.rstrip('/')}/{safe_name(model_name)}-"
+    folders = sorted(path.rsplit("/", 1)[-1] for path in fs.glob(prefix + "*") if fs.isdir(path))
+    tag = clip_pretrained.rsplit("/", 1)[-1]
+    # A checkpoint path that is not on this machine cannot be fingerprinted: any weights of the model match.
+    is_path = "/" in clip_pretrained or clip_pretrained.lower().endswith((".safetensors", ".bin", ".pt", ".pth"))
+    first = shard_urls[0]
+    fingerprint = shard_fingerprint(first, storage_options)
+    matches = []
+    for folder in folders:
+        record = _entry_record(store, folder)
+        if record is None or not (is_path or tag in (record.get("pretrained_tag"), record.get("weights_fingerprint"))):
+            continue
+        if store.has(folder, first, fingerprint):
+            matches.append(folder)
+    if len(matches) == 1:
+        return matches[0]
+    where = redact_url(store.cache_path)
+    if not matches:
+        raise UserError(
+            f"no embeddings of {model_name} ({clip_pretrained}) for {redact_url(first)} are in the store at {where}; "
+            f"run `nsfw-curator filter` on this dataset with the same --cache-path first, or pass --embed-missing."
+        )
+    raise UserError(
+        f"the store at {where} holds several embeddings of {model_name} ({clip_pretrained}): {', '.join(matches)}; "
+        f"pass --embedding-identity with the one the filter run's summary.json names."
+    )
+
+
+@dataclass
+class StoredEmbeddings:
+    embeddings: np.ndarray  # float32 [N, D]; NaN rows for samples that were not embedded
+    key: list[str | None]
+    shard: list[str]
+
+
+def missing_shards(store: EmbeddingStore, identity: str, shard_urls: Sequence[str], storage_options: dict | None = None) -> list[str]:
+    return [url for url in shard_urls if not store.has(identity, url, shard_fingerprint(url, storage_options))]
+
+
+def load_embeddings(store: EmbeddingStore, identity: str, shard_urls: Sequence[str], storage_options: dict | None = None) -> StoredEmbeddings:
+    """Every sample's embedding of the shards, in shard order; rows without a key (damaged tars) left out."""
+    matrices, keys, shards = [], [], []
+    for url in shard_urls:
+        table = store.read_table(identity, url, shard_fingerprint(url, storage_options))
+        if table is None:
+            raise UserError(f"the store entry for {redact_url(url)} disappeared or is unreadable; run the flow again to re-embed it.")
+        has_key = np.array([k is not None for k in table.column("key").to_pylist()], dtype=bool)
+        matrices.append(embedding_matrix(table)[has_key])
+        keys.extend(k for k in table.column("key").to_pylist() if k is not None)
+        shards.extend([url] * int(has_key.sum()))
+    dim = matrices[0].shape[1] if matrices else 0
+    embeddings = np.concatenate(matrices) if matrices else np.zeros((0, dim), np.float32)
+    return StoredEmbeddings(embeddings, keys, shards)
+
+
+def write_frame(url: str, frame, storage_options: dict | None = None) -> str:
+    with atomic_output(url, storage_options) as handle:
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), handle)
+    return url
+
+
+def passed_samples(filter_output_path: str, storage_options: dict | None = None) -> set[tuple[str, str]]:
+    """(shard, key) of the samples a filter run kept, from its scores Parquet."""
+    fs, root = filesystem(filter_output_path, storage_options)
+    passed: set[tuple[str, str]] = set()
+    paths = sorted(fs.glob(f"{root.rstrip('/')}/scores/*.parquet"))
+    if not paths:
+        raise UserError(f"{redact_url(filter_output_path)} has no scores/*.parquet; pass the output_path of a finished nsfw-filter run.")
+    for path in paths:
+        with fs.open(path, "rb") as handle:
+            table = pq.read_table(handle, columns=["shard", "key", "passed"])
+        for shard, key, ok in zip(*(table.column(c).to_pylist() for c in ("shard", "key", "passed"))):
+            if ok:
+                passed.add((shard, key))
+    return passed
+
+
+def write_deduplicated_copy(
+    shard_urls: Sequence[str],
+    keep: set[tuple[str, str]],
+    output_path: str,
+    images_per_tar: int,
+    storage_options: dict | None = None,
+) -> list[str]:
+    """Copy the kept samples of the input shards, members byte for byte, into `{output_path}/shards/`."""
+    written: list[str] = []
+    for index, url in enumerate(shard_urls):
+        with FilteredShardWriter(output_path, index, images_per_tar, storage_options) as writer:
+            for sample in iter_samples(url, decode=None, storage_options=storage_options):
+                if sample.key is not None and sample.error is None and (url, sample.key) in keep:
+                    writer.add(sample)
+        written.extend(writer.written)
+    return written
+
+
+def write_dedup_summary(output_path: str, summary: dict, storage_options: dict | None = None) -> str:
+    url = join_url(output_path, "summary.json")
+    write_bytes_atomic(url, json.dumps(summary, indent=2, default=lambda o: asdict(o)).encode(), storage_options)
+    return url
