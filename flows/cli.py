@@ -131,26 +131,38 @@ def flow_arguments(args: argparse.Namespace, flow_fn: Callable) -> dict[str, Any
     return values
 
 
-def _add_filter(subparsers: argparse._SubParsersAction) -> None:
-    from flows.nsfw_filter import nsfw_filter
+def _flow_command(name: str, module: str, flow_name: str, help_text: str, preflight: str | None = None) -> Callable[[argparse._SubParsersAction], None]:
+    """A subcommand running a flow: one option per flow parameter, an optional preflight that checks user input first."""
 
-    parser = subparsers.add_parser(
-        "filter",
-        help="run the nsfw-filter flow: score every image, keep those below --score-threshold",
-        description=inspect.getdoc(nsfw_filter.fn).split("\n\n")[0],
-    )
-    add_flow_arguments(parser, nsfw_filter.fn)
-    parser.set_defaults(handler=_run_filter)
+    def load():
+        import importlib
+
+        loaded = importlib.import_module(module)
+        return getattr(loaded, flow_name), getattr(loaded, preflight) if preflight else None
+
+    def run(args: argparse.Namespace) -> int:
+        flow, check = load()
+        kwargs = flow_arguments(args, flow.fn)
+        if check is not None:
+            check(kwargs)  # user mistakes end here with one sentence, before a flow run is created
+        print(json.dumps(flow(**kwargs), indent=2))
+        return 0
+
+    def add(subparsers: argparse._SubParsersAction) -> None:
+        flow, _ = load()
+        parser = subparsers.add_parser(name, help=help_text, description=inspect.getdoc(flow.fn).split("\n\n")[0])
+        add_flow_arguments(parser, flow.fn)
+        parser.set_defaults(handler=run)
+
+    return add
 
 
-def _run_filter(args: argparse.Namespace) -> int:
-    from flows.nsfw_filter import nsfw_filter, preflight
-
-    kwargs = flow_arguments(args, nsfw_filter.fn)
-    preflight(kwargs)  # user mistakes end here with one sentence, before a flow run is created
-    result = nsfw_filter(**kwargs)
-    print(json.dumps(result, indent=2))
-    return 0
+_add_filter = _flow_command(
+    "filter", "flows.nsfw_filter", "nsfw_filter", "run the nsfw-filter flow: score every image, keep those below --score-threshold", "preflight"
+)
+_add_dedup = _flow_command(
+    "dedup", "flows.dedup", "image_dedup", "run the image-dedup flow: near-duplicates from the cached embeddings (no CLIP run)"
+)
 
 
 def _add_review(subparsers: argparse._SubParsersAction) -> None:
@@ -180,26 +192,6 @@ def _run_review(args: argparse.Namespace) -> int:
     )
     unavailable = sum(sample.thumbnail is None for sample in sheet.samples)
     print(f"{len(sheet.samples)} samples ({unavailable} without image) of {sheet.overview.scored} scored -> {sheet.sheet_url}")
-    return 0
-
-
-def _add_dedup(subparsers: argparse._SubParsersAction) -> None:
-    from flows.dedup import image_dedup
-
-    parser = subparsers.add_parser(
-        "dedup",
-        help="run the image-dedup flow: near-duplicates from the cached embeddings (no CLIP run)",
-        description=inspect.getdoc(image_dedup.fn).split("\n\n")[0],
-    )
-    add_flow_arguments(parser, image_dedup.fn)
-    parser.set_defaults(handler=_run_dedup)
-
-
-def _run_dedup(args: argparse.Namespace) -> int:
-    from flows.dedup import image_dedup
-
-    result = image_dedup(**flow_arguments(args, image_dedup.fn))
-    print(json.dumps(result, indent=2))
     return 0
 
 

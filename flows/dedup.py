@@ -12,11 +12,10 @@ from typing import Any, Literal, Optional, Union
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
-from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.nsfw_filter import nsfw_filter, storage_options_from_secret, validate_settings
-from flows.prefect_cache import retry_unless_user_error
+from flows.prefect_cache import STORAGE_RETRIES
 from tasks.dedup import deduplicate
 from tasks.dedup_io import (
     find_embedding_identity,
@@ -57,8 +56,7 @@ class DedupSettings(BaseModel):
     storage_options_secret: Optional[str]
 
 
-@task(name="load-embeddings", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
-      retry_condition_fn=retry_unless_user_error, persist_result=False)
+@task(name="load-embeddings", **STORAGE_RETRIES, persist_result=False)
 def load_embeddings_task(store: EmbeddingStore, identity: str, shard_urls: list[str], storage_options: dict):
     return load_embeddings(store, identity, shard_urls, storage_options)
 
@@ -68,8 +66,7 @@ def find_duplicates_task(stored, similarity_threshold: float, method: str):
     return deduplicate(stored.embeddings, stored.key, stored.shard, similarity_threshold=similarity_threshold, method=method)
 
 
-@task(name="write-dedup-outputs", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
-      retry_condition_fn=retry_unless_user_error, persist_result=False)
+@task(name="write-dedup-outputs", **STORAGE_RETRIES, persist_result=False)
 def write_outputs_task(result, output_path: str, storage_options: dict) -> dict[str, str]:
     return {
         name: write_frame(join_url(output_path, f"{name}.parquet"), getattr(result, name), storage_options)

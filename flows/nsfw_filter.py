@@ -12,10 +12,9 @@ from typing import Any, Literal, Optional, Union
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from flows.prefect_cache import embedding_cache_key, embedding_result_storage, partition_in_store, retry_unless_user_error
+from flows.prefect_cache import STORAGE_RETRIES, embedding_cache_key, embedding_result_storage, partition_in_store
 from flows.runners import gpu_remote_options, open_task_runner
 from tasks.embed import embed_partition
 from tasks.errors import UserError
@@ -109,10 +108,7 @@ def storage_options_from_secret(block_name: str | None) -> dict:
 
 @task(
     name="embed-partition",
-    retries=3,
-    retry_delay_seconds=exponential_backoff(backoff_factor=2),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_unless_user_error,
+    **STORAGE_RETRIES,
     cache_key_fn=embedding_cache_key,
     persist_result=True,
     tags=["gpu"],
@@ -138,10 +134,7 @@ def embed_partition_task(partition: Partition, run: FilterRun) -> list[str]:
 
 @task(
     name="filter-partition",
-    retries=3,
-    retry_delay_seconds=exponential_backoff(backoff_factor=2),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=retry_unless_user_error,
+    **STORAGE_RETRIES,
     persist_result=False,
 )
 def filter_partition_task(partition: Partition, entry_urls: list[str], run: FilterRun) -> PartitionResult:

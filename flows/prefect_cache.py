@@ -1,4 +1,4 @@
-"""How the embedding task meets Prefect's cache: the same identity as the embedding store.
+"""How tasks meet Prefect: the embedding task's cache (the embedding store's identity) and storage retries.
 
 The cache key of a partition is the hash of its store entries' URLs (store root, model/weights/
 preprocessing identity, each shard's content fingerprint), so Prefect shows the task as Cached exactly
@@ -12,6 +12,7 @@ import hashlib
 from typing import Any
 
 from prefect.filesystems import LocalFileSystem, RemoteFileSystem, WritableFileSystem
+from prefect.tasks import exponential_backoff
 
 from tasks.errors import UserError
 from tasks.run_plan import FilterRun
@@ -57,3 +58,12 @@ def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
     except Exception:  # noqa: BLE001 - anything else may be transient
         return True
     return True
+
+
+# Task options for steps that touch storage: transient errors retry with backoff, user errors fail fast.
+STORAGE_RETRIES: dict[str, Any] = dict(
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=retry_unless_user_error,
+)

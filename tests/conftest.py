@@ -87,6 +87,17 @@ def s3_endpoint() -> str:
 
 
 @pytest.fixture()
+def unreachable_s3(s3_endpoint, monkeypatch):
+    """S3 requests go to a closed port (the discard port); filesystems made meanwhile are forgotten after."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture()
 def s3_bucket(s3_endpoint: str) -> str:
     """A fresh, empty bucket name on the moto server."""
     import s3fs

@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from support.tars import BAD_CASE_EXPECTED, bad_case_members, member_offsets, shard_of_good_samples, tar_bytes, write_tar
-from support.tiny_clip import make_tiny_clip, save_clip_checkpoint, tiny_clip_config
+from tests.support.tars import BAD_CASE_EXPECTED, bad_case_members, member_offsets, shard_of_good_samples, tar_bytes, write_tar
+from tests.support.tiny_clip import make_tiny_clip, save_clip_checkpoint, tiny_clip_config
 
 from tasks.clip_resolve import clip_identity, resolve_clip, weights_fingerprint
 from tasks.embed import ClipEmbedder, embed_partition, embed_shard, load_clip_embedder, select_device, unload_clip_models

@@ -9,7 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 from safetensors import safe_open
-from support.laion_zips import DATA_MEMBER, INDEX_MEMBER, edit_member, flip_byte, rewrite_zip
+from tests.support.laion_zips import DATA_MEMBER, INDEX_MEMBER, edit_member, flip_byte, rewrite_zip
 
 from tasks.errors import UserError
 from tasks.laion_convert import convert_laion_zip, crc32c

@@ -8,22 +8,10 @@ import fsspec
 import pytest
 
 from tasks.errors import UserError
+from tests.support.s3 import NO_RETRIES
 from tasks.partition import Partition, list_shards, partition_shards
-from support.tars import shard_of_good_samples, tar_bytes, write_tar
+from tests.support.tars import shard_of_good_samples, tar_bytes, write_tar
 
-# Fail fast against a closed port instead of botocore's default retries with back-off.
-NO_RETRIES = {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}}
-
-
-@pytest.fixture()
-def unreachable_s3(s3_endpoint, monkeypatch):
-    """S3 requests go to a closed port (the discard port); filesystems made meanwhile are forgotten after."""
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
-    yield
-    s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture()

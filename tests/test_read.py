@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from support.tars import (
+from tests.support.tars import (
     BAD_CASE_EXPECTED,
     Member,
     bad_case_members,
@@ -26,20 +26,10 @@ from support.tars import (
     write_tar,
 )
 from tasks.errors import UserError
+from tests.support.s3 import NO_RETRIES
 from tasks.read import DecodeOptions, Sample, image_extension, iter_batches, iter_samples
 
-NO_RETRIES = {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}}
 
-
-@pytest.fixture()
-def unreachable_s3(s3_endpoint, monkeypatch):
-    """S3 requests go to a closed port (the discard port); filesystems made meanwhile are forgotten after."""
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
-    yield
-    s3fs.S3FileSystem.clear_instance_cache()
 FULL = DecodeOptions(reduced_jpeg_size=None)  # exact pixels; reduced decoding has its own tests
 
 
