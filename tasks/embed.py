@@ -13,10 +13,10 @@ built in pinned memory, copied with `non_blocking=True` and run under fp16 autoc
 from __future__ import annotations
 
 import json
-import queue
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from PIL import Image
 
 from tasks.clip_resolve import ClipWeights, clip_identity, identity_record, read_model_config, weights_fingerprint
 from tasks.errors import UserError
+from tasks.prefetch import close_iterator, prefetched
 from tasks.read import DecodeOptions, Sample, iter_batches
 from tasks.store import EmbeddingStore, embedding_table, shard_fingerprint
 
@@ -131,56 +132,27 @@ class ClipEmbedder:
         A background thread pulls the input batches and preprocesses them `batch_size` images at a
         time, up to two model batches ahead of inference; it keeps no image once it is preprocessed.
         """
-        ready: queue.Queue = queue.Queue(maxsize=_PREFETCH_BATCHES)
-        stop = threading.Event()
-
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    ready.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def produce() -> None:
+        def chunks() -> Iterator[_Chunk]:
             batches = iter(image_batches)
             try:
                 for images in batches:
                     images = list(images)
-                    if not images and not put(_Chunk(None, last=True)):
-                        return
+                    if not images:
+                        yield _Chunk(None, last=True)
                     for start in range(0, len(images), self.batch_size):
-                        chunk = self.preprocess(images[start : start + self.batch_size])
-                        if not put(_Chunk(chunk, last=start + self.batch_size >= len(images))):
-                            return
+                        yield _Chunk(self.preprocess(images[start : start + self.batch_size]), last=start + self.batch_size >= len(images))
                     del images
-                put(_DONE)
-            except BaseException as error:  # re-raised in the consumer
-                put(_Failure(error))
             finally:
-                close = getattr(batches, "close", None)
-                if close is not None:
-                    close()
+                close_iterator(batches)
 
-        worker = threading.Thread(target=produce, name="clip-preprocess", daemon=True)
-        worker.start()
-        try:
+        with closing(prefetched(chunks(), _PREFETCH_BATCHES, "clip-preprocess")) as ready:
             parts: list[np.ndarray] = []
-            while True:
-                item = ready.get()
-                if item is _DONE:
-                    return
-                if isinstance(item, _Failure):
-                    raise item.error
+            for item in ready:
                 if item.pixels is not None:
                     parts.append(self.embed_pixels(item.pixels))
                 if item.last:
                     yield np.concatenate(parts) if parts else np.zeros((0, self.embedding_dim), np.float32)
                     parts = []
-        finally:
-            stop.set()
-            worker.join()
 
 
 @dataclass
@@ -188,13 +160,6 @@ class _Chunk:
     pixels: torch.Tensor | None
     last: bool
 
-
-@dataclass
-class _Failure:
-    error: BaseException
-
-
-_DONE = object()
 
 _model_lock = threading.Lock()
 _loaded_model: dict[tuple[ClipWeights, str], tuple[torch.nn.Module, object]] = {}

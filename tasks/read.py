@@ -14,12 +14,11 @@ import io
 import json
 import lzma
 import os
-import queue
 import re
 import tarfile
-import threading
 import zlib
 from collections.abc import Iterator, Sequence
+from contextlib import closing
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -29,6 +28,7 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tasks.errors import UserError
+from tasks.prefetch import prefetched
 
 # Image members by preference: a sample with several images is scored on the first present.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tiff", "tif", "gif")
@@ -385,14 +385,6 @@ def iter_samples(
         yield sample if decode is None else decode_sample(sample, decode)
 
 
-_END = object()
-
-
-@dataclass
-class _Failure:
-    exception: BaseException
-
-
 def _default_threads() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -421,47 +413,24 @@ def iter_batches(
     assert isinstance(prefetch, int) and prefetch >= 1, "prefetch counts batches and must be >= 1"
     if isinstance(shard_urls, str):
         shard_urls = [shard_urls]
-    ready: queue.Queue = queue.Queue(maxsize=prefetch)
-    stop = threading.Event()
     pool = ThreadPoolExecutor(threads or _default_threads(), thread_name_prefix="decode") if decode is not None else None
 
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def batches_of_pending_samples() -> Iterator[list[Sample | Future]]:
+        batch: list[Sample | Future] = []
+        for shard_url in shard_urls:
+            for sample in _iter_raw_samples(shard_url, storage_options):
+                needs_decoding = pool is not None and sample.error is None
+                batch.append(pool.submit(decode_sample, sample, decode) if needs_decoding else sample)
+                if len(batch) == task_batch_size:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch
 
-    def produce() -> None:
-        try:
-            batch: list[Sample | Future] = []
-            for shard_url in shard_urls:
-                for sample in _iter_raw_samples(shard_url, storage_options):
-                    needs_decoding = pool is not None and sample.error is None
-                    batch.append(pool.submit(decode_sample, sample, decode) if needs_decoding else sample)
-                    if len(batch) == task_batch_size:
-                        if not put(batch):
-                            return
-                        batch = []
-            if (batch and not put(batch)) or not put(_END):
-                return
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread and re-raised there
-            put(_Failure(exc))
-
-    reader = threading.Thread(target=produce, name="shard-reader", daemon=True)
-    reader.start()
     try:
-        while True:
-            item = ready.get()
-            if item is _END:
-                return
-            if isinstance(item, _Failure):
-                raise item.exception
-            yield [entry.result() if isinstance(entry, Future) else entry for entry in item]
+        with closing(prefetched(batches_of_pending_samples(), prefetch, "shard-reader")) as ready:
+            for item in ready:
+                yield [entry.result() if isinstance(entry, Future) else entry for entry in item]
     finally:
-        stop.set()
-        reader.join()
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)

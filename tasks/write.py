@@ -18,7 +18,7 @@ import json
 import posixpath
 import tarfile
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 import pyarrow as pa
