@@ -23,24 +23,33 @@ else
 fi
 
 pids=()
-stop() {
-    trap - TERM INT EXIT
-    [ "${#pids[@]}" -gt 0 ] && kill -TERM "${pids[@]}" 2>/dev/null || true
-    wait || true
-}
-trap stop TERM INT EXIT
+stopping=""
+# One signal per worker stops it gracefully (a second one kills its flow runs): Ctrl-C reaches the
+# workers from the terminal, `kill <this script>` is forwarded to them.
+trap 'stopping=yes' INT
+trap 'stopping=yes; kill -TERM "${pids[@]}" 2>/dev/null || true' TERM
 
 if [ "${#gpus[@]}" -eq 0 ]; then
     echo "no GPU found: starting one CPU worker on pool $pool" >&2
-    CUDA_VISIBLE_DEVICES="" "$python" -m prefect worker start --pool "$pool" --name "$host-cpu" --limit 1 &
+    # (trap - INT: a background job of a script would otherwise ignore SIGINT, which Prefect's worker uses to stop)
+    ( trap - INT; CUDA_VISIBLE_DEVICES="" exec "$python" -m prefect worker start --pool "$pool" --name "$host-cpu" --limit 1 ) &
     pids+=("$!")
 else
     for gpu in "${gpus[@]}"; do
         echo "GPU $gpu: worker $host-gpu$gpu on pool $pool" >&2
-        CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES="$gpu" \
-            "$python" -m prefect worker start --pool "$pool" --name "$host-gpu$gpu" --limit 1 &
+        ( trap - INT; CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES="$gpu" \
+            exec "$python" -m prefect worker start --pool "$pool" --name "$host-gpu$gpu" --limit 1 ) &
         pids+=("$!")
     done
 fi
-# A worker that exits (bad API URL, missing pool) stops the others, so the failure is not hidden.
-wait -n "${pids[@]}"
+
+status=0
+wait -n "${pids[@]}" || status=$?
+if [ -z "$stopping" ]; then
+    # A worker exited by itself (bad PREFECT_API_URL, missing pool): stop the others so it is not hidden.
+    echo "a worker exited with status $status; stopping the others" >&2
+    kill -TERM "${pids[@]}" 2>/dev/null || true
+    status=$(( status == 0 ? 1 : status ))
+fi
+while [ -n "$(jobs -pr)" ]; do wait || true; done
+exit "$status"

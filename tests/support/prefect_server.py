@@ -34,15 +34,14 @@ def free_port() -> int:
 
 
 def stop_process_group(process: subprocess.Popen, grace_s: float = 20) -> None:
-    """TERM the process's whole group, then KILL what is left after `grace_s`."""
+    """TERM the group's leader (it stops its children once), then KILL the whole group after `grace_s`."""
     if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
+        process.terminate()
         try:
             process.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             pass
-    # Children (a worker's flow-run processes) may outlive the leader: KILL the group regardless.
+    # Children (workers, their flow-run processes, the server's own) may outlive the leader: KILL the group regardless.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
