@@ -99,8 +99,14 @@ def fetch_clip_weights(model_dir: str | os.PathLike, clip_model: str = "ViT-L-14
     except RuntimeError as error:
         if "TorchScript" not in str(error):
             raise
-        # OpenAI's original files are TorchScript archives; open_clip verified this one's SHA-256.
+        # OpenAI's original files are TorchScript archives; open_clip verified this one's SHA-256. Their state
+        # dicts carry metadata and mask buffers the model builds itself (as open_clip's OpenAI loader drops them).
         state_dict = load_state_dict(str(downloaded), weights_only=False)
+        state_dict = {
+            name: tensor
+            for name, tensor in state_dict.items()
+            if name not in ("input_resolution", "context_length", "vocab_size") and not name.endswith("attn_mask")
+        }
     _save_safetensors(state_dict, out_path)
     del state_dict
     # Build it once with the offline loader, so a broken download fails here and not in a run.
