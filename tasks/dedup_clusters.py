@@ -36,7 +36,7 @@ _MAX_SPLIT_DEPTH = 3
 _SPLIT_MAX_PAIR_FRACTION = 0.5
 # Similarity entries per k-means / assignment block, and rows per gather.
 _BLOCK_ENTRIES = 1 << 22
-_GATHER_ROWS = 16384
+_GATHER_ROWS = 4096
 
 # Rows at canonical positions (an index array or a slice), unit length, in the matmul dtype, on the device.
 RowsOf = Callable[[np.ndarray | slice], torch.Tensor]

@@ -56,7 +56,7 @@ _MAX_BLOCK_ROWS = 4096
 _SET_ROWS_PER_WORKER = 8192
 # Rows gathered at once when verifying pairs in float64 (two [rows, D] float64 arrays).
 _VERIFY_ROWS = 4096
-_SCAN_ROWS = 16384
+_SCAN_ROWS = 4096
 # Rows checked at once for validity (their float64 squares are a temporary).
 _VALIDITY_ROWS = 8192
 
@@ -274,7 +274,8 @@ class RowSource:
     def screen_rows(self, positions: np.ndarray | slice) -> torch.Tensor:
         """Rows at canonical positions, L2-normalised, in the matmul dtype, on the search device."""
         source_rows = self.rows[positions]
-        block = np.asarray(self.embeddings[source_rows]) * self.inverse_norm[source_rows, None]
+        block = np.array(self.embeddings[source_rows], dtype=np.float32)
+        block *= self.inverse_norm[source_rows, None]
         return torch.from_numpy(block).to(device=self.plan.device, dtype=self.plan.matmul_dtype)
 
     def exact_rows(self, positions: np.ndarray) -> np.ndarray:
