@@ -107,6 +107,38 @@ def test_clustered_search_in_every_cluster_equals_exact(small):
     pd.testing.assert_frame_equal(everywhere.kept, exact.kept)
 
 
+def test_clustered_search_splits_dense_topics_and_keeps_recall():
+    # rows around a few topic centres: plain k-means piles a topic into a few huge clusters
+    topics = planted_duplicates(10000, 256, topics=5, seed=3)
+    exact = deduplicate(topics.embeddings, topics.key, topics.shard, method="exact", include_pairs=True)
+    clustered = deduplicate(topics.embeddings, topics.key, topics.shard, method="clustered", include_pairs=True)
+    assert clustered.stats.split_clusters > 0
+    assert clustered.stats.comparisons < exact.stats.comparisons / 10
+    assert pair_set(clustered) <= pair_set(exact)
+    assert len(pair_set(clustered)) / len(pair_set(exact)) >= 0.99
+    order = np.random.default_rng(15).permutation(len(topics.key))
+    shuffled = deduplicate(topics.embeddings[order], topics.key[order], topics.shard[order], method="clustered", include_pairs=True)
+    pd.testing.assert_frame_equal(shuffled.pairs, clustered.pairs)
+    pd.testing.assert_frame_equal(shuffled.duplicates, clustered.duplicates)
+
+
+@pytest.mark.parametrize("method", ["exact", "clustered"])
+def test_a_flood_of_near_copies_is_one_group_linked_without_listing_its_pairs(method):
+    rng = np.random.default_rng(16)
+    copies = unit_rows(rng, 1, 32) + 0.003 * rng.standard_normal((1500, 32)).astype(np.float32)
+    embeddings = np.concatenate([copies, unit_rows(rng, 2500, 32)]).astype(np.float32)
+    key, shard = identifiers(4000)
+    result = deduplicate(embeddings, key, shard, method=method)
+    assert result.stats.groups == 1
+    assert set(result.duplicates["key"]) | set(result.duplicates["duplicate_of"]) == set(key[:1500])
+    # over a million pairs, but blocks hand on one link per row instead of the pairs
+    assert result.stats.candidates < 1500
+    with_pairs = deduplicate(embeddings, key, shard, method=method, include_pairs=True)
+    pd.testing.assert_frame_equal(with_pairs.duplicates, result.duplicates)
+    if method == "exact":
+        assert len(with_pairs.pairs) == 1500 * 1499 // 2
+
+
 def test_auto_method_follows_exact_max_rows(small):
     assert deduplicate(small.embeddings, small.key, small.shard).stats.method == "exact"
     auto = deduplicate(small.embeddings, small.key, small.shard, exact_max_rows=1000)
