@@ -74,6 +74,7 @@ class DedupStats:
     device: str
     comparisons: int
     candidates: int
+    verified: int
     largest_leaf: int
     split_clusters: int
     seconds: dict[str, float] = field(default_factory=dict)
@@ -263,25 +264,9 @@ def deduplicate(
     counters = SearchCounters()
     counters.add_seconds("prepare", time.perf_counter() - started)
 
-    components = UnionFind(len(source))
-    pair_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    searched = time.perf_counter()
     with all_cpu_threads():
-        candidates = iter_candidates(source, counters, block_entries=int(block_entries), seed=seed, links_only=not include_pairs)
-        for block in candidates:
-            counters.candidates += int(block.first.shape[0])
-            if include_pairs:
-                pair_parts.append(_verified(source, block, plan))
-                counters.verified += int(block.first.shape[0])
-            else:
-                counters.verified += _link_block(components, source, block, plan)
-        if include_pairs:
-            first, second, similarity = _unique_pairs(pair_parts, len(source))
-            components.union(first, second)
-        # includes the partition stage, which is also reported on its own
-        counters.add_seconds("search", time.perf_counter() - searched)
+        roots, pairs_found = _search_components(source, counters, int(block_entries), seed, include_pairs)
         grouped = time.perf_counter()
-        roots = components.roots()
         duplicate, survivor, duplicate_similarity = _survivors(source, roots)
         counters.add_seconds("groups", time.perf_counter() - grouped)
 
@@ -303,7 +288,8 @@ def deduplicate(
     skipped = identifiers.iloc[skipped_rows][KEPT_COLUMNS].reset_index(drop=True)
     skipped["reason"] = np.where(reason_code[skipped_rows] == 1, MISSING_REASON, ZERO_REASON).astype(object)
     pairs = None
-    if include_pairs:
+    if pairs_found is not None:
+        first, second, similarity = pairs_found
         pairs = pd.DataFrame(
             {
                 "key_a": identifiers["key"].to_numpy()[valid_rows[first]],
@@ -328,11 +314,36 @@ def deduplicate(
         device=str(plan.device),
         comparisons=counters.comparisons,
         candidates=counters.candidates,
+        verified=counters.verified,
         largest_leaf=counters.largest_leaf,
         split_clusters=counters.split_clusters,
         seconds={**counters.seconds, "total": time.perf_counter() - started},
     )
     return DedupResult(duplicates=duplicates, kept=kept, skipped=skipped, stats=stats, pairs=pairs)
+
+
+def _search_components(
+    source: RowSource, counters: SearchCounters, block_entries: int, seed: int, include_pairs: bool
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray] | None]:
+    """Each compared row's group root (its smallest canonical position) and, with `include_pairs`, every pair."""
+    plan = source.plan
+    components = UnionFind(len(source))
+    pair_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    started = time.perf_counter()
+    for block in iter_candidates(source, counters, block_entries=block_entries, seed=seed, links_only=not include_pairs):
+        counters.candidates += int(block.first.shape[0])
+        if include_pairs:
+            pair_parts.append(_verified(source, block, plan))
+            counters.verified += int(block.first.shape[0])
+        else:
+            counters.verified += _link_block(components, source, block, plan)
+    pairs = None
+    if include_pairs:
+        pairs = _unique_pairs(pair_parts, len(source))
+        components.union(pairs[0], pairs[1])
+    # includes the partition stage, which is also reported on its own
+    counters.add_seconds("search", time.perf_counter() - started)
+    return components.roots(), pairs
 
 
 def _unique_pairs(

@@ -135,7 +135,10 @@ def check_embeddings(embeddings: object) -> np.ndarray:
 
 
 def check_threshold(similarity_threshold: float) -> float:
-    threshold = float(similarity_threshold)
+    try:
+        threshold = float(similarity_threshold)
+    except (TypeError, ValueError):
+        threshold = math.nan
     if not 0.0 < threshold <= 1.0:
         raise UserError(
             f"similarity_threshold must be in (0, 1], got {similarity_threshold!r}; "

@@ -333,6 +333,7 @@ def test_bad_input_gets_a_clear_error(change, message):
         ({"similarity_threshold": 0.0}, r"similarity_threshold must be in \(0, 1\]"),
         ({"similarity_threshold": 1.5}, r"similarity_threshold must be in \(0, 1\]"),
         ({"similarity_threshold": float("nan")}, r"similarity_threshold must be in \(0, 1\]"),
+        ({"similarity_threshold": "high"}, r"similarity_threshold must be in \(0, 1\]"),
         ({"method": "fast"}, "method must be one of auto, exact, clustered"),
         ({"clusters_per_point": 0}, "clusters_per_point must be at least 1"),
         ({"num_clusters": 0}, "num_clusters must be at least 1"),
