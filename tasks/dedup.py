@@ -85,7 +85,9 @@ class DedupResult:
     """`duplicates` and `kept` partition the compared rows; `skipped` holds the rows that were not compared.
 
     All frames are sorted by (shard, key). `pairs` (only with `include_pairs=True`) lists every pair found,
-    `(shard_a, key_a) < (shard_b, key_b)`.
+    `(shard_a, key_a) < (shard_b, key_b)`: all pairs at or above the threshold with the exact method; with
+    the clustered method those whose rows share a cluster (inside a flood of near-copies spread over many
+    clusters, only part of its pairs, though its group is usually whole).
     """
 
     duplicates: pd.DataFrame
