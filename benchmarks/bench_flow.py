@@ -5,9 +5,11 @@
 1. Wall time of the flow (threads runner, a real Prefect API) against calling the same plain functions
    in a loop on the same data (goal: at most 1.3x on 50 small shards). Both start cold: empty store,
    empty outputs. The API server is started before timing (a long-running server in production).
-2. Peak RSS of a whole `nsfw-curator filter` process for 2 and for 20 shards (goal: at most 1.25x).
-
-Uses a tiny random-weight CLIP (embedding dimension 768) and the real LAION ViT-L/14 head.
+   Measured with a random-weight ViT-B-32-sized CLIP and the real LAION ViT-B/32 head (the smallest real
+   configuration), and with a tiny 2-layer CLIP, where the work per shard is almost nothing and the
+   difference is Prefect's fixed cost per task run (printed per task).
+2. Peak RSS of a whole `nsfw-curator filter` process for 2 and for 20 shards (goal: at most 1.25x),
+   with the tiny CLIP and the real LAION ViT-L/14 head.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from pathlib import Path
 
 from _common import REPO_ROOT, SHARED_DIR
 
-HEAD = SHARED_DIR / "models" / "laion_nsfw" / "vit_l_14.safetensors"
+HEADS = {768: SHARED_DIR / "models" / "laion_nsfw" / "vit_l_14.safetensors", 512: SHARED_DIR / "models" / "laion_nsfw" / "vit_b_32.safetensors"}
+HEAD = HEADS[768]
 
 
 def build_inputs(root: Path, shards: int, per_shard: int) -> Path:
@@ -36,14 +39,14 @@ def build_inputs(root: Path, shards: int, per_shard: int) -> Path:
     return input_dir
 
 
-def plain_loop(input_dir: Path, root: Path, config_path: Path, checkpoint_path: Path) -> None:
+def plain_loop(input_dir: Path, root: Path, config_path: Path, checkpoint_path: Path, head: Path = HEAD) -> None:
     from tasks.embed import embed_partition
     from tasks.filter_stage import filter_partition
     from tasks.run_plan import cached_nsfw_head, plan_filter_run
     from tasks.write import RunSummary
 
     run = plan_filter_run(str(input_dir), str(root / "out-loop"), clip_model=str(config_path), clip_pretrained=str(checkpoint_path),
-                          nsfw_weights=str(HEAD), cache_path=str(root / "cache-loop"), images_per_tar=100)
+                          nsfw_weights=str(head), cache_path=str(root / "cache-loop"), images_per_tar=100)
     results = []
     for partition in run.partitions:
         embed_partition(partition.shard_urls, run.clip_weights, run.store, run.decode, run.task_batch_size, run.model_inference_batch_size)
@@ -52,11 +55,30 @@ def plain_loop(input_dir: Path, root: Path, config_path: Path, checkpoint_path: 
     RunSummary.from_partitions(results, run.score_threshold, run.models(), run.output_path).write()
 
 
-def flow_run(input_dir: Path, root: Path, config_path: Path, checkpoint_path: Path) -> None:
+def flow_run(input_dir: Path, root: Path, config_path: Path, checkpoint_path: Path, head: Path = HEAD) -> None:
     from flows.nsfw_filter import nsfw_filter
 
     nsfw_filter(file_paths=str(input_dir), output_path=str(root / "out-flow"), clip_model=str(config_path), clip_pretrained=str(checkpoint_path),
-                nsfw_weights=str(HEAD), cache_path=str(root / "cache-flow"), images_per_tar=100)
+                nsfw_weights=str(head), cache_path=str(root / "cache-flow"), images_per_tar=100)
+
+
+def compare(label: str, input_dir: Path, root: Path, config_path: Path, checkpoint_path: Path, head: Path, shards: int, repeats: int) -> None:
+    plain_loop(input_dir, root, config_path, checkpoint_path, head)  # warm-up: imports, model build, page cache
+    flow_run(input_dir, root, config_path, checkpoint_path, head)
+    loop_times, flow_times = [], []
+    for _ in range(repeats):
+        for name in ("out-loop", "cache-loop", "out-flow", "cache-flow"):
+            shutil.rmtree(root / name, ignore_errors=True)
+        start = time.perf_counter()
+        plain_loop(input_dir, root, config_path, checkpoint_path, head)
+        loop_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        flow_run(input_dir, root, config_path, checkpoint_path, head)
+        flow_times.append(time.perf_counter() - start)
+    loop, flow = min(loop_times), min(flow_times)
+    per_task_ms = 1000 * (flow - loop) / (2 * shards)
+    print(f"  {label}: plain loop {loop:.2f} s, flow {flow:.2f} s, flow/loop {flow / loop:.2f}x "
+          f"(goal <= 1.3x); {per_task_ms:+.0f} ms per task run")
 
 
 def peak_rss_mb(input_dir: Path, root: Path, config_path: Path, checkpoint_path: Path, api_url: str) -> float:
@@ -78,6 +100,7 @@ def main() -> None:
     parser.add_argument("--per-shard", type=int, default=8)
     parser.add_argument("--memory-shards", type=int, nargs=2, default=[2, 20])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--models", nargs="+", choices=["vit-b-32", "tiny"], default=["vit-b-32", "tiny"])
     args = parser.parse_args()
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -93,23 +116,12 @@ def main() -> None:
             from prefect.settings import PREFECT_API_URL
 
             api_url = PREFECT_API_URL.value()
-            plain_loop(input_dir, root, config_path, checkpoint_path)  # warm-up: imports, model build, page cache
-            shutil.rmtree(root / "out-loop"), shutil.rmtree(root / "cache-loop")
-            flow_run(input_dir, root, config_path, checkpoint_path)
-            shutil.rmtree(root / "out-flow"), shutil.rmtree(root / "cache-flow")
-            loop_times, flow_times = [], []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                plain_loop(input_dir, root, config_path, checkpoint_path)
-                loop_times.append(time.perf_counter() - start)
-                start = time.perf_counter()
-                flow_run(input_dir, root, config_path, checkpoint_path)
-                flow_times.append(time.perf_counter() - start)
-                for name in ("out-loop", "cache-loop", "out-flow", "cache-flow"):
-                    shutil.rmtree(root / name)
-            loop, flow = min(loop_times), min(flow_times)
             print(f"wall time, {args.shards} shards x {args.per_shard} images, cold store (best of {args.repeats}):")
-            print(f"  plain loop {loop:.2f} s, flow {flow:.2f} s, flow/loop {flow / loop:.2f}x (goal <= 1.3x)")
+            if "vit-b-32" in args.models:
+                b32 = make_tiny_clip(root / "clip", embed_dim=512, name="vit-b-32-sized", image_size=224, layers=12, width=768, patch_size=32)
+                compare("ViT-B-32-sized CLIP", input_dir, root, *b32, HEADS[512], args.shards, args.repeats)
+            if "tiny" in args.models:
+                compare("tiny CLIP", input_dir, root, config_path, checkpoint_path, HEADS[768], args.shards, args.repeats)
             small, large = (build_inputs(root, n, args.per_shard) for n in args.memory_shards)
             rss_small = peak_rss_mb(small, root, config_path, checkpoint_path, api_url)
             rss_large = peak_rss_mb(large, root, config_path, checkpoint_path, api_url)

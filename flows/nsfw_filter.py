@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, Optional, Union
 
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -135,6 +136,7 @@ def embed_partition_task(partition: Partition, run: FilterRun) -> list[str]:
 @task(
     name="filter-partition",
     **STORAGE_RETRIES,
+    cache_policy=NO_CACHE,  # idempotent through its manifest; nothing for Prefect to hash or store
     persist_result=False,
 )
 def filter_partition_task(partition: Partition, entry_urls: list[str], run: FilterRun) -> PartitionResult:

@@ -119,7 +119,10 @@ class ClipEmbedder:
             with torch.autocast("cuda", dtype=torch.float16):
                 features = self.model.encode_image(pixels)
         else:
-            features = self.model.encode_image(pixels)
+            # One forward pass at a time per process: each already uses every core, and concurrent
+            # partitions would only thrash; their decoding and writing still overlap this.
+            with _CPU_INFERENCE:
+                features = self.model.encode_image(pixels)
         return F.normalize(features.float(), dim=-1).cpu().numpy()
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -162,6 +165,7 @@ class _Chunk:
 
 
 _model_lock = threading.Lock()
+_CPU_INFERENCE = threading.Lock()
 _loaded_model: dict[tuple[ClipWeights, str], tuple[torch.nn.Module, object]] = {}
 
 
