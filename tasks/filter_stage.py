@@ -22,9 +22,12 @@ from tasks.store import EmbeddingStore, embedding_matrix, shard_fingerprint
 from tasks.write import PartitionResult, read_manifest, write_filtered_partition
 
 
-def settings_identity(embedding_identity: str, head_fingerprint: str, score_threshold: float, images_per_tar: int) -> str:
-    """What makes a partition's outputs what they are, beyond its input shards."""
+def settings_identity(
+    shard_fingerprints: list[str], embedding_identity: str, head_fingerprint: str, score_threshold: float, images_per_tar: int
+) -> str:
+    """What makes a partition's outputs what they are: its shards' content and the run's settings."""
     record = {
+        "shards": shard_fingerprints,
         "embedding": embedding_identity,
         "nsfw_head": head_fingerprint,
         "score_threshold": float(score_threshold),
@@ -94,7 +97,8 @@ def filter_partition(
     log: Callable[[str], None] | None = None,
 ) -> PartitionResult:
     """Score and write one partition (or return its completed manifest); the manifest is the commit point."""
-    identity_of_settings = settings_identity(embedding_identity, head_fingerprint, score_threshold, images_per_tar)
+    fingerprints = [shard_fingerprint(url, storage_options) for url in partition.shard_urls]
+    identity_of_settings = settings_identity(fingerprints, embedding_identity, head_fingerprint, score_threshold, images_per_tar)
     done = completed_partition(output_path, partition, identity_of_settings, storage_options)
     if done is not None:
         if log:

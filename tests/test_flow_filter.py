@@ -160,6 +160,15 @@ def test_filter_end_to_end(tmp_path, tiny_clip_768, laion_dir):
     new = {p for p in tree(tmp_path) - before if not p.startswith(("out", "cache"))}
     assert new == set()
     assert not [p for p in (tmp_path / "out").rglob("*") if p.name.endswith(".tmp")]
+    # a shard's content changes under the same name: the re-run notices and redoes that partition
+    shard0 = dataset.input_dir / "part-000000.tar"
+    new_keys = [f"new/{j:04d}" for j in range(3)]
+    write_tar(shard0, shard_of_good_samples(new_keys, size=(96, 72)))
+    dataset.keys[str(shard0)] = new_keys
+    with tarfile.open(shard0) as tar:
+        dataset.samples[str(shard0)] = group_samples(tar)
+    run_filter(dataset, tiny_clip_768, laion_dir, tmp_path, score_threshold=threshold)
+    check_outputs(dataset, tmp_path / "out", threshold)
 
 
 def flow_run_task_states(flow_run_id) -> dict[str, list[str]]:
