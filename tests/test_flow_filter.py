@@ -146,7 +146,8 @@ def test_filter_end_to_end(tmp_path, tiny_clip_768, laion_dir):
     # a threshold that splits the scored samples, so both sides are exercised
     scored = sorted(s for s in scores["nsfw_score"] if s is not None)
     threshold = float(np.float32((scored[len(scored) // 2 - 1] + scored[len(scored) // 2]) / 2))
-    result = run_filter(dataset, tiny_clip_768, laion_dir, tmp_path, score_threshold=threshold)
+    state = run_filter(dataset, tiny_clip_768, laion_dir, tmp_path, score_threshold=threshold, return_state=True)
+    result = state.result()
     scores = check_outputs(dataset, tmp_path / "out", threshold)
     assert 0 < sum(scores["passed"]) < len(scored)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -156,6 +157,15 @@ def test_filter_end_to_end(tmp_path, tiny_clip_768, laion_dir):
     assert summary["filtered"] == summary["samples"] - summary["passed"] - summary["errors"]
     assert sum(summary["histogram"]) == len(scored)
     assert summary["models"]["clip_model"] == "tiny-clip"
+    # the UI shows the counts as a table, the histogram, and links to the outputs
+    artifacts = read_artifacts(state.state_details.flow_run_id)
+    counts = {row["what"]: row["count"] for row in json.loads(artifacts["nsfw-filter-counts"].data)}
+    assert counts["samples"] == summary["samples"] and counts["passed"] == summary["passed"]
+    assert counts["not scored (errors)"] == summary["errors"]
+    histogram = artifacts["nsfw-filter-histogram"].data
+    assert "← threshold" in histogram and sum(int(line.split("|")[2]) for line in histogram.splitlines()[4:]) == len(scored)
+    assert f"(file://{tmp_path / 'out' / 'summary.json'})" in artifacts["nsfw-filter-summary"].data
+    assert f"(file://{tmp_path / 'out'})" in artifacts["nsfw-filter-outputs"].data
     # nothing is written outside output_path and cache_path
     new = {p for p in tree(tmp_path) - before if not p.startswith(("out", "cache"))}
     assert new == set()
@@ -169,6 +179,15 @@ def test_filter_end_to_end(tmp_path, tiny_clip_768, laion_dir):
         dataset.samples[str(shard0)] = group_samples(tar)
     run_filter(dataset, tiny_clip_768, laion_dir, tmp_path, score_threshold=threshold)
     check_outputs(dataset, tmp_path / "out", threshold)
+
+
+def read_artifacts(flow_run_id) -> dict:
+    from prefect import get_client
+    from prefect.client.schemas.objects import Artifact
+
+    with get_client(sync_client=True) as client:
+        response = client.request("POST", "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}, "limit": 100})
+    return {artifact.key: artifact for artifact in Artifact.model_validate_list(response.json())}
 
 
 def flow_run_task_states(flow_run_id) -> dict[str, list[str]]:
