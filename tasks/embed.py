@@ -170,13 +170,15 @@ _loaded_model: dict[tuple[ClipWeights, str], tuple[torch.nn.Module, object]] = {
 
 
 def load_clip_embedder(weights: ClipWeights, device: str | torch.device | None = None, batch_size: int = 32) -> ClipEmbedder:
-    """A `ClipEmbedder` for `weights`; the model is built once per process and reused across partitions."""
+    """A `ClipEmbedder` for `weights`; the model is built once per process and device and reused across partitions."""
     device = select_device(device)
     key = (weights, str(device))
     with _model_lock:
         if key not in _loaded_model:
-            # One model per worker process: drop any other before building (ViT-L/14 holds 1.7 GB).
-            _loaded_model.clear()
+            # One model per device (a worker using two GPUs keeps one on each): drop another model on
+            # this device before building (ViT-L/14 holds 1.7 GB).
+            for stale in [other for other in _loaded_model if other[1] == str(device)]:
+                del _loaded_model[stale]
             _loaded_model[key] = build_clip_model(weights, device)
         model, transform = _loaded_model[key]
     return ClipEmbedder(weights, model, transform, device, batch_size)
