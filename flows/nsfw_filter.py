@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional, Union
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -240,12 +241,16 @@ def nsfw_filter(
         in_store = list(pool.map(lambda p: partition_in_store(run, p.shard_urls), run.partitions))
     logger.info("%d of %d partitions already in the embedding store", sum(in_store), len(in_store))
     with open_task_runner(settings.task_runner, settings.ray_address, settings.max_workers, run.num_gpus_per_worker) as runner:
-        written = []
+        embedded = {}
         for partition in run.partitions:
             with gpu_remote_options(runner, run.num_gpus_per_worker):
-                entries = runner.submit(embed if in_store[partition.index] else embed_again, {"partition": partition, "run": run})
-            written.append(runner.submit(filter_partition_task, {"partition": partition, "entry_urls": entries, "run": run}))
-        results: list[PartitionResult] = [future.result() for future in written]
+                embedded[runner.submit(embed if in_store[partition.index] else embed_again, {"partition": partition, "run": run})] = partition
+        # A filter task is submitted once its partition is embedded, so no worker sits blocked on an upstream task.
+        written = [
+            runner.submit(filter_partition_task, {"partition": embedded[entries], "entry_urls": entries, "run": run})
+            for entries in as_completed(list(embedded))
+        ]
+        results: list[PartitionResult] = sorted((future.result() for future in written), key=lambda result: result.partition_index)
 
     clean_partitions_beyond(run.output_path, len(run.partitions), run.storage_options)
     remove_leftover_temp_files(run.output_path, run.storage_options)
