@@ -14,9 +14,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
-from flows.nsfw_filter import nsfw_filter, storage_options_from_secret, validate_settings
+from flows.nsfw_filter import storage_options_from_secret, validate_settings
 from flows.prefect_cache import STORAGE_RETRIES
 from tasks.dedup import deduplicate
+from tasks.clip_resolve import clip_identity, resolve_clip
 from tasks.dedup_io import (
     find_embedding_identity,
     load_embeddings,
@@ -26,9 +27,12 @@ from tasks.dedup_io import (
     write_deduplicated_copy,
     write_frame,
 )
+from tasks.embed import embed_partition
 from tasks.errors import UserError
+from tasks.gpu import GPU_SLOTS
 from tasks.locations import default_cache_path
 from tasks.partition import list_shards
+from tasks.read import DecodeOptions
 from tasks.run_plan import normalise_output_path
 from tasks.store import EmbeddingStore, redact_url
 from tasks.write import join_url
@@ -59,6 +63,18 @@ class DedupSettings(BaseModel):
 @task(name="load-embeddings", **STORAGE_RETRIES, persist_result=False)
 def load_embeddings_task(store: EmbeddingStore, identity: str, shard_urls: list[str], storage_options: dict):
     return load_embeddings(store, identity, shard_urls, storage_options)
+
+
+@task(name="embed-missing", **STORAGE_RETRIES, persist_result=False, tags=["gpu"])
+def embed_missing_task(
+    shard_urls: list[str], clip_model: str, clip_pretrained: str, model_dir: Optional[str], store: EmbeddingStore, storage_options: dict
+) -> str:
+    """Embed shards the store lacks, exactly as the filter flow would (same identity); returns the identity."""
+    weights = resolve_clip(clip_model, clip_pretrained, model_dir)
+    decode = DecodeOptions.for_model(weights.image_size)
+    with GPU_SLOTS.hold(1.0) as device:
+        embed_partition(shard_urls, weights, store, decode, storage_options=storage_options, device=device)
+    return clip_identity(weights, decode.identity())
 
 
 @task(name="find-duplicates", persist_result=False)
@@ -105,7 +121,7 @@ def image_dedup(
         file_extensions: Which files under file_paths are shards.
         method: exact (all pairs, in blocks), clustered (k-means clusters, pairs within them), or auto (exact up to 50,000 images on CPU, 400,000 on a GPU).
         embedding_identity: The store identity to read (summary.json of a filter run names it under models); found automatically when empty.
-        embed_missing: Embed shards missing from the store first (runs nsfw-filter for them, which needs the CLIP weights); otherwise missing shards are an error.
+        embed_missing: Embed shards missing from the store first (needs the CLIP weights in model_dir or clip_pretrained); otherwise missing shards are an error.
         write_dataset: Also write a deduplicated copy of the dataset under output_path/shards, members byte for byte.
         filter_output_path: With write_dataset, copy only the samples this nsfw-filter run kept (its output_path).
         images_per_tar: Samples per shard of the deduplicated copy.
@@ -135,11 +151,7 @@ def image_dedup(
                 f"`nsfw-curator filter --file-paths ... --cache-path {redact_url(store.cache_path)}` or pass --embed-missing."
             )
         logger.info("embedding %d shards missing from the store", len(missing))
-        nsfw_filter(file_paths=missing, output_path=join_url(output_path, "_embed_missing"), clip_model=settings.clip_model,
-                    clip_pretrained=settings.clip_pretrained, model_dir=settings.model_dir, cache_path=store.cache_path,
-                    storage_options_secret=settings.storage_options_secret)
-        identity = find_embedding_identity(store, shard_urls, settings.clip_model, settings.clip_pretrained, settings.model_dir,
-                                           settings.embedding_identity, storage_options)
+        identity = embed_missing_task(missing, settings.clip_model, settings.clip_pretrained, settings.model_dir, store, storage_options)
 
     stored = load_embeddings_task(store, identity, shard_urls, storage_options)
     logger.info("%d embeddings of %d shards from %s", len(stored.key), len(shard_urls), identity)

@@ -24,14 +24,9 @@ import pyarrow.parquet as pq
 from tasks.atomic import atomic_output, filesystem, write_bytes_atomic
 from tasks.clip_resolve import clip_identity, resolve_clip, safe_name
 from tasks.errors import UserError
-from tasks.read import DEFAULT_REDUCED_JPEG_SIZE, DecodeOptions, iter_samples
+from tasks.read import DecodeOptions, iter_samples
 from tasks.store import METADATA_KEY, EmbeddingStore, embedding_matrix, redact_url, shard_fingerprint
 from tasks.write import FilteredShardWriter, join_url
-
-
-def default_decode_for(image_size: Sequence[int]) -> DecodeOptions:
-    """The decode settings the filter flow uses for a model of this input size (see tasks/run_plan.py)."""
-    return DecodeOptions(reduced_jpeg_size=max(DEFAULT_REDUCED_JPEG_SIZE, *image_size))
 
 
 def _entry_record(store: EmbeddingStore, identity_dir: str) -> dict | None:
@@ -61,7 +56,7 @@ def find_embedding_identity(
         return embedding_identity
     try:
         weights = resolve_clip(clip_model, clip_pretrained, model_dir)
-        return clip_identity(weights, default_decode_for(weights.image_size).identity())
+        return clip_identity(weights, DecodeOptions.for_model(weights.image_size).identity())
     except UserError:
         pass  # no weights here: look the identity up in the store
     model_name = clip_model.rsplit("/", 1)[-1].removesuffix(".json").replace("/", "-")

@@ -89,6 +89,11 @@ class DecodeOptions:
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise UserError(f"reduced_jpeg_size must be a positive number of pixels or None, not {size!r}.")
 
+    @classmethod
+    def for_model(cls, image_size: Sequence[int]) -> "DecodeOptions":
+        """The default for a model's input size: reduced JPEG decoding never below it (no upscaling at 336 px)."""
+        return cls(reduced_jpeg_size=max(DEFAULT_REDUCED_JPEG_SIZE, *image_size))
+
     def identity(self) -> str:
         # max_pixels only decides which images are refused, never their pixels, so it is not part of it.
         reduced = "off" if self.reduced_jpeg_size is None else str(self.reduced_jpeg_size)

@@ -16,7 +16,7 @@ from tasks.errors import UserError
 from tasks.locations import default_cache_path, default_model_dir, nsfw_weights_path
 from tasks.nsfw import NSFWHead, load_nsfw_head
 from tasks.partition import Partition, list_shards, partition_shards
-from tasks.read import DEFAULT_REDUCED_JPEG_SIZE, DecodeOptions
+from tasks.read import DecodeOptions
 from tasks.store import EmbeddingStore, redact_url
 
 
@@ -95,8 +95,7 @@ def plan_filter_run(
     head_path = str(nsfw_weights or nsfw_weights_path(model_dir, clip_weights.model_name))
     head = cached_nsfw_head(head_path)
     head.check_dimension(clip_weights.embedding_dim, f"embeddings of CLIP {clip_weights.model_name}")
-    # Reduced JPEG decoding never goes below the model's input size (no upscaling for 336 px or 448 px models).
-    decode = decode or DecodeOptions(reduced_jpeg_size=max(DEFAULT_REDUCED_JPEG_SIZE, *clip_weights.image_size))
+    decode = decode or DecodeOptions.for_model(clip_weights.image_size)
     return FilterRun(
         partitions=partitions,
         clip_weights=clip_weights,

@@ -113,3 +113,17 @@ def test_missing_shards_are_named_with_the_remedy(planted):
     with pytest.raises(UserError, match=r"1 of 3 shards have no embeddings in the store \(.*part-000002\.tar\); fill the store with `nsfw-curator filter"):
         run_dedup(root, config_path, checkpoint_path)
     assert not (root / "dedup").exists()
+
+
+def test_embed_missing_embeds_new_shards_without_the_nsfw_head(planted):
+    root, config_path, checkpoint_path, expected_groups = planted
+    # the same seeded tiny CLIP again (same bytes, same identity), and a new shard with a copy of a known picture
+    make_tiny_clip(root / "clip", embed_dim=768)
+    new = write_tar(root / "in" / "part-000002.tar", sample("rocket-again", encode(photo("rocket"), "JPEG", quality=92)))
+    result = run_dedup(root, config_path, checkpoint_path, embed_missing=True)
+    duplicates = pd.read_parquet(root / "dedup" / "duplicates.parquet")
+    shard0 = str(root / "in" / "part-000000.tar")
+    assert groups_of(duplicates) == expected_groups | {frozenset({(shard0, "rocket"), (str(new), "rocket-again")})}
+    assert result["duplicates"] == 5
+    assert list((root / "cache").glob("tiny-clip-*/part-000002-*.parquet"))  # stored for the next run
+    assert not (root / "dedup" / "shards").exists()  # no filter run, no copy unless asked
