@@ -16,7 +16,7 @@ from prefect.tasks import exponential_backoff
 
 from tasks.errors import UserError
 from tasks.run_plan import FilterRun
-from tasks.store import partition_embedding_identity
+from tasks.store import partition_embedding_identity, shard_fingerprint
 
 RESULTS_FOLDER = "_prefect_results"
 
@@ -29,8 +29,6 @@ def embedding_cache_key(context: Any, parameters: dict[str, Any]) -> str:
 
 def partition_in_store(run: FilterRun, shard_urls: tuple[str, ...]) -> bool:
     """True when every shard of the partition has a readable store entry for this run's identity."""
-    from tasks.store import shard_fingerprint
-
     return all(run.store.has(run.embedding_identity, url, shard_fingerprint(url, run.storage_options)) for url in shard_urls)
 
 
