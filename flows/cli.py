@@ -12,9 +12,6 @@ from typing import Any, Callable, Sequence
 from tasks.errors import UserError
 from tasks.locations import default_model_dir, nsfw_weights_path
 
-Handler = Callable[[argparse.Namespace], int]
-
-
 def _add_score_embeddings(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "score-embeddings",
