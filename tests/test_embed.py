@@ -117,18 +117,21 @@ def test_embed_batches_reports_input_errors_and_stops_early(tiny_768):
         next(stream)
 
     pulled = []
+    source_closed = []
 
     def endless():
-        while True:
-            pulled.append(1)
-            yield random_images(2)
+        try:
+            while True:
+                pulled.append(1)
+                yield random_images(2)
+        finally:
+            source_closed.append(len(pulled))
 
     stream = embedder.embed_batches(endless())
     next(stream)
-    stream.close()  # the preprocessing thread stops instead of reading forever
-    count = len(pulled)
-    assert count <= 5
-    assert len(pulled) == count
+    stream.close()  # the preprocessing thread stops instead of reading forever, and closes its source
+    assert source_closed == [len(pulled)]  # closed once, by the time close() returned; nothing pulled after
+    assert len(pulled) <= 5  # bounded read-ahead: two model batches of preprocessing plus the batch being read
 
 
 def test_model_is_loaded_once_per_process(tiny_768):

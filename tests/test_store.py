@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import warnings
 from pathlib import Path
@@ -160,43 +162,58 @@ def test_unreadable_entry_is_a_miss_with_a_warning_and_is_rewritten(tmp_path, da
 
 WRITER = textwrap.dedent(
     """
-    import sys
+    import sys, time
     import numpy as np
     from tasks.store import EmbeddingStore, embedding_table
-    cache, shard, seed, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    cache, shard, seed, rounds, reads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     store = EmbeddingStore(cache)
-    rng = np.random.default_rng(seed)
     n = 4000
-    for _ in range(rounds):
-        rows = rng.standard_normal((n, 64)).astype(np.float32)
-        rows /= np.linalg.norm(rows, axis=1, keepdims=True)
-        rows[:, 0] = seed  # which writer made the file
+    rows = np.zeros((n, 64), dtype=np.float32)
+    rows[:, seed] = 1.0  # unit rows pointing at the writer's own axis: which writer made the file
+    for round in range(rounds):
+        while int(open(reads).read()) <= round:  # round r starts after the reader's (r+1)-th read: reads and writes interleave
+            time.sleep(0.002)
         store.write("race-identity", shard, embedding_table([str(i) for i in range(n)], shard, rows, [None] * n))
     """
 )
 
 
-def run_concurrent_writers(cache: str, shard: str, rounds: int = 6) -> list[float]:
-    """Two processes rewrite one entry while this one reads it; returns which writer each read saw."""
+def run_concurrent_writers(cache: str, shard: str, rounds: int = 6) -> list[int]:
+    """Two processes rewrite one entry while this one reads it; returns which writer each read saw (0: the first file)."""
+    store = EmbeddingStore(cache)
+    n = 4000
+    first = np.zeros((n, 64), dtype=np.float32)
+    first[:, 0] = 1.0
+    store.write("race-identity", shard, embedding_table([str(i) for i in range(n)], shard, first, [None] * n))
+    reads = Path(tempfile.mkdtemp(prefix="reads-")) / "count"
+    reads.write_text("0")
     writers = [
-        subprocess.Popen([sys.executable, "-c", WRITER, cache, shard, str(seed), str(rounds)], cwd=REPO_ROOT)
+        subprocess.Popen([sys.executable, "-c", WRITER, cache, shard, str(seed), str(rounds), str(reads)], cwd=REPO_ROOT)
         for seed in (1, 2)
     ]
-    store = EmbeddingStore(cache)
-    seen = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a partial file would warn: fail instead
-        while any(w.poll() is None for w in writers):
-            table = store.read_table("race-identity", shard)
-            if table is not None:
-                assert table.num_rows == 4000
-                first_column = embedding_matrix(table)[:, 0]
-                assert len(set(first_column.tolist())) == 1
-                seen.append(float(first_column[0]))
+    seen: list[int] = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a partial file would warn: fail instead
+            while any(w.poll() is None for w in writers):
+                table = store.read_table("race-identity", shard)
+                assert table is not None and table.num_rows == n
+                writer = embedding_matrix(table).argmax(axis=1)
+                assert len(set(writer.tolist())) == 1  # one writer's complete file, never a mix
+                seen.append(int(writer[0]))
+                next_count = reads.with_suffix(".next")
+                next_count.write_text(str(len(seen)))
+                os.replace(next_count, reads)
+    finally:
+        for w in writers:
+            if w.poll() is None:
+                w.kill()
     assert [w.wait() for w in writers] == [0, 0]
+    assert len(seen) >= rounds  # every write round waited for a read, so the reader really read while they wrote
+    assert set(seen) <= {0, 1, 2}
     final = store.read_table("race-identity", shard)
-    assert final is not None and final.num_rows == 4000
-    assert set(embedding_matrix(final)[:, 0].tolist()) in ({1.0}, {2.0})
+    assert final is not None and final.num_rows == n
+    assert set(embedding_matrix(final).argmax(axis=1).tolist()) in ({1}, {2})
     return seen
 
 
