@@ -2,8 +2,10 @@
 
 `file_paths` may be a local directory or file, a `file://`, `s3://` or other fsspec URL (directory,
 prefix, single shard or glob), a list of such URLs, or WebDataset brace notation
-(`shards/part-{000000..000099}.tar`, several patterns joined by `::`). Shards come back as full URLs,
-deduplicated and in natural order, so a partition's identity is the same in every run.
+(`shards/part-{000000..000099}.tar`, several patterns joined by `::`). Shards come back as full URLs in
+one spelling per file (local paths resolved, symlinks included; `//` and `/./` collapsed in remote URLs),
+deduplicated and in natural order, so a shard is processed once and a partition's identity is the same in
+every run.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tasks.errors import UserError
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _DIGITS = re.compile(r"(\d+)")
+_EMPTY_STEPS = re.compile(r"/(?:\.?/)+")  # "//" and "/./" inside a path
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ def _natural_key(url: str) -> tuple:
     return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in parts if part), url
 
 
-def _expand(file_paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+def expand_file_paths(file_paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     """Every URL or pattern named by `file_paths`, with WebDataset brace notation and `::` expanded."""
     if isinstance(file_paths, (str, os.PathLike)):
         items = [os.fspath(file_paths)]
@@ -76,11 +79,26 @@ def _filesystem(url: str, storage_options: dict | None) -> tuple[fsspec.Abstract
         raise UserError(f"{url} needs a filesystem package that is not installed ({exc}); install it and retry.") from None
 
 
+def _canonical_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """One spelling per file: `x.tar`, `./x.tar`, `dir//x.tar` and a symlink to it are the same local file;
+    `s3://b/in//x.tar` and `s3://b/in/./x.tar` the same object."""
+    if isinstance(fs, LocalFileSystem):
+        return os.path.realpath(fs._strip_protocol(path))
+    path = _EMPTY_STEPS.sub("/", path)
+    return path[:-2] if path.endswith("/.") else path
+
+
 def _full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     # Local shards are plain absolute paths whether given as relative paths, absolute paths or file:// URLs.
     if isinstance(fs, LocalFileSystem):
-        return fs._strip_protocol(path)
-    return fs.unstrip_protocol(path)
+        return _canonical_path(fs, path)
+    return fs.unstrip_protocol(_canonical_path(fs, path))
+
+
+def canonical_url(url: str, storage_options: dict | None = None) -> str:
+    """`url` in the spelling `list_shards` gives its shards (also for folders and paths that do not exist yet)."""
+    fs, path = _filesystem(url, storage_options)
+    return _full_url(fs, path).rstrip("/") or "/"
 
 
 def _listing_error(url: str, exc: BaseException) -> UserError:
@@ -102,6 +120,7 @@ def _has_extension(path: str, extensions: tuple[str, ...]) -> bool:
 def _list_one(url: str, extensions: tuple[str, ...], storage_options: dict | None) -> list[str]:
     """Shards named by one URL: a glob, a single shard, or everything under a directory/prefix."""
     fs, path = _filesystem(url, storage_options)
+    path = _canonical_path(fs, path)
     try:
         # A long-lived process (a notebook) must see shards added since its last listing.
         glob_at = _GLOB_CHARS.search(path)
@@ -133,6 +152,7 @@ def _check_exist(urls: Iterable[str], storage_options: dict | None) -> list[str]
     filesystems: dict[int, fsspec.AbstractFileSystem] = {}
     for url in urls:
         fs, path = _filesystem(url, storage_options)
+        path = _canonical_path(fs, path)
         filesystems[id(fs)] = fs
         by_parent.setdefault((id(fs), fs._parent(path)), []).append((url, path))
     found: list[str] = []
@@ -171,6 +191,15 @@ def _check_exist(urls: Iterable[str], storage_options: dict | None) -> list[str]
     return found
 
 
+def _extensions(file_extensions: str | Sequence[str]) -> tuple[str, ...]:
+    if isinstance(file_extensions, str):
+        file_extensions = [file_extensions]
+    extensions = tuple(ext.lower() if ext.startswith(".") else f".{ext.lower()}" for ext in file_extensions)
+    if not extensions or any(ext == "." for ext in extensions):
+        raise UserError(f"file_extensions {list(file_extensions)!r} names no extension; pass e.g. ['.tar'].")
+    return extensions
+
+
 def list_shards(
     file_paths: str | os.PathLike | Sequence[str | os.PathLike],
     file_extensions: Sequence[str] = (".tar",),
@@ -183,12 +212,8 @@ def list_shards(
     directories/prefixes otherwise. Credentials and endpoints come from the environment (fsspec/s3fs
     configuration); `storage_options` passes other filesystem options through.
     """
-    if isinstance(file_extensions, str):
-        file_extensions = [file_extensions]
-    extensions = tuple(ext.lower() if ext.startswith(".") else f".{ext.lower()}" for ext in file_extensions)
-    if not extensions or any(ext == "." for ext in extensions):
-        raise UserError(f"file_extensions {list(file_extensions)!r} names no extension; pass e.g. ['.tar'].")
-    urls = _expand(file_paths)
+    extensions = _extensions(file_extensions)
+    urls = expand_file_paths(file_paths)
     if len(urls) == 1:
         shards = _list_one(urls[0], extensions, storage_options)
     else:
@@ -198,6 +223,24 @@ def list_shards(
             if _GLOB_CHARS.search(url) or not _has_extension(url, extensions):
                 shards.extend(_list_one(url, extensions, storage_options))
     return sorted(set(shards), key=_natural_key)
+
+
+def listed_roots(
+    file_paths: str | os.PathLike | Sequence[str | os.PathLike],
+    shard_urls: Sequence[str],
+    file_extensions: Sequence[str] = (".tar",),
+    storage_options: dict | None = None,
+) -> list[str]:
+    """What `list_shards` lists for `file_paths`, canonical: directories/prefixes and glob patterns (shards it
+    names one by one are left out). A file appearing under one of these later is an input of the next run."""
+    extensions = _extensions(file_extensions)
+    shards = set(shard_urls)
+    roots = []
+    for url in expand_file_paths(file_paths):
+        canonical = canonical_url(url, storage_options)
+        if _GLOB_CHARS.search(url) or not (_has_extension(url, extensions) and canonical in shards):
+            roots.append(canonical)
+    return roots
 
 
 def partition_shards(shard_urls: Sequence[str], files_per_partition: int = 1) -> list[Partition]:

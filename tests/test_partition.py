@@ -148,3 +148,25 @@ def test_files_per_partition_must_be_a_positive_whole_number(bad):
 def test_unreachable_endpoint_with_a_list_of_shards(unreachable_s3):
     with pytest.raises(UserError, match=r"^Cannot list s3://bucket/a-0\.tar \(EndpointConnectionError: "):
         list_shards("s3://bucket/a-{0..3}.tar", storage_options=NO_RETRIES)
+
+
+def test_one_shard_spelled_many_ways_is_listed_once(tmp_path, monkeypatch):
+    shard = write_tar(tmp_path / "in" / "x.tar", shard_of_good_samples(["k"]))
+    (tmp_path / "in" / "link.tar").symlink_to(shard)
+    (tmp_path / "alias").symlink_to(tmp_path / "in", target_is_directory=True)
+    monkeypatch.chdir(tmp_path / "in")
+    spellings = ["x.tar", "./x.tar", f"{tmp_path}//in/./x.tar", "link.tar", str(tmp_path / "alias" / "x.tar")]
+    assert list_shards(spellings) == [str(shard)]
+    # a directory holding the shard and a symlink to it, listed directly or through a symlinked folder
+    assert list_shards(str(tmp_path / "alias")) == [str(shard)]
+    assert list_shards(f"{tmp_path}//in/") == [str(shard)]
+    assert partition_shards(list_shards(spellings)) == [Partition(0, (str(shard),))]
+
+
+def test_remote_spellings_collapse_in_natural_order(s3_bucket):
+    fs = fsspec.filesystem("s3")
+    for index in (2, 10):
+        fs.pipe(f"{s3_bucket}/data/part-{index}.tar", tar_bytes(shard_of_good_samples([f"k{index}"])))
+    listed = list_shards([f"s3://{s3_bucket}/data//part-10.tar", f"s3://{s3_bucket}/data/./part-10.tar", f"s3://{s3_bucket}/data/part-2.tar",
+                          f"s3a://{s3_bucket}//data/part-10.tar"])
+    assert listed == [f"s3://{s3_bucket}/data/part-2.tar", f"s3://{s3_bucket}/data/part-10.tar"]
