@@ -7,8 +7,10 @@ Layout (one partition = `files_per_partition` input shards, named by its index i
     _manifests/part-{partition:06d}.json      written last: the partition is complete when its manifest exists
     summary.json                              the run summary (counts, threshold, models, histogram)
 
-Every file is written atomically; a partition re-run rewrites the same names and removes files of an
-earlier attempt that the new manifest does not list, so outputs never hold duplicates.
+Every file is written atomically; a partition re-run rewrites the same names and removes the files of
+earlier attempts that the new manifest does not list: those the previous manifest names, and the further
+`part-{partition}-{n}.tar` a killed attempt wrote in sequence after them. Cleanup touches nothing else:
+no listing or glob of the output, so files a user keeps there and glob characters in its path are safe.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+import re
 import tarfile
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Protocol, Sequence
@@ -61,6 +64,16 @@ def scores_url(output_path: str, partition_index: int) -> str:
     return join_url(output_path, "scores", f"{partition_stem(partition_index)}.parquet")
 
 
+def output_shard_url(output_path: str, partition_index: int, number: int) -> str:
+    return join_url(output_path, "shards", f"{partition_stem(partition_index)}-{number:04d}.tar")
+
+
+def output_shard_name(url: object) -> tuple[int, int] | None:
+    """(partition, n) of a URL ending in `shards/part-{partition}-{n}.tar` (as a manifest names it), else None."""
+    match = re.search(r"/shards/part-(\d{6})-(\d{4,})\.tar$", url) if isinstance(url, str) else None
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
 def _tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -84,7 +97,7 @@ class FilteredShardWriter:
         self._in_current = 0
 
     def _open_next(self) -> None:
-        url = join_url(self.output_path, "shards", f"{partition_stem(self.partition_index)}-{len(self.written):04d}.tar")
+        url = output_shard_url(self.output_path, self.partition_index, len(self.written))
         self._context = atomic_output(url, self.storage_options)
         handle = self._context.__enter__()
         self._tar = tarfile.open(fileobj=handle, mode="w", format=tarfile.PAX_FORMAT)
@@ -156,7 +169,15 @@ class PartitionResult:
 
     @classmethod
     def from_json(cls, text: str) -> "PartitionResult":
-        return cls(**json.loads(text))
+        """Validated: the exact fields with the right types, or ValueError/TypeError."""
+        result = cls(**json.loads(text))
+        if not all(isinstance(value, list) for value in (result.shard_urls, result.output_shards, result.histogram)):
+            raise ValueError("a manifest list field is not a list")
+        counts = (result.partition_index, result.samples, result.passed, result.filtered, result.errors, *result.histogram)
+        strings = (result.partition_id, result.scores_file, result.settings_identity, *result.shard_urls, *result.output_shards)
+        if not all(type(value) is int for value in counts) or not all(isinstance(value, str) for value in strings):
+            raise ValueError("a manifest field has the wrong type")
+        return result
 
 
 def write_scores(url: str, rows: dict[str, list], storage_options: dict | None = None) -> None:
@@ -165,36 +186,66 @@ def write_scores(url: str, rows: dict[str, list], storage_options: dict | None =
         pq.write_table(table, handle)
 
 
-def remove_stale_outputs(output_path: str, partition_index: int, keep: Iterable[str], storage_options: dict | None = None) -> list[str]:
-    """Delete this partition's shards that `keep` does not list (left by an earlier, larger attempt)."""
-    fs, root = filesystem(output_path, storage_options)
-    pattern = posixpath.join(root.rstrip("/"), "shards", f"{partition_stem(partition_index)}-*.tar")
-    keep_paths = {filesystem(url, storage_options)[1] for url in keep}
-    stale = [path for path in fs.glob(pattern) if path not in keep_paths]
-    for path in stale:
-        fs.rm(path)
-    return stale
+def remove_stale_outputs(
+    output_path: str, partition_index: int, written: int, earlier: Iterable[str] = (), storage_options: dict | None = None
+) -> list[str]:
+    """Delete this partition's output tars numbered `written` and above: those `earlier` (the previous
+    manifest's `output_shards`) names, and the consecutive ones a killed attempt left after them."""
+    fs, _ = filesystem(output_path, storage_options)
+    names = [output_shard_name(url) for url in earlier]
+    last_named = max((name[1] for name in names if name is not None and name[0] == partition_index), default=-1)
+    fs.invalidate_cache(filesystem(join_url(output_path, "shards"), storage_options)[1])
+    removed: list[str] = []
+    number = written
+    while True:
+        path = filesystem(output_shard_url(output_path, partition_index, number), storage_options)[1]
+        if fs.exists(path):
+            fs.rm(path)
+            removed.append(path)
+        elif number > last_named:
+            return removed  # a killed attempt writes its tars in sequence: the first gap ends them
+        number += 1
+
+
+# The names this project writes under an output, per folder; a temp file of one of them is
+# `.{name}.{32 hex}.tmp` next to it (tasks/atomic.py), left only when a writer was killed.
+OUTPUT_NAMES = {
+    "": r"summary\.json|_owner\.json|duplicates\.parquet|kept\.parquet|skipped\.parquet",
+    "shards": r"part-\d{6}-\d{4,}\.tar",
+    "scores": r"part-\d{6}\.parquet",
+    "_manifests": r"part-\d{6}\.json",
+}
 
 
 def remove_leftover_temp_files(output_path: str, storage_options: dict | None = None) -> list[str]:
-    """Delete temp files a killed run left on local disk (object stores never show partial objects)."""
+    """Delete the temp files killed writers of this project's output names left on local disk (object
+    stores never show partial objects); any other file, hidden or `.tmp` or not, stays."""
     fs, root = filesystem(output_path, storage_options)
-    if is_object_store(fs) or not fs.exists(root):
+    if is_object_store(fs):
         return []
-    leftovers = [path for path in fs.find(root) if posixpath.basename(path).startswith(".") and path.endswith(".tmp")]
-    for path in leftovers:
-        fs.rm(path)
-    return leftovers
+    removed: list[str] = []
+    for folder, names in OUTPUT_NAMES.items():
+        temp_name = re.compile(rf"^\.(?:{names})\.[0-9a-f]{{32}}\.tmp$")
+        try:
+            entries = fs.ls(posixpath.join(root.rstrip("/"), folder) if folder else root, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            if entry["type"] == "file" and temp_name.match(posixpath.basename(entry["name"])):
+                fs.rm(entry["name"])
+                removed.append(entry["name"])
+    return removed
 
 
 def read_manifest(output_path: str, partition_index: int, storage_options: dict | None = None) -> PartitionResult | None:
+    """The partition's manifest, validated; None when there is none or it is not a valid manifest (redone)."""
     fs, path = filesystem(manifest_url(output_path, partition_index), storage_options)
     try:
         with fs.open(path, "rb") as handle:
             return PartitionResult.from_json(handle.read().decode())
     except FileNotFoundError:
         return None
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         return None  # unreadable manifest: the partition is redone
 
 
@@ -214,11 +265,13 @@ def write_filtered_partition(
     images_per_tar: int,
     settings_identity: str = "",
     storage_options: dict | None = None,
+    earlier: PartitionResult | None = None,
 ) -> PartitionResult:
     """Write one partition's outputs from (raw sample, nsfw_score, error) triples in input order.
 
-    `passed` is `error is None and nsfw_score < score_threshold`. Returns the manifest's content after
-    the manifest is written (the partition's commit point).
+    `passed` is `error is None and nsfw_score < score_threshold`. `earlier` is the partition's previous
+    manifest (read before writing): the tars it names that this attempt does not rewrite are removed.
+    Returns the manifest's content after the manifest is written (the partition's commit point).
     """
     columns: dict[str, list[Any]] = {name: [] for name in SCORES_SCHEMA.names}
     with FilteredShardWriter(output_path, partition_index, images_per_tar, storage_options) as writer:
@@ -234,7 +287,7 @@ def write_filtered_partition(
     output_shards = writer.written
     score_file = scores_url(output_path, partition_index)
     write_scores(score_file, columns, storage_options)
-    remove_stale_outputs(output_path, partition_index, output_shards, storage_options)
+    remove_stale_outputs(output_path, partition_index, len(output_shards), earlier.output_shards if earlier else (), storage_options)
     nsfw_scores = np.array([np.nan if s is None else s for s in columns["nsfw_score"]], dtype=np.float32)
     passed_count = int(sum(columns["passed"]))
     error_count = int(sum(e is not None for e in columns["error"]))

@@ -123,3 +123,69 @@ def test_outputs_on_s3(s3_bucket):
     assert read_manifest(out, 0) == result
     with fs.open(result.scores_file) as fh:
         assert pd.read_parquet(fh)["passed"].all()
+
+
+def user_files(root) -> dict[str, bytes]:
+    """Files a user keeps in an output folder: none of them is the project's to delete."""
+    files = {
+        "notes.tmp": b"my notes",
+        ".x.tmp": b"hidden",
+        "shards/part-abcdef.tar": b"not ours",
+        "shards/part-999999.tar": b"not ours either",
+        "shards/.notes.tmp": b"hidden notes",
+        "shards/.part-000000-0000.tar.tmp": b"no uuid: not a temp file of ours",
+        "scores/extra.parquet": b"someone's table",
+        "elsewhere/.part-000000.parquet.0123456789abcdef0123456789abcdef.tmp": b"not next to our names",
+    }
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return files
+
+
+def test_cleanup_touches_only_the_files_this_project_writes(tmp_path):
+    from tasks.write import remove_leftover_temp_files
+
+    out = tmp_path / "out[1]*?"  # glob characters in the path disable nothing
+    kept = user_files(out)
+    killed = ["shards/.part-000000-0001.tar.0123456789abcdef0123456789abcdef.tmp", ".summary.json.fedcba9876543210fedcba9876543210.tmp",
+              "scores/.part-000003.parquet.00000000000000000000000000000000.tmp"]
+    for name in killed:
+        (out / name).write_bytes(b"partial")
+    samples = make_samples(6)
+    first = write_filtered_partition(str(out), 0, "p", ["a"], [(s, 0.0, None) for s in samples], 0.5, 2)
+    assert len(first.output_shards) == 3
+    second = write_filtered_partition(str(out), 0, "p", ["a"], [(s, 0.9, None) for s in samples], 0.5, 2, earlier=first)
+    assert second.output_shards == []
+    removed = remove_leftover_temp_files(str(out))
+    assert sorted(removed) == sorted(str(out / name) for name in killed)
+    assert {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} == set(kept) | {"scores/part-000000.parquet", "_manifests/part-000000.json"}
+    assert all((out / name).read_bytes() == data for name, data in kept.items())
+
+
+def test_rerun_removes_tars_of_a_killed_attempt_without_a_manifest(tmp_path):
+    out = str(tmp_path / "out")
+    samples = make_samples(6)
+    completed = write_filtered_partition(out, 2, "p", ["a"], [(s, 0.0, None) for s in samples[:4]], 0.5, 2)
+    assert len(completed.output_shards) == 2
+    # a killed attempt wrote five tars in sequence and died before its manifest
+    with FilteredShardWriter(out, 2, images_per_tar=1) as writer:
+        for sample in samples[:5]:
+            writer.add(sample)
+    assert read_manifest(out, 2) == completed
+    third = write_filtered_partition(out, 2, "p", ["a"], [(s, 0.0 if i == 0 else 0.9, None) for i, s in enumerate(samples)], 0.5, 2,
+                                     earlier=completed)
+    assert sorted(p.name for p in (tmp_path / "out" / "shards").iterdir()) == ["part-000002-0000.tar"]
+    assert read_tar(third.output_shards[0]) == [(f"{samples[0].key}.{ext}", data) for ext, data in samples[0].members.items()]
+
+
+def test_a_manifest_of_the_wrong_shape_is_no_manifest(tmp_path):
+    out = tmp_path / "out"
+    result = write_filtered_partition(str(out), 0, "p", ["a"], [(s, 0.0, None) for s in make_samples(2)], 0.5, 2)
+    manifest = out / "_manifests" / "part-000000.json"
+    good = json.loads(manifest.read_text())
+    for bad in ({**good, "output_shards": "shards/part-000000-0000.tar"}, {**good, "samples": "2"}, {**good, "extra": 1}, [good], "[" * 100000):
+        manifest.write_text(bad if isinstance(bad, str) else json.dumps(bad))
+        assert read_manifest(str(out), 0) is None
+    manifest.write_text(json.dumps(good))
+    assert read_manifest(str(out), 0) == result
