@@ -260,7 +260,7 @@ def embed_partition(
     embedder: ClipEmbedder | None = None
     for shard_url in shard_urls:
         fingerprint = shard_fingerprint(shard_url, storage_options)
-        if store.read_table(identity, shard_url, fingerprint) is not None:
+        if store.read_table(identity, shard_url, fingerprint, embedding_dim=weights.embedding_dim) is not None:
             entry_urls.append(store.entry_url(identity, shard_url, fingerprint))
             continue
         if embedder is None:

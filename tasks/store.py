@@ -12,9 +12,21 @@ embedding dimension, L2-normalised; null where the sample could not be embedded)
 The footer's key-value metadata `nsfw_curator` (JSON) repeats what the identity covers.
 
 Writes are atomic (`tasks.atomic`): a temp file + `os.replace` on local disk; on object stores the
-object appears whole or not at all (one PUT, or a multipart upload completed at close). Concurrent writers of one entry leave one complete file (the last). An entry that
-cannot be read, fails its page checksums, or does not match its name is a miss with a warning, and the
-next embedding of that shard overwrites it.
+object appears whole or not at all (one PUT, or a multipart upload completed at close). Concurrent writers of one entry leave one complete file (the last).
+
+Entries are untrusted when read (anyone who can write the store can write them). An entry is used only
+when all of these hold, and is otherwise a miss with a `CorruptEntryWarning` (the next embedding of that
+shard overwrites it):
+- it parses, passes its Parquet page checksums, and its footer names the identity and shard fingerprint
+  it is filed under, and its row count;
+- its embedding dimension is the one the caller's CLIP model gives (`embedding_dim`, never taken from
+  the entry);
+- a row has an `error` exactly when its embedding is null, and a null `key` only with an error;
+- every embedding is finite with an L2 norm within `NORM_TOLERANCE` of 1;
+- its keys are the shard's keys in order, when the caller knows them (`expected_keys`; the filter stage
+  checks them while streaming the shard again).
+An entry that passes all of this but holds other vectors than the model's (say, each row's sign flipped)
+is not detected: that takes a shared secret (not implemented).
 
 Credentials are never passed here explicitly: fsspec/s3fs find them in the environment, `~/.aws`, the
 fsspec config, or `storage_options` built by the flow (e.g. from a Prefect block). This module never logs
@@ -49,10 +61,15 @@ ENTRY_SUFFIX = ".parquet"
 SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 _HASH_CHUNK_BYTES = 8 << 20
 _FOOTER_BLOCK_BYTES = 1 << 16
+# How far an embedding's L2 norm may be from 1: float32 normalisation is within 1e-6, vectors normalised
+# in float16 within about 2e-3; a scaled or zeroed row is far outside.
+NORM_TOLERANCE = 1e-2
+NON_FINITE_REASON = "embedding has non-finite values (NaN or inf); not scored"
+NOT_UNIT_REASON = "embedding is not L2-normalised (the model gave a zero or degenerate vector); not scored"
 
 
 class CorruptEntryWarning(UserWarning):
-    """An embedding store entry could not be read; it counts as a miss and will be rewritten."""
+    """An embedding store entry could not be read or failed validation; it counts as a miss and will be rewritten."""
 
 
 def redact_url(url: str) -> str:
@@ -178,10 +195,21 @@ def embedding_table(
     embeddings: np.ndarray,
     errors: Sequence[str | None],
 ) -> pa.Table:
-    """An entry's table from keys, a float32 [N, D] matrix and per-row errors (rows with an error get a null embedding)."""
+    """An entry's table from keys, a float32 [N, D] matrix and per-row errors (rows with an error get a null embedding).
+
+    A row without an error whose embedding is not finite or not unit-length gets that as its error, so
+    every table made here passes the read-side validation.
+    """
     embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
     assert embeddings.ndim == 2, f"embeddings must be [N, D], got shape {embeddings.shape}"
     assert len(keys) == len(errors) == embeddings.shape[0], "keys, errors and embeddings differ in length"
+    finite = np.isfinite(embeddings).all(axis=1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        unit = np.abs(np.linalg.norm(embeddings.astype(np.float64), axis=1) - 1.0) <= NORM_TOLERANCE
+    errors = [
+        error if error is not None else NON_FINITE_REASON if not finite[row] else NOT_UNIT_REASON if not unit[row] else None
+        for row, error in enumerate(errors)
+    ]
     failed = np.array([error is not None for error in errors], dtype=bool)
     embedding_column = pa.FixedSizeListArray.from_arrays(
         pa.array(embeddings.reshape(-1)), embeddings.shape[1], mask=pa.array(failed, type=pa.bool_())
@@ -214,8 +242,8 @@ def embedding_matrix(table: pa.Table | pd.DataFrame) -> np.ndarray:
     return matrix
 
 
-def _validate(table_schema: pa.Schema, num_rows: int, expected: dict) -> str | None:
-    """Why an entry's schema/metadata do not match what its name promises, or None when they do."""
+def _validate(table_schema: pa.Schema, num_rows: int, expected: dict, embedding_dim: int | None = None) -> str | None:
+    """Why an entry's schema/metadata do not match what its name and the caller's model promise, or None when they do."""
     metadata = table_schema.metadata or {}
     if METADATA_KEY not in metadata:
         return "no nsfw_curator metadata"
@@ -236,6 +264,44 @@ def _validate(table_schema: pa.Schema, num_rows: int, expected: dict) -> str | N
         return f"embedding column has type {embedding_type}"
     if record.get("embedding_dim") not in (None, embedding_type.list_size):
         return f"embedding dimension {embedding_type.list_size}, metadata says {record.get('embedding_dim')}"
+    if embedding_dim is not None and embedding_type.list_size != embedding_dim:
+        return f"embedding dimension {embedding_type.list_size}, the model gives {embedding_dim}"
+    for name in ("key", "shard", "error"):
+        if not pa.types.is_string(table_schema.field(name).type):
+            return f"{name} column has type {table_schema.field(name).type}"
+    return None
+
+
+def _validate_rows(table: pa.Table) -> str | None:
+    """Why an entry's rows cannot be used (errors vs null embeddings, finiteness, unit norms), or None."""
+    embedding = table.column("embedding").combine_chunks()
+    has_embedding = embedding.is_valid().to_numpy(zero_copy_only=False)
+    has_error = table.column("error").combine_chunks().is_valid().to_numpy(zero_copy_only=False)
+    has_key = table.column("key").combine_chunks().is_valid().to_numpy(zero_copy_only=False)
+    mismatched = np.flatnonzero(has_embedding == has_error)
+    if len(mismatched):
+        return f"row {int(mismatched[0])} has {'both an embedding and an error' if has_error[mismatched[0]] else 'neither an embedding nor an error'}"
+    keyless = np.flatnonzero(~has_key & ~has_error)
+    if len(keyless):
+        return f"row {int(keyless[0])} has no key and no error"
+    rows = embedding_matrix(table)[has_embedding].astype(np.float64)
+    finite = np.isfinite(rows).all(axis=1)
+    if not finite.all():
+        return f"row {int(np.flatnonzero(has_embedding)[np.argmin(finite)])} has a non-finite embedding without an error"
+    off = np.abs(np.linalg.norm(rows, axis=1) - 1.0)
+    if len(off) and off.max() > NORM_TOLERANCE:
+        worst = int(np.argmax(off))
+        return f"row {int(np.flatnonzero(has_embedding)[worst])} has L2 norm {np.linalg.norm(rows[worst]):.4g}, not 1"
+    return None
+
+
+def keys_mismatch(entry_keys: Sequence[str | None], shard_keys: Sequence[str | None]) -> str | None:
+    """Where an entry's keys stop being the shard's keys (in order), or None when they are the same."""
+    for row, (entry_key, shard_key) in enumerate(zip(entry_keys, shard_keys)):
+        if entry_key != shard_key:
+            return f"row {row} has key {entry_key!r}, the shard has {shard_key!r}"
+    if len(entry_keys) != len(shard_keys):
+        return f"{len(entry_keys)} rows, the shard has {len(shard_keys)} samples"
     return None
 
 
@@ -281,20 +347,20 @@ class EmbeddingStore:
 
     def _warn_corrupt(self, url: str, reason: str) -> None:
         warnings.warn(
-            f"embedding store entry {redact_url(url)} is unreadable ({reason}); counting it as a miss, it will be rewritten.",
+            f"embedding store entry {redact_url(url)} is unreadable or invalid ({reason}); counting it as a miss, it will be rewritten.",
             CorruptEntryWarning,
             stacklevel=3,
         )
 
-    def has(self, identity: str, shard_url: str, shard_fingerprint: str | None = None) -> bool:
-        """True when a complete entry exists, judged from its footer alone (cheap on S3)."""
+    def has(self, identity: str, shard_url: str, shard_fingerprint: str | None = None, embedding_dim: int | None = None) -> bool:
+        """True when a complete entry exists, judged from its footer alone (cheap on S3); `read_table` checks the rows."""
         fingerprint = self._fingerprint(shard_url, shard_fingerprint)
         path = self._path(identity, shard_url, fingerprint)
         expected = {"identity": identity, "shard_fingerprint": fingerprint}
         try:
             with self._fs.open(path, "rb", block_size=_FOOTER_BLOCK_BYTES) as handle:
                 parquet_file = pq.ParquetFile(handle)
-                reason = _validate(parquet_file.schema_arrow, parquet_file.metadata.num_rows, expected)
+                reason = _validate(parquet_file.schema_arrow, parquet_file.metadata.num_rows, expected, embedding_dim)
         except FileNotFoundError:
             return False
         except Exception as error:
@@ -306,8 +372,18 @@ class EmbeddingStore:
             return False
         return True
 
-    def read_table(self, identity: str, shard_url: str, shard_fingerprint: str | None = None) -> pa.Table | None:
-        """The entry as a pyarrow Table, or None on a miss (with a CorruptEntryWarning if it exists but is unreadable)."""
+    def read_table(
+        self,
+        identity: str,
+        shard_url: str,
+        shard_fingerprint: str | None = None,
+        embedding_dim: int | None = None,
+        expected_keys: Sequence[str | None] | None = None,
+    ) -> pa.Table | None:
+        """The validated entry as a pyarrow Table, or None on a miss (with a CorruptEntryWarning if it exists but is not usable).
+
+        `embedding_dim` is the caller's model's dimension; `expected_keys` the shard's keys in order, when known.
+        """
         fingerprint = self._fingerprint(shard_url, shard_fingerprint)
         path = self._path(identity, shard_url, fingerprint)
         url = self.entry_url(identity, shard_url, fingerprint)
@@ -326,16 +402,22 @@ class EmbeddingStore:
         except (pa.ArrowException, OSError, ValueError) as error:
             self._warn_corrupt(url, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
             return None
-        reason = _validate(table.schema, table.num_rows, {"identity": identity, "shard_fingerprint": fingerprint})
+        reason = _validate(table.schema, table.num_rows, {"identity": identity, "shard_fingerprint": fingerprint}, embedding_dim)
+        if reason is None:
+            reason = _validate_rows(table)
+        if reason is None and expected_keys is not None:
+            reason = keys_mismatch(table.column("key").to_pylist(), expected_keys)
         if reason is not None:
             self._warn_corrupt(url, reason)
             return None
         # Same bytes may live at another URL: report the shard the caller asked about.
         return table.set_column(table.schema.get_field_index("shard"), "shard", pa.array([redact_url(shard_url)] * table.num_rows, pa.string()))
 
-    def read(self, identity: str, shard_url: str, shard_fingerprint: str | None = None) -> pd.DataFrame | None:
-        """The entry as a DataFrame (`embedding` holds float32 arrays or None), or None on a miss."""
-        table = self.read_table(identity, shard_url, shard_fingerprint)
+    def read(
+        self, identity: str, shard_url: str, shard_fingerprint: str | None = None, embedding_dim: int | None = None
+    ) -> pd.DataFrame | None:
+        """The validated entry as a DataFrame (`embedding` holds float32 arrays or None), or None on a miss."""
+        table = self.read_table(identity, shard_url, shard_fingerprint, embedding_dim)
         return None if table is None else table.to_pandas()
 
     def write(
