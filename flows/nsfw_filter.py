@@ -16,7 +16,7 @@ from prefect.futures import as_completed
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from flows.prefect_cache import STORAGE_RETRIES, embedding_cache_key, embedding_result_storage, partition_in_store
+from flows.prefect_cache import EMBEDDING_CACHE, STORAGE_RETRIES, embedding_result_storage, partition_in_store
 from flows.runners import gpu_remote_options, open_task_runner
 from tasks.embed import embed_partition
 from tasks.errors import UserError
@@ -111,8 +111,7 @@ def storage_options_from_secret(block_name: str | None) -> dict:
 @task(
     name="embed-partition",
     **STORAGE_RETRIES,
-    cache_key_fn=embedding_cache_key,
-    persist_result=True,
+    **EMBEDDING_CACHE,  # cache records are data only (entry URLs as JSON), checked when read back
     tags=["gpu"],
 )
 def embed_partition_task(partition: Partition, run: FilterRun) -> list[str]:

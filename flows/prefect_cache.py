@@ -4,45 +4,200 @@ The cache key of a partition is the hash of its store entries' URLs (store root,
 preprocessing identity, each shard's content fingerprint), so Prefect shows the task as Cached exactly
 when the store would hit. Task results (the entry URLs) live beside the store, under
 `{cache_path}/_prefect_results`, so any machine that shares the store shares the cache.
+
+Those records are data, never code: anyone who can write the shared store can write them, so nothing
+read back there is unpickled or handed to a serializer it names. A record is JSON holding a list of entry
+URLs (`EntryUrlsSerializer`); `EntryUrlsStorage` reads a record only when it has exactly the shape this
+module writes, names this module's serializer, and its URLs hash to the record's own cache key, and then
+gives Prefect a record rebuilt from those checked values. Anything else is a miss: the task runs again
+(finding its entries in the store, so without CLIP) and overwrites the record.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+import json
+import re
+from typing import Any, ClassVar
 
-from prefect.filesystems import LocalFileSystem, RemoteFileSystem, WritableFileSystem
+import anyio.to_thread
+import fsspec
+import prefect
+from prefect.filesystems import WritableFileSystem
+from prefect.serializers import Serializer
 from prefect.tasks import exponential_backoff
+from pydantic import Field
 
+from tasks.atomic import write_bytes_atomic
 from tasks.errors import UserError
 from tasks.run_plan import FilterRun
 from tasks.store import partition_embedding_identity, shard_fingerprint
 
 RESULTS_FOLDER = "_prefect_results"
+ENTRY_URLS_SERIALIZER_TYPE = "nsfw-curator-entry-urls"
+CACHE_KEY_PREFIX = "embed-"
+_CACHE_KEY = re.compile(r"embed-([0-9a-f]{64})")
+_MAX_RECORD_BYTES = 16 << 20  # a partition of 10,000 shards with long URLs stays far below
+_MAX_URL_CHARS = 4096
+
+
+class UntrustedRecordError(ValueError):
+    """A cache record that is not exactly what this module writes; Prefect treats it as a miss."""
 
 
 def embedding_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     run: FilterRun = parameters["run"]
     identity = partition_embedding_identity(parameters["partition"].shard_urls, run.embedding_identity, run.store, run.storage_options)
-    return f"embed-{identity}"
+    return f"{CACHE_KEY_PREFIX}{identity}"
 
 
 def partition_in_store(run: FilterRun, shard_urls: tuple[str, ...]) -> bool:
     """True when every shard of the partition has a readable store entry for this run's identity."""
-    return all(run.store.has(run.embedding_identity, url, shard_fingerprint(url, run.storage_options)) for url in shard_urls)
+    return all(
+        run.store.has(run.embedding_identity, url, shard_fingerprint(url, run.storage_options), embedding_dim=run.clip_weights.embedding_dim)
+        for url in shard_urls
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data-only cache records
+
+
+def _reject_constant(name: str) -> float:
+    raise UntrustedRecordError(f"JSON constant {name} is not allowed")
+
+
+def _strict_json(blob: bytes | str) -> Any:
+    """Plain JSON (no object hooks, no NaN); deep nesting or bad UTF-8 is an UntrustedRecordError."""
+    try:
+        return json.loads(blob, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as error:
+        raise UntrustedRecordError(f"not plain JSON ({type(error).__name__})") from None
+
+
+def parse_entry_urls(blob: bytes | str) -> list[str]:
+    """A JSON list of entry URLs, checked: strings of printable characters, nothing else."""
+    urls = _strict_json(blob)
+    if not isinstance(urls, list) or not all(isinstance(url, str) for url in urls):
+        raise UntrustedRecordError("result is not a list of strings")
+    for url in urls:
+        if not url or len(url) > _MAX_URL_CHARS or not url.isprintable():
+            raise UntrustedRecordError("result holds an empty, overlong or non-printable URL")
+    return urls
+
+
+def entry_urls_match_key(urls: list[str], key: str) -> bool:
+    """True when `key` is the cache key of exactly these entry URLs (see `partition_embedding_identity`)."""
+    match = _CACHE_KEY.fullmatch(key)
+    return bool(match) and hashlib.sha256("\n".join(urls).encode()).hexdigest() == match.group(1)
+
+
+class EntryUrlsSerializer(Serializer):
+    """The embedding task's result, a list of entry URLs, as plain JSON (read back checked, never as objects)."""
+
+    type: str = Field(default=ENTRY_URLS_SERIALIZER_TYPE, frozen=True)
+
+    def dumps(self, obj: list[str]) -> bytes:
+        assert isinstance(obj, list) and all(isinstance(url, str) for url in obj), "the embedding task returns entry URLs"
+        return json.dumps(obj).encode()
+
+    def loads(self, blob: bytes) -> list[str]:
+        return parse_entry_urls(blob)
+
+
+_RECORD_FIELDS = {"metadata", "result"}
+_METADATA_FIELDS = {"storage_key", "expiration", "serializer", "prefect_version", "storage_block_id"}
+
+
+def checked_record(content: bytes, key: str, storage_block_id: str | None) -> bytes:
+    """The record Prefect may read for `key`, rebuilt from checked values; UntrustedRecordError otherwise.
+
+    Prefect reads the serializer from the stored record itself (a `pickle` there would be unpickled), so
+    the record must name ours with no settings, hold a list of URLs whose hash is `key`, and nothing else.
+    """
+    if len(content) > _MAX_RECORD_BYTES:
+        raise UntrustedRecordError("record is too large")
+    if not _CACHE_KEY.fullmatch(key):
+        raise UntrustedRecordError("not an embedding cache key")
+    record = _strict_json(content)
+    if not isinstance(record, dict) or set(record) != _RECORD_FIELDS:
+        raise UntrustedRecordError("record fields differ")
+    metadata, result = record["metadata"], record["result"]
+    if not isinstance(metadata, dict) or not set(metadata) <= _METADATA_FIELDS:
+        raise UntrustedRecordError("metadata fields differ")
+    if metadata.get("serializer") != {"type": ENTRY_URLS_SERIALIZER_TYPE}:
+        raise UntrustedRecordError("record names another serializer")
+    if metadata.get("expiration") is not None or metadata.get("storage_key") != key:
+        raise UntrustedRecordError("record has an expiration or another storage key")
+    if not isinstance(result, str):
+        raise UntrustedRecordError("result is not a JSON string")
+    urls = parse_entry_urls(result)
+    if not entry_urls_match_key(urls, key):
+        raise UntrustedRecordError("entry URLs do not hash to the record's key")
+    rebuilt = {
+        "metadata": {
+            "storage_key": key,
+            "expiration": None,
+            "serializer": {"type": ENTRY_URLS_SERIALIZER_TYPE},
+            "prefect_version": prefect.__version__,
+            # Our own block, never one the record names: Prefect may later re-read the result through it.
+            "storage_block_id": storage_block_id,
+        },
+        "result": json.dumps(urls),
+    }
+    return json.dumps(rebuilt).encode()
+
+
+class EntryUrlsStorage(WritableFileSystem):
+    """Result storage for the embedding task under `basepath` (a local folder or any fsspec URL).
+
+    Reads return only checked, rebuilt records (`checked_record`); anything else raises, which Prefect's
+    cache lookup takes as a miss. Credentials come from each worker's environment, never from the block.
+    """
+
+    _block_type_name: ClassVar[str] = "nsfw-curator embedding records"
+    _block_type_slug: ClassVar[str] = "nsfw-curator-embedding-records"
+
+    basepath: str = Field(description="Folder or URL the embedding task's cache records live under.")
+
+    def _url(self, key: str) -> str:
+        if not _CACHE_KEY.fullmatch(key):
+            raise UntrustedRecordError("not an embedding cache key")
+        return f"{self.basepath.rstrip('/')}/{key}"
+
+    def _read_checked(self, key: str) -> bytes:
+        fs, path = fsspec.core.url_to_fs(self._url(key))
+        with fs.open(path, "rb") as handle:
+            content = handle.read(_MAX_RECORD_BYTES + 1)
+        block_id = getattr(self, "_block_document_id", None)
+        return checked_record(content, key, str(block_id) if block_id is not None else None)
+
+    def _write(self, key: str, content: bytes) -> str:
+        url = self._url(key)
+        write_bytes_atomic(url, content)
+        return key
+
+    def read_path(self, path: str, _sync: bool | None = None) -> bytes:
+        return self._read_checked(path)
+
+    async def aread_path(self, path: str) -> bytes:
+        return await anyio.to_thread.run_sync(self._read_checked, path)
+
+    def write_path(self, path: str, content: bytes, _sync: bool | None = None) -> str:
+        return self._write(path, content)
+
+    async def awrite_path(self, path: str, content: bytes) -> str:
+        return await anyio.to_thread.run_sync(self._write, path, content)
 
 
 def embedding_result_storage(run: FilterRun) -> WritableFileSystem:
-    """A saved filesystem block at `{cache_path}/_prefect_results` (Prefect wants result storage saved).
+    """A saved `EntryUrlsStorage` block at `{cache_path}/_prefect_results` (Prefect wants result storage saved).
 
     The block holds only the location: credentials stay in the environment of each worker.
     """
     root = f"{run.store.cache_path}/{RESULTS_FOLDER}"
-    if "://" in root and not root.startswith("file://"):
-        block: WritableFileSystem = RemoteFileSystem(basepath=root)
-    else:
-        block = LocalFileSystem(basepath=root.removeprefix("file://"))
-    name = "nsfw-curator-results-" + hashlib.sha256(root.encode()).hexdigest()[:16]
+    block = EntryUrlsStorage(basepath=root)
+    name = "nsfw-curator-records-" + hashlib.sha256(root.encode()).hexdigest()[:16]
     block.save(name, overwrite=True)
     return block
 
@@ -64,4 +219,11 @@ STORAGE_RETRIES: dict[str, Any] = dict(
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
     retry_jitter_factor=0.5,
     retry_condition_fn=retry_unless_user_error,
+)
+
+# The embedding task's cache options: persisted results in the data-only format above.
+EMBEDDING_CACHE: dict[str, Any] = dict(
+    cache_key_fn=embedding_cache_key,
+    persist_result=True,
+    result_serializer=EntryUrlsSerializer(),
 )
