@@ -6,6 +6,19 @@ WebDataset key rule: the key is the member path up to the first dot of the file 
 Every key in the input comes out as exactly one `Sample` per contiguous run of members; a sample that
 cannot be scored carries a one-sentence `error` (and its raw members where they were read), and a
 damaged tar ends with one shard-level record (`key=None`) for the part that could not be read.
+
+Resource budget: no sample can cost its neighbours their rows. Each limit below, when exceeded, makes
+only that sample an error (one sentence) and reading goes on with the next sample:
+- a sample's members hold at most `ReadLimits.sample_bytes` (each member counted with its 512-byte tar
+  header); members past the limit are skipped unread, so a zip bomb costs time, never memory;
+- an image is checked from its header before any pixel is decoded: at most `DecodeOptions.max_pixels`
+  pixels and a longer side at most `DecodeOptions.max_aspect_ratio` times the shorter (open_clip resizes
+  the shorter side to the model's input size, so a 1x100000 image would become 224 x 22,400,000);
+- a `.json` member is parsed only up to `MAX_JSON_BYTES`, `MAX_JSON_DEPTH` levels of nesting and numbers of
+  `MAX_JSON_NUMBER_CHARS` characters.
+A batch closes early, before `task_batch_size`, when its samples' raw bytes plus what decoding them makes
+(the RGB image predicted from the header, the parsed caption and metadata) would exceed
+`ReadLimits.batch_bytes`, so memory in flight is bounded whatever the samples hold.
 """
 
 from __future__ import annotations
@@ -17,7 +30,7 @@ import os
 import re
 import tarfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -45,8 +58,26 @@ DEFAULT_MAX_PIXELS = 89_478_485
 # From benchmarks/bench_read.py on 1024-2048 px JPEGs: decode 2x and decode + open_clip transform 3-4x
 # faster, pixels after the 224 px transform within 1/255 on average; >= 256 also suits 240/256 px models.
 DEFAULT_REDUCED_JPEG_SIZE = 256
-# A member larger than this is not read into memory; its sample is recorded as an error.
-MAX_MEMBER_BYTES = 1 << 30
+# A sample's raw members (with their tar headers) beyond this are not read; the sample is an error.
+DEFAULT_SAMPLE_BYTES = 256 << 20
+# Raw plus decoded bytes of one batch: far above ordinary batches (100 photos hold ~50 MB), so only huge
+# samples make batches smaller than task_batch_size.
+DEFAULT_BATCH_BYTES = 512 << 20
+# Open_clip resizes an image's shorter side to the model's input size S, so the resized image has
+# ratio x S^2 pixels: 100:1 keeps it under 15 MB at 224 px (34 MB at 336 px) and admits banners,
+# panoramas and long screenshots.
+DEFAULT_MAX_ASPECT_RATIO = 100.0
+# JSON metadata limits: SA-1B's mask annotations (a few MB per image) fit; Rust's serde_json stops at 128
+# levels; a 64-bit integer has 20 digits and a float's repr at most 24 characters.
+MAX_JSON_BYTES = 16 << 20
+MAX_JSON_DEPTH = 128
+MAX_JSON_NUMBER_CHARS = 100
+# Most bytes of Python objects one byte of JSON can parse into (`{},` is 3 bytes, an empty dict and its slot 72).
+_JSON_OBJECT_BYTES_PER_BYTE = 24
+_TAR_HEADER_BYTES = 512
+# Skipped member data is read in pieces this large: tarfile's own skipping copies its decompressed buffer
+# for every 10 KB, which is quadratic on highly compressed data.
+_DRAIN_CHUNK_BYTES = 8 << 20
 # s3/gcs/http read-ahead per open shard: large enough for throughput, small enough to keep memory flat.
 _REMOTE_BLOCK_BYTES = 8 << 20
 
@@ -75,16 +106,38 @@ class Sample:
         return f"{self.key}.{extension}"
 
 
+def _whole_number(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """Memory one sample and one batch may hold while reading (see the module docstring)."""
+
+    sample_bytes: int = DEFAULT_SAMPLE_BYTES  # raw members of one sample, each counted with its tar header
+    batch_bytes: int = DEFAULT_BATCH_BYTES  # raw plus predicted decoded bytes of one batch
+
+    def __post_init__(self) -> None:
+        for name in ("sample_bytes", "batch_bytes"):
+            value = getattr(self, name)
+            if not _whole_number(value) or value < _TAR_HEADER_BYTES:
+                raise UserError(f"{name} must be a whole number of bytes of at least {_TAR_HEADER_BYTES}, not {value!r}.")
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
     """How images are decoded; `identity()` names every setting that changes the decoded pixels."""
 
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit (width x height before any reduction)
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO  # longer side / shorter side; bounds what resizing makes
     reduced_jpeg_size: int | None = DEFAULT_REDUCED_JPEG_SIZE  # JPEGs decode at 1/2, 1/4 or 1/8 scale keeping both sides >= this; None = full
 
     def __post_init__(self) -> None:
         if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1:
             raise UserError(f"max_pixels must be a positive whole number of pixels, not {self.max_pixels!r}.")
+        ratio = self.max_aspect_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 1 <= ratio < float("inf"):
+            raise UserError(f"max_aspect_ratio must be a finite number of at least 1, not {ratio!r}.")
         size = self.reduced_jpeg_size
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise UserError(f"reduced_jpeg_size must be a positive number of pixels or None, not {size!r}.")
@@ -95,7 +148,7 @@ class DecodeOptions:
         return cls(reduced_jpeg_size=max(DEFAULT_REDUCED_JPEG_SIZE, *image_size))
 
     def identity(self) -> str:
-        # max_pixels only decides which images are refused, never their pixels, so it is not part of it.
+        # The size limits only decide which images are refused, never their pixels, so they are not part of it.
         reduced = "off" if self.reduced_jpeg_size is None else str(self.reduced_jpeg_size)
         return f"decode-v1:rgb,exif-orientation,alpha-over-white,first-frame,16bit-msb,jpeg-reduced-min-side={reduced}"
 
@@ -219,22 +272,87 @@ def _open_shard(shard_url: str, storage_options: dict | None):
     # Anything else (5xx, timeouts, dropped connections) may be transient: it propagates so the task retries.
 
 
-def _iter_raw_samples(shard_url: str, storage_options: dict | None = None) -> Iterator[Sample]:
+def _iter_raw_samples(shard_url: str, storage_options: dict | None = None, limits: ReadLimits = ReadLimits()) -> Iterator[Sample]:
     """Samples with raw members and structural errors only (no decoding), streaming the tar."""
     with _open_shard(shard_url, storage_options) as fileobj:
-        yield from _samples_from_tar(fileobj, shard_url)
+        yield from _samples_from_tar(fileobj, shard_url, limits)
 
 
-def _samples_from_tar(fileobj, shard_url: str) -> Iterator[Sample]:
+def _drain(data) -> None:
+    """Read a member's unread data in large pieces (see _DRAIN_CHUNK_BYTES), keeping none of it."""
+    while data.read(_DRAIN_CHUNK_BYTES):
+        pass
+
+
+class _SampleGrouper:
+    """WebDataset's grouping of tar members into samples, with the per-sample checks and byte budget."""
+
+    def __init__(self, shard_url: str, limits: ReadLimits) -> None:
+        self.shard_url = shard_url
+        self.limits = limits
+        self.current: Sample | None = None
+        self.current_key: str | None = None  # the key as tarfile decoded it (Sample.key is its printable form)
+        self.extensions: set[str] = set()  # lower-cased extensions of the current sample's members (O(1) duplicate check)
+        self.held_bytes = 0  # the current sample's members and their headers
+        self.over_budget = False
+        self.seen_keys: set[str] = set()  # per shard only: detects a key whose members are not contiguous
+
+    def finish(self) -> Iterator[Sample]:
+        """The current sample, complete (structural checks done)."""
+        if self.current is not None:
+            _check_structure(self.current)
+            yield self.current
+        self.current = None
+
+    def add(self, info: tarfile.TarInfo, data) -> Iterator[Sample]:
+        """Place one member (`data`: its unread file object, None unless regular); yields completed samples."""
+        member_name = info.name
+        if info.isdir() or _is_meta_member(member_name):
+            return
+        match = _KEY_AND_EXTENSION.match(member_name)
+        if match is None:
+            # WebDataset ignores such a member; we report it under its own name so nothing goes unnoticed.
+            yield from self.finish()
+            name = _printable(member_name)
+            yield Sample(key=name, shard=self.shard_url, error=_short(f"member {name!r} has no extension, so it belongs to no WebDataset sample"))
+            return
+        key, extension = match.group(1), match.group(2)
+        if self.current is None or key != self.current_key:
+            yield from self.finish()
+            self.current, self.current_key = Sample(key=_printable(key), shard=self.shard_url), key
+            self.extensions, self.held_bytes, self.over_budget = set(), 0, False
+            if key in self.seen_keys:
+                _fail(self.current, f"key {self.current.key!r} reappears after other keys; WebDataset reads its later members as a second sample")
+            self.seen_keys.add(key)
+        current = self.current
+        unsafe = _unsafe_name_reason(member_name)
+        if unsafe:
+            _fail(current, f"member name {_printable(member_name)!r} {unsafe}, so the sample is never written")
+        if extension.lower() in self.extensions:
+            _fail(current, f"member {member_name!r} appears twice in the sample")
+            return
+        if data is None:
+            kind = "a symbolic link" if info.issym() else "a hard link" if info.islnk() else "not a regular file"
+            _fail(current, f"member {member_name!r} is {kind}")
+            return
+        self.held_bytes += info.size + _TAR_HEADER_BYTES
+        if self.over_budget or self.held_bytes > self.limits.sample_bytes:
+            if not self.over_budget:
+                _fail(current, f"the sample's members pass the {self.limits.sample_bytes}-byte read limit at member {member_name!r}")
+            self.over_budget = True  # this member and the rest of the sample are skipped unread
+            return
+        current.members[extension] = data.read()
+        self.extensions.add(extension.lower())
+
+
+def _samples_from_tar(fileobj, shard_url: str, limits: ReadLimits = ReadLimits()) -> Iterator[Sample]:
     end = _TarEnd()
     try:
         tar = tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=end.tarinfo_class())
     except _TAR_DAMAGE as exc:
         yield Sample(key=None, shard=shard_url, error=_short(f"the shard is not a readable tar file ({exc})"))
         return
-    current: Sample | None = None
-    current_key: str | None = None  # the key as tarfile decoded it (Sample.key is its printable form)
-    seen_keys: set[str] = set()  # per shard only: detects a key whose members are not contiguous
+    grouper = _SampleGrouper(shard_url, limits)
     member_name: str | None = None  # the last member whose header was read
     reading: str | None = None  # the member whose data is being read
     damage: str | None = None
@@ -242,54 +360,21 @@ def _samples_from_tar(fileobj, shard_url: str) -> Iterator[Sample]:
         for info in tar:
             member_name = info.name
             tar.members = []  # stream mode appends every header; drop them so memory stays flat
-            if info.isdir() or _is_meta_member(member_name):
-                continue
-            match = _KEY_AND_EXTENSION.match(member_name)
-            if match is None:
-                # WebDataset ignores such a member; we report it under its own name so nothing goes unnoticed.
-                if current is not None:
-                    _check_structure(current)
-                    yield current
-                    current = None
-                name = _printable(member_name)
-                yield Sample(key=name, shard=shard_url, error=_short(f"member {name!r} has no extension, so it belongs to no WebDataset sample"))
-                continue
-            key, extension = match.group(1), match.group(2)
-            if current is None or key != current_key:
-                if current is not None:
-                    _check_structure(current)
-                    yield current
-                current, current_key = Sample(key=_printable(key), shard=shard_url), key
-                if key in seen_keys:
-                    _fail(current, f"key {current.key!r} reappears after other keys; WebDataset reads its later members as a second sample")
-                seen_keys.add(key)
-            unsafe = _unsafe_name_reason(member_name)
-            if unsafe:
-                _fail(current, f"member name {_printable(member_name)!r} {unsafe}, so the sample is never written")
-            if extension.lower() in {ext.lower() for ext in current.members}:
-                _fail(current, f"member {member_name!r} appears twice in the sample")
-                continue
-            if not info.isreg():
-                kind = "a symbolic link" if info.issym() else "a hard link" if info.islnk() else "not a regular file"
-                _fail(current, f"member {member_name!r} is {kind}")
-                continue
-            if info.size > MAX_MEMBER_BYTES:
-                _fail(current, f"member {member_name!r} is {info.size} bytes, over the {MAX_MEMBER_BYTES}-byte read limit")
-                continue
             reading = member_name
-            current.members[extension] = tar.extractfile(info).read()
+            data = tar.extractfile(info) if info.isreg() else None
+            yield from grouper.add(info, data)
+            if data is not None:
+                _drain(data)  # whatever the grouper did not keep
             reading = None
     except _TAR_DAMAGE as exc:
         damage = _short(str(exc) or type(exc).__name__)
-        if current is not None and not current.members:
-            current = None  # its first member could not be read: it is part of the unreadable rest
+        if grouper.current is not None and not grouper.current.members:
+            grouper.current = None  # its first member could not be read: it is part of the unreadable rest
     else:
         damage = end.damage()
-    if current is not None:
-        if damage is not None:
-            _fail(current, "the tar is damaged right after this sample, so some of its members may be missing")
-        _check_structure(current)
-        yield current
+    if grouper.current is not None and damage is not None:
+        _fail(grouper.current, "the tar is damaged right after this sample, so some of its members may be missing")
+    yield from grouper.finish()
     if damage is not None:
         where = f"inside member {reading!r}" if reading else f"after member {member_name!r}" if member_name else "at its start"
         error = f"the tar is damaged {where} ({damage}); the rest of the shard could not be read"
@@ -300,9 +385,12 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode.startswith("I;16") or image.mode == "I":
-        # Pillow clips 16-bit values at 255 when converting; keep the 8 most significant bits instead.
-        pixels = np.asarray(image).astype(np.int64, copy=False)
-        return Image.fromarray((np.clip(pixels, 0, 65535) >> 8).astype(np.uint8), "L").convert("RGB")
+        # Pillow clips 16-bit values at 255 when converting; keep the 8 most significant bits instead
+        # (in the image's own integer type: widening to int64 would hold 4 copies of an 89 MP image).
+        pixels = np.asarray(image)
+        if image.mode == "I":
+            pixels = np.clip(pixels, 0, 65535)
+        return Image.fromarray((pixels >> 8).astype(np.uint8), "L").convert("RGB")
     if image.has_transparency_data:
         # Transparent pixels become white, as img2dataset did for the images LAION's detector was built on.
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
@@ -320,8 +408,16 @@ def _sniffed_format(data: bytes) -> str | None:
         return None
 
 
-def _decode_image(data: bytes, name: str, options: DecodeOptions) -> Image.Image | str:
-    """The RGB image, or the reason it cannot be decoded."""
+def _corrupt_reason(exc: Exception, name: str) -> str:
+    if isinstance(exc, OSError):
+        if "truncated" in str(exc) or "broken data stream" in str(exc):
+            return f"image {name!r} is truncated"
+        return f"image {name!r} is corrupt ({exc})"
+    return f"image {name!r} is corrupt ({type(exc).__name__}: {exc})"
+
+
+def _open_image(data: bytes, name: str, options: DecodeOptions) -> Image.Image | str:
+    """The image with only its header read, checked against the size limits (JPEG draft scale set), or why it is refused."""
     try:
         image = Image.open(io.BytesIO(data), formats=_PILLOW_FORMATS)
     except Image.DecompressionBombError as exc:
@@ -335,46 +431,111 @@ def _decode_image(data: bytes, name: str, options: DecodeOptions) -> Image.Image
             return f"image {name!r} is in the unsupported format {sniffed}"
         return f"image {name!r} is corrupt or not an image"
     except Exception as exc:  # noqa: BLE001 - malformed headers raise many exception types in Pillow
-        return f"image {name!r} is corrupt ({type(exc).__name__}: {exc})"
+        return _corrupt_reason(exc, name)
     try:
         width, height = image.size
         if width * height > options.max_pixels:
             return f"image {name!r} is {width}x{height} pixels, over the limit of {options.max_pixels} (possible decompression bomb)"
+        if min(width, height) < 1:
+            return f"image {name!r} is {width}x{height} pixels, so it has no pixels to score"
+        if max(width, height) > options.max_aspect_ratio * min(width, height):
+            return f"image {name!r} is {width}x{height} pixels, one side over {options.max_aspect_ratio:g} times the other (the limit for resizing it)"
         reduced = options.reduced_jpeg_size
         if reduced is not None and image.format in _JPEG_FORMATS and min(width, height) >= 2 * reduced:
             image.draft(None, (reduced, reduced))  # libjpeg DCT scaling: both sides stay >= reduced
+        return image
+    except Exception as exc:  # noqa: BLE001 - see above
+        return _corrupt_reason(exc, name)
+
+
+def _load_image(image: Image.Image, name: str) -> Image.Image | str:
+    """The opened image's pixels as RGB, EXIF orientation applied, or why they cannot be decoded."""
+    try:
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
         return _to_rgb(image)
-    except OSError as exc:
-        if "truncated" in str(exc) or "broken data stream" in str(exc):
-            return f"image {name!r} is truncated"
-        return f"image {name!r} is corrupt ({exc})"
-    except Exception as exc:  # noqa: BLE001 - see above
-        return f"image {name!r} is corrupt ({type(exc).__name__}: {exc})"
+    except Exception as exc:  # noqa: BLE001 - see _open_image
+        return _corrupt_reason(exc, name)
 
 
-def decode_sample(sample: Sample, options: DecodeOptions) -> Sample:
-    """Fill `image`, `caption` and `metadata` of a sample without error (in place; returned for map())."""
+class _JsonOverLimit(ValueError):
+    """A JSON member beyond the parsing limits; the message completes "member 'x.json' ..."."""
+
+
+def _bounded_number(convert: type) -> Callable[[str], object]:
+    def parse(text: str) -> object:
+        if len(text) > MAX_JSON_NUMBER_CHARS:
+            raise _JsonOverLimit(f"holds a number of {len(text)} characters, over the limit of {MAX_JSON_NUMBER_CHARS}")
+        return convert(text)
+
+    return parse
+
+
+_PARSE_JSON_INT = _bounded_number(int)
+_PARSE_JSON_FLOAT = _bounded_number(float)
+
+
+def _nests_deeper_than(value: object, limit: int) -> bool:
+    """Whether lists/objects nest more than `limit` levels (iterative: deep values must not exhaust the stack)."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        pending.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def _parse_metadata(data: bytes, name: str) -> dict | str:
+    """The JSON object of a metadata member, parsed within the limits, or why it is refused."""
+    if len(data) > MAX_JSON_BYTES:
+        return f"member {name!r} is {len(data)} bytes, over the {MAX_JSON_BYTES}-byte limit for JSON metadata"
+    too_deep = f"member {name!r} nests JSON deeper than {MAX_JSON_DEPTH} levels"
+    try:
+        metadata = json.loads(data, parse_int=_PARSE_JSON_INT, parse_float=_PARSE_JSON_FLOAT)
+    except _JsonOverLimit as exc:
+        return f"member {name!r} {exc}"
+    except RecursionError:
+        return too_deep  # the parser gives up far beyond MAX_JSON_DEPTH
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return f"member {name!r} is not valid JSON"
+    if not isinstance(metadata, dict):
+        return f"member {name!r} is JSON but not an object"
+    if _nests_deeper_than(metadata, MAX_JSON_DEPTH):
+        return too_deep
+    return metadata
+
+
+def _open_sample_image(sample: Sample, options: DecodeOptions) -> Image.Image | None:
+    """First step of decoding (header only, cheap): the sample's image checked against the limits, or None with the error recorded."""
     if sample.error is not None or sample.key is None:
+        return None
+    image_ext = image_extension(sample.members)
+    assert image_ext is not None, "samples without an image member carry an error"
+    opened = _open_image(sample.members[image_ext], sample.member_name(image_ext), options)
+    if isinstance(opened, str):
+        _fail(sample, opened)
+        return None
+    return opened
+
+
+def _finish_decoding(sample: Sample, opened: Image.Image | None) -> Sample:
+    """Second step: caption, metadata and pixels of a sample whose image passed `_open_sample_image`."""
+    if sample.error is not None or opened is None:
         return sample
     for extension, data in sample.members.items():
         lower = extension.lower()
         if lower == "txt" and sample.caption is None:
             sample.caption = data.decode("utf-8", errors="replace")
         elif lower == "json" and sample.metadata is None:
-            try:
-                metadata = json.loads(data)
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                _fail(sample, f"member {sample.member_name(extension)!r} is not valid JSON")
-                return sample
-            if not isinstance(metadata, dict):
-                _fail(sample, f"member {sample.member_name(extension)!r} is JSON but not an object")
+            metadata = _parse_metadata(data, sample.member_name(extension))
+            if isinstance(metadata, str):
+                _fail(sample, metadata)
                 return sample
             sample.metadata = metadata
     image_ext = image_extension(sample.members)
-    assert image_ext is not None, "samples without an image member carry an error"
-    decoded = _decode_image(sample.members[image_ext], sample.member_name(image_ext), options)
+    decoded = _load_image(opened, sample.member_name(image_ext))
     if isinstance(decoded, str):
         _fail(sample, decoded)
     else:
@@ -382,11 +543,33 @@ def decode_sample(sample: Sample, options: DecodeOptions) -> Sample:
     return sample
 
 
+def decode_sample(sample: Sample, options: DecodeOptions) -> Sample:
+    """Fill `image`, `caption` and `metadata` of a sample without error (in place; returned for map())."""
+    return _finish_decoding(sample, _open_sample_image(sample, options))
+
+
+def _held_bytes(sample: Sample, opened: Image.Image | None) -> int:
+    """Upper bound of the bytes a sample holds: raw members, plus (when it is decoded) the RGB image and parsed text."""
+    held = 0
+    for extension, data in sample.members.items():
+        held += len(data)
+        if opened is not None:
+            lower = extension.lower()
+            held += _JSON_OBJECT_BYTES_PER_BYTE * len(data) if lower == "json" else 4 * len(data) if lower == "txt" else 0
+    if opened is not None:
+        width, height = opened.size
+        held += width * height * 3
+    return held
+
+
 def iter_samples(
-    shard_url: str, decode: DecodeOptions | None = DecodeOptions(), storage_options: dict | None = None
+    shard_url: str,
+    decode: DecodeOptions | None = DecodeOptions(),
+    storage_options: dict | None = None,
+    limits: ReadLimits = ReadLimits(),
 ) -> Iterator[Sample]:
     """Every sample of one shard, in tar order; `decode=None` yields raw members only (no image decoding)."""
-    for sample in _iter_raw_samples(shard_url, storage_options):
+    for sample in _iter_raw_samples(shard_url, storage_options, limits):
         yield sample if decode is None else decode_sample(sample, decode)
 
 
@@ -404,12 +587,15 @@ def iter_batches(
     storage_options: dict | None = None,
     threads: int | None = None,
     prefetch: int = 2,
+    limits: ReadLimits = ReadLimits(),
 ) -> Iterator[list[Sample]]:
     """Batches of `task_batch_size` samples from the shards in order (a batch may span shards).
 
-    A background thread streams the tars and hands images to a pool of `threads` decoders (default:
-    the CPUs this process may use); up to `prefetch` batches wait ready while the caller works on the
-    current one, so memory is bounded by about (prefetch + 2) batches whatever the number of shards.
+    A background thread streams the tars, checks each image's header and hands the decoding to a pool
+    of `threads` decoders (default: the CPUs this process may use); up to `prefetch` batches wait ready
+    while the caller works on the current one. A batch closes early when its next sample would take it
+    over `limits.batch_bytes` (a sample alone may exceed it), so memory is bounded by about
+    (prefetch + 2) batches of at most that size, whatever the number of shards or what they hold.
     """
     if isinstance(task_batch_size, bool) or not isinstance(task_batch_size, int) or task_batch_size < 1:
         raise UserError(f"task_batch_size must be a whole number of at least 1, not {task_batch_size!r}.")
@@ -422,13 +608,19 @@ def iter_batches(
 
     def batches_of_pending_samples() -> Iterator[list[Sample | Future]]:
         batch: list[Sample | Future] = []
+        batch_bytes = 0
         for shard_url in shard_urls:
-            for sample in _iter_raw_samples(shard_url, storage_options):
-                needs_decoding = pool is not None and sample.error is None
-                batch.append(pool.submit(decode_sample, sample, decode) if needs_decoding else sample)
+            for sample in _iter_raw_samples(shard_url, storage_options, limits):
+                opened = _open_sample_image(sample, decode) if pool is not None else None
+                sample_bytes = _held_bytes(sample, opened)
+                if batch and batch_bytes + sample_bytes > limits.batch_bytes:
+                    yield batch
+                    batch, batch_bytes = [], 0
+                batch.append(pool.submit(_finish_decoding, sample, opened) if opened is not None else sample)
+                batch_bytes += sample_bytes
                 if len(batch) == task_batch_size:
                     yield batch
-                    batch = []
+                    batch, batch_bytes = [], 0
         if batch:
             yield batch
 
