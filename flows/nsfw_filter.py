@@ -245,10 +245,16 @@ def nsfw_filter(
             with gpu_remote_options(runner, run.num_gpus_per_worker):
                 embedded[runner.submit(embed if in_store[partition.index] else embed_again, {"partition": partition, "run": run})] = partition
         # A filter task is submitted once its partition is embedded, so no worker sits blocked on an upstream task.
-        written = [
-            runner.submit(filter_partition_task, {"partition": embedded[entries], "entry_urls": entries, "run": run})
-            for entries in as_completed(list(embedded))
-        ]
+        written, not_embedded = [], []
+        for entries in as_completed(list(embedded)):
+            if entries.state.is_completed():
+                written.append(runner.submit(filter_partition_task, {"partition": embedded[entries], "entry_urls": entries, "run": run}))
+            else:
+                not_embedded.append(entries)
+        if not_embedded:
+            # The other partitions finish and keep their outputs; the run fails with the first failure's own error.
+            logger.error("%d of %d partitions could not be embedded", len(not_embedded), len(embedded))
+            not_embedded[0].result()
         results: list[PartitionResult] = sorted((future.result() for future in written), key=lambda result: result.partition_index)
 
     clean_partitions_beyond(run.output_path, len(run.partitions), run.storage_options)
