@@ -7,6 +7,7 @@ optionally a deduplicated copy of the dataset (or of what a filter run kept).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict
 from typing import Any, Literal, Optional, Union
 
@@ -19,10 +20,12 @@ from flows.prefect_cache import STORAGE_RETRIES
 from tasks.dedup import deduplicate
 from tasks.clip_resolve import clip_identity, resolve_clip
 from tasks.dedup_io import (
+    earlier_copies,
     find_embedding_identity,
     load_embeddings,
     missing_shards,
     passed_samples,
+    remove_stale_copies,
     write_dedup_summary,
     write_deduplicated_copy,
     write_frame,
@@ -31,11 +34,14 @@ from tasks.embed import embed_partition
 from tasks.errors import UserError
 from tasks.gpu import GPU_SLOTS
 from tasks.locations import default_cache_path
+from tasks.ownership import claim_output, input_owner, refuse_overlap, settle_owner
 from tasks.partition import list_shards
 from tasks.read import DecodeOptions
 from tasks.run_plan import normalise_output_path
 from tasks.store import EmbeddingStore, redact_url
-from tasks.write import join_url
+from tasks.write import join_url, remove_leftover_temp_files
+
+DEDUP_FLOW = "image-dedup"
 
 
 class DedupSettings(BaseModel):
@@ -58,6 +64,7 @@ class DedupSettings(BaseModel):
     filter_output_path: Optional[str]
     images_per_tar: int = Field(ge=1)
     storage_options_secret: Optional[str]
+    take_over_output: bool
 
 
 @task(name="load-embeddings", **STORAGE_RETRIES, persist_result=False)
@@ -90,6 +97,22 @@ def write_outputs_task(result, output_path: str, storage_options: dict) -> dict[
     }
 
 
+def _inputs_and_output(settings: DedupSettings, storage_options: dict) -> tuple[str, list[str]]:
+    """The output path and the listed shards, once the output is known to be apart from every input."""
+    output_path = normalise_output_path(settings.output_path)
+    shard_urls = list_shards(settings.file_paths, settings.file_extensions, storage_options)
+    filter_scores = [(join_url(settings.filter_output_path, "scores"), "filter_output_path")] if settings.filter_output_path else []
+    refuse_overlap(output_path, settings.file_paths, shard_urls, settings.file_extensions, storage_options, filter_scores)
+    return output_path, shard_urls
+
+
+def preflight(parameters: dict[str, Any]) -> None:
+    """Check parameters, inputs and output outside Prefect (the CLI's fast, traceback-free check); raises UserError."""
+    defaults = {name: p.default for name, p in inspect.signature(image_dedup.fn).parameters.items() if p.default is not inspect.Parameter.empty}
+    settings = validate_settings({**defaults, **parameters}, DedupSettings)
+    _inputs_and_output(settings, storage_options_from_secret(settings.storage_options_secret))
+
+
 @flow(name="image-dedup", log_prints=False)
 def image_dedup(
     file_paths: Union[str, list[str]],
@@ -107,6 +130,7 @@ def image_dedup(
     filter_output_path: Optional[str] = None,
     images_per_tar: int = 1000,
     storage_options_secret: Optional[str] = None,
+    take_over_output: bool = False,
 ) -> dict:
     """Find near-duplicate images of a dataset from its cached CLIP embeddings (CLIP is never loaded).
 
@@ -126,12 +150,12 @@ def image_dedup(
         filter_output_path: With write_dataset, copy only the samples this nsfw-filter run kept (its output_path).
         images_per_tar: Samples per shard of the deduplicated copy.
         storage_options_secret: Name of a Prefect Secret block holding fsspec storage options as JSON.
+        take_over_output: Replace the outputs of an earlier run over other inputs in output_path (otherwise refused).
     """
     settings = validate_settings(dict(locals()), DedupSettings)
     logger = get_run_logger()
     storage_options = storage_options_from_secret(settings.storage_options_secret)
-    output_path = normalise_output_path(settings.output_path)
-    shard_urls = list_shards(settings.file_paths, settings.file_extensions, storage_options)
+    output_path, shard_urls = _inputs_and_output(settings, storage_options)
     store = EmbeddingStore(settings.cache_path or default_cache_path(), storage_options)
 
     missing: list[str] = []
@@ -150,6 +174,12 @@ def image_dedup(
                 f"{len(missing)} of {len(shard_urls)} shards have no embeddings in the store ({listed}); fill the store with "
                 f"`nsfw-curator filter --file-paths ... --cache-path {redact_url(store.cache_path)}` or pass --embed-missing."
             )
+    # Claimed once the inputs are known to be usable, before anything is written.
+    copies = len(shard_urls) if settings.write_dataset else 0
+    owner = input_owner(DEDUP_FLOW, settings.file_paths, settings.file_extensions, shard_urls, copies, storage_options)
+    copy_mark = claim_output(output_path, owner, settings.take_over_output, storage_options).partitions
+    earlier = earlier_copies(output_path, storage_options)  # read before this run rewrites summary.json
+    if missing:
         logger.info("embedding %d shards missing from the store", len(missing))
         identity = embed_missing_task(missing, settings.clip_model, settings.clip_pretrained, settings.model_dir, store, storage_options)
 
@@ -163,6 +193,7 @@ def image_dedup(
         if settings.filter_output_path:
             keep &= passed_samples(settings.filter_output_path, storage_options)
         copied = write_deduplicated_copy(shard_urls, keep, output_path, settings.images_per_tar, storage_options)
+    remove_stale_copies(output_path, copied, earlier, copy_mark, storage_options)
     summary: dict[str, Any] = {
         "embedding_identity": identity,
         "shards": len(shard_urls),
@@ -171,6 +202,8 @@ def image_dedup(
         "deduplicated_shards": copied,
     }
     write_dedup_summary(output_path, summary, storage_options)
+    settle_owner(output_path, copies, storage_options)
+    remove_leftover_temp_files(output_path, storage_options)
     stats = result.stats
     create_table_artifact(
         key="image-dedup-counts",

@@ -26,7 +26,7 @@ from tasks.clip_resolve import clip_identity, resolve_clip, safe_name
 from tasks.errors import UserError
 from tasks.read import DecodeOptions, iter_samples
 from tasks.store import METADATA_KEY, EmbeddingStore, embedding_matrix, redact_url, shard_fingerprint
-from tasks.write import FilteredShardWriter, join_url
+from tasks.write import FilteredShardWriter, join_url, output_shard_name, remove_stale_outputs
 
 
 def _entry_record(store: EmbeddingStore, identity_dir: str) -> dict | None:
@@ -136,6 +136,38 @@ def passed_samples(filter_output_path: str, storage_options: dict | None = None)
             if ok:
                 passed.add((shard, key))
     return passed
+
+
+def earlier_copies(output_path: str, storage_options: dict | None = None) -> list[str]:
+    """The deduplicated-copy tars an earlier run's summary.json names (validated; [] when there is none)."""
+    fs, path = filesystem(join_url(output_path, "summary.json"), storage_options)
+    try:
+        with fs.open(path, "rb") as handle:
+            named = json.loads(handle.read()).get("deduplicated_shards")
+    except (FileNotFoundError, ValueError, AttributeError, RecursionError):
+        return []
+    return [url for url in named if isinstance(url, str)] if isinstance(named, list) else []
+
+
+def remove_stale_copies(
+    output_path: str, written: Sequence[str], earlier: Sequence[str], shard_count: int, storage_options: dict | None = None
+) -> list[str]:
+    """Delete copy tars of earlier runs this run did not rewrite, for input shard numbers below `shard_count`:
+    those `earlier` names and those a killed run wrote in sequence after them."""
+    written_per_shard: dict[int, int] = {}
+    earlier_per_shard: dict[int, list[str]] = {}
+    for url in written:
+        name = output_shard_name(url)
+        assert name is not None
+        written_per_shard[name[0]] = written_per_shard.get(name[0], 0) + 1
+    for url in earlier:
+        name = output_shard_name(url)
+        if name is not None:
+            earlier_per_shard.setdefault(name[0], []).append(url)
+    removed: list[str] = []
+    for index in sorted(set(range(shard_count)) | set(earlier_per_shard)):
+        removed += remove_stale_outputs(output_path, index, written_per_shard.get(index, 0), earlier_per_shard.get(index, ()), storage_options)
+    return removed
 
 
 def write_deduplicated_copy(

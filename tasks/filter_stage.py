@@ -19,7 +19,16 @@ from tasks.nsfw import NSFWHead
 from tasks.partition import Partition
 from tasks.read import iter_samples
 from tasks.store import EmbeddingStore, embedding_matrix, shard_fingerprint
-from tasks.write import PartitionResult, read_manifest, write_filtered_partition
+from tasks.ownership import earlier_partitions, settle_owner
+from tasks.write import (
+    PartitionResult,
+    manifest_url,
+    output_shard_url,
+    read_manifest,
+    remove_stale_outputs,
+    scores_url,
+    write_filtered_partition,
+)
 
 
 def settings_identity(
@@ -37,14 +46,17 @@ def settings_identity(
 
 
 def completed_partition(
-    output_path: str, partition: Partition, identity_of_settings: str, storage_options: dict | None = None
+    output_path: str, manifest: PartitionResult | None, partition: Partition, identity_of_settings: str, storage_options: dict | None = None
 ) -> PartitionResult | None:
-    """The manifest of an earlier attempt with the same shards and settings whose files all exist."""
-    manifest = read_manifest(output_path, partition.index, storage_options)
+    """`manifest` (an earlier attempt's) when it has the same shards and settings, names this output's files
+    for the partition and they all exist."""
     if manifest is None or manifest.partition_id != partition.partition_id or manifest.settings_identity != identity_of_settings:
         return None
+    expected = [scores_url(output_path, partition.index)] + [output_shard_url(output_path, partition.index, n) for n in range(len(manifest.output_shards))]
+    if [manifest.scores_file, *manifest.output_shards] != expected:
+        return None
     fs, _ = filesystem(output_path, storage_options)
-    for url in [manifest.scores_file, *manifest.output_shards]:
+    for url in expected:
         if not fs.exists(filesystem(url, storage_options)[1]):
             return None
     return manifest
@@ -99,7 +111,8 @@ def filter_partition(
     """Score and write one partition (or return its completed manifest); the manifest is the commit point."""
     fingerprints = [shard_fingerprint(url, storage_options) for url in partition.shard_urls]
     identity_of_settings = settings_identity(fingerprints, embedding_identity, head_fingerprint, score_threshold, images_per_tar)
-    done = completed_partition(output_path, partition, identity_of_settings, storage_options)
+    earlier = read_manifest(output_path, partition.index, storage_options)  # before writing: it names what to replace
+    done = completed_partition(output_path, earlier, partition, identity_of_settings, storage_options)
     if done is not None:
         if log:
             log(f"partition {partition.index} already complete; kept")
@@ -121,17 +134,26 @@ def filter_partition(
         images_per_tar,
         identity_of_settings,
         storage_options,
+        earlier,
     )
 
 
 def clean_partitions_beyond(output_path: str, partition_count: int, storage_options: dict | None = None) -> list[str]:
-    """Remove outputs of partitions numbered >= `partition_count` (left by an earlier run over more shards)."""
-    fs, root = filesystem(output_path, storage_options)
-    removed = []
-    for folder, suffix in (("_manifests", ".json"), ("scores", ".parquet"), ("shards", ".tar")):
-        for path in fs.glob(f"{root.rstrip('/')}/{folder}/part-*{suffix}"):
-            index = int(path.rsplit("/", 1)[1][5:11])
-            if index >= partition_count:
+    """Remove the outputs of partitions numbered `partition_count` and above that an earlier run over more
+    shards (or a killed one) wrote here, up to the output's recorded partition mark, then lower the mark.
+
+    Only this project's names are touched: each such partition's scores file, the tars its manifest names
+    and those a killed attempt wrote in sequence, then its manifest. No listing, no glob.
+    """
+    fs, _ = filesystem(output_path, storage_options)
+    removed: list[str] = []
+    for index in range(partition_count, earlier_partitions(output_path, storage_options)):
+        manifest = read_manifest(output_path, index, storage_options)
+        removed += remove_stale_outputs(output_path, index, 0, manifest.output_shards if manifest else (), storage_options)
+        for url in (scores_url(output_path, index), manifest_url(output_path, index)):
+            path = filesystem(url, storage_options)[1]
+            if fs.exists(path):
                 fs.rm(path)
                 removed.append(path)
+    settle_owner(output_path, partition_count, storage_options)
     return removed

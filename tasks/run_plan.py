@@ -1,7 +1,8 @@
 """Everything a filter run decides before any work starts, checked up front.
 
-`plan_filter_run` lists and partitions the shards, finds the CLIP weights and the NSFW head offline,
-checks that they fit each other, and fixes the identities that name the run's embeddings and outputs.
+`plan_filter_run` lists and partitions the shards, checks that the output is apart from them, finds the
+CLIP weights and the NSFW head offline, checks that they fit each other, fixes the identities that name
+the run's embeddings and outputs, and finally claims the output for these inputs (tasks/ownership.py).
 Every mistake a user can make here fails in seconds with one sentence, before a GPU is touched.
 """
 
@@ -12,12 +13,15 @@ import os
 from dataclasses import dataclass, field
 
 from tasks.clip_resolve import ClipWeights, clip_identity, resolve_clip, weights_fingerprint
-from tasks.errors import UserError
 from tasks.locations import default_cache_path, default_model_dir, nsfw_weights_path
 from tasks.nsfw import NSFWHead, load_nsfw_head
+from tasks.ownership import claim_output, input_owner, refuse_overlap
 from tasks.partition import Partition, list_shards, partition_shards
 from tasks.read import DecodeOptions
-from tasks.store import EmbeddingStore, redact_url
+from tasks.store import EmbeddingStore
+
+
+FILTER_FLOW = "nsfw-filter"
 
 
 @dataclass(frozen=True)
@@ -80,22 +84,27 @@ def plan_filter_run(
     verbose: bool = False,
     decode: DecodeOptions | None = None,
     storage_options: dict | None = None,
+    take_over_output: bool = False,
 ) -> FilterRun:
-    """Validate and resolve a run; raises UserError naming the problem and the remedy."""
+    """Validate and resolve a run and claim its output; raises UserError naming the problem and the remedy.
+
+    `take_over_output` lets this run replace the outputs of a run over other inputs (tasks/ownership.py).
+    """
     model_dir = model_dir or default_model_dir()
     cache_path = cache_path or default_cache_path()
     output_path = normalise_output_path(output_path)
     storage_options = dict(storage_options or {})
     shard_urls = list_shards(file_paths, file_extensions, storage_options)
     partitions = tuple(partition_shards(shard_urls, files_per_partition))
-    input_roots = {normalise_output_path(url).rsplit("/", 1)[0] for url in shard_urls}
-    if any(root == output_path or root.startswith(output_path + "/") for root in input_roots):
-        raise UserError(f"output_path {redact_url(output_path)} holds input shards; write the outputs to another directory or prefix.")
+    refuse_overlap(output_path, file_paths, shard_urls, file_extensions, storage_options)
     clip_weights = resolve_clip(clip_model, clip_pretrained, model_dir)
     head_path = str(nsfw_weights or nsfw_weights_path(model_dir, clip_weights.model_name))
     head = cached_nsfw_head(head_path)
     head.check_dimension(clip_weights.embedding_dim, f"embeddings of CLIP {clip_weights.model_name}")
     decode = decode or DecodeOptions.for_model(clip_weights.image_size)
+    # Last, once everything else is valid: the output is claimed before any task writes to it.
+    owner = input_owner(FILTER_FLOW, file_paths, file_extensions, shard_urls, len(partitions), storage_options)
+    claim_output(output_path, owner, take_over_output, storage_options)
     return FilterRun(
         partitions=partitions,
         clip_weights=clip_weights,

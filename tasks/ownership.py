@@ -1,0 +1,226 @@
+"""Where a run may write: never over or inside its inputs, and only in an output it owns.
+
+Both rules are checked before any work, for every flow:
+
+1. **Apart from its inputs.** An output may not hold an input shard or a folder, prefix or glob the run
+   lists (the run would overwrite what it reads), nor lie inside one (the next listing would read the
+   outputs as input). Locations are compared in one spelling: local paths resolved (symlinks included),
+   `//` and `/./` collapsed in remote URLs.
+2. **One owner.** `{output_path}/_owner.json` records which flow and which inputs the output belongs to
+   (hashes of the canonical `file_paths` + `file_extensions` and of the listed shard URLs, credentials
+   stripped) and how many partitions a run may have written there. A run of the same flow whose inputs
+   are named the same way (the same folder, even if it gained or lost shards) or list the same shards
+   owns it; any other run is refused in one sentence unless it takes the output over. An output without
+   a record but with outputs of a run (`summary.json`, `_manifests/`) is treated as owned by someone else.
+   The record is written when the run is planned, before any output, and is validated when read back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import re
+from dataclasses import asdict, dataclass, replace
+from typing import Sequence
+
+from fsspec.utils import glob_translate
+
+from tasks.atomic import filesystem, write_bytes_atomic
+from tasks.errors import UserError
+from tasks.partition import canonical_url, expand_file_paths, listed_roots
+from tasks.store import redact_url
+
+OWNER_RECORD = "_owner.json"
+EARLIER_OUTPUTS = ("summary.json", "_manifests")  # what a run leaves in an output it owned
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_MANIFEST_NAME = re.compile(r"^part-(\d{6})\.json$")
+# Names a run writes under its output; a glob input matching one of them would read the outputs as input.
+_OUTPUT_EXAMPLES = ("shards/part-000000-0000.tar", "scores/part-000000.parquet", "_manifests/part-000000.json",
+                    "summary.json", OWNER_RECORD, "duplicates.parquet", "kept.parquet", "skipped.parquet")
+
+
+def _holds(outer: str, inner: str) -> bool:
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
+def _matches_under(pattern: str, folder: str) -> bool:
+    """Whether the glob `pattern` matches one of the names a run writes under `folder`."""
+    regex = re.compile(glob_translate(pattern))
+    return any(regex.match(posixpath.join(folder, name)) for name in _OUTPUT_EXAMPLES)
+
+
+def refuse_overlap(
+    output_path: str,
+    file_paths: str | Sequence[str],
+    shard_urls: Sequence[str],
+    file_extensions: Sequence[str] = (".tar",),
+    storage_options: dict | None = None,
+    also_listed: Sequence[tuple[str, str]] = (),
+) -> None:
+    """UserError when `output_path` holds an input shard, or holds or lies inside what `file_paths` lists
+    (folders, prefixes, globs) or another folder the run lists (`also_listed`: (URL, parameter name))."""
+    listed = [(root, "file_paths") for root in listed_roots(file_paths, shard_urls, file_extensions, storage_options)]
+    listed += [(canonical_url(url, storage_options), parameter) for url, parameter in also_listed]
+    output = canonical_url(output_path, storage_options)
+    shown = redact_url(output_path)
+    held = next((url for url in shard_urls if _holds(output, url)), None)
+    if held is not None:
+        raise UserError(f"output_path {shown} holds input shards ({redact_url(held)}); write the outputs to another directory or prefix.")
+    for root, parameter in listed:
+        if re.search(r"[*?\[]", root):
+            static = re.split(r"[*?\[]", root, maxsplit=1)[0].rpartition("/")[0] or "/"
+            inside = _holds(static, output) and _matches_under(root, output)
+            holds = _holds(output, static)
+        else:
+            inside, holds = _holds(root, output), _holds(output, root)
+        if holds:
+            raise UserError(f"output_path {shown} holds {redact_url(root)}, which {parameter} reads; write the outputs to another directory or prefix.")
+        if inside:
+            raise UserError(
+                f"output_path {shown} is inside {redact_url(root)}, which {parameter} lists, so the outputs would be read "
+                f"as input; write them to another directory or prefix."
+            )
+
+
+@dataclass(frozen=True)
+class OutputOwner:
+    """The content of `_owner.json`: which run's inputs an output belongs to."""
+
+    flow: str
+    file_paths_sha256: str  # the inputs as named: canonical file_paths entries and file_extensions
+    shards_sha256: str  # the inputs as listed: canonical shard URLs in order
+    shards: int
+    first_shard: str  # credentials stripped; for messages
+    partitions: int  # partitions numbered below this may have outputs here (a killed or larger earlier run)
+
+    def same_inputs(self, other: "OutputOwner") -> bool:
+        return self.flow == other.flow and (self.file_paths_sha256 == other.file_paths_sha256 or self.shards_sha256 == other.shards_sha256)
+
+    def describe(self) -> str:
+        return f"an {self.flow} run over {self.shards} shards from {self.first_shard}"
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "OutputOwner":
+        """Validated: anything but the exact fields with the right types raises ValueError."""
+        record = json.loads(data)
+        if not isinstance(record, dict) or set(record) != {f for f in cls.__dataclass_fields__}:
+            raise ValueError("unexpected fields")
+        for name in ("flow", "first_shard"):
+            if not isinstance(record[name], str):
+                raise ValueError(f"{name} is not a string")
+        for name in ("file_paths_sha256", "shards_sha256"):
+            if not isinstance(record[name], str) or not _SHA256.match(record[name]):
+                raise ValueError(f"{name} is not a SHA-256")
+        for name in ("shards", "partitions"):
+            if type(record[name]) is not int or record[name] < 0:
+                raise ValueError(f"{name} is not a count")
+        return cls(**record)
+
+
+def _sha256(lines: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()
+
+
+def input_owner(
+    flow: str,
+    file_paths: str | Sequence[str],
+    file_extensions: Sequence[str],
+    shard_urls: Sequence[str],
+    partitions: int,
+    storage_options: dict | None = None,
+) -> OutputOwner:
+    """The record a run over these inputs writes (`file_paths` as the user gave them, `shard_urls` as listed)."""
+    named = sorted({redact_url(canonical_url(url, storage_options)) for url in expand_file_paths(file_paths)})
+    extensions = sorted({ext.lower().lstrip(".") for ext in file_extensions})
+    return OutputOwner(
+        flow=flow,
+        file_paths_sha256=_sha256([*named, "", *extensions]),
+        shards_sha256=_sha256([redact_url(url) for url in shard_urls]),
+        shards=len(shard_urls),
+        first_shard=redact_url(shard_urls[0]) if shard_urls else "",
+        partitions=partitions,
+    )
+
+
+def owner_url(output_path: str) -> str:
+    return posixpath.join(output_path.rstrip("/"), OWNER_RECORD)
+
+
+def read_owner(output_path: str, storage_options: dict | None = None) -> OutputOwner | None:
+    """The output's record; None when there is none; ValueError when it is unreadable or not a record."""
+    fs, path = filesystem(owner_url(output_path), storage_options)
+    try:
+        with fs.open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        return None
+    try:
+        return OutputOwner.from_json(data)
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise ValueError(str(exc) or type(exc).__name__) from None
+
+
+def _manifest_partitions(output_path: str, storage_options: dict | None) -> int:
+    """1 + the highest partition number with a manifest (0 without): how far an unrecorded run's outputs go."""
+    fs, root = filesystem(output_path, storage_options)
+    folder = posixpath.join(root.rstrip("/"), "_manifests")
+    try:
+        names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(folder, detail=False)]
+    except FileNotFoundError:
+        return 0
+    numbers = [int(m.group(1)) for m in map(_MANIFEST_NAME.match, names) if m]
+    return max(numbers) + 1 if numbers else 0
+
+
+def claim_output(output_path: str, owner: OutputOwner, take_over: bool = False, storage_options: dict | None = None) -> OutputOwner:
+    """Refuse an output owned by other inputs (unless `take_over`), then record `owner` as its owner.
+
+    Returns the record written: `partitions` is the larger of this run's and the previous owner's, so a
+    run that ends early still leaves the earlier partitions for the next run to clean.
+    """
+    shown = redact_url(output_path)
+    try:
+        previous = read_owner(output_path, storage_options)
+        problem = None
+    except ValueError as exc:
+        previous, problem = None, f"has an unreadable {OWNER_RECORD} ({exc})"
+    fs, root = filesystem(output_path, storage_options)
+    if previous is None and problem is None:
+        if any(fs.exists(posixpath.join(root.rstrip("/"), name)) for name in EARLIER_OUTPUTS):
+            problem = f"holds outputs of a run that recorded no {OWNER_RECORD}"
+    elif previous is not None and not previous.same_inputs(owner):
+        problem = f"holds the outputs of {previous.describe()}, not of these inputs"
+    if problem is not None and not take_over:
+        raise UserError(
+            f"output_path {shown} {problem}; write to another output_path, or pass take_over_output=True "
+            f"(--take-over-output) to replace them."
+        )
+    earlier = previous.partitions if previous is not None else _manifest_partitions(output_path, storage_options)
+    record = replace(owner, partitions=max(owner.partitions, earlier))
+    if record != previous:
+        _write_owner(output_path, record, storage_options)
+    return record
+
+
+def _write_owner(output_path: str, record: OutputOwner, storage_options: dict | None) -> None:
+    write_bytes_atomic(owner_url(output_path), json.dumps(asdict(record), indent=2).encode(), storage_options)
+
+
+def settle_owner(output_path: str, partitions: int, storage_options: dict | None = None) -> None:
+    """After a run removed the partitions beyond its own: lower the record's partition mark to `partitions`."""
+    try:
+        record = read_owner(output_path, storage_options)
+    except ValueError:
+        return  # the next claim reports it
+    if record is not None and record.partitions != partitions:
+        _write_owner(output_path, replace(record, partitions=partitions), storage_options)
+
+
+def earlier_partitions(output_path: str, storage_options: dict | None = None) -> int:
+    """The record's partition mark: partitions numbered below it may have outputs here (0 without a record)."""
+    try:
+        record = read_owner(output_path, storage_options)
+    except ValueError:
+        return _manifest_partitions(output_path, storage_options)
+    return record.partitions if record is not None else _manifest_partitions(output_path, storage_options)
