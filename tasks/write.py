@@ -6,6 +6,7 @@ Layout (one partition = `files_per_partition` input shards, named by its index i
     scores/part-{partition:06d}.parquet       one row per input sample: key, shard, nsfw_score, passed, error, output_shard
     _manifests/part-{partition:06d}.json      written last: the partition is complete when its manifest exists
     summary.json                              the run summary (counts, threshold, models, histogram)
+    _owner.json                               which inputs own the output (tasks/ownership.py)
 
 Every file is written atomically; a partition re-run rewrites the same names and removes the files of
 earlier attempts that the new manifest does not list: those the previous manifest names, and the further
