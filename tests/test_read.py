@@ -15,19 +15,26 @@ from PIL import Image
 from tests.support.tars import (
     BAD_CASE_EXPECTED,
     Member,
+    ZeroMember,
     bad_case_members,
+    deeply_nested_json,
+    drawn_image,
     encode,
+    good_sample_members,
     jpeg_with_orientation,
     large_photo,
+    long_number_json,
     member_offsets,
     photo,
     shard_of_good_samples,
     tar_bytes,
+    wide_png,
     write_tar,
+    write_tar_with_holes,
 )
 from tasks.errors import UserError
 from tests.support.s3 import NO_RETRIES
-from tasks.read import DecodeOptions, Sample, image_extension, iter_batches, iter_samples
+from tasks.read import MAX_JSON_DEPTH, MAX_JSON_NUMBER_CHARS, DecodeOptions, ReadLimits, Sample, image_extension, iter_batches, iter_samples
 
 
 FULL = DecodeOptions(reduced_jpeg_size=None)  # exact pixels; reduced decoding has its own tests
@@ -363,3 +370,129 @@ def test_member_names_that_are_not_utf8_get_a_printable_key_and_an_error(tmp_pat
     assert latin.key == "caf\\xe9" and latin.error == "member name 'caf\\\\xe9.jpg' is not valid UTF-8, so the sample is never written"
     latin.error.encode("utf-8")  # storable in Parquet
     assert ok.key == "ok" and ok.error is None
+
+
+# --- the per-sample resource budget: a hostile sample costs only its own row ---
+
+
+def keys_and_errors(samples) -> list[tuple[str | None, str | None]]:
+    return [(sample.key, sample.error) for sample in samples]
+
+
+def test_extreme_aspect_ratios_are_refused_from_the_header(tmp_path):
+    jpeg = lambda width, height: encode(drawn_image(width, height), "JPEG")  # noqa: E731
+    shard = write_tar(
+        tmp_path / "s.tar",
+        [
+            *good_sample_members("before"),
+            Member("wide.png", wide_png()),  # 1 x 100000: open_clip would resize it to 224 x 22,400,000
+            Member("long.png", wide_png(100_000, 1)),
+            Member("ratio100.jpg", jpeg(1000, 10)),
+            Member("ratio101.jpg", jpeg(10, 1010)),
+            *good_sample_members("after", seed=1),
+        ],
+    )
+    samples = list(iter_samples(str(shard)))
+    assert keys_and_errors(samples) == [
+        ("before", None),
+        ("wide", "image 'wide.png' is 1x100000 pixels, one side over 100 times the other (the limit for resizing it)"),
+        ("long", "image 'long.png' is 100000x1 pixels, one side over 100 times the other (the limit for resizing it)"),
+        ("ratio100", None),
+        ("ratio101", "image 'ratio101.jpg' is 10x1010 pixels, one side over 100 times the other (the limit for resizing it)"),
+        ("after", None),
+    ]
+    assert samples[3].image.size == (1000, 10) and samples[-1].image is not None
+    assert samples[1].members == {"png": wide_png()}  # kept for the record, never decoded
+    [wide] = [s for s in iter_samples(str(shard), DecodeOptions(max_aspect_ratio=100_000)) if s.key == "wide"]
+    assert wide.error is None and wide.image.size == (1, 100_000)  # the limit is a setting
+    assert DecodeOptions(max_aspect_ratio=10).identity() == DecodeOptions().identity()  # it refuses, never changes pixels
+    with pytest.raises(UserError, match=r"^max_aspect_ratio must be a finite number of at least 1, not 0\.5\.$"):
+        DecodeOptions(max_aspect_ratio=0.5)
+
+
+def nested(levels: int) -> bytes:
+    return b'{"a": ' + b"[" * (levels - 1) + b"]" * (levels - 1) + b"}"
+
+
+def test_json_metadata_is_parsed_with_bounded_depth_and_number_size(tmp_path):
+    image = encode(drawn_image(40, 30), "JPEG")
+    cases = {
+        "deep": deeply_nested_json(),  # 100,000 '[': RecursionError in Python's parser
+        "number": long_number_json(),  # 5,000 digits: ValueError from Python's int conversion limit
+        "depthok": nested(MAX_JSON_DEPTH),
+        "toodeep": nested(MAX_JSON_DEPTH + 1),
+        "intok": b'{"n": ' + b"9" * MAX_JSON_NUMBER_CHARS + b"}",
+        "float": b'{"x": 0.' + b"1" * MAX_JSON_NUMBER_CHARS + b"}",
+    }
+    members = [*good_sample_members("before")]
+    for key, metadata in cases.items():
+        members += [Member(f"{key}.jpg", image), Member(f"{key}.json", metadata)]
+    members += good_sample_members("after", seed=1)
+    samples = {s.key: s for s in iter_samples(str(write_tar(tmp_path / "s.tar", members)))}
+    assert samples["deep"].error == f"member 'deep.json' nests JSON deeper than {MAX_JSON_DEPTH} levels"
+    assert samples["number"].error == f"member 'number.json' holds a number of 5000 characters, over the limit of {MAX_JSON_NUMBER_CHARS}"
+    assert samples["toodeep"].error == f"member 'toodeep.json' nests JSON deeper than {MAX_JSON_DEPTH} levels"
+    assert samples["float"].error == f"member 'float.json' holds a number of {MAX_JSON_NUMBER_CHARS + 2} characters, over the limit of {MAX_JSON_NUMBER_CHARS}"
+    assert samples["depthok"].error is None and samples["depthok"].image is not None
+    assert samples["intok"].error is None and samples["intok"].metadata == {"n": int("9" * MAX_JSON_NUMBER_CHARS)}
+    for key in ("before", "after"):
+        assert samples[key].error is None and samples[key].metadata["key"] == key and samples[key].image is not None
+    for key in ("deep", "number", "toodeep", "float"):
+        assert samples[key].image is None and samples[key].members["json"] == cases[key]  # kept byte for byte
+
+
+def test_a_sample_over_its_byte_budget_is_an_error_and_its_neighbours_are_read(tmp_path):
+    limits = ReadLimits(sample_bytes=1 << 20)
+    shard = write_tar_with_holes(
+        tmp_path / "s.tar",
+        [
+            *good_sample_members("before"),
+            Member("big.jpg", encode(drawn_image(40, 30), "JPEG")),
+            ZeroMember("big.first", 600_000),
+            ZeroMember("big.second", 600_000),  # passes the budget: it and the rest are skipped unread
+            ZeroMember("big.third", 10),
+            *good_sample_members("after", seed=1),
+        ],
+    )
+    for decode in (DecodeOptions(), None):  # the raw pass (filter stage) judges it the same way
+        samples = list(iter_samples(str(shard), decode, limits=limits))
+        assert keys_and_errors(samples) == [
+            ("before", None),
+            ("big", f"the sample's members pass the {1 << 20}-byte read limit at member 'big.second'"),
+            ("after", None),
+        ]
+        assert list(samples[1].members) == ["jpg", "first"] and samples[1].image is None
+        assert samples[2].members["txt"] == b"caption after"
+    with pytest.raises(UserError, match=r"^sample_bytes must be a whole number of bytes of at least 512, not 0\.$"):
+        ReadLimits(sample_bytes=0)
+
+
+def test_zero_members_of_a_gzip_tar_are_skipped_without_holding_them(tmp_path):
+    # Twelve members of 4 MiB zeros compress to a few KB each; over the budget they are streamed past in pieces.
+    members = [*good_sample_members("before"), Member("bomb.jpg", encode(drawn_image(40, 30), "JPEG"))]
+    members += [Member(f"bomb.m{index:02d}", bytes(4 << 20)) for index in range(12)]
+    members += good_sample_members("after", seed=1)
+    path = tmp_path / "bomb.tar.gz"
+    path.write_bytes(tar_bytes(members, gzip=True))
+    assert path.stat().st_size < 1 << 20
+    samples = list(iter_samples(str(path), limits=ReadLimits(sample_bytes=10 << 20)))
+    assert keys_and_errors(samples) == [
+        ("before", None),
+        ("bomb", f"the sample's members pass the {10 << 20}-byte read limit at member 'bomb.m02'"),
+        ("after", None),
+    ]
+    assert samples[2].image is not None
+
+
+def test_batches_close_early_when_their_bytes_reach_the_budget(tmp_path):
+    keys = [f"k{index:02d}" for index in range(12)]
+    shard = str(write_tar(tmp_path / "s.tar", shard_of_good_samples(keys, size=(320, 240))))
+    decoded_bytes = 320 * 240 * 3  # each sample's RGB image; raw members add ~10 KB
+    limits = ReadLimits(batch_bytes=4 * decoded_bytes + 100_000)
+    batches = list(iter_batches([shard], task_batch_size=10, threads=2, prefetch=1, limits=limits))
+    assert [len(batch) for batch in batches] == [4, 4, 4]
+    assert [s.key for batch in batches for s in batch] == keys and all(s.image is not None for batch in batches for s in batch)
+    raw = list(iter_batches([shard], task_batch_size=10, decode=None, limits=ReadLimits(batch_bytes=3 * 12_000)))
+    assert all(1 <= len(batch) <= 3 for batch in raw) and [s.key for batch in raw for s in batch] == keys
+    huge = list(iter_batches([shard], task_batch_size=10, threads=2, limits=ReadLimits(batch_bytes=512)))
+    assert [len(batch) for batch in huge] == [1] * 12  # a sample alone may exceed the budget: it is never refused for it

@@ -277,3 +277,62 @@ BAD_CASE_EXPECTED: list[tuple[str, str | None]] = [
     ("emptyseg", "is empty (0 bytes)"),
     ("last", None),
 ]
+
+
+# --- hostile samples: each must cost only its own row (the reader's resource budget) ---
+
+
+def wide_png(width: int = 1, height: int = 100_000) -> bytes:
+    """A real, small PNG with extreme sides (1 x 100000 is 140 KB; resized by its shorter side it would be gigapixels)."""
+    return encode(Image.new("L", (width, height), 128), "PNG")
+
+
+def deeply_nested_json(levels: int = 100_000) -> bytes:
+    """`levels` opening brackets: Python's json parser recurses once per bracket."""
+    return b"[" * levels
+
+
+def long_number_json(digits: int = 5_000) -> bytes:
+    """A JSON object holding an integer with `digits` digits (over Python's 4300-digit conversion limit)."""
+    return b'{"n": ' + b"7" * digits + b"}"
+
+
+def many_members_sample(key: str, count: int = 40_000, seed: int = 0) -> list[Member]:
+    """One sample: a JPEG, a caption and `count` one-byte members with distinct extensions."""
+    members = [Member(f"{key}.jpg", encode(drawn_image(64, 48, seed=seed), "JPEG")), Member(f"{key}.txt", f"caption {key}".encode())]
+    members.extend(Member(f"{key}.m{index:06d}", b"x") for index in range(count))
+    return members
+
+
+@dataclass(frozen=True)
+class ZeroMember:
+    """A tar member of `size` zero bytes, written as a hole in the file (no disk space, no time)."""
+
+    name: str
+    size: int
+
+
+def write_tar_with_holes(path: str | Path, entries) -> Path:
+    """An uncompressed tar of Members and ZeroMembers in order; ZeroMember data is left as a file hole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        for entry in entries:
+            if isinstance(entry, ZeroMember):
+                info, data = tarfile.TarInfo(entry.name), None
+                info.size = entry.size
+            else:
+                entry = as_member(entry)
+                assert entry.kind == "file", "only regular files and zero members"
+                info, data = tarfile.TarInfo(entry.name), entry.data
+                info.size = len(data)
+            info.mtime = 1_700_000_000
+            handle.write(info.tobuf(tarfile.PAX_FORMAT))
+            padded = -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            if data is None:
+                handle.seek(padded, io.SEEK_CUR)
+            else:
+                handle.write(data + b"\0" * (padded - len(data)))
+        handle.seek(2 * tarfile.BLOCKSIZE, io.SEEK_CUR)  # end-of-archive: two zero blocks (a hole as well)
+        handle.truncate()
+    return path
