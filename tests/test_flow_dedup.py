@@ -127,3 +127,25 @@ def test_embed_missing_embeds_new_shards_without_the_nsfw_head(planted):
     assert result["duplicates"] == 5
     assert list((root / "cache").glob("tiny-clip-*/part-000002-*.parquet"))  # stored for the next run
     assert not (root / "dedup" / "shards").exists()  # no filter run, no copy unless asked
+
+
+def test_rerun_replaces_its_deduplicated_copy_and_owns_its_output(planted):
+    root, config_path, checkpoint_path, _ = planted
+    mine = {"notes.tmp": b"my notes", "shards/part-abcdef.tar": b"mine", "shards/.x.tmp": b"mine too"}
+    for name, data in mine.items():
+        (root / "dedup" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "dedup" / name).write_bytes(data)
+
+    def copy_tars() -> list[str]:
+        return sorted(p.name for p in (root / "dedup" / "shards").glob("part-*-*.tar"))
+
+    run_dedup(root, config_path, checkpoint_path, write_dataset=True, images_per_tar=1)
+    assert len(copy_tars()) == 14  # one kept sample per tar
+    run_dedup(root, config_path, checkpoint_path, write_dataset=True, images_per_tar=5)
+    named = json.loads((root / "dedup" / "summary.json").read_text())["deduplicated_shards"]
+    assert copy_tars() == sorted(url.rsplit("/", 1)[1] for url in named) == ["part-000000-0000.tar", "part-000000-0001.tar", "part-000001-0000.tar"]
+    run_dedup(root, config_path, checkpoint_path)  # no copy asked: the earlier copy no longer describes this output
+    assert copy_tars() == []
+    assert all((root / "dedup" / name).read_bytes() == data for name, data in mine.items())
+    with pytest.raises(UserError, match=r"holds the outputs of an image-dedup run over 2 shards from .*part-000000\.tar, not of these inputs"):
+        run_dedup(root, config_path, checkpoint_path, file_paths=str(root / "in" / "part-000001.tar"))
