@@ -16,7 +16,7 @@ from prefect.futures import as_completed
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from flows.prefect_cache import EMBEDDING_CACHE, STORAGE_RETRIES, embedding_result_storage, partition_in_store
+from flows.prefect_cache import EMBEDDING_CACHE, STORAGE_RETRIES, embedding_result_storage, partition_in_store, shard_reembedder
 from flows.runners import gpu_remote_options, open_task_runner
 from tasks.embed import embed_partition
 from tasks.errors import UserError
@@ -155,6 +155,7 @@ def filter_partition_task(partition: Partition, entry_urls: list[str], run: Filt
         model_inference_batch_size=run.model_inference_batch_size,
         storage_options=run.storage_options,
         log=logger.info if run.verbose else None,
+        reembed_shard=shard_reembedder(run),  # an entry found unusable while scoring is embedded again, not a failure
     )
 
 

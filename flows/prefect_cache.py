@@ -11,6 +11,10 @@ URLs (`EntryUrlsSerializer`); `EntryUrlsStorage` reads a record only when it has
 module writes, names this module's serializer, and its URLs hash to the record's own cache key, and then
 gives Prefect a record rebuilt from those checked values. Anything else is a miss: the task runs again
 (finding its entries in the store, so without CLIP) and overwrites the record.
+
+`shard_reembedder` gives the filter stage a way to embed a shard again when its store entry turns out
+unusable only there (its keys are not the shard's, seen while streaming the shard), holding a GPU slot
+like the embedding task.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import anyio.to_thread
 import fsspec
@@ -29,7 +33,9 @@ from prefect.tasks import exponential_backoff
 from pydantic import Field
 
 from tasks.atomic import write_bytes_atomic
+from tasks.embed import embed_shard, load_clip_embedder
 from tasks.errors import UserError
+from tasks.gpu import GPU_SLOTS
 from tasks.run_plan import FilterRun
 from tasks.store import partition_embedding_identity, shard_fingerprint
 
@@ -57,6 +63,17 @@ def partition_in_store(run: FilterRun, shard_urls: tuple[str, ...]) -> bool:
         run.store.has(run.embedding_identity, url, shard_fingerprint(url, run.storage_options), embedding_dim=run.clip_weights.embedding_dim)
         for url in shard_urls
     )
+
+
+def shard_reembedder(run: FilterRun) -> Callable[[str], str]:
+    """`reembed(shard_url)`: embed the shard again and rewrite its store entry (returns the entry URL)."""
+
+    def reembed(shard_url: str) -> str:
+        with GPU_SLOTS.hold(run.num_gpus_per_worker) as device:
+            embedder = load_clip_embedder(run.clip_weights, device, run.model_inference_batch_size)
+            return embed_shard(shard_url, embedder, run.store, run.decode, run.task_batch_size, run.storage_options)
+
+    return reembed
 
 
 # ---------------------------------------------------------------------------------------------------

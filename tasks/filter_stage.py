@@ -18,7 +18,7 @@ from tasks.atomic import filesystem
 from tasks.nsfw import NSFWHead
 from tasks.partition import Partition
 from tasks.read import iter_samples
-from tasks.store import EmbeddingStore, embedding_matrix, shard_fingerprint
+from tasks.store import EmbeddingStore, embedding_matrix, keys_mismatch, shard_fingerprint
 from tasks.ownership import earlier_partitions, settle_owner
 from tasks.write import (
     PartitionResult,
@@ -69,30 +69,67 @@ def _scored_shard(
     head: NSFWHead,
     batch_size: int,
     storage_options: dict | None,
+    reembed_shard: Callable[[str], object] | None = None,
 ) -> Iterator[tuple[object, float, str | None]]:
-    table = store.read_table(identity, shard_url, shard_fingerprint(shard_url, storage_options))
-    if table is None:
-        raise RuntimeError(f"the embedding store has no entry for {shard_url}; the embedding stage must run first")
-    keys = table.column("key").to_pylist()
-    errors = table.column("error").to_pylist()
-    embeddings = embedding_matrix(table)
-    valid = np.array([error is None for error in errors], dtype=bool)
-    nsfw_score = np.full(len(keys), np.nan, dtype=np.float32)
-    if valid.any():
-        result = head.score(embeddings[valid], batch_size=batch_size)
-        nsfw_score[valid] = result.nsfw_score
-        valid_rows = np.flatnonzero(valid)
-        for row, reason in result.unscored.items():
-            errors[valid_rows[row]] = reason
+    """(sample, nsfw_score, error) for every sample of the shard, in order, from its validated store entry.
+
+    An entry that is missing, fails validation, or whose keys are not the shard's (checked while streaming)
+    is embedded again, once, with `reembed_shard` when given, and scoring goes on from the fresh entry.
+    """
+    fingerprint = shard_fingerprint(shard_url, storage_options)
     changed = f"{shard_url} no longer matches its cached embeddings; it changed during the run, run again"
-    count = 0
+    embedded_again = False
+
+    def read_entry():
+        return store.read_table(identity, shard_url, fingerprint, embedding_dim=head.embedding_dim)
+
+    def embed_again():
+        nonlocal embedded_again
+        if embedded_again or reembed_shard is None:
+            return None
+        embedded_again = True
+        reembed_shard(shard_url)
+        return read_entry()
+
+    def scored(table) -> tuple[list, np.ndarray, list]:
+        if table is None:
+            raise RuntimeError(f"the embedding store has no usable entry for {shard_url}; the embedding stage must run first")
+        keys = table.column("key").to_pylist()
+        errors = table.column("error").to_pylist()
+        embeddings = embedding_matrix(table)
+        valid = np.array([error is None for error in errors], dtype=bool)
+        nsfw_score = np.full(len(keys), np.nan, dtype=np.float32)
+        if valid.any():
+            result = head.score(embeddings[valid], batch_size=batch_size)
+            nsfw_score[valid] = result.nsfw_score
+            valid_rows = np.flatnonzero(valid)
+            for row, reason in result.unscored.items():
+                errors[valid_rows[row]] = reason
+        return keys, nsfw_score, errors
+
+    def entry_matching(shard_keys: list) -> tuple[list, np.ndarray, list]:
+        """A fresh entry when the stored one's keys are not the shard's (a forged or stale entry)."""
+        if embedded_again or reembed_shard is None:
+            raise RuntimeError(changed)
+        store.warn_unusable(identity, shard_url, fingerprint, keys_mismatch(keys, shard_keys) or "keys differ")
+        fresh = scored(embed_again())
+        if fresh[0][: len(shard_keys)] != shard_keys:
+            raise RuntimeError(changed)  # the rows written so far came from another version of the shard
+        return fresh
+
+    stored = read_entry()
+    keys, nsfw_score, errors = scored(stored if stored is not None else embed_again())
+    streamed_keys: list[str | None] = []
     for row, sample in enumerate(iter_samples(shard_url, decode=None, storage_options=storage_options)):
         if row >= len(keys) or sample.key != keys[row]:
-            raise RuntimeError(changed)
+            keys, nsfw_score, errors = entry_matching([*streamed_keys, sample.key])
         yield sample, float(nsfw_score[row]), errors[row] or sample.error
-        count += 1
-    if count != len(keys):
-        raise RuntimeError(changed)
+        streamed_keys.append(sample.key)
+    if len(streamed_keys) != len(keys):
+        # Rows the shard does not have: what was written matches the shard; the entry is rewritten for next time.
+        keys, _, _ = entry_matching(streamed_keys)
+        if len(keys) != len(streamed_keys):
+            raise RuntimeError(changed)
 
 
 def filter_partition(
@@ -107,8 +144,12 @@ def filter_partition(
     model_inference_batch_size: int = 32,
     storage_options: dict | None = None,
     log: Callable[[str], None] | None = None,
+    reembed_shard: Callable[[str], object] | None = None,
 ) -> PartitionResult:
-    """Score and write one partition (or return its completed manifest); the manifest is the commit point."""
+    """Score and write one partition (or return its completed manifest); the manifest is the commit point.
+
+    `reembed_shard(shard_url)` rewrites a shard's store entry; it is called for an entry found unusable here.
+    """
     fingerprints = [shard_fingerprint(url, storage_options) for url in partition.shard_urls]
     identity_of_settings = settings_identity(fingerprints, embedding_identity, head_fingerprint, score_threshold, images_per_tar)
     earlier = read_manifest(output_path, partition.index, storage_options)  # before writing: it names what to replace
@@ -120,7 +161,7 @@ def filter_partition(
 
     def scored_samples() -> Iterator[tuple[object, float, str | None]]:
         for shard_url in partition.shard_urls:
-            yield from _scored_shard(shard_url, embedding_identity, store, head, model_inference_batch_size, storage_options)
+            yield from _scored_shard(shard_url, embedding_identity, store, head, model_inference_batch_size, storage_options, reembed_shard)
             if log:
                 log(f"scored {shard_url}")
 

@@ -352,6 +352,10 @@ class EmbeddingStore:
             stacklevel=3,
         )
 
+    def warn_unusable(self, identity: str, shard_url: str, shard_fingerprint: str, reason: str) -> None:
+        """Report an entry a caller found unusable (say, its keys are not the shard's): a miss, to be rewritten."""
+        self._warn_corrupt(self.entry_url(identity, shard_url, shard_fingerprint), reason)
+
     def has(self, identity: str, shard_url: str, shard_fingerprint: str | None = None, embedding_dim: int | None = None) -> bool:
         """True when a complete entry exists, judged from its footer alone (cheap on S3); `read_table` checks the rows."""
         fingerprint = self._fingerprint(shard_url, shard_fingerprint)

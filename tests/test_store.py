@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,8 @@ import pytest
 
 from tasks.errors import UserError
 from tasks.store import (
+    NON_FINITE_REASON,
+    NOT_UNIT_REASON,
     CorruptEntryWarning,
     EmbeddingStore,
     embedding_matrix,
@@ -34,8 +37,8 @@ IDENTITY = "tiny-clip-0123456789abcdef0123456789abcdef"
 DIM = 16
 
 
-def unit_rows(n: int, seed: int = 0) -> np.ndarray:
-    rows = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+def unit_rows(n: int, seed: int = 0, dim: int = DIM) -> np.ndarray:
+    rows = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
     return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
@@ -158,6 +161,85 @@ def test_unreadable_entry_is_a_miss_with_a_warning_and_is_rewritten(tmp_path, da
         warnings.simplefilter("error")
         frame = store.read(IDENTITY, shard)
     assert frame is not None and len(frame) == 50
+
+
+def rewrite_entry(url: str, keys: list, embeddings: np.ndarray, errors: list, record_update: dict | None = None, mask=None) -> None:
+    """Write an entry the way someone with write access to the store could: any rows, a consistent footer."""
+    record = json.loads(pq.read_schema(url).metadata[b"nsfw_curator"])
+    record.update(rows=len(keys), embedding_dim=embeddings.shape[1], **(record_update or {}))
+    mask = np.array([error is not None for error in errors]) if mask is None else mask
+    column = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.astype(np.float32).reshape(-1)), embeddings.shape[1], mask=pa.array(mask))
+    table = pa.table(
+        {"key": pa.array(keys, pa.string()), "shard": pa.array([url] * len(keys), pa.string()), "embedding": column, "error": pa.array(errors, pa.string())}
+    )
+    pq.write_table(table.replace_schema_metadata({b"nsfw_curator": json.dumps(record)}), url, write_page_checksum=True)
+
+
+POISONED = {
+    # name: (how the entry is rewritten, what the warning says)
+    "nan_rows": (lambda k, e, r: (k, np.where(np.arange(len(k))[:, None] == 1, np.nan, e), r), "non-finite embedding without an error"),
+    "scaled_by_minus_30": (lambda k, e, r: (k, e * -30, r), "L2 norm 30, not 1"),
+    "dropped_row": (lambda k, e, r: (k[:1] + k[2:], np.delete(e, 1, axis=0), r[:1] + r[2:]), "row 1 has key '00002', the shard has '00001'"),
+    "other_dimension_forged_metadata": (lambda k, e, r: (k, unit_rows(len(k), 9, dim=2 * DIM), r), f"embedding dimension {2 * DIM}, the model gives {DIM}"),
+    "keys_not_the_shards": (lambda k, e, r: ([k[1], k[0], *k[2:]], e, r), "row 0 has key '00001', the shard has '00000'"),
+    "embedding_on_an_error_row": (lambda k, e, r: (k, np.nan_to_num(e, nan=0.25), r), "both an embedding and an error"),
+    "error_row_without_key": (lambda k, e, r: (k[:-1] + [None], e, r[:-1] + [None]), "no key"),
+}
+
+
+@pytest.mark.parametrize("poison", list(POISONED))
+def test_poisoned_entry_is_a_miss_with_a_warning_and_is_rewritten(tmp_path, poison):
+    shard = write_shard(tmp_path / "a.tar")
+    store = EmbeddingStore(tmp_path / "cache")
+    table, _ = sample_table(shard, n=6)
+    url = store.write(IDENTITY, shard, table)
+    shard_keys = table.column("key").to_pylist()  # what streaming the shard gives
+    keys, embeddings, errors = shard_keys, embedding_matrix(table), table.column("error").to_pylist()
+    rewrite, reason = POISONED[poison]
+    keys, embeddings, errors = rewrite(list(keys), embeddings, list(errors))
+    mask = np.zeros(len(keys), bool) if poison == "embedding_on_an_error_row" else None
+    rewrite_entry(url, keys, embeddings, errors, mask=mask)
+
+    with pytest.warns(CorruptEntryWarning, match=f"invalid .*{re.escape(reason)}.*counting it as a miss"):
+        assert store.read_table(IDENTITY, shard, embedding_dim=DIM, expected_keys=shard_keys) is None
+    assert store.write(IDENTITY, shard, table) == url
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert store.read_table(IDENTITY, shard, embedding_dim=DIM, expected_keys=shard_keys) is not None
+
+
+def test_forged_dimension_is_a_miss_from_the_footer_too(tmp_path):
+    shard = write_shard(tmp_path / "a.tar")
+    store = EmbeddingStore(tmp_path / "cache")
+    table, _ = sample_table(shard, n=4)
+    url = store.write(IDENTITY, shard, table)
+    rewrite_entry(url, table.column("key").to_pylist(), unit_rows(4, 3, dim=512), table.column("error").to_pylist())
+    assert store.has(IDENTITY, shard)  # the footer agrees with itself ...
+    with pytest.warns(CorruptEntryWarning, match=f"dimension 512, the model gives {DIM}"):
+        assert not store.has(IDENTITY, shard, embedding_dim=DIM)  # ... but not with the model
+
+
+def test_float16_normalised_entries_pass(tmp_path):
+    shard = write_shard(tmp_path / "a.tar")
+    store = EmbeddingStore(tmp_path / "cache")
+    rows = unit_rows(64, 5, dim=768).astype(np.float16)
+    rows = (rows / np.linalg.norm(rows.astype(np.float16), axis=1, keepdims=True).astype(np.float16)).astype(np.float32)
+    assert np.abs(np.linalg.norm(rows, axis=1) - 1).max() > 1e-5  # really off by float16 rounding
+    keys = [f"{i:03d}" for i in range(64)]
+    store.write(IDENTITY, shard, embedding_table(keys, shard, rows, [None] * 64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table = store.read_table(IDENTITY, shard, embedding_dim=768, expected_keys=keys)
+    assert table is not None and table.column("error").null_count == 64
+
+
+def test_model_outputs_that_are_not_unit_vectors_become_error_rows():
+    rows = unit_rows(3, 1)
+    rows[1] = np.nan
+    rows[2] = 0.0
+    table = embedding_table(["a", "b", "c"], "x.tar", rows, [None, None, None])
+    assert table.column("error").to_pylist() == [None, NON_FINITE_REASON, NOT_UNIT_REASON]
+    assert table.column("embedding").is_valid().to_pylist() == [True, False, False]
 
 
 WRITER = textwrap.dedent(

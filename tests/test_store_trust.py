@@ -14,12 +14,13 @@ import hashlib
 import json
 import lzma
 import pickle
-import warnings
+import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import pyarrow as pa
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from prefect.filesystems import LocalFileSystem
@@ -35,7 +36,7 @@ from flows.prefect_cache import (
     UntrustedRecordError,
     checked_record,
 )
-from tasks.store import CorruptEntryWarning
+from tasks.store import CorruptEntryWarning, EmbeddingStore, embedding_matrix, embedding_table
 from tests.test_flow_filter import build_dataset, flow_run_task_states, read_scores, run_filter
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -186,6 +187,16 @@ def test_planted_records_on_s3_are_misses(s3_bucket, tmp_path):
     assert not marker.exists()
 
 
+def settled_task_states(flow_run_id, name: str) -> list[str]:
+    """The API's task-run state names for `name`, once it has recorded every final state (it learns them from events)."""
+    for _ in range(300):
+        states = flow_run_task_states(flow_run_id)[name]
+        if not {"Pending", "Running", "Scheduled"} & set(states):
+            return states
+        time.sleep(0.1)
+    return states
+
+
 def test_flow_with_planted_records_recomputes_and_never_runs_them(tmp_path, tiny_clip_768, laion_dir):
     dataset = build_dataset(tmp_path, good_shards=len(PLANTED) - 2, per_shard=3)
     first = run_filter(dataset, tiny_clip_768, laion_dir, tmp_path, files_per_partition=1, return_state=True)
@@ -202,9 +213,96 @@ def test_flow_with_planted_records_recomputes_and_never_runs_them(tmp_path, tiny
     assert not marker.exists()
     assert second.is_completed()
     # Every planted record was a miss: the tasks ran (from the store, so fast) instead of loading the record.
-    assert flow_run_task_states(second.state_details.flow_run_id)["embed-partition"] == ["Completed"] * len(PLANTED)
+    assert settled_task_states(second.state_details.flow_run_id, "embed-partition") == ["Completed"] * len(PLANTED)
     assert read_scores(tmp_path / "out") == first_scores
     for record in records:  # rewritten in the data-only format
         checked_record(record.read_bytes(), record.name, None)
     third = run_filter(dataset, tiny_clip_768, laion_dir, tmp_path, files_per_partition=1, return_state=True)
-    assert flow_run_task_states(third.state_details.flow_run_id)["embed-partition"] == ["Cached"] * len(PLANTED)
+    assert settled_task_states(third.state_details.flow_run_id, "embed-partition") == ["Cached"] * len(PLANTED)
+
+
+def test_flow_with_poisoned_entries_rescores_from_fresh_embeddings(tmp_path, tiny_clip_768, laion_dir):
+    from tests.test_store import rewrite_entry, unit_rows
+
+    dataset = build_dataset(tmp_path, good_shards=3, per_shard=4)
+    assert run_filter(dataset, tiny_clip_768, laion_dir, tmp_path, return_state=True).is_completed()
+    first_scores = read_scores(tmp_path / "out")
+    entries = {name: next((tmp_path / "cache").glob(f"*/{name}-*.parquet")) for name in ("part-000000", "part-000001", "part-000002")}
+    genuine = {name: pq.read_table(path) for name, path in entries.items()}
+
+    def poison(name: str, change) -> None:
+        table = genuine[name]
+        keys, embeddings, errors = change(table.column("key").to_pylist(), embedding_matrix(table), table.column("error").to_pylist())
+        rewrite_entry(str(entries[name]), keys, embeddings, errors)
+
+    # Scores would flip silently (scaled by -30), the filter stage would fail on the keys (a row dropped), and
+    # every run would blame the model (another dimension under forged metadata).
+    poison("part-000000", lambda k, e, r: (k, e * -30, r))
+    poison("part-000001", lambda k, e, r: (k[:1] + k[2:], np.delete(e, 1, axis=0), r[:1] + r[2:]))
+    poison("part-000002", lambda k, e, r: (k, unit_rows(len(k), 4, dim=512), r))
+    poisoned = {name: path.read_bytes() for name, path in entries.items()}
+    # Scores must change from a whole new set of outputs, not from the manifests of the first run.
+    for path in (tmp_path / "out" / "_manifests").iterdir():
+        path.unlink()
+
+    with pytest.warns(CorruptEntryWarning) as caught:
+        second = run_filter(dataset, tiny_clip_768, laion_dir, tmp_path, return_state=True)
+    assert second.is_completed()
+    reasons = " | ".join(str(w.message) for w in caught if w.category is CorruptEntryWarning)
+    for name, reason in (("part-000000", "L2 norm 30, not 1"), ("part-000001", "has key"), ("part-000002", "dimension 512, the model gives 768")):
+        assert re.search(f"{name}-[^|]*{reason}", reasons), reasons
+    second_scores = read_scores(tmp_path / "out")
+    # The same rows and decisions; scores equal up to float32 rounding (CPU re-embedding may round differently).
+    assert {name: values for name, values in second_scores.items() if name != "nsfw_score"} == {
+        name: values for name, values in first_scores.items() if name != "nsfw_score"
+    }
+    np.testing.assert_allclose(np.array(second_scores["nsfw_score"], float), np.array(first_scores["nsfw_score"], float), rtol=1e-4, atol=1e-6)
+    for name, path in entries.items():  # rewritten: the genuine rows again
+        assert path.read_bytes() != poisoned[name]
+        rewritten = pq.read_table(path)
+        assert rewritten.column("key").to_pylist() == genuine[name].column("key").to_pylist()
+        np.testing.assert_allclose(embedding_matrix(rewritten), embedding_matrix(genuine[name]), atol=1e-5)
+
+
+def test_filter_stage_embeds_again_when_an_entrys_keys_are_not_the_shards(tmp_path, laion_dir):
+    from tasks.filter_stage import _scored_shard
+    from tasks.nsfw import load_nsfw_head
+    from tests.support.tars import shard_of_good_samples, write_tar
+    from tests.test_store import unit_rows
+
+    keys = [f"k{i:03d}" for i in range(6)]
+    shard = str(write_tar(tmp_path / "s.tar", shard_of_good_samples(keys, size=(32, 24))))
+    store = EmbeddingStore(tmp_path / "cache")
+    identity = "tiny-clip-00000000000000000000000000000000"
+    rows = unit_rows(6, 1, dim=768)
+    genuine = embedding_table(keys, shard, rows, [None] * 6)
+    head = load_nsfw_head(str(laion_dir / "vit_l_14.safetensors"), device="cpu")
+    embedded = []
+
+    def reembed(url: str) -> None:  # what embedding the shard writes: its genuine rows
+        embedded.append(url)
+        store.write(identity, url, genuine)
+
+    store.write(identity, shard, genuine)
+    expected = [(sample.key, score) for sample, score, _ in _scored_shard(shard, identity, store, head, 4, None, reembed)]
+    assert [key for key, _ in expected] == keys and not embedded
+
+    forged = {
+        "a row dropped": embedding_table(keys[:2] + keys[3:], shard, np.delete(rows, 2, axis=0), [None] * 5),
+        "a row added": embedding_table(keys + ["k999"], shard, unit_rows(7, 1, dim=768), [None] * 7),
+        "keys swapped": embedding_table([keys[1], keys[0], *keys[2:]], shard, rows, [None] * 6),
+    }
+    for table in forged.values():
+        store.write(identity, shard, table)
+        with pytest.warns(CorruptEntryWarning, match="has key|the shard has 6 samples"):
+            got = [(sample.key, score) for sample, score, _ in _scored_shard(shard, identity, store, head, 4, None, reembed)]
+        assert got == expected and embedded.pop() == shard
+        assert store.read_table(identity, shard, embedding_dim=768, expected_keys=keys) is not None  # rewritten
+
+    # Without a way to embed again, or when embedding again does not give the shard's keys (the shard
+    # changed during the run), the partition fails with that reason.
+    store.write(identity, shard, forged["keys swapped"])
+    with pytest.raises(RuntimeError, match="changed during the run"):
+        list(_scored_shard(shard, identity, store, head, 4, None, None))
+    with pytest.raises(RuntimeError, match="changed during the run"), pytest.warns(CorruptEntryWarning):
+        list(_scored_shard(shard, identity, store, head, 4, None, lambda url: store.write(identity, url, forged["a row dropped"])))
