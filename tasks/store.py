@@ -25,8 +25,12 @@ shard overwrites it):
 - every embedding is finite with an L2 norm within `NORM_TOLERANCE` of 1;
 - its keys are the shard's keys in order, when the caller knows them (`expected_keys`; the filter stage
   checks them while streaming the shard again).
-An entry that passes all of this but holds other vectors than the model's (say, each row's sign flipped)
-is not detected: that takes a shared secret (not implemented).
+- when `NSFW_CURATOR_STORE_KEY` is set, its footer carries an HMAC-SHA256 under that key of the identity,
+  the shard fingerprint, the keys, the errors and the embeddings (`entry_signature`): an unsigned entry, or
+  one signed with another key or changed after signing, is a miss. The key is read from the environment at
+  each use and never stored, logged or written.
+Without a key, an entry that passes all of this but holds other vectors than the model's (say, each row's
+sign flipped) is not detected.
 
 Credentials are never passed here explicitly: fsspec/s3fs find them in the environment, `~/.aws`, the
 fsspec config, or `storage_options` built by the flow (e.g. from a Prefect block). This module never logs
@@ -36,6 +40,7 @@ fsspec config, or `storage_options` built by the flow (e.g. from a Prefect block
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -66,6 +71,7 @@ _FOOTER_BLOCK_BYTES = 1 << 16
 NORM_TOLERANCE = 1e-2
 NON_FINITE_REASON = "embedding has non-finite values (NaN or inf); not scored"
 NOT_UNIT_REASON = "embedding is not L2-normalised (the model gave a zero or degenerate vector); not scored"
+STORE_KEY_VARIABLE = "NSFW_CURATOR_STORE_KEY"
 
 
 class CorruptEntryWarning(UserWarning):
@@ -266,6 +272,8 @@ def _validate(table_schema: pa.Schema, num_rows: int, expected: dict, embedding_
         return f"embedding dimension {embedding_type.list_size}, metadata says {record.get('embedding_dim')}"
     if embedding_dim is not None and embedding_type.list_size != embedding_dim:
         return f"embedding dimension {embedding_type.list_size}, the model gives {embedding_dim}"
+    if _store_key() is not None and not isinstance(record.get("signature"), str):
+        return f"not signed, and {STORE_KEY_VARIABLE} is set"
     for name in ("key", "shard", "error"):
         if not pa.types.is_string(table_schema.field(name).type):
             return f"{name} column has type {table_schema.field(name).type}"
@@ -292,6 +300,34 @@ def _validate_rows(table: pa.Table) -> str | None:
     if len(off) and off.max() > NORM_TOLERANCE:
         worst = int(np.argmax(off))
         return f"row {int(np.flatnonzero(has_embedding)[worst])} has L2 norm {np.linalg.norm(rows[worst]):.4g}, not 1"
+    return None
+
+
+def _store_key() -> bytes | None:
+    """The team's signing key from the environment, or None (entries are then neither signed nor checked)."""
+    value = os.environ.get(STORE_KEY_VARIABLE)
+    return value.encode() if value else None
+
+
+def entry_signature(key: bytes, identity: str, shard_fingerprint: str, table: pa.Table) -> str:
+    """HMAC-SHA256 under `key` of what an entry says: identity, shard fingerprint, keys, errors, embeddings."""
+    matrix = embedding_matrix(table)  # null rows become NaN, whatever bytes they hold
+    header = json.dumps([identity, shard_fingerprint, table.column("key").to_pylist(), table.column("error").to_pylist(), list(matrix.shape)])
+    digest = hashlib.sha256(header.encode())
+    digest.update(np.ascontiguousarray(matrix, dtype="<f4").tobytes())
+    return "hmac-sha256:" + hmac.new(key, digest.digest(), hashlib.sha256).hexdigest()
+
+
+def _signature_problem(table: pa.Table, identity: str, shard_fingerprint: str) -> str | None:
+    """Why the entry is not signed with this team's key (when one is set), or None."""
+    key = _store_key()
+    if key is None:
+        return None
+    signature = json.loads(table.schema.metadata[METADATA_KEY]).get("signature")
+    if not isinstance(signature, str):
+        return f"not signed, and {STORE_KEY_VARIABLE} is set"
+    if not hmac.compare_digest(signature, entry_signature(key, identity, shard_fingerprint, table)):
+        return f"its signature does not match {STORE_KEY_VARIABLE} (signed with another key, or changed after signing)"
     return None
 
 
@@ -409,6 +445,8 @@ class EmbeddingStore:
         reason = _validate(table.schema, table.num_rows, {"identity": identity, "shard_fingerprint": fingerprint}, embedding_dim)
         if reason is None:
             reason = _validate_rows(table)
+        if reason is None:
+            reason = _signature_problem(table, identity, fingerprint)
         if reason is None and expected_keys is not None:
             reason = keys_mismatch(table.column("key").to_pylist(), expected_keys)
         if reason is not None:
@@ -442,7 +480,7 @@ class EmbeddingStore:
             table = pa.Table.from_pandas(table, preserve_index=False)
         embedding_type = table.schema.field("embedding").type
         assert pa.types.is_fixed_size_list(embedding_type), f"embedding column must be a fixed-size list, got {embedding_type}"
-        record = dict(metadata or {})
+        record = {name: value for name, value in (metadata or {}).items() if name != "signature"}
         record.update(
             format=ENTRY_FORMAT_VERSION,
             identity=identity,
@@ -451,7 +489,10 @@ class EmbeddingStore:
             rows=table.num_rows,
             embedding_dim=embedding_type.list_size,
         )
-        table = table.select(["key", "shard", "embedding", "error"]).replace_schema_metadata({METADATA_KEY: json.dumps(record, sort_keys=True)})
+        table = table.select(["key", "shard", "embedding", "error"])
+        if (key := _store_key()) is not None:
+            record["signature"] = entry_signature(key, identity, fingerprint, table)
+        table = table.replace_schema_metadata({METADATA_KEY: json.dumps(record, sort_keys=True)})
         buffer = pa.BufferOutputStream()
         pq.write_table(table, buffer, write_page_checksum=True)
         url = self.entry_url(identity, shard_url, fingerprint)

@@ -242,6 +242,46 @@ def test_model_outputs_that_are_not_unit_vectors_become_error_rows():
     assert table.column("embedding").is_valid().to_pylist() == [True, False, False]
 
 
+def test_with_a_store_key_only_entries_signed_with_it_are_used(tmp_path, monkeypatch):
+    shard = write_shard(tmp_path / "a.tar")
+    store = EmbeddingStore(tmp_path / "cache")
+    table, _ = sample_table(shard, n=6)
+    keys = table.column("key").to_pylist()
+    monkeypatch.delenv("NSFW_CURATOR_STORE_KEY", raising=False)
+    url = store.write(IDENTITY, shard, table)  # written before the team set a key: unsigned
+    assert "signature" not in json.loads(pq.read_schema(url).metadata[b"nsfw_curator"])
+
+    monkeypatch.setenv("NSFW_CURATOR_STORE_KEY", "team secret")
+    with pytest.warns(CorruptEntryWarning, match="not signed, and NSFW_CURATOR_STORE_KEY is set"):
+        assert not store.has(IDENTITY, shard)
+    with pytest.warns(CorruptEntryWarning, match="not signed"):
+        assert store.read_table(IDENTITY, shard) is None
+    store.write(IDENTITY, shard, table)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert store.has(IDENTITY, shard) and store.read_table(IDENTITY, shard, embedding_dim=DIM, expected_keys=keys) is not None
+    signed = Path(url).read_bytes()
+    assert b"team secret" not in signed
+
+    # Well-formed rows the other checks cannot tell from the model's, under the signature that was there.
+    signature = json.loads(pq.read_schema(url).metadata[b"nsfw_curator"])["signature"]
+    rewrite_entry(url, keys, -embedding_matrix(table), table.column("error").to_pylist(), record_update={"signature": signature})
+    with pytest.warns(CorruptEntryWarning, match="signature does not match"):
+        assert store.read_table(IDENTITY, shard) is None
+    # Signed with another key: another team's (or anyone's) write.
+    monkeypatch.setenv("NSFW_CURATOR_STORE_KEY", "someone else")
+    store.write(IDENTITY, shard, table)
+    monkeypatch.setenv("NSFW_CURATOR_STORE_KEY", "team secret")
+    with pytest.warns(CorruptEntryWarning, match="signature does not match"):
+        assert store.read_table(IDENTITY, shard) is None
+    # Without a key nothing is checked: signed entries read like any other.
+    Path(url).write_bytes(signed)
+    monkeypatch.delenv("NSFW_CURATOR_STORE_KEY")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert store.read_table(IDENTITY, shard) is not None
+
+
 WRITER = textwrap.dedent(
     """
     import sys, time

@@ -306,3 +306,27 @@ def test_filter_stage_embeds_again_when_an_entrys_keys_are_not_the_shards(tmp_pa
         list(_scored_shard(shard, identity, store, head, 4, None, None))
     with pytest.raises(RuntimeError, match="changed during the run"), pytest.warns(CorruptEntryWarning):
         list(_scored_shard(shard, identity, store, head, 4, None, lambda url: store.write(identity, url, forged["a row dropped"])))
+
+
+def test_flow_with_a_store_key_rejects_well_formed_forgeries(tmp_path, tiny_clip_768, laion_dir, monkeypatch):
+    from tests.test_store import rewrite_entry
+
+    monkeypatch.setenv("NSFW_CURATOR_STORE_KEY", "team secret")
+    dataset = build_dataset(tmp_path, good_shards=1, per_shard=4)
+    assert run_filter(dataset, tiny_clip_768, laion_dir, tmp_path, return_state=True).is_completed()
+    first_scores = read_scores(tmp_path / "out")
+    entry = next((tmp_path / "cache").glob("*/part-000000-*.parquet"))
+    genuine = pq.read_table(entry)
+    signature = json.loads(genuine.schema.metadata[b"nsfw_curator"])["signature"]
+    # Every row's sign flipped: unit-length, finite, the right keys; only the signature tells.
+    rewrite_entry(str(entry), genuine.column("key").to_pylist(), -embedding_matrix(genuine), genuine.column("error").to_pylist(),
+                  record_update={"signature": signature})
+    for path in (tmp_path / "out" / "_manifests").iterdir():
+        path.unlink()
+
+    with pytest.warns(CorruptEntryWarning, match="signature does not match"):
+        assert run_filter(dataset, tiny_clip_768, laion_dir, tmp_path, return_state=True).is_completed()
+    second_scores = read_scores(tmp_path / "out")
+    assert second_scores["passed"] == first_scores["passed"]
+    np.testing.assert_allclose(np.array(second_scores["nsfw_score"], float), np.array(first_scores["nsfw_score"], float), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(embedding_matrix(pq.read_table(entry)), embedding_matrix(genuine), atol=1e-5)
