@@ -180,12 +180,14 @@ def claim_output(output_path: str, owner: OutputOwner, take_over: bool = False, 
     run that ends early still leaves the earlier partitions for the next run to clean.
     """
     shown = redact_url(output_path)
+    fs, root = filesystem(output_path, storage_options)
+    if fs.isfile(root):
+        raise UserError(f"output_path {shown} is a file; pass a directory or prefix for the outputs.")
     try:
         previous = read_owner(output_path, storage_options)
         problem = None
     except ValueError as exc:
         previous, problem = None, f"has an unreadable {OWNER_RECORD} ({exc})"
-    fs, root = filesystem(output_path, storage_options)
     if previous is None and problem is None:
         if any(fs.exists(posixpath.join(root.rstrip("/"), name)) for name in EARLIER_OUTPUTS):
             problem = f"holds outputs of a run that recorded no {OWNER_RECORD}"

@@ -168,3 +168,32 @@ def test_s3_output_owned_by_its_first_run(tmp_path, s3_bucket, tiny_clip_768, la
         run_filter(tiny_clip_768, laion_dir, tmp_path, str(tmp_path / "b"), out)
     fs.invalidate_cache()
     assert {path: fs.cat_file(path) for path in fs.find(f"{s3_bucket}/out")} == first
+
+
+def test_the_owner_record_is_validated_and_names_the_owner(tmp_path):
+    from dataclasses import asdict
+
+    from tasks.ownership import claim_output, input_owner
+
+    keys = make_shards(tmp_path / "in", 2)
+    owner = input_owner("nsfw-filter", str(tmp_path / "in"), [".tar"], list(keys), 2)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(UserError, match=r"^output_path .*/file is a file; pass a directory or prefix for the outputs\.$"):
+        claim_output(str(tmp_path / "file"), owner)
+    out = tmp_path / "out"
+    assert claim_output(str(out), owner) == owner
+    # the same shards named one by one (extensions spelled otherwise) own it too; the partition mark never drops at a claim
+    assert claim_output(str(out), input_owner("nsfw-filter", list(keys), ["TAR"], list(keys), 1)).partitions == 2
+    with pytest.raises(UserError, match=r"holds the outputs of an nsfw-filter run over 2 shards from .*/in/part-000000\.tar, not of these inputs"):
+        claim_output(str(out), input_owner("image-dedup", str(tmp_path / "in"), [".tar"], list(keys), 2))
+    record = json.loads((out / "_owner.json").read_text())
+    for bad in ("{", json.dumps({**record, "partitions": -1}), json.dumps({**record, "shards_sha256": "x"}), json.dumps([record]), "[" * 100_000):
+        (out / "_owner.json").write_text(bad)
+        with pytest.raises(UserError, match=r"^output_path .* has an unreadable _owner\.json \(.*\); write to another output_path"):
+            claim_output(str(out), owner)
+    (out / "_owner.json").unlink()
+    (out / "summary.json").write_text("{}")
+    with pytest.raises(UserError, match=r"holds outputs of a run that recorded no _owner\.json"):
+        claim_output(str(out), owner)
+    assert claim_output(str(out), owner, take_over=True) == owner
+    assert json.loads((out / "_owner.json").read_text()) == asdict(owner)
