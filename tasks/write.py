@@ -193,19 +193,24 @@ def remove_stale_outputs(
     """Delete this partition's output tars numbered `written` and above: those `earlier` (the previous
     manifest's `output_shards`) names, and the consecutive ones a killed attempt left after them."""
     fs, _ = filesystem(output_path, storage_options)
-    names = [output_shard_name(url) for url in earlier]
-    last_named = max((name[1] for name in names if name is not None and name[0] == partition_index), default=-1)
     fs.invalidate_cache(filesystem(join_url(output_path, "shards"), storage_options)[1])
     removed: list[str] = []
-    number = written
-    while True:
+
+    def remove(number: int) -> bool:
         path = filesystem(output_shard_url(output_path, partition_index, number), storage_options)[1]
-        if fs.exists(path):
-            fs.rm(path)
-            removed.append(path)
-        elif number > last_named:
-            return removed  # a killed attempt writes its tars in sequence: the first gap ends them
+        if not fs.exists(path):
+            return False
+        fs.rm(path)
+        removed.append(path)
+        return True
+
+    number = written
+    while remove(number):  # a killed attempt writes its tars in sequence: the first gap ends them
         number += 1
+    named = {name[1] for name in map(output_shard_name, earlier) if name is not None and name[0] == partition_index}
+    for number in sorted(n for n in named if n > number):  # named past a gap (one request each, however large n is)
+        remove(number)
+    return removed
 
 
 # The names this project writes under an output, per folder; a temp file of one of them is

@@ -189,3 +189,12 @@ def test_a_manifest_of_the_wrong_shape_is_no_manifest(tmp_path):
         assert read_manifest(str(out), 0) is None
     manifest.write_text(json.dumps(good))
     assert read_manifest(str(out), 0) == result
+
+
+def test_tars_the_previous_manifest_names_past_a_gap_are_removed(tmp_path):
+    out = str(tmp_path / "out")
+    samples = make_samples(4)
+    first = write_filtered_partition(out, 0, "p", ["a"], [(s, 0.0, None) for s in samples], 0.5, 1)
+    (tmp_path / "out" / "shards" / "part-000000-0001.tar").unlink()  # a hole the sequence stops at
+    write_filtered_partition(out, 0, "p", ["a"], [(s, 0.0 if i == 0 else 0.9, None) for i, s in enumerate(samples)], 0.5, 1, earlier=first)
+    assert sorted(p.name for p in (tmp_path / "out" / "shards").iterdir()) == ["part-000000-0000.tar"]
