@@ -30,7 +30,7 @@ import prefect
 from prefect.filesystems import WritableFileSystem
 from prefect.serializers import Serializer
 from prefect.tasks import exponential_backoff
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from tasks.atomic import write_bytes_atomic
 from tasks.embed import embed_shard, load_clip_embedder
@@ -169,13 +169,15 @@ class EntryUrlsStorage(WritableFileSystem):
     """Result storage for the embedding task under `basepath` (a local folder or any fsspec URL).
 
     Reads return only checked, rebuilt records (`checked_record`); anything else raises, which Prefect's
-    cache lookup takes as a miss. Credentials come from each worker's environment, never from the block.
+    cache lookup takes as a miss. The saved block holds only `basepath`; storage options (credentials from
+    the run's secret block) stay in this process's copy and travel only with the task, never to the server.
     """
 
     _block_type_name: ClassVar[str] = "nsfw-curator embedding records"
     _block_type_slug: ClassVar[str] = "nsfw-curator-embedding-records"
 
     basepath: str = Field(description="Folder or URL the embedding task's cache records live under.")
+    _storage_options: dict = PrivateAttr(default_factory=dict)
 
     def _url(self, key: str) -> str:
         if not _CACHE_KEY.fullmatch(key):
@@ -183,7 +185,7 @@ class EntryUrlsStorage(WritableFileSystem):
         return f"{self.basepath.rstrip('/')}/{key}"
 
     def _read_checked(self, key: str) -> bytes:
-        fs, path = fsspec.core.url_to_fs(self._url(key))
+        fs, path = fsspec.core.url_to_fs(self._url(key), **self._storage_options)
         with fs.open(path, "rb") as handle:
             content = handle.read(_MAX_RECORD_BYTES + 1)
         block_id = getattr(self, "_block_document_id", None)
@@ -191,7 +193,7 @@ class EntryUrlsStorage(WritableFileSystem):
 
     def _write(self, key: str, content: bytes) -> str:
         url = self._url(key)
-        write_bytes_atomic(url, content)
+        write_bytes_atomic(url, content, self._storage_options)
         return key
 
     def read_path(self, path: str, _sync: bool | None = None) -> bytes:
@@ -210,12 +212,13 @@ class EntryUrlsStorage(WritableFileSystem):
 def embedding_result_storage(run: FilterRun) -> WritableFileSystem:
     """A saved `EntryUrlsStorage` block at `{cache_path}/_prefect_results` (Prefect wants result storage saved).
 
-    The block holds only the location: credentials stay in the environment of each worker.
+    The saved block holds only the location; the run's storage options are set on this copy after saving.
     """
     root = f"{run.store.cache_path}/{RESULTS_FOLDER}"
     block = EntryUrlsStorage(basepath=root)
     name = "nsfw-curator-records-" + hashlib.sha256(root.encode()).hexdigest()[:16]
     block.save(name, overwrite=True)
+    block._storage_options = dict(run.storage_options)
     return block
 
 
