@@ -12,9 +12,9 @@ module writes, names this module's serializer, and its URLs hash to the record's
 gives Prefect a record rebuilt from those checked values. Anything else is a miss: the task runs again
 (finding its entries in the store, so without CLIP) and overwrites the record.
 
-`shard_reembedder` gives the filter stage a way to embed a shard again when its store entry turns out
-unusable only there (its keys are not the shard's, seen while streaming the shard), holding a GPU slot
-like the embedding task.
+`shard_reembedder` gives the filter stage a way to embed a shard again when only it can tell that the
+store entry is unusable (rows that fail validation behind a Prefect cache hit, or keys that are not the
+shard's, seen while streaming the shard), holding a GPU slot like the embedding task.
 """
 
 from __future__ import annotations
