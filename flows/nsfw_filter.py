@@ -248,6 +248,7 @@ def nsfw_filter(
         # A filter task is submitted once its partition is embedded, so no worker sits blocked on an upstream task.
         written, not_embedded = [], []
         for entries in as_completed(list(embedded)):
+            entries.wait()  # the final state, not what the API last recorded
             if entries.state.is_completed():
                 written.append(runner.submit(filter_partition_task, {"partition": embedded[entries], "entry_urls": entries, "run": run}))
             else:
