@@ -267,7 +267,7 @@ def nsfw_filter(
     if settings.review_samples > 0:
         # Opt-in threshold-calibration sheet (tasks/review.py); the run's outputs are complete before it starts.
         sheet = write_review_sheet(run.output_path, n=settings.review_samples, storage_options=run.storage_options)
-        publish_review_artifacts(sheet, run.storage_options)
+        publish_review_artifacts(sheet)
         logger.info("review sheet with %d samples: %s", len(sheet.samples), sheet.sheet_url)
     logger.info("%d samples: %d passed, %d filtered, %d not scored", summary.samples, summary.passed, summary.filtered, summary.errors)
     return {"summary": summary_url, "samples": summary.samples, "passed": summary.passed, "filtered": summary.filtered, "errors": summary.errors}

@@ -656,33 +656,22 @@ def write_review_sheet(
 # ---------------------------------------------------------------- Prefect artifacts
 
 
-def browser_url(url: str, storage_options: dict | None = None, expires_seconds: int = 7 * 24 * 3600) -> str:
-    """A URL a browser can open: file:// for local files, a pre-signed https URL on S3, else the URL itself."""
-    if "://" not in url:
-        return "file://" + os.path.abspath(url)
-    fs, path = filesystem(url, storage_options)
-    if is_object_store(fs):
-        try:
-            return fs.url(path, expires=expires_seconds)
-        except (NotImplementedError, AttributeError, TypeError):
-            return url
-    return url
+def publish_review_artifacts(sheet: ReviewSheet) -> None:
+    """The sheet as a link artifact of the current flow run, and the histogram PNG as an image where a browser can open it.
 
-
-def publish_review_artifacts(sheet: ReviewSheet, storage_options: dict | None = None) -> None:
-    """The histogram PNG as an image artifact and the sheet as a link artifact of the current flow run."""
+    An object-store histogram gets no image artifact: a pre-signed URL would put a bearer token derived from the
+    storage credentials into the Prefect database for everyone who can read it (the counts and the histogram
+    table are artifacts of the run already).
+    """
     from prefect.artifacts import create_image_artifact, create_link_artifact
 
     local = "://" not in sheet.sheet_url or sheet.sheet_url.startswith("file://")
-    image_url = browser_url(sheet.histogram_url, storage_options)
-    create_image_artifact(
-        image_url=image_url,
-        key="nsfw-filter-review-histogram",
-        description=(
-            "nsfw_score histogram of the run, threshold marked "
-            + ("(a file:// URL: the browser must run on the machine that holds the output)" if local else "(a pre-signed link, valid for 7 days)")
-        ),
-    )
+    if local:
+        create_image_artifact(
+            image_url="file://" + os.path.abspath(sheet.histogram_url.removeprefix("file://")),
+            key="nsfw-filter-review-histogram",
+            description="nsfw_score histogram of the run, threshold marked (a file:// URL: the browser must run on the machine that holds the output)",
+        )
     overview = sheet.overview
     create_link_artifact(
         key="nsfw-filter-review",
