@@ -53,6 +53,7 @@ class FilterSettings(BaseModel):
     max_workers: Optional[int] = Field(ge=1)
     storage_options_secret: Optional[str]
     review_samples: int = Field(ge=0)
+    take_over_output: bool
 
 
 def validate_settings(parameters: dict[str, Any], model: type[BaseModel] = FilterSettings) -> Any:
@@ -84,6 +85,7 @@ def _plan(settings: FilterSettings) -> FilterRun:
         images_per_tar=settings.images_per_tar,
         verbose=settings.verbose,
         storage_options=storage_options_from_secret(settings.storage_options_secret),
+        take_over_output=settings.take_over_output,
     )
 
 
@@ -204,6 +206,7 @@ def nsfw_filter(
     max_workers: Optional[int] = None,
     storage_options_secret: Optional[str] = None,
     review_samples: int = 0,
+    take_over_output: bool = False,
 ) -> dict:
     """Score every image of a WebDataset with LAION's CLIP-based NSFW detector and keep the safe ones.
 
@@ -228,6 +231,7 @@ def nsfw_filter(
         max_workers: Partitions processed at once with the threads runner; default from the GPUs (4 without GPU).
         storage_options_secret: Name of a Prefect Secret block holding fsspec storage options as JSON (credentials stay out of parameters).
         review_samples: When above 0, end the run by writing review/review.html under output_path (score histogram and this many thumbnails across score bands, denser around score_threshold, blurred at nsfw_score >= 0.5) for calibrating the threshold.
+        take_over_output: Replace the outputs of an earlier run over other inputs in output_path (otherwise refused).
     """
     settings = validate_settings(dict(locals()))
     logger = get_run_logger()

@@ -16,7 +16,6 @@ import pytest
 from flows.dedup import image_dedup
 from flows.nsfw_filter import nsfw_filter
 from tasks.errors import UserError
-from tasks.run_plan import plan_filter_run
 from tests.support.tars import shard_of_good_samples, write_tar
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -103,8 +102,7 @@ def test_a_second_run_with_other_inputs_is_refused_and_the_first_keeps_every_row
     assert score_rows(out) == expected_rows(first_keys)
     assert json.loads((out / "summary.json").read_text())["score_threshold"] == 0.3
     # Taking the output over is explicit; then the new inputs replace the old ones entirely.
-    plan_filter_run(**filter_parameters(tiny_clip_768, laion_dir, tmp_path, str(tmp_path / "b"), out), take_over_output=True)
-    run_filter(tiny_clip_768, laion_dir, tmp_path, str(tmp_path / "b"), out)
+    run_filter(tiny_clip_768, laion_dir, tmp_path, str(tmp_path / "b"), out, take_over_output=True)
     assert score_rows(out) == expected_rows(other_keys)
     manifests = [json.loads(p.read_text()) for p in sorted((out / "_manifests").glob("*.json"))]
     assert [m["partition_index"] for m in manifests] == [0, 1]
