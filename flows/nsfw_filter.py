@@ -7,24 +7,25 @@ tasks here only add retries, caching, GPU slots and logging around them.
 from __future__ import annotations
 
 import inspect
+import queue
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, Optional, Union
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.futures import as_completed
+from prefect.futures import PrefectFuture
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flows.prefect_cache import EMBEDDING_CACHE, STORAGE_RETRIES, embedding_result_storage, partition_in_store, shard_reembedder
-from flows.runners import gpu_remote_options, open_task_runner
+from flows.runners import default_max_workers, gpu_remote_options, open_task_runner
 from tasks.embed import embed_partition
 from tasks.errors import UserError
 from tasks.filter_stage import clean_partitions_beyond, filter_partition
 from tasks.gpu import GPU_SLOTS
 from tasks.partition import Partition
 from tasks.review import publish_review_artifacts, write_review_sheet
-from tasks.run_plan import FilterRun, cached_nsfw_head, plan_filter_run
+from tasks.run_plan import EmbedStage, FilterRun, FilterStage, plan_filter_run
 from tasks.write import PartitionResult, RunSummary, remove_leftover_temp_files
 
 
@@ -68,25 +69,7 @@ def validate_settings(parameters: dict[str, Any], model: type[BaseModel] = Filte
 
 
 def _plan(settings: FilterSettings) -> FilterRun:
-    return plan_filter_run(
-        settings.file_paths,
-        settings.output_path,
-        files_per_partition=settings.files_per_partition,
-        file_extensions=settings.file_extensions,
-        task_batch_size=settings.task_batch_size,
-        model_dir=settings.model_dir,
-        clip_model=settings.clip_model,
-        clip_pretrained=settings.clip_pretrained,
-        nsfw_weights=settings.nsfw_weights,
-        model_inference_batch_size=settings.model_inference_batch_size,
-        num_gpus_per_worker=settings.num_gpus_per_worker,
-        score_threshold=settings.score_threshold,
-        cache_path=settings.cache_path,
-        images_per_tar=settings.images_per_tar,
-        verbose=settings.verbose,
-        storage_options=storage_options_from_secret(settings.storage_options_secret),
-        take_over_output=settings.take_over_output,
-    )
+    return plan_filter_run(settings, storage_options_from_secret(settings.storage_options_secret))
 
 
 def preflight(parameters: dict[str, Any]) -> FilterRun:
@@ -116,21 +99,24 @@ def storage_options_from_secret(block_name: str | None) -> dict:
     **EMBEDDING_CACHE,  # cache records are data only (entry URLs as JSON), checked when read back
     tags=["gpu"],
 )
-def embed_partition_task(partition: Partition, run: FilterRun) -> list[str]:
-    """Store entries for the partition's shards, running CLIP only for the shards the store misses."""
+def embed_partition_task(partition: Partition, shard_fingerprints: tuple[str, ...], stage: EmbedStage) -> list[str]:
+    """Store entries for the partition's shards, running CLIP only for the shards the store misses.
+
+    `shard_fingerprints` (computed once by the flow) make the cache key: the hash of the entry URLs.
+    """
     logger = get_run_logger()
-    with GPU_SLOTS.hold(run.num_gpus_per_worker) as device:
+    with GPU_SLOTS.hold(stage.num_gpus_per_worker) as device:
         entry_urls = embed_partition(
             partition.shard_urls,
-            run.clip_weights,
-            run.store,
-            run.decode,
-            task_batch_size=run.task_batch_size,
-            model_inference_batch_size=run.model_inference_batch_size,
-            storage_options=run.storage_options,
+            stage.clip_weights,
+            stage.store,
+            stage.decode,
+            task_batch_size=stage.task_batch_size,
+            model_inference_batch_size=stage.model_inference_batch_size,
+            storage_options=stage.storage_options,
             device=device,
         )
-    if run.verbose:
+    if stage.verbose:
         logger.info("partition %d: %d store entries on %s", partition.index, len(entry_urls), device)
     return entry_urls
 
@@ -141,24 +127,88 @@ def embed_partition_task(partition: Partition, run: FilterRun) -> list[str]:
     cache_policy=NO_CACHE,  # idempotent through its manifest; nothing for Prefect to hash or store
     persist_result=False,
 )
-def filter_partition_task(partition: Partition, entry_urls: list[str], run: FilterRun) -> PartitionResult:
-    """Score the partition's embeddings and write its scores, filtered shards and manifest."""
+def filter_partition_task(partition: Partition, shard_fingerprints: tuple[str, ...], entry_urls: list[str], stage: FilterStage) -> PartitionResult:
+    """Score the partition's embeddings (the entries its embedding task returned) and write its scores, filtered shards and manifest."""
     logger = get_run_logger()
-    assert len(entry_urls) == len(partition.shard_urls)
     return filter_partition(
         partition,
-        run.embedding_identity,
-        run.store,
-        cached_nsfw_head(run.nsfw_weights),
-        run.head_fingerprint,
-        run.output_path,
-        score_threshold=run.score_threshold,
-        images_per_tar=run.images_per_tar,
-        model_inference_batch_size=run.model_inference_batch_size,
-        storage_options=run.storage_options,
-        log=logger.info if run.verbose else None,
-        reembed_shard=shard_reembedder(run),  # an entry found unusable while scoring is embedded again, not a failure
+        stage,
+        entry_urls,
+        shard_fingerprints,
+        log=logger.info if stage.verbose else None,
+        reembed_shard=shard_reembedder(stage.embedding),  # an entry found unusable while scoring is embedded again, not a failure
     )
+
+
+def embed_parameters(run: FilterRun, partition: Partition, shard_fingerprints: tuple[str, ...]) -> dict[str, Any]:
+    """What an embedding task receives: its partition, its shards' fingerprints and the stage settings, never the run's other partitions."""
+    return {"partition": partition, "shard_fingerprints": shard_fingerprints, "stage": run.embed}
+
+
+def filter_parameters(run: FilterRun, partition: Partition, shard_fingerprints: tuple[str, ...], entry_urls: Any) -> dict[str, Any]:
+    """What a filter task receives: its partition, what its embedding task returned and the stage settings."""
+    return {"partition": partition, "shard_fingerprints": shard_fingerprints, "entry_urls": entry_urls, "stage": run.filter}
+
+
+def submission_window(max_workers: int | None, num_gpus_per_worker: float) -> int:
+    """Tasks in flight at once: enough to keep every worker busy, few enough that 100k partitions hold no 100k futures."""
+    return 4 * (max_workers or default_max_workers(num_gpus_per_worker))
+
+
+def run_partitions(runner: Any, run: FilterRun, checked: list[tuple[tuple[str, ...], bool]], window: int) -> list[PartitionResult]:
+    """Embed then filter every partition with at most `window` tasks in flight; the manifests' contents in partition order.
+
+    A filter task is submitted once its partition is embedded, so no worker sits blocked on an upstream
+    task. A failed partition does not stop the others; the run then fails with the first failure's own error.
+    """
+    logger = get_run_logger()
+    embed = embed_partition_task.with_options(result_storage=embedding_result_storage(run.embed))
+    # A partition missing from the store is (re)computed even if Prefect remembers an old result for it.
+    embed_again = embed.with_options(refresh_cache=True)
+    finished: queue.SimpleQueue[PrefectFuture] = queue.SimpleQueue()
+    embedding: dict[PrefectFuture, int] = {}
+    filtering: set[PrefectFuture] = set()
+    results: list[PartitionResult] = []
+    not_embedded: list[PrefectFuture] = []
+    not_filtered: list[PrefectFuture] = []
+    upcoming = iter(run.partitions)
+    exhausted = False
+    while True:
+        while not exhausted and len(embedding) + len(filtering) < window:
+            partition = next(upcoming, None)
+            if partition is None:
+                exhausted = True
+                break
+            fingerprints, in_store = checked[partition.index]
+            with gpu_remote_options(runner, run.embed.num_gpus_per_worker):
+                future = runner.submit(embed if in_store else embed_again, embed_parameters(run, partition, fingerprints))
+            embedding[future] = partition.index
+            future.add_done_callback(finished.put)
+        if not embedding and not filtering:
+            break
+        future = finished.get()
+        future.wait()  # the final state, not what the API last recorded
+        if future in embedding:
+            partition = run.partitions[embedding.pop(future)]
+            if future.state.is_completed():
+                written = runner.submit(filter_partition_task, filter_parameters(run, partition, checked[partition.index][0], future))
+                filtering.add(written)
+                written.add_done_callback(finished.put)
+            else:
+                not_embedded.append(future)
+        else:
+            filtering.discard(future)
+            if future.state.is_completed():
+                results.append(future.result())
+            else:
+                not_filtered.append(future)
+    if not_embedded:
+        logger.error("%d of %d partitions could not be embedded", len(not_embedded), len(run.partitions))
+        not_embedded[0].result()
+    if not_filtered:
+        logger.error("%d of %d partitions could not be scored and written", len(not_filtered), len(run.partitions))
+        not_filtered[0].result()
+    return sorted(results, key=lambda result: result.partition_index)
 
 
 def publish_artifacts(summary: RunSummary, summary_url: str) -> None:
@@ -236,36 +286,18 @@ def nsfw_filter(
     settings = validate_settings(dict(locals()))
     logger = get_run_logger()
     run = _plan(settings)
-    logger.info("%d shards in %d partitions; embeddings %s", sum(len(p.shard_urls) for p in run.partitions), len(run.partitions), run.embedding_identity)
+    logger.info("%d shards in %d partitions; embeddings %s", sum(len(p.shard_urls) for p in run.partitions), len(run.partitions), run.embed.embedding_identity)
 
-    embed = embed_partition_task.with_options(result_storage=embedding_result_storage(run))
-    # A partition missing from the store is (re)computed even if Prefect remembers an old result for it.
-    embed_again = embed.with_options(refresh_cache=True)
+    # Each shard is fingerprinted and looked up in the store once per run, here; tasks get the fingerprints.
     with ThreadPoolExecutor(max_workers=16) as pool:
-        in_store = list(pool.map(lambda p: partition_in_store(run, p.shard_urls), run.partitions))
-    logger.info("%d of %d partitions already in the embedding store", sum(in_store), len(in_store))
-    with open_task_runner(settings.task_runner, settings.ray_address, settings.max_workers, run.num_gpus_per_worker) as runner:
-        embedded = {}
-        for partition in run.partitions:
-            with gpu_remote_options(runner, run.num_gpus_per_worker):
-                embedded[runner.submit(embed if in_store[partition.index] else embed_again, {"partition": partition, "run": run})] = partition
-        # A filter task is submitted once its partition is embedded, so no worker sits blocked on an upstream task.
-        written, not_embedded = [], []
-        for entries in as_completed(list(embedded)):
-            entries.wait()  # the final state, not what the API last recorded
-            if entries.state.is_completed():
-                written.append(runner.submit(filter_partition_task, {"partition": embedded[entries], "entry_urls": entries, "run": run}))
-            else:
-                not_embedded.append(entries)
-        if not_embedded:
-            # The other partitions finish and keep their outputs; the run fails with the first failure's own error.
-            logger.error("%d of %d partitions could not be embedded", len(not_embedded), len(embedded))
-            not_embedded[0].result()
-        results: list[PartitionResult] = sorted((future.result() for future in written), key=lambda result: result.partition_index)
+        checked = list(pool.map(lambda p: partition_in_store(run.embed, p.shard_urls), run.partitions))
+    logger.info("%d of %d partitions already in the embedding store", sum(in_store for _, in_store in checked), len(checked))
+    with open_task_runner(settings.task_runner, settings.ray_address, settings.max_workers, run.embed.num_gpus_per_worker) as runner:
+        results = run_partitions(runner, run, checked, submission_window(settings.max_workers, run.embed.num_gpus_per_worker))
 
     clean_partitions_beyond(run.output_path, len(run.partitions), run.storage_options)
     remove_leftover_temp_files(run.output_path, run.storage_options)
-    summary = RunSummary.from_partitions(results, run.score_threshold, run.models(), run.output_path)
+    summary = RunSummary.from_partitions(results, run.filter.score_threshold, run.models(), run.output_path)
     summary_url = summary.write(run.storage_options)
     publish_artifacts(summary, summary_url)
     if settings.review_samples > 0:

@@ -36,8 +36,8 @@ from tasks.atomic import write_bytes_atomic
 from tasks.embed import embed_shard, load_clip_embedder
 from tasks.errors import UserError
 from tasks.gpu import GPU_SLOTS
-from tasks.run_plan import FilterRun
-from tasks.store import partition_embedding_identity, shard_fingerprint
+from tasks.run_plan import EmbedStage
+from tasks.store import shard_fingerprint
 
 RESULTS_FOLDER = "_prefect_results"
 ENTRY_URLS_SERIALIZER_TYPE = "nsfw-curator-entry-urls"
@@ -52,26 +52,30 @@ class UntrustedRecordError(ValueError):
 
 
 def embedding_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    run: FilterRun = parameters["run"]
-    identity = partition_embedding_identity(parameters["partition"].shard_urls, run.embedding_identity, run.store, run.storage_options)
-    return f"{CACHE_KEY_PREFIX}{identity}"
+    """The hash of the partition's entry URLs, built from the fingerprints the flow computed (no storage request)."""
+    stage: EmbedStage = parameters["stage"]
+    shard_urls = parameters["partition"].shard_urls
+    entry_urls = [stage.store.entry_url(stage.embedding_identity, url, fp) for url, fp in zip(shard_urls, parameters["shard_fingerprints"], strict=True)]
+    return CACHE_KEY_PREFIX + hashlib.sha256("\n".join(entry_urls).encode()).hexdigest()
 
 
-def partition_in_store(run: FilterRun, shard_urls: tuple[str, ...]) -> bool:
-    """True when every shard of the partition has a readable store entry for this run's identity."""
-    return all(
-        run.store.has(run.embedding_identity, url, shard_fingerprint(url, run.storage_options), embedding_dim=run.clip_weights.embedding_dim)
-        for url in shard_urls
+def partition_in_store(stage: EmbedStage, shard_urls: tuple[str, ...]) -> tuple[tuple[str, ...], bool]:
+    """The shards' fingerprints (computed once per run, here) and whether every shard has a readable store entry."""
+    fingerprints = tuple(shard_fingerprint(url, stage.storage_options) for url in shard_urls)
+    present = all(
+        stage.store.has(stage.embedding_identity, url, fingerprint, embedding_dim=stage.clip_weights.embedding_dim)
+        for url, fingerprint in zip(shard_urls, fingerprints)
     )
+    return fingerprints, present
 
 
-def shard_reembedder(run: FilterRun) -> Callable[[str], str]:
+def shard_reembedder(stage: EmbedStage) -> Callable[[str], str]:
     """`reembed(shard_url)`: embed the shard again and rewrite its store entry (returns the entry URL)."""
 
     def reembed(shard_url: str) -> str:
-        with GPU_SLOTS.hold(run.num_gpus_per_worker) as device:
-            embedder = load_clip_embedder(run.clip_weights, device, run.model_inference_batch_size)
-            return embed_shard(shard_url, embedder, run.store, run.decode, run.task_batch_size, run.storage_options)
+        with GPU_SLOTS.hold(stage.num_gpus_per_worker) as device:
+            embedder = load_clip_embedder(stage.clip_weights, device, stage.model_inference_batch_size)
+            return embed_shard(shard_url, embedder, stage.store, stage.decode, stage.task_batch_size, stage.storage_options)
 
     return reembed
 
@@ -209,16 +213,16 @@ class EntryUrlsStorage(WritableFileSystem):
         return await anyio.to_thread.run_sync(self._write, path, content)
 
 
-def embedding_result_storage(run: FilterRun) -> WritableFileSystem:
+def embedding_result_storage(stage: EmbedStage) -> WritableFileSystem:
     """A saved `EntryUrlsStorage` block at `{cache_path}/_prefect_results` (Prefect wants result storage saved).
 
     The saved block holds only the location; the run's storage options are set on this copy after saving.
     """
-    root = f"{run.store.cache_path}/{RESULTS_FOLDER}"
+    root = f"{stage.store.cache_path}/{RESULTS_FOLDER}"
     block = EntryUrlsStorage(basepath=root)
     name = "nsfw-curator-records-" + hashlib.sha256(root.encode()).hexdigest()[:16]
     block.save(name, overwrite=True)
-    block._storage_options = dict(run.storage_options)
+    block._storage_options = dict(stage.storage_options)
     return block
 
 

@@ -4,13 +4,17 @@ Reads the store entries the embedding stage wrote, scores every embedding with t
 the shards once more without decoding images (raw members only) and hands (sample, score, error) in
 input order to the writer. A partition whose manifest already records the same settings is skipped, so
 a re-run after a crash only redoes the partitions that did not finish.
+
+`filter_partition` takes what the embedding stage returned for the partition (its store entries, one per
+shard, and the shards' fingerprints computed once per run) and the `FilterStage` settings; it neither
+fingerprints the shards again nor lists any folder.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -18,6 +22,7 @@ from tasks.atomic import filesystem
 from tasks.nsfw import NSFWHead
 from tasks.partition import Partition
 from tasks.read import iter_samples
+from tasks.run_plan import FilterStage, cached_nsfw_head
 from tasks.store import EmbeddingStore, embedding_matrix, keys_mismatch, shard_fingerprint
 from tasks.ownership import earlier_partitions, settle_owner
 from tasks.write import (
@@ -64,6 +69,7 @@ def completed_partition(
 
 def _scored_shard(
     shard_url: str,
+    fingerprint: str,
     identity: str,
     store: EmbeddingStore,
     head: NSFWHead,
@@ -76,7 +82,6 @@ def _scored_shard(
     An entry that is missing, fails validation, or whose keys are not the shard's (checked while streaming)
     is embedded again, once, with `reembed_shard` when given, and scoring goes on from the fresh entry.
     """
-    fingerprint = shard_fingerprint(shard_url, storage_options)
     changed = f"{shard_url} no longer matches its cached embeddings; it changed during the run, run again"
     embedded_again = False
 
@@ -134,24 +139,31 @@ def _scored_shard(
 
 def filter_partition(
     partition: Partition,
-    embedding_identity: str,
-    store: EmbeddingStore,
-    head: NSFWHead,
-    head_fingerprint: str,
-    output_path: str,
-    score_threshold: float = 0.5,
-    images_per_tar: int = 1000,
-    model_inference_batch_size: int = 32,
-    storage_options: dict | None = None,
+    stage: FilterStage,
+    entry_urls: Sequence[str],
+    shard_fingerprints: Sequence[str] | None = None,
     log: Callable[[str], None] | None = None,
     reembed_shard: Callable[[str], object] | None = None,
 ) -> PartitionResult:
     """Score and write one partition (or return its completed manifest); the manifest is the commit point.
 
+    `entry_urls` are the partition's store entries as the embedding stage returned them, in shard order;
+    `shard_fingerprints` the shards' fingerprints (computed here when not given).
     `reembed_shard(shard_url)` rewrites a shard's store entry; it is called for an entry found unusable here.
     """
-    fingerprints = [shard_fingerprint(url, storage_options) for url in partition.shard_urls]
-    identity_of_settings = settings_identity(fingerprints, embedding_identity, head_fingerprint, score_threshold, images_per_tar)
+    storage_options = stage.storage_options
+    embedding = stage.embedding
+    store, identity = embedding.store, embedding.embedding_identity
+    fingerprints = list(shard_fingerprints) if shard_fingerprints is not None else [shard_fingerprint(url, storage_options) for url in partition.shard_urls]
+    if len(entry_urls) != len(partition.shard_urls) or len(fingerprints) != len(partition.shard_urls):
+        raise RuntimeError(f"partition {partition.index}: {len(entry_urls)} store entries for {len(partition.shard_urls)} shards")
+    for shard_url, fingerprint, entry_url in zip(partition.shard_urls, fingerprints, entry_urls):
+        # The entries read below are these ones (string building only, no storage request).
+        if store.entry_url(identity, shard_url, fingerprint) != entry_url:
+            raise RuntimeError(f"store entry {entry_url} is not the entry of {shard_url} for this run; run again")
+    head = cached_nsfw_head(stage.nsfw_weights)
+    output_path = stage.output_path
+    identity_of_settings = settings_identity(fingerprints, identity, stage.head_fingerprint, stage.score_threshold, stage.images_per_tar)
     earlier = read_manifest(output_path, partition.index, storage_options)  # before writing: it names what to replace
     done = completed_partition(output_path, earlier, partition, identity_of_settings, storage_options)
     if done is not None:
@@ -160,8 +172,10 @@ def filter_partition(
         return done
 
     def scored_samples() -> Iterator[tuple[object, float, str | None]]:
-        for shard_url in partition.shard_urls:
-            yield from _scored_shard(shard_url, embedding_identity, store, head, model_inference_batch_size, storage_options, reembed_shard)
+        for shard_url, fingerprint in zip(partition.shard_urls, fingerprints):
+            yield from _scored_shard(
+                shard_url, fingerprint, identity, store, head, embedding.model_inference_batch_size, storage_options, reembed_shard
+            )
             if log:
                 log(f"scored {shard_url}")
 
@@ -171,8 +185,8 @@ def filter_partition(
         partition.partition_id,
         partition.shard_urls,
         scored_samples(),
-        score_threshold,
-        images_per_tar,
+        stage.score_threshold,
+        stage.images_per_tar,
         identity_of_settings,
         storage_options,
         earlier,

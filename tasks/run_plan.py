@@ -4,6 +4,11 @@
 CLIP weights and the NSFW head offline, checks that they fit each other, fixes the identities that name
 the run's embeddings and outputs, and finally claims the output for these inputs (tasks/ownership.py).
 Every mistake a user can make here fails in seconds with one sentence, before a GPU is touched.
+
+The plan is two kinds of value. The stages (`EmbedStage`, `FilterStage`) carry the run's resolved
+settings, each once, and never the partitions: they are what a task receives beside its own partition,
+so a task's inputs stay the same size however many partitions the run has. `FilterRun.partitions` is the
+list of work, which only the flow walks.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from tasks.clip_resolve import ClipWeights, clip_identity, resolve_clip, weights_fingerprint
 from tasks.locations import default_cache_path, default_model_dir, nsfw_weights_path
@@ -24,35 +30,86 @@ from tasks.store import EmbeddingStore
 FILTER_FLOW = "nsfw-filter"
 
 
-@dataclass(frozen=True)
-class FilterRun:
-    """The resolved, validated plan of one run; small and picklable, handed to every task."""
+class FilterSettingsLike(Protocol):
+    """The validated flow parameters the plan reads (flows/nsfw_filter.py `FilterSettings`)."""
 
-    partitions: tuple[Partition, ...]
+    file_paths: str | list[str]
+    output_path: str
+    files_per_partition: int
+    file_extensions: list[str]
+    task_batch_size: int
+    model_dir: str | None
+    clip_model: str
+    clip_pretrained: str
+    nsfw_weights: str | None
+    model_inference_batch_size: int
+    num_gpus_per_worker: float
+    score_threshold: float
+    cache_path: str | None
+    images_per_tar: int
+    verbose: bool
+    take_over_output: bool
+
+
+@dataclass(frozen=True)
+class EmbedStage:
+    """Settings of the embedding stage: which CLIP, how images are decoded, where entries go, how much at once."""
+
     clip_weights: ClipWeights
     decode: DecodeOptions
     embedding_identity: str
-    store: EmbeddingStore
+    store: EmbeddingStore  # carries the storage options of the store and of the shards
+    task_batch_size: int
+    model_inference_batch_size: int
+    num_gpus_per_worker: float
+    verbose: bool = False
+
+    @property
+    def storage_options(self) -> dict:
+        return self.store.storage_options
+
+
+@dataclass(frozen=True)
+class FilterStage:
+    """Settings of the scoring and writing stage; `embedding` is the stage whose entries it scores (and
+    which embeds a shard again when its entry turns out unusable)."""
+
+    embedding: EmbedStage
     nsfw_weights: str
     head_fingerprint: str
     output_path: str
     score_threshold: float
     images_per_tar: int
-    task_batch_size: int
-    model_inference_batch_size: int
-    num_gpus_per_worker: float
     verbose: bool = False
     storage_options: dict = field(default_factory=dict, hash=False, compare=False, repr=False)
 
+
+@dataclass(frozen=True)
+class FilterRun:
+    """The resolved, validated plan of one run: the stages (small, handed to tasks) and the partitions."""
+
+    partitions: tuple[Partition, ...]
+    embed: EmbedStage
+    filter: FilterStage
+
+    @property
+    def output_path(self) -> str:
+        return self.filter.output_path
+
+    @property
+    def storage_options(self) -> dict:
+        return self.filter.storage_options
+
     def models(self) -> dict[str, str]:
         """Model identities for the summary (names and fingerprints, never local secrets)."""
+        weights = self.embed.clip_weights
         return {
-            "clip_model": self.clip_weights.model_name,
-            "clip_pretrained": self.clip_weights.pretrained_tag or os.path.basename(self.clip_weights.checkpoint_path),
-            "clip_weights_sha256": self.clip_weights.weights_fingerprint,
-            "embedding_identity": self.embedding_identity,
-            "nsfw_head": os.path.basename(self.nsfw_weights),
-            "nsfw_head_sha256": self.head_fingerprint,
+            "clip_model": weights.model_name,
+            "clip_pretrained": weights.pretrained_tag or os.path.basename(weights.checkpoint_path),
+            "clip_weights_sha256": weights.weights_fingerprint,
+            "embedding_identity": self.embed.embedding_identity,
+            "nsfw_head": os.path.basename(self.filter.nsfw_weights),
+            "nsfw_head_sha256": self.filter.head_fingerprint,
         }
 
 
@@ -67,58 +124,46 @@ def normalise_output_path(url: str) -> str:
 
 
 def plan_filter_run(
-    file_paths: str | list[str],
-    output_path: str,
-    files_per_partition: int = 1,
-    file_extensions: list[str] | tuple[str, ...] = (".tar",),
-    task_batch_size: int = 100,
-    model_dir: str | None = None,
-    clip_model: str = "ViT-L-14",
-    clip_pretrained: str = "openai",
-    nsfw_weights: str | None = None,
-    model_inference_batch_size: int = 32,
-    num_gpus_per_worker: float = 0.25,
-    score_threshold: float = 0.5,
-    cache_path: str | None = None,
-    images_per_tar: int = 1000,
-    verbose: bool = False,
-    decode: DecodeOptions | None = None,
-    storage_options: dict | None = None,
-    take_over_output: bool = False,
+    settings: FilterSettingsLike, storage_options: dict[str, Any] | None = None, decode: DecodeOptions | None = None
 ) -> FilterRun:
     """Validate and resolve a run and claim its output; raises UserError naming the problem and the remedy.
 
-    `take_over_output` lets this run replace the outputs of a run over other inputs (tasks/ownership.py).
+    `settings` holds the flow's validated parameters (their defaults live in the flow's signature only);
+    `settings.take_over_output` lets this run replace the outputs of a run over other inputs (tasks/ownership.py).
     """
-    model_dir = model_dir or default_model_dir()
-    cache_path = cache_path or default_cache_path()
-    output_path = normalise_output_path(output_path)
+    model_dir = settings.model_dir or default_model_dir()
+    output_path = normalise_output_path(settings.output_path)
     storage_options = dict(storage_options or {})
+    file_paths, file_extensions = settings.file_paths, settings.file_extensions
     shard_urls = list_shards(file_paths, file_extensions, storage_options)
-    partitions = tuple(partition_shards(shard_urls, files_per_partition))
+    partitions = tuple(partition_shards(shard_urls, settings.files_per_partition))
     refuse_overlap(output_path, file_paths, shard_urls, file_extensions, storage_options)
-    clip_weights = resolve_clip(clip_model, clip_pretrained, model_dir)
-    head_path = str(nsfw_weights or nsfw_weights_path(model_dir, clip_weights.model_name))
+    clip_weights = resolve_clip(settings.clip_model, settings.clip_pretrained, model_dir)
+    head_path = str(settings.nsfw_weights or nsfw_weights_path(model_dir, clip_weights.model_name))
     head = cached_nsfw_head(head_path)
     head.check_dimension(clip_weights.embedding_dim, f"embeddings of CLIP {clip_weights.model_name}")
     decode = decode or DecodeOptions.for_model(clip_weights.image_size)
     # Last, once everything else is valid: the output is claimed before any task writes to it.
     owner = input_owner(FILTER_FLOW, file_paths, file_extensions, shard_urls, len(partitions), storage_options)
-    claim_output(output_path, owner, take_over_output, storage_options)
-    return FilterRun(
-        partitions=partitions,
+    claim_output(output_path, owner, settings.take_over_output, storage_options)
+    embed = EmbedStage(
         clip_weights=clip_weights,
         decode=decode,
         embedding_identity=clip_identity(clip_weights, decode.identity()),
-        store=EmbeddingStore(cache_path, storage_options),
+        store=EmbeddingStore(settings.cache_path or default_cache_path(), storage_options),
+        task_batch_size=int(settings.task_batch_size),
+        model_inference_batch_size=int(settings.model_inference_batch_size),
+        num_gpus_per_worker=float(settings.num_gpus_per_worker),
+        verbose=bool(settings.verbose),
+    )
+    scoring = FilterStage(
+        embedding=embed,
         nsfw_weights=head_path,
         head_fingerprint=weights_fingerprint(head_path),
         output_path=output_path,
-        score_threshold=float(score_threshold),
-        images_per_tar=int(images_per_tar),
-        task_batch_size=int(task_batch_size),
-        model_inference_batch_size=int(model_inference_batch_size),
-        num_gpus_per_worker=float(num_gpus_per_worker),
-        verbose=bool(verbose),
+        score_threshold=float(settings.score_threshold),
+        images_per_tar=int(settings.images_per_tar),
+        verbose=bool(settings.verbose),
         storage_options=storage_options,
     )
+    return FilterRun(partitions=partitions, embed=embed, filter=scoring)
