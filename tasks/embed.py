@@ -199,13 +199,16 @@ def embed_shard(
     decode_options: DecodeOptions,
     task_batch_size: int = 100,
     storage_options: dict | None = None,
+    fingerprint: str | None = None,
 ) -> str:
     """Embed every decodable image of one shard and write its store entry; returns the entry URL.
+
+    `fingerprint` is the shard's `shard_fingerprint` when the caller already has it (one request fewer on S3).
 
     One row per sample, including samples that failed to decode (null embedding, `error` set) and
     shard-level damage (key None). Images are released as soon as they are preprocessed.
     """
-    fingerprint = shard_fingerprint(shard_url, storage_options)
+    fingerprint = fingerprint or shard_fingerprint(shard_url, storage_options)
     identity = clip_identity(embedder.weights, decode_options.identity())
     keys: list[str | None] = []
     errors: list[str | None] = []
@@ -253,17 +256,21 @@ def embed_partition(
     model_inference_batch_size: int = 32,
     storage_options: dict | None = None,
     device: str | torch.device | None = None,
+    shard_fingerprints: Sequence[str] | None = None,
 ) -> list[str]:
-    """Entry URLs for a partition's shards; embeds (loading CLIP only then) the shards the store misses."""
+    """Entry URLs for a partition's shards; embeds (loading CLIP only then) the shards the store misses.
+
+    `shard_fingerprints`, when given, are the shards' fingerprints already computed by the caller (in order).
+    """
     identity = clip_identity(weights, decode_options.identity())
     entry_urls = []
     embedder: ClipEmbedder | None = None
-    for shard_url in shard_urls:
-        fingerprint = shard_fingerprint(shard_url, storage_options)
+    for index, shard_url in enumerate(shard_urls):
+        fingerprint = shard_fingerprints[index] if shard_fingerprints is not None else shard_fingerprint(shard_url, storage_options)
         if store.read_table(identity, shard_url, fingerprint, embedding_dim=weights.embedding_dim) is not None:
             entry_urls.append(store.entry_url(identity, shard_url, fingerprint))
             continue
         if embedder is None:
             embedder = load_clip_embedder(weights, device, model_inference_batch_size)
-        entry_urls.append(embed_shard(shard_url, embedder, store, decode_options, task_batch_size, storage_options))
+        entry_urls.append(embed_shard(shard_url, embedder, store, decode_options, task_batch_size, storage_options, fingerprint))
     return entry_urls
