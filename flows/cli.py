@@ -1,16 +1,41 @@
-"""`nsfw-curator` command line: each subcommand parses its arguments and calls a flow or a function."""
+"""`nsfw-curator` command line: each subcommand parses its arguments and calls a flow or a function.
+
+Exit status: 0 success, 2 a mistake in the input (one sentence on stderr), 1 a failed run, 130 / 143 a run
+stopped by SIGINT (Ctrl-C) / SIGTERM. A stopped run ends within seconds: background work stops at its
+next batch (tasks/stop.py), Prefect's local API server (when no PREFECT_API_URL is set) is shut down, and
+running the same command again completes the run.
+"""
 
 from __future__ import annotations
 
 import argparse
 import inspect
 import json
+import os
+import signal
+import socket
 import sys
+import threading
+import time
 import typing
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from tasks.errors import UserError
 from tasks.locations import default_model_dir, nsfw_weights_path
+from tasks.stop import request_stop
+
+# Prefect reads these when it is imported, and its local API server inherits them. Telemetry off: an offline
+# host would log an error for every outbound lookup. A longer start-up wait: on a busy host the local API
+# server takes more than Prefect's 20 s to start. A user's own setting of any of them wins.
+PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# After an interrupt, at most this long for Prefect to record the crash and shut down before the process ends itself.
+EXIT_GRACE_S = 20.0
 
 def _add_score_embeddings(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -206,16 +231,122 @@ def build_parser() -> argparse.ArgumentParser:
 ADD_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_filter, _add_dedup, _add_score_embeddings, _add_models, _add_review]
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: the run unwinds like after Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _on_stop_signal(signum: int, frame: object) -> None:
+    for stop_signal in STOP_SIGNALS:
+        signal.signal(stop_signal, signal.SIG_DFL)  # a second signal ends the process at once
+    raise Interrupted(signum)
+
+
+def _child_pids() -> list[int]:
+    """This process's child processes (Linux /proc; empty elsewhere)."""
+    children: list[int] = []
+    for task in Path("/proc/self/task").glob("*"):
+        try:
+            children.extend(int(pid) for pid in (task / "children").read_text().split())
+        except OSError:
+            continue
+    return children
+
+
+class StopSignalWatch:
+    """Sees SIGINT/SIGTERM even while Prefect's own SIGTERM handler is installed (through the signal wakeup fd).
+
+    On the first one: background work is asked to stop (tasks/stop.py) and, for the command-line process, an
+    exit deadline starts: a shutdown that hangs (Prefect retrying a local API server that the same Ctrl-C
+    ended) is cut short after EXIT_GRACE_S, child processes are terminated, and the exit status says which
+    signal stopped the run.
+    """
+
+    def __init__(self, exit_deadline: bool) -> None:
+        self.signum: int | None = None
+        self._exit_deadline = exit_deadline
+        self._read, self._write = socket.socketpair()
+        self._write.setblocking(False)
+        self._previous_handlers = {stop_signal: signal.signal(stop_signal, _on_stop_signal) for stop_signal in STOP_SIGNALS}
+        self._previous_fd = signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, name="stop-signals", daemon=True).start()
+
+    def _watch(self) -> None:
+        while True:
+            try:
+                received = self._read.recv(64)
+            except OSError:
+                return
+            if not received:
+                return
+            stop_signals = [signum for signum in received if signum in STOP_SIGNALS]
+            if stop_signals and self.signum is None:
+                self.signum = stop_signals[0]
+                request_stop()
+                if self._exit_deadline:
+                    self._end_by_deadline(128 + self.signum)
+
+    @staticmethod
+    def _end_by_deadline(exit_status: int) -> None:
+        time.sleep(EXIT_GRACE_S)
+        for pid in _child_pids():
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                continue
+        print(f"nsfw-curator: stopped by {signal.Signals(exit_status - 128).name}; shutdown took too long, ended it.", file=sys.stderr)
+        os._exit(exit_status)
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(self._previous_fd)
+        for stop_signal, handler in self._previous_handlers.items():
+            signal.signal(stop_signal, handler)
+        self._write.close()
+        self._read.close()
+
+
+def _interrupting_signal(exc: BaseException, watch: StopSignalWatch | None) -> int | None:
+    """The signal that stopped the run, if one did (whatever exception the unwinding ended with)."""
+    if isinstance(exc, Interrupted):
+        return exc.signum
+    if watch is not None and watch.signum is not None:
+        return watch.signum
+    if isinstance(exc, KeyboardInterrupt):
+        return int(signal.SIGINT)
+    prefect_exceptions = sys.modules.get("prefect.exceptions")
+    if prefect_exceptions is not None and isinstance(exc, prefect_exceptions.TerminationSignal):
+        return int(exc.signal)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    for name, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     args = build_parser().parse_args(argv)
+    # Signals are ours only in the main thread; the exit deadline only for the command-line process itself.
+    watch = StopSignalWatch(exit_deadline=argv is None) if threading.current_thread() is threading.main_thread() else None
     try:
         return int(args.handler(args) or 0)
-    except UserError as exc:
-        print(f"nsfw-curator: error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # noqa: BLE001 - a failed run: say so in one line; Prefect has logged the details
-        print(f"nsfw-curator: the run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    except BaseException as exc:
+        signum = _interrupting_signal(exc, watch)
+        if signum is not None:
+            request_stop()
+            print(f"nsfw-curator: stopped by {signal.Signals(signum).name}; finished work is kept, run the same command again to complete it.", file=sys.stderr)
+            return 128 + signum
+        if isinstance(exc, UserError):
+            print(f"nsfw-curator: error: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(exc, Exception):
+            # A failed run: say so in one line; Prefect has logged the details.
+            print(f"nsfw-curator: the run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        raise
+    finally:
+        if watch is not None:
+            watch.close()
 
 
 if __name__ == "__main__":

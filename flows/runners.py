@@ -9,6 +9,7 @@ from typing import Iterator
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from tasks.gpu import gpu_count, simulated_gpu_count, slots_per_gpu
+from tasks.stop import clear_stop, request_stop
 
 # Settings of this project that Ray worker processes must see as the driver does.
 _FORWARDED_ENV_PREFIX = "NSFW_CURATOR_"
@@ -39,8 +40,15 @@ def ray_task_runner(ray_address: str | None) -> TaskRunner:
 @contextlib.contextmanager
 def open_task_runner(kind: str, ray_address: str | None, max_workers: int | None, num_gpus_per_worker: float) -> Iterator[TaskRunner]:
     runner = ray_task_runner(ray_address) if kind == "ray" else ThreadPoolTaskRunner(max_workers=max_workers or default_max_workers(num_gpus_per_worker))
+    clear_stop()
     with runner:
-        yield runner
+        try:
+            yield runner
+        except BaseException as interrupt:
+            if not isinstance(interrupt, (Exception, GeneratorExit)):
+                # Ctrl-C or SIGTERM: running tasks stop at their next batch instead of being waited for.
+                request_stop()
+            raise
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ from tasks.clip_resolve import ClipWeights, clip_identity, identity_record, read
 from tasks.errors import UserError
 from tasks.prefetch import close_iterator, prefetched
 from tasks.read import DecodeOptions, Sample, iter_batches
+from tasks.stop import raise_if_stopped
 from tasks.store import EmbeddingStore, embedding_table, shard_fingerprint
 
 _PREFETCH_BATCHES = 2
@@ -122,6 +123,7 @@ class ClipEmbedder:
             # One forward pass at a time per process: each already uses every core, and concurrent
             # partitions would only thrash; their decoding and writing still overlap this.
             with _CPU_INFERENCE:
+                raise_if_stopped()  # threads queued here while the run is interrupted start no more batches
                 features = self.model.encode_image(pixels)
         return F.normalize(features.float(), dim=-1).cpu().numpy()
 
@@ -266,6 +268,7 @@ def embed_partition(
     entry_urls = []
     embedder: ClipEmbedder | None = None
     for index, shard_url in enumerate(shard_urls):
+        raise_if_stopped()
         fingerprint = shard_fingerprints[index] if shard_fingerprints is not None else shard_fingerprint(shard_url, storage_options)
         if store.read_table(identity, shard_url, fingerprint, embedding_dim=weights.embedding_dim) is not None:
             entry_urls.append(store.entry_url(identity, shard_url, fingerprint))

@@ -3,6 +3,7 @@
 Used by the reader (tar streaming and decoding ahead of the embedder) and by the embedder
 (preprocessing ahead of inference). Memory stays bounded by `depth` items; an exception in the producer
 is raised in the consumer; closing the consumer's iterator stops the producer and closes its source.
+Once the run is interrupted (`tasks.stop`), both sides raise `RunStopped` before their next item.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import queue
 import threading
 from dataclasses import dataclass
 from typing import Iterable, Iterator, TypeVar
+
+from tasks.stop import raise_if_stopped, stop_requested
 
 T = TypeVar("T")
 
@@ -49,6 +52,7 @@ def prefetched(items: Iterable[T], depth: int, name: str = "prefetch") -> Iterat
             for item in iterator:
                 if not put(item):
                     return
+                raise_if_stopped()
             put(_END)
         except BaseException as error:  # noqa: BLE001 - handed to the consumer's thread and raised there
             put(_Failure(error))
@@ -59,12 +63,18 @@ def prefetched(items: Iterable[T], depth: int, name: str = "prefetch") -> Iterat
     worker.start()
     try:
         while True:
-            item = ready.get()
+            try:
+                item = ready.get(timeout=0.1)
+            except queue.Empty:
+                raise_if_stopped()  # the producer may be busy with a long item
+                continue
             if item is _END:
                 return
             if isinstance(item, _Failure):
                 raise item.error
+            raise_if_stopped()
             yield item
     finally:
         stop.set()
-        worker.join()
+        # An interrupted run does not wait on a producer stuck in a slow read: it is a daemon thread.
+        worker.join(timeout=10 if stop_requested() else None)
