@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from tasks.errors import UserError
-from tasks.locations import default_model_dir, nsfw_weights_path
+from tasks.locations import default_model_dir, hold_url_credentials, nsfw_weights_path
 from tasks.stop import request_stop
 
 # Prefect reads these when it is imported, and its local API server inherits them. Telemetry off: an offline
@@ -34,6 +34,8 @@ PREFECT_DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Flow parameters that hold storage URLs (which may carry `user:password@`).
+URL_PARAMETERS = frozenset({"file_paths", "output_path", "cache_path", "filter_output_path"})
 # After an interrupt, at most this long for Prefect to record the crash and shut down before the process ends itself.
 EXIT_GRACE_S = 20.0
 
@@ -165,6 +167,9 @@ def _flow_command(name: str, module: str, flow_name: str, help_text: str, prefli
     def run(args: argparse.Namespace) -> int:
         flow, check = load()
         kwargs = flow_arguments(args, flow.fn)
+        # Credentials in URLs stay in this process: Prefect stores flow-run parameters, so they are taken out here
+        # and the run's planning finds them again (tasks/locations.py).
+        kwargs = {name: hold_url_credentials(value) if name in URL_PARAMETERS else value for name, value in kwargs.items()}
         if check is not None:
             check(kwargs)  # user mistakes end here with one sentence, before a flow run is created
         print(json.dumps(flow(**kwargs), indent=2))

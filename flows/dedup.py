@@ -33,7 +33,7 @@ from tasks.dedup_io import (
 from tasks.embed import embed_partition
 from tasks.errors import UserError
 from tasks.gpu import GPU_SLOTS
-from tasks.locations import default_cache_path
+from tasks.locations import default_cache_path, resolve_url_credentials
 from tasks.ownership import claim_output, input_owner, refuse_overlap, settle_owner
 from tasks.partition import list_shards
 from tasks.read import DecodeOptions
@@ -154,7 +154,12 @@ def image_dedup(
     """
     settings = validate_settings(dict(locals()), DedupSettings)
     logger = get_run_logger()
-    storage_options = storage_options_from_secret(settings.storage_options_secret)
+    # URL credentials move into the storage options: nothing the run holds, writes or prints carries them.
+    *urls, storage_options = resolve_url_credentials(
+        settings.file_paths, settings.output_path, settings.cache_path, settings.filter_output_path,
+        storage_options=storage_options_from_secret(settings.storage_options_secret),
+    )
+    settings = settings.model_copy(update=dict(zip(("file_paths", "output_path", "cache_path", "filter_output_path"), urls)))
     output_path, shard_urls = _inputs_and_output(settings, storage_options)
     store = EmbeddingStore(settings.cache_path or default_cache_path(), storage_options)
 

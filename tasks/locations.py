@@ -1,12 +1,19 @@
 """Where things live by default: model weights and the embedding store.
 
-One place for these defaults; the flow's parameter model and the CLI read them from here.
+One place for these defaults; the flow's parameter model and the CLI read them from here. Also where
+credentials written into URLs go: `resolve_url_credentials` moves them into storage options at planning,
+so every URL a run holds, writes or prints is clean.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+from tasks.errors import UserError
 
 MODEL_DIR_ENV = "NSFW_CURATOR_MODEL_DIR"
 CACHE_PATH_ENV = "NSFW_CURATOR_CACHE_PATH"
@@ -30,3 +37,117 @@ def clip_weights_dir(model_dir: str | os.PathLike, clip_model: str) -> Path:
 def nsfw_weights_path(model_dir: str | os.PathLike, clip_model: str) -> Path:
     """The NSFW head for a CLIP model: `{model_dir}/nsfw/{clip_model}.safetensors`."""
     return Path(model_dir) / "nsfw" / f"{clip_model}.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Credentials written into URLs (`s3://KEY:SECRET@bucket/...`): taken out of the URL once, at planning,
+# and handed to the filesystem as storage options, so no URL the run holds, stores or prints carries them.
+
+_USERINFO = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://(?P<userinfo>[^/?#]*)@")
+# Credentials taken from URLs by the command line (so they never reach Prefect's flow-run parameters),
+# by location (`s3://bucket`); they live in this process only.
+_held_credentials: dict[str, dict[str, Any]] = {}
+
+
+def split_url_credentials(url: str) -> tuple[str, dict[str, Any]]:
+    """(the URL without `user:password@`, the fsspec storage options carrying them; {} when there are none)."""
+    match = _USERINFO.match(url) if isinstance(url, str) else None
+    if match is None:
+        return url, {}
+    scheme = match.group("scheme").lower()
+    user, has_password, password = match.group("userinfo").partition(":")
+    user, password = unquote(user), unquote(password) if has_password else None
+    clean = f"{match.group('scheme')}://{url[match.end():]}"
+    if scheme in ("s3", "s3a"):
+        options = {"key": user, "secret": password}
+    elif scheme in ("http", "https"):
+        import aiohttp
+
+        options = {"client_kwargs": {"auth": aiohttp.BasicAuth(user, password or "")}}
+    else:  # ftp, sftp, smb, ...: fsspec's own names
+        options = {"username": user, "password": password}
+    return clean, {name: value for name, value in options.items() if value is not None}
+
+
+def _location(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    return f"{scheme.lower()}://{rest.split('/', 1)[0]}" if rest else url
+
+
+def _each_url(value: str | list[str] | tuple[str, ...]) -> list[str]:
+    items = [value] if isinstance(value, str) else list(value)
+    return [part for item in items if isinstance(item, str) for part in item.split("::")]
+
+
+def _strip(value: Any, found: list[dict[str, Any]]) -> Any:
+    """`value` (a URL, a `::`-joined list of URLs, or a list of them) without credentials; what they held is appended to `found`."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_strip(item, found) for item in value)
+    if not isinstance(value, str):
+        return value
+    parts = []
+    for part in value.split("::"):
+        clean, options = split_url_credentials(part)
+        if options:
+            found.append(options)
+        parts.append(clean)
+    return "::".join(parts)
+
+
+def hold_url_credentials(value: Any) -> Any:
+    """`value` without URL credentials; they are kept in this process for `resolve_url_credentials` to find."""
+    found: list[dict[str, Any]] = []
+    clean = _strip(value, found)
+    if found:
+        for url, options in zip([u for u in _each_url(value) if _USERINFO.match(u)], found):
+            _held_credentials[_location(split_url_credentials(url)[0])] = options
+    return clean
+
+
+def resolve_url_credentials(*values: Any, storage_options: dict[str, Any] | None = None) -> tuple[Any, ...]:
+    """`values` (URLs or lists of them) without credentials, then the storage options with those credentials added.
+
+    One run uses one set of storage options for all its URLs, so URLs carrying different credentials, or
+    credentials that contradict `storage_options`, are a UserError (the message names no secret).
+    """
+    found: list[dict[str, Any]] = []
+    clean = tuple(_strip(value, found) for value in values)
+    for value in clean:
+        for url in _each_url(value) if value is not None else []:
+            if _location(url) in _held_credentials:
+                found.append(_held_credentials[_location(url)])
+    merged = dict(storage_options or {})
+    for options in found:
+        for name, value in options.items():
+            if name in merged and merged[name] != value:
+                raise UserError(
+                    "the URLs of this run carry different storage credentials (or ones that contradict the storage options); "
+                    "one run uses one set: put them in the environment or a storage_options_secret block instead."
+                )
+            merged[name] = value
+    return (*clean, merged)
+
+
+def refuse_output_file(output_path: str, storage_options: dict[str, Any] | None = None) -> None:
+    """UserError when `output_path` is an existing file: outputs need a directory or prefix (checked before any work)."""
+    from fsspec.core import url_to_fs
+
+    try:
+        fs, path = url_to_fs(output_path, **(storage_options or {}))
+        is_file = fs.isfile(path)
+    except Exception:  # noqa: BLE001 - an unreachable location is reported by the listing and writing steps
+        return
+    if is_file:
+        raise UserError(f"output_path {split_url_credentials(output_path)[0]} is an existing file; pass a directory or prefix for the outputs.")
+
+
+def redacted(url: str) -> str:
+    """The URL without `user:password@`, for messages."""
+    match = _USERINFO.match(url) if isinstance(url, str) else None
+    return f"{match.group('scheme')}://{url[match.end():]}" if match else url
+
+
+def scrubbed(text: str, url: str) -> str:
+    """`text` (an error message about `url`) with the URL's `user:password@` removed wherever it appears."""
+    match = _USERINFO.match(url) if isinstance(url, str) else None
+    return str(text).replace(match.group("userinfo") + "@", "") if match and match.group("userinfo") else str(text)

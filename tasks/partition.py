@@ -22,6 +22,7 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from tasks.errors import UserError
+from tasks.locations import redacted, scrubbed
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _DIGITS = re.compile(r"(\d+)")
@@ -73,10 +74,10 @@ def _filesystem(url: str, storage_options: dict | None) -> tuple[fsspec.Abstract
             raise
         protocol = url.split("://", 1)[0]
         raise UserError(
-            f"{url} uses the unknown protocol '{protocol}://'; use a local path, file://, s3:// or another fsspec protocol."
+            f"{redacted(url)} uses the unknown protocol '{protocol}://'; use a local path, file://, s3:// or another fsspec protocol."
         ) from None
     except ImportError as exc:
-        raise UserError(f"{url} needs a filesystem package that is not installed ({exc}); install it and retry.") from None
+        raise UserError(f"{redacted(url)} needs a filesystem package that is not installed ({exc}); install it and retry.") from None
 
 
 def _canonical_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -103,13 +104,13 @@ def canonical_url(url: str, storage_options: dict | None = None) -> str:
 
 def _listing_error(url: str, exc: BaseException) -> UserError:
     if isinstance(exc, PermissionError):
-        return UserError(f"Cannot list {url}: access denied; check the storage credentials and permissions in the environment.")
+        return UserError(f"Cannot list {redacted(url)}: access denied; check the storage credentials and permissions in the environment.")
     if isinstance(exc, FileNotFoundError):
-        reason = str(exc).strip() or "not found"
-        return UserError(f"Cannot list {url}: {reason}; check the bucket or directory name.")
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = scrubbed(str(exc).strip() or "not found", url)
+        return UserError(f"Cannot list {redacted(url)}: {reason}; check the bucket or directory name.")
+    reason = scrubbed(str(exc).strip().splitlines()[0], url) if str(exc).strip() else type(exc).__name__
     return UserError(
-        f"Cannot list {url} ({type(exc).__name__}: {reason}); check the storage endpoint, network and credentials in the environment."
+        f"Cannot list {redacted(url)} ({type(exc).__name__}: {reason}); check the storage endpoint, network and credentials in the environment."
     )
 
 
@@ -127,14 +128,14 @@ def _list_one(url: str, extensions: tuple[str, ...], storage_options: dict | Non
         fs.invalidate_cache(path[: glob_at.start()].rpartition("/")[0] if glob_at else path)
         if glob_at:
             matches = [p for p, info in fs.glob(path, detail=True).items() if info.get("type") == "file"]
-            where = f"matches {url}"
+            where = f"matches {redacted(url)}"
         elif _has_extension(path, extensions) and fs.isfile(path):
             return [_full_url(fs, path)]
         else:
             matches = fs.find(path)
-            where = f"was found under {url}"
+            where = f"was found under {redacted(url)}"
             if not matches and not fs.exists(path):
-                raise UserError(f"No shard found: {url} does not exist; check file_paths.")
+                raise UserError(f"No shard found: {redacted(url)} does not exist; check file_paths.")
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - every backend has its own listing errors; all mean "cannot list"
@@ -185,7 +186,7 @@ def _check_exist(urls: Iterable[str], storage_options: dict | None) -> list[str]
         first_url, first_reason = missing[0]
         total = len(found) + len(missing)
         raise UserError(
-            f"{len(missing)} of {total} shards named in file_paths do not exist (first: {first_url}, {first_reason}); "
+            f"{len(missing)} of {total} shards named in file_paths do not exist (first: {redacted(first_url)}, {first_reason}); "
             f"fix file_paths or the brace range."
         )
     return found

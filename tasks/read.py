@@ -41,6 +41,7 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tasks.errors import UserError
+from tasks.locations import redacted
 from tasks.prefetch import prefetched
 
 # Image members by preference: a sample with several images is scored on the first present.
@@ -258,17 +259,17 @@ def _open_shard(shard_url: str, storage_options: dict | None):
             return fs.open(path, "rb")
         return fs.open(path, "rb", block_size=_REMOTE_BLOCK_BYTES, cache_type="readahead")
     except FileNotFoundError:
-        raise UserError(f"Shard {shard_url} does not exist; list the shards again or fix file_paths.") from None
+        raise UserError(f"Shard {redacted(shard_url)} does not exist; list the shards again or fix file_paths.") from None
     except PermissionError:
-        raise UserError(f"Cannot read shard {shard_url}: access denied; check the storage credentials in the environment.") from None
+        raise UserError(f"Cannot read shard {redacted(shard_url)}: access denied; check the storage credentials in the environment.") from None
     except IsADirectoryError:
-        raise UserError(f"Shard {shard_url} is a directory, not a tar file; fix file_paths.") from None
+        raise UserError(f"Shard {redacted(shard_url)} is a directory, not a tar file; fix file_paths.") from None
     except ValueError as exc:
         if "Protocol not known" not in str(exc):
             raise
-        raise UserError(f"Shard {shard_url} uses an unknown protocol; use a local path, file://, s3:// or another fsspec URL.") from None
+        raise UserError(f"Shard {redacted(shard_url)} uses an unknown protocol; use a local path, file://, s3:// or another fsspec URL.") from None
     except ImportError as exc:
-        raise UserError(f"Shard {shard_url} needs a filesystem package that is not installed ({exc}); install it and retry.") from None
+        raise UserError(f"Shard {redacted(shard_url)} needs a filesystem package that is not installed ({exc}); install it and retry.") from None
     # Anything else (5xx, timeouts, dropped connections) may be transient: it propagates so the task retries.
 
 

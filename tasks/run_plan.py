@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tasks.clip_resolve import ClipWeights, clip_identity, resolve_clip, weights_fingerprint
-from tasks.locations import default_cache_path, default_model_dir, nsfw_weights_path
+from tasks.locations import default_cache_path, default_model_dir, nsfw_weights_path, refuse_output_file, resolve_url_credentials
 from tasks.nsfw import NSFWHead, load_nsfw_head
 from tasks.ownership import claim_output, input_owner, refuse_overlap
 from tasks.partition import Partition, list_shards, partition_shards
@@ -132,9 +132,13 @@ def plan_filter_run(
     `settings.take_over_output` lets this run replace the outputs of a run over other inputs (tasks/ownership.py).
     """
     model_dir = settings.model_dir or default_model_dir()
-    output_path = normalise_output_path(settings.output_path)
-    storage_options = dict(storage_options or {})
-    file_paths, file_extensions = settings.file_paths, settings.file_extensions
+    # URL credentials move into the storage options here: nothing the run holds, writes or prints carries them.
+    file_paths, output_path, cache_path, storage_options = resolve_url_credentials(
+        settings.file_paths, settings.output_path, settings.cache_path or default_cache_path(), storage_options=storage_options
+    )
+    refuse_output_file(output_path, storage_options)
+    output_path = normalise_output_path(output_path)
+    file_extensions = settings.file_extensions
     shard_urls = list_shards(file_paths, file_extensions, storage_options)
     partitions = tuple(partition_shards(shard_urls, settings.files_per_partition))
     refuse_overlap(output_path, file_paths, shard_urls, file_extensions, storage_options)
@@ -150,7 +154,7 @@ def plan_filter_run(
         clip_weights=clip_weights,
         decode=decode,
         embedding_identity=clip_identity(clip_weights, decode.identity()),
-        store=EmbeddingStore(settings.cache_path or default_cache_path(), storage_options),
+        store=EmbeddingStore(cache_path, storage_options),
         task_batch_size=int(settings.task_batch_size),
         model_inference_batch_size=int(settings.model_inference_batch_size),
         num_gpus_per_worker=float(settings.num_gpus_per_worker),
