@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -66,8 +67,14 @@ def _run_score_embeddings(args: argparse.Namespace) -> int:
 
     weights = args.nsfw_weights or nsfw_weights_path(args.model_dir, args.clip_model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} was asked for but torch sees no CUDA GPU; use --device cpu or run on a GPU machine.")
     head = load_nsfw_head(weights, device=device)
-    rows = score_embedding_file(args.input, args.output, head, batch_size=args.model_inference_batch_size, device=device)
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always")
+        rows = score_embedding_file(args.input, args.output, head, batch_size=args.model_inference_batch_size, device=device)
+    for note in notes:
+        print(f"nsfw-curator: note: {note.message}", file=sys.stderr)
     print(f"scored {rows} embeddings -> {args.output}")
     return 0
 

@@ -2,11 +2,15 @@
 
 Serves embeddings computed elsewhere, such as clip-retrieval's `img_emb/*.npy` or its Parquet output.
 Parquet input streams by record batch, so memory does not grow with the file; every input column is
-carried over and `nsfw_score` (float32, null when not scored) and `error` are added.
+carried over and `nsfw_score` (float32, null when not scored) and `error` are added; an input that already
+has `nsfw_score` or `error` columns (an earlier output scored again) gets them replaced, with a warning.
+Every input this cannot score (missing, unreadable, not numbers, wrong shape or dimension) and an output
+that is a directory are a UserError of one sentence, raised before anything is written.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import PurePosixPath
 
 import fsspec
@@ -19,6 +23,27 @@ from tasks.errors import UserError
 from tasks.nsfw import NSFWHead
 
 READ_ROWS = 65536
+OUTPUT_COLUMNS = ("nsfw_score", "error")
+
+
+def _is_access_error(error: BaseException) -> bool:
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return isinstance(error, PermissionError) or bool(names & {"NoCredentialsError", "PartialCredentialsError", "ClientError"})
+
+
+def _without_output_columns(table: pa.Table) -> pa.Table:
+    replaced = [name for name in OUTPUT_COLUMNS if name in table.column_names]
+    return table.drop_columns(replaced) if replaced else table
+
+
+def _check_output(output_path: str) -> None:
+    try:
+        fs, path = fsspec.core.url_to_fs(output_path)
+        is_directory = fs.isdir(path)
+    except Exception:  # noqa: BLE001 - an unreachable output is reported when it is written
+        return
+    if is_directory:
+        raise UserError(f"--output {output_path} is a directory; name the Parquet file to write, e.g. {output_path.rstrip('/')}/scores.parquet.")
 
 
 def embeddings_from_list_column(column: pa.Array | pa.ChunkedArray, embedding_dim: int) -> tuple[np.ndarray, list[str | None]]:
@@ -53,6 +78,7 @@ def _scored_batch(table: pa.RecordBatch | pa.Table, head: NSFWHead, batch_size: 
     for row, reason in result.unscored.items():
         reasons[row] = reasons[row] or reason
     out = pa.Table.from_batches([table]) if isinstance(table, pa.RecordBatch) else table
+    out = _without_output_columns(out)
     out = out.append_column("nsfw_score", pa.array(result.nsfw_score, type=pa.float32(), from_pandas=True))
     return out.append_column("error", pa.array(reasons, type=pa.string()))
 
@@ -68,19 +94,28 @@ def score_embedding_file(
     suffix = PurePosixPath(input_path.split("?")[0]).suffix.lower()
     if suffix not in (".npy", ".parquet", ".pq"):
         raise UserError(f"{input_path} is neither .npy nor .parquet; pass embeddings as a [N, D] .npy or Parquet with an `embedding` column.")
+    _check_output(output_path)
     try:
         source = fsspec.open(input_path, "rb").open()
     except FileNotFoundError:
         raise UserError(f"{input_path} does not exist; pass an existing .npy or Parquet file of embeddings.") from None
+    except IsADirectoryError:
+        raise UserError(f"{input_path} is a directory; pass one .npy or Parquet file of embeddings.") from None
+    except Exception as error:  # noqa: BLE001 - access problems are the user's to fix; anything else propagates
+        if not _is_access_error(error):
+            raise
+        raise UserError(f"cannot read {input_path} ({type(error).__name__}); check that it exists and that storage credentials are set.") from None
     rows = 0
     with source, atomic_output(output_path) as sink:
         if suffix == ".npy":
             try:
                 embeddings = np.load(source, allow_pickle=False)
-            except ValueError as exc:
-                raise UserError(f"{input_path} is not a readable .npy array ({exc}); save embeddings with numpy.save.") from None
+            except (ValueError, EOFError, OSError):
+                raise UserError(f"{input_path} is not a readable .npy array of numbers; save the embeddings with numpy.save (no pickled objects).") from None
             if embeddings.ndim != 2:
                 raise UserError(f"{input_path} holds an array of shape {embeddings.shape}; embeddings must be [N, D].")
+            if embeddings.dtype.kind not in "fiu":
+                raise UserError(f"{input_path} holds {embeddings.dtype} values; embeddings must be real numbers (float32 or float16).")
             head.check_dimension(int(embeddings.shape[1]), f"the embeddings in {input_path}")
             result = head.score(embeddings, batch_size=batch_size, device=device)
             reasons = [result.unscored.get(i) for i in range(len(embeddings))]
@@ -99,6 +134,14 @@ def score_embedding_file(
             raise UserError(f"{input_path} is not a readable Parquet file ({exc}).") from None
         if "embedding" not in parquet.schema_arrow.names:
             raise UserError(f"{input_path} has no `embedding` column (columns: {', '.join(parquet.schema_arrow.names)}); name the list-of-floats column `embedding`.")
+        embedding_type = parquet.schema_arrow.field("embedding").type
+        if pa.types.is_list(embedding_type) or pa.types.is_large_list(embedding_type) or pa.types.is_fixed_size_list(embedding_type):
+            value_type = embedding_type.value_type
+            if not (pa.types.is_floating(value_type) or pa.types.is_integer(value_type)):
+                raise UserError(f"{input_path}'s `embedding` column holds lists of {value_type}; it must hold lists of floats.")
+        replaced = [name for name in OUTPUT_COLUMNS if name in parquet.schema_arrow.names]
+        if replaced:
+            warnings.warn(f"{input_path} already has {' and '.join(replaced)}; the output replaces them with new values.", stacklevel=2)
         writer = None
         for batch in parquet.iter_batches(batch_size=READ_ROWS):
             if rows == 0:
@@ -109,7 +152,7 @@ def score_embedding_file(
             writer.write_table(scored)
             rows += batch.num_rows
         if writer is None:  # empty input: keep the schema
-            empty = parquet.schema_arrow.empty_table()
+            empty = _without_output_columns(parquet.schema_arrow.empty_table())
             empty = empty.append_column("nsfw_score", pa.array([], pa.float32())).append_column("error", pa.array([], pa.string()))
             writer = pq.ParquetWriter(sink, empty.schema)
         writer.close()

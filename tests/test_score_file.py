@@ -105,5 +105,47 @@ def test_bad_inputs(tmp_path, laion_dir, capsys):
     pq.write_table(pa.table({"embedding": [[0.1] * 512] * 3}), tmp_path / "dim.parquet")
     code, err = run(tmp_path / "dim.parquet")
     assert code == 2 and "dimension 512" in err
+    # each of these is one sentence and exit status 2, never a failed run (1)
+    (tmp_path / "empty.npy").write_bytes(b"")
+    (tmp_path / "text.npy").write_text("hello")
+    np.save(tmp_path / "scalar.npy", np.float32(1.0))
+    np.save(tmp_path / "strings.npy", np.array([["a"] * 768]))
+    pq.write_table(pa.table({"embedding": [["a"] * 768]}), tmp_path / "strings.parquet")
+    (tmp_path / "bad.parquet").write_text("nope")
+    (tmp_path / "a-directory.npy").mkdir()
+    expected = {
+        "empty.npy": "is not a readable .npy array of numbers",
+        "text.npy": "is not a readable .npy array of numbers",
+        "scalar.npy": "holds an array of shape ()",
+        "strings.npy": "holds <U1 values; embeddings must be real numbers",
+        "strings.parquet": "`embedding` column holds lists of string; it must hold lists of floats",
+        "bad.parquet": "is not a readable Parquet file",
+        "a-directory.npy": "is a directory",
+    }
+    for name, fragment in expected.items():
+        code, err = run(tmp_path / name)
+        assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, (name, err)
     assert not (tmp_path / "o.parquet").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    # an output that is a directory is refused before any scoring
+    (tmp_path / "out-dir").mkdir()
+    np.save(tmp_path / "good.npy", np.zeros((2, 768), np.float32))
+    code = main(["score-embeddings", "--input", str(tmp_path / "good.npy"), "--output", str(tmp_path / "out-dir"), "--nsfw-weights", weights])
+    assert code == 2 and "is a directory; name the Parquet file to write" in capsys.readouterr().err
+    assert list((tmp_path / "out-dir").iterdir()) == []
+
+
+def test_scoring_an_earlier_output_replaces_its_score_columns(tmp_path, laion_dir, capsys):
+    weights = str(laion_dir / "vit_l_14.safetensors")
+    rng = np.random.default_rng(0)
+    embeddings = rng.normal(size=(5, 768)).astype(np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    pq.write_table(pa.table({"key": [f"k{i}" for i in range(5)], "embedding": pa.array(embeddings.tolist(), type=pa.list_(pa.float32()))}),
+                   tmp_path / "emb.parquet")
+    assert main(["score-embeddings", "--input", str(tmp_path / "emb.parquet"), "--output", str(tmp_path / "once.parquet"), "--nsfw-weights", weights]) == 0
+    capsys.readouterr()
+    assert main(["score-embeddings", "--input", str(tmp_path / "once.parquet"), "--output", str(tmp_path / "twice.parquet"), "--nsfw-weights", weights]) == 0
+    assert "already has nsfw_score and error; the output replaces them" in capsys.readouterr().err
+    once, twice = pd.read_parquet(tmp_path / "once.parquet"), pd.read_parquet(tmp_path / "twice.parquet")
+    assert list(twice.columns) == ["key", "embedding", "nsfw_score", "error"]
+    np.testing.assert_array_equal(twice["nsfw_score"].to_numpy(), once["nsfw_score"].to_numpy())
