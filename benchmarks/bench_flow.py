@@ -40,19 +40,20 @@ def build_inputs(root: Path, shards: int, per_shard: int) -> Path:
 
 
 def plain_loop(input_dir: Path, root: Path, config_path: Path, checkpoint_path: Path, head: Path = HEAD) -> None:
+    from flows.nsfw_filter import preflight
     from tasks.embed import embed_partition
     from tasks.filter_stage import filter_partition
-    from tasks.run_plan import cached_nsfw_head, plan_filter_run
     from tasks.write import RunSummary
 
-    run = plan_filter_run(str(input_dir), str(root / "out-loop"), clip_model=str(config_path), clip_pretrained=str(checkpoint_path),
-                          nsfw_weights=str(head), cache_path=str(root / "cache-loop"), images_per_tar=100)
+    run = preflight({"file_paths": str(input_dir), "output_path": str(root / "out-loop"), "clip_model": str(config_path),
+                     "clip_pretrained": str(checkpoint_path), "nsfw_weights": str(head), "cache_path": str(root / "cache-loop"), "images_per_tar": 100})
+    embed, scoring = run.embed, run.filter
     results = []
     for partition in run.partitions:
-        embed_partition(partition.shard_urls, run.clip_weights, run.store, run.decode, run.task_batch_size, run.model_inference_batch_size)
-        results.append(filter_partition(partition, run.embedding_identity, run.store, cached_nsfw_head(run.nsfw_weights), run.head_fingerprint,
-                                        run.output_path, run.score_threshold, run.images_per_tar, run.model_inference_batch_size))
-    RunSummary.from_partitions(results, run.score_threshold, run.models(), run.output_path).write()
+        entry_urls = embed_partition(partition.shard_urls, embed.clip_weights, embed.store, embed.decode, embed.task_batch_size,
+                                     embed.model_inference_batch_size)
+        results.append(filter_partition(partition, scoring, entry_urls))
+    RunSummary.from_partitions(results, scoring.score_threshold, run.models(), run.output_path).write()
 
 
 def flow_run(input_dir: Path, root: Path, config_path: Path, checkpoint_path: Path, head: Path = HEAD) -> None:

@@ -102,7 +102,7 @@ def storage_options_from_secret(block_name: str | None) -> dict:
 def embed_partition_task(partition: Partition, shard_fingerprints: tuple[str, ...], stage: EmbedStage) -> list[str]:
     """Store entries for the partition's shards, running CLIP only for the shards the store misses.
 
-    `shard_fingerprints` (computed once by the flow) make the cache key: the hash of the entry URLs.
+    `shard_fingerprints` (computed once by the flow) name the entries and make the cache key, the hash of the entry URLs.
     """
     logger = get_run_logger()
     with GPU_SLOTS.hold(stage.num_gpus_per_worker) as device:
@@ -115,6 +115,7 @@ def embed_partition_task(partition: Partition, shard_fingerprints: tuple[str, ..
             model_inference_batch_size=stage.model_inference_batch_size,
             storage_options=stage.storage_options,
             device=device,
+            shard_fingerprints=shard_fingerprints,
         )
     if stage.verbose:
         logger.info("partition %d: %d store entries on %s", partition.index, len(entry_urls), device)

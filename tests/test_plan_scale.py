@@ -1,0 +1,56 @@
+"""A task's inputs do not grow with the run: a partition of a 5,000-partition run hands its tasks as
+many bytes as a partition of a 5-partition run, and none of them names another partition's shard."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+from flows.nsfw_filter import embed_parameters, filter_parameters, preflight
+from flows.prefect_cache import partition_in_store
+from tests.support.tars import shard_of_good_samples, tar_bytes
+
+
+def plan_of(root: Path, shards: int, tiny_clip_768, laion_dir: Path):
+    config_path, checkpoint_path = tiny_clip_768
+    input_dir = root / "in"
+    input_dir.mkdir(parents=True)
+    # One real (tiny) tar written under many names: every shard is a real file the planner lists and checks.
+    data = tar_bytes(shard_of_good_samples(["k0"], size=(8, 8)))
+    for index in range(shards):
+        (input_dir / f"part-{index:06d}.tar").write_bytes(data)
+    return preflight(
+        {
+            "file_paths": str(input_dir),
+            "output_path": str(root / "out"),
+            "cache_path": str(root / "cache"),
+            "clip_model": str(config_path),
+            "clip_pretrained": str(checkpoint_path),
+            "nsfw_weights": str(laion_dir / "vit_l_14.safetensors"),
+        }
+    )
+
+
+def first_task_inputs(run) -> tuple[bytes, bytes]:
+    """The pickled parameters the flow submits for partition 0's embedding and filter tasks."""
+    partition = run.partitions[0]
+    fingerprints, _ = partition_in_store(run.embed, partition.shard_urls)
+    entry_urls = [run.embed.store.entry_url(run.embed.embedding_identity, url, fp) for url, fp in zip(partition.shard_urls, fingerprints)]
+    embed = pickle.dumps(embed_parameters(run, partition, fingerprints))
+    scoring = pickle.dumps(filter_parameters(run, partition, fingerprints, entry_urls))
+    return embed, scoring
+
+
+def test_task_inputs_do_not_grow_with_the_number_of_partitions(tmp_path, tiny_clip_768, laion_dir):
+    small = plan_of(tmp_path / "small", 5, tiny_clip_768, laion_dir)
+    large = plan_of(tmp_path / "large", 5_000, tiny_clip_768, laion_dir)
+    assert len(small.partitions) == 5 and len(large.partitions) == 5_000
+
+    small_embed, small_filter = first_task_inputs(small)
+    large_embed, large_filter = first_task_inputs(large)
+    # Same partition, paths differing only in the run's folder name ("small" vs "large"): a few bytes apart.
+    assert abs(len(large_embed) - len(small_embed)) < 300, (len(small_embed), len(large_embed))
+    assert abs(len(large_filter) - len(small_filter)) < 300, (len(small_filter), len(large_filter))
+    for other in (large.partitions[1], large.partitions[-1]):
+        assert other.shard_urls[0].encode() not in large_embed
+        assert other.shard_urls[0].encode() not in large_filter
