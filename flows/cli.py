@@ -162,6 +162,10 @@ def flow_arguments(args: argparse.Namespace, flow_fn: Callable) -> dict[str, Any
     return values
 
 
+class RunFailed(Exception):
+    """A flow run was created and failed; its message is the cause's own sentence."""
+
+
 def _flow_command(name: str, module: str, flow_name: str, help_text: str, preflight: str | None = None) -> Callable[[argparse._SubParsersAction], None]:
     """A subcommand running a flow: one option per flow parameter, an optional preflight that checks user input first."""
 
@@ -179,7 +183,11 @@ def _flow_command(name: str, module: str, flow_name: str, help_text: str, prefli
         kwargs = {name: hold_url_credentials(value) if name in URL_PARAMETERS else value for name, value in kwargs.items()}
         if check is not None:
             check(kwargs)  # user mistakes end here with one sentence, before a flow run is created
-        print(json.dumps(flow(**kwargs), indent=2))
+        try:
+            outcome = flow(**kwargs)
+        except UserError as exc:
+            raise RunFailed(f"{type(exc).__name__}: {exc}") from exc  # a run exists and failed: exit status 1, not 2
+        print(json.dumps(outcome, indent=2))
         return 0
 
     def add(subparsers: argparse._SubParsersAction) -> None:
@@ -195,7 +203,7 @@ _add_filter = _flow_command(
     "filter", "flows.nsfw_filter", "nsfw_filter", "run the nsfw-filter flow: score every image, keep those below --score-threshold", "preflight"
 )
 _add_dedup = _flow_command(
-    "dedup", "flows.dedup", "image_dedup", "run the image-dedup flow: near-duplicates from the cached embeddings (no CLIP run)"
+    "dedup", "flows.dedup", "image_dedup", "run the image-dedup flow: near-duplicates from the cached embeddings (no CLIP run)", "preflight"
 )
 
 
@@ -353,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if isinstance(exc, Exception):
             # A failed run: say so in one line; Prefect has logged the details.
-            print(f"nsfw-curator: the run failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            print(f"nsfw-curator: the run failed: {exc if isinstance(exc, RunFailed) else f'{type(exc).__name__}: {exc}'}", file=sys.stderr)
             return 1
         raise
     finally:
