@@ -106,11 +106,20 @@ def _inputs_and_output(settings: DedupSettings, storage_options: dict) -> tuple[
     return output_path, shard_urls
 
 
+def _without_url_credentials(settings: DedupSettings) -> tuple[DedupSettings, dict]:
+    """Settings whose URLs carry no credentials, and the storage options holding them (tasks/locations.py)."""
+    names = ("file_paths", "output_path", "cache_path", "filter_output_path")
+    *urls, storage_options = resolve_url_credentials(
+        *(getattr(settings, name) for name in names), storage_options=storage_options_from_secret(settings.storage_options_secret)
+    )
+    return settings.model_copy(update=dict(zip(names, urls))), storage_options
+
+
 def preflight(parameters: dict[str, Any]) -> None:
     """Check parameters, inputs and output outside Prefect (the CLI's fast, traceback-free check); raises UserError."""
     defaults = {name: p.default for name, p in inspect.signature(image_dedup.fn).parameters.items() if p.default is not inspect.Parameter.empty}
-    settings = validate_settings({**defaults, **parameters}, DedupSettings)
-    _inputs_and_output(settings, storage_options_from_secret(settings.storage_options_secret))
+    settings, storage_options = _without_url_credentials(validate_settings({**defaults, **parameters}, DedupSettings))
+    _inputs_and_output(settings, storage_options)
 
 
 @flow(name="image-dedup", log_prints=False)
@@ -154,12 +163,7 @@ def image_dedup(
     """
     settings = validate_settings(dict(locals()), DedupSettings)
     logger = get_run_logger()
-    # URL credentials move into the storage options: nothing the run holds, writes or prints carries them.
-    *urls, storage_options = resolve_url_credentials(
-        settings.file_paths, settings.output_path, settings.cache_path, settings.filter_output_path,
-        storage_options=storage_options_from_secret(settings.storage_options_secret),
-    )
-    settings = settings.model_copy(update=dict(zip(("file_paths", "output_path", "cache_path", "filter_output_path"), urls)))
+    settings, storage_options = _without_url_credentials(settings)
     output_path, shard_urls = _inputs_and_output(settings, storage_options)
     store = EmbeddingStore(settings.cache_path or default_cache_path(), storage_options)
 
