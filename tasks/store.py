@@ -80,7 +80,7 @@ class CorruptEntryWarning(UserWarning):
 
 def redact_url(url: str) -> str:
     """The URL without any `user:password@` part, for messages and metadata."""
-    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@", r"\1", str(url))
+    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#]*@", r"\1", str(url))  # up to the last @: a secret may hold one
 
 
 def _filesystem(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:

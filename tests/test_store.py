@@ -363,6 +363,7 @@ def test_credentials_never_shown():
     assert "AKIASECRET" not in repr(store) and "hunter2" not in repr(store)
     assert redact_url("s3://user:hunter2@bucket/x.tar") == "s3://bucket/x.tar"
     assert redact_url("https://user:pw@host/a.tar") == "https://host/a.tar"
+    assert redact_url("s3://user:p@ss@bucket/x@y.tar") == "s3://bucket/x@y.tar"  # an unencoded @ in the secret
 
 
 # --- S3 through moto's server -------------------------------------------------------------------
