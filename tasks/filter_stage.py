@@ -69,19 +69,21 @@ def completed_partition(
 
 def _scored_shard(
     shard_url: str,
-    fingerprint: str,
     identity: str,
     store: EmbeddingStore,
     head: NSFWHead,
     batch_size: int,
     storage_options: dict | None,
     reembed_shard: Callable[[str], object] | None = None,
+    fingerprint: str | None = None,
 ) -> Iterator[tuple[object, float, str | None]]:
     """(sample, nsfw_score, error) for every sample of the shard, in order, from its validated store entry.
 
     An entry that is missing, fails validation, or whose keys are not the shard's (checked while streaming)
     is embedded again, once, with `reembed_shard` when given, and scoring goes on from the fresh entry.
+    `fingerprint` is the shard's fingerprint when the caller has it (computed here otherwise).
     """
+    fingerprint = fingerprint or shard_fingerprint(shard_url, storage_options)
     changed = f"{shard_url} no longer matches its cached embeddings; it changed during the run, run again"
     embedded_again = False
 
@@ -174,7 +176,7 @@ def filter_partition(
     def scored_samples() -> Iterator[tuple[object, float, str | None]]:
         for shard_url, fingerprint in zip(partition.shard_urls, fingerprints):
             yield from _scored_shard(
-                shard_url, fingerprint, identity, store, head, embedding.model_inference_batch_size, storage_options, reembed_shard
+                shard_url, identity, store, head, embedding.model_inference_batch_size, storage_options, reembed_shard, fingerprint
             )
             if log:
                 log(f"scored {shard_url}")
