@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 from tests.support.tars import BAD_CASE_EXPECTED, bad_case_members, member_offsets, shard_of_good_samples, tar_bytes, write_tar
-from tests.support.tiny_clip import make_tiny_clip, save_clip_checkpoint, tiny_clip_config
+from tests.support.tiny_clip import make_tiny_clip, open_clip_reference, save_clip_checkpoint, tiny_clip_config
 
 from tasks.clip_resolve import clip_identity, resolve_clip, weights_fingerprint
 from tasks.embed import ClipEmbedder, embed_partition, embed_shard, load_clip_embedder, select_device, unload_clip_models
@@ -40,16 +40,6 @@ def random_images(count: int, seed: int = 0) -> list[Image.Image]:
         image = Image.fromarray(pixels)
         images.append(image.convert("L") if i % 5 == 3 else image.convert("RGBA") if i % 5 == 4 else image)
     return images
-
-
-def open_clip_reference(config_path: Path, checkpoint_path: Path, images: list[Image.Image]) -> np.ndarray:
-    """The embeddings open_clip itself gives: its transform, encode_image, L2 normalisation, one image at a time."""
-    open_clip.add_model_config(config_path)
-    model, _, preprocess = open_clip.create_model_and_transforms(config_path.stem, pretrained=str(checkpoint_path))
-    model.eval()
-    with torch.no_grad():
-        rows = [model.encode_image(preprocess(image).unsqueeze(0)) for image in images]
-    return torch.nn.functional.normalize(torch.cat(rows), dim=-1).numpy()
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

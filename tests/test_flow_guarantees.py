@@ -16,14 +16,13 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import pytest
-import torch
 from PIL import Image, ImageOps
 from safetensors.numpy import load_file, save_file
 
 from tasks.nsfw import load_nsfw_head
 from tests.support.tars import shard_of_good_samples, write_tar
+from tests.support.tiny_clip import open_clip_reference
 from tests.test_flow_filter import (
     Dataset,
     build_dataset,
@@ -42,16 +41,6 @@ pytestmark = pytest.mark.usefixtures("prefect_api")
 # scores sit near 1e-4, so the tolerance is relative); a key scored on another key's image is off by far more
 # (checked in the test, so the tolerance cannot hide a swap).
 SCORE_RTOL = 1e-4
-
-
-def open_clip_embeddings(config_path: Path, checkpoint_path: Path, images: list[Image.Image]) -> np.ndarray:
-    """open_clip's own pipeline: its transform, encode_image, L2 normalisation, one image at a time."""
-    open_clip.add_model_config(config_path)
-    model, _, preprocess = open_clip.create_model_and_transforms(config_path.stem, pretrained=str(checkpoint_path))
-    model.eval()
-    with torch.no_grad():
-        rows = [model.encode_image(preprocess(image).unsqueeze(0)) for image in images]
-    return torch.nn.functional.normalize(torch.cat(rows), dim=-1).numpy()
 
 
 def decoded(data: bytes) -> Image.Image:
@@ -77,7 +66,7 @@ def test_each_key_is_scored_by_the_head_on_its_own_image(tmp_path, tiny_clip_768
             images.append(decoded(members[f"{key}.jpg"]))
     assert len(checked) == 3 * 5 + 3
     assert all(score_of[item][1] is None for item in checked), [score_of[item] for item in checked]
-    expected = load_nsfw_head(str(laion_dir / "vit_l_14.safetensors")).score(open_clip_embeddings(*tiny_clip_768, images)).nsfw_score
+    expected = load_nsfw_head(str(laion_dir / "vit_l_14.safetensors")).score(open_clip_reference(*tiny_clip_768, images)).nsfw_score
     actual = np.array([score_of[item][0] for item in checked], dtype=np.float64)
     np.testing.assert_allclose(actual, expected, rtol=SCORE_RTOL, atol=0)
     # neighbouring samples score differently enough that any mix-up of keys would exceed the tolerance

@@ -66,3 +66,15 @@ def make_tiny_clip(
     config_path.write_text(json.dumps(config, indent=2))
     checkpoint_path = save_clip_checkpoint(config, directory / f"{name}-s{seed}.{checkpoint_format}", seed=seed)
     return config_path, checkpoint_path
+
+
+def open_clip_reference(config_path: Path, checkpoint_path: Path, images: list) -> "np.ndarray":
+    """The embeddings open_clip itself gives: its transform, encode_image, L2 normalisation, one image at a time."""
+    import open_clip
+
+    open_clip.add_model_config(config_path)
+    model, _, preprocess = open_clip.create_model_and_transforms(config_path.stem, pretrained=str(checkpoint_path))
+    model.eval()
+    with torch.no_grad():
+        rows = [model.encode_image(preprocess(image).unsqueeze(0)) for image in images]
+    return torch.nn.functional.normalize(torch.cat(rows), dim=-1).numpy()
