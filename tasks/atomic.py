@@ -7,6 +7,7 @@ an interrupted multipart upload leaves no object behind.
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from contextlib import contextmanager
@@ -15,7 +16,12 @@ from typing import BinaryIO, Iterator
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from tasks.errors import UserError
+from tasks.locations import split_url_credentials
+
 OBJECT_STORE_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
+# A full disk or quota is not transient: the write fails at once with one sentence instead of being retried.
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
 def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -50,11 +56,14 @@ def atomic_output(url: str, storage_options: dict | None = None) -> Iterator[Bin
             os.replace(tmp_path, path)
         else:
             fs.mv(tmp_path, path)
-    except BaseException:
+    except BaseException as error:
         try:
             fs.rm(tmp_path)
         except FileNotFoundError:
             pass
+        if isinstance(error, OSError) and error.errno in _DISK_FULL:
+            shown = split_url_credentials(url)[0]
+            raise UserError(f"No space left to write {shown}; free space there or choose another location, then run again.") from None
         raise
 
 

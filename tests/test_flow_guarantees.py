@@ -234,3 +234,34 @@ def test_user_error_inside_a_task_is_not_retried_and_the_cli_exits_1(tmp_path, t
     assert len(runs) == 1 and runs[0].state.is_failed()
     counts = flow_run_task_run_counts(runs[0].id)
     assert counts and all(count == 1 for count in counts), counts  # a UserError is final: no retry
+
+
+@pytest.fixture()
+def full_disk(tmp_path):
+    """A 16 KiB tmpfs: the first store entry does not fit."""
+    mount_point = tmp_path / "full"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount_point)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        message = f"cannot mount a small tmpfs here ({mounted.stderr.strip()}); the full-disk check needs root"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def test_a_full_cache_disk_fails_the_run_at_once_with_one_sentence(tmp_path, tiny_clip_768, laion_dir, prefect_api, full_disk):
+    from prefect import get_client
+
+    dataset = build_dataset(tmp_path, good_shards=1)
+    cache = full_disk / "cache"
+    done = flow_run_cli(tmp_path, dataset, tiny_clip_768, laion_dir, prefect_api, "--cache-path", str(cache), "--files-per-partition", "3")
+    assert done.returncode == 1, (done.returncode, done.stderr[-3000:])
+    last_line = done.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"nsfw-curator: the run failed: UserError: No space left to write {cache}/"), last_line
+    assert not [p for p in full_disk.rglob("*") if p.is_file()]  # no half-written entry or temp file stays behind
+    with get_client(sync_client=True) as client:
+        runs = [run for run in client.read_flow_runs(limit=200) if run.parameters.get("cache_path") == str(cache)]
+    assert len(runs) == 1 and runs[0].state.is_failed()
+    assert flow_run_task_run_counts(runs[0].id) == [1]  # not retried: a full disk is not a hiccup
