@@ -190,31 +190,34 @@ def read_artifacts(flow_run_id) -> dict:
     return {artifact.key: artifact for artifact in Artifact.model_validate_list(response.json())}
 
 
-def flow_run_task_states(flow_run_id) -> dict[str, list[str]]:
+def flow_run_task_runs(flow_run_id) -> list:
+    """The flow run's task runs in start order, once the API has recorded a final state for each (events land late)."""
+    import time
+
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.sorting import TaskRunSort
 
+    deadline = time.monotonic() + 60
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200
-        )
+        while True:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200
+            )
+            if all(run.state is not None and run.state.is_final() for run in runs) or time.monotonic() > deadline:
+                return runs
+            time.sleep(0.2)
+
+
+def flow_run_task_states(flow_run_id) -> dict[str, list[str]]:
     states: dict[str, list[str]] = {}
-    for run in runs:
+    for run in flow_run_task_runs(flow_run_id):
         states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
     return states
 
 
 def flow_run_task_run_counts(flow_run_id) -> list[int]:
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.client.schemas.sorting import TaskRunSort
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])), sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200
-        )
-    return [run.run_count for run in runs]
+    return [run.run_count for run in flow_run_task_runs(flow_run_id)]
 
 
 def test_rerun_is_cached_and_never_loads_clip(tmp_path, laion_dir):
