@@ -224,7 +224,7 @@ def test_user_error_inside_a_task_is_not_retried_and_the_cli_exits_1(tmp_path, t
 
     dataset = build_dataset(tmp_path, good_shards=1)
     bucket = f"no-such-bucket-{uuid.uuid4().hex[:8]}"  # the run is planned; the first store write finds the bucket missing
-    # a later --cache-path overrides the helper's
+    # a later --cache-path overrides flow_run_cli's
     done = flow_run_cli(tmp_path, dataset, tiny_clip_768, laion_dir, prefect_api, "--cache-path", f"s3://{bucket}/cache", "--files-per-partition", "3")
     assert done.returncode == 1, (done.returncode, done.stderr[-3000:])
     last_line = done.stderr.strip().splitlines()[-1]
