@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.dedup import DedupResult, deduplicate  # noqa: E402
+from tasks.dedup.groups import DedupResult, deduplicate  # noqa: E402
 from tests.support.dedup_data import PlantedDuplicates, planted_duplicates  # noqa: E402
 
 

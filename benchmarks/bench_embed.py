@@ -27,10 +27,10 @@ import torch
 from _read_shards import write_shards
 from PIL import Image
 
-from tasks.clip_resolve import ClipWeights, resolve_clip
-from tasks.embed import embed_shard, load_clip_embedder
-from tasks.read import DecodeOptions
-from tasks.store import EmbeddingStore, embedding_matrix
+from tasks.models.clip_resolve import ClipWeights, resolve_clip
+from tasks.models.embed import embed_shard, load_clip_embedder
+from tasks.io.read import DecodeOptions
+from tasks.store.entries import EmbeddingStore, embedding_matrix
 
 WEB_SIZES = [(640, 480), (512, 512), (800, 533), (480, 640), (1024, 683)]
 LARGE_SIZES = [(1024, 1024), (1280, 960), (1536, 1024), (2048, 1536)]

@@ -41,9 +41,9 @@ def build_inputs(root: Path, shards: int, per_shard: int) -> Path:
 
 def plain_loop(input_dir: Path, root: Path, config_path: Path, checkpoint_path: Path, head: Path = HEAD) -> None:
     from flows.nsfw_filter import preflight
-    from tasks.embed import embed_partition
-    from tasks.filter_stage import filter_partition
-    from tasks.write import RunSummary
+    from tasks.models.embed import embed_partition
+    from tasks.filter.stage import filter_partition
+    from tasks.io.write import RunSummary
 
     run = preflight({"file_paths": str(input_dir), "output_path": str(root / "out-loop"), "clip_model": str(config_path),
                      "clip_pretrained": str(checkpoint_path), "nsfw_weights": str(head), "cache_path": str(root / "cache-loop"), "images_per_tar": 100})

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from _common import SHARED_DIR, best_seconds
-from tasks.nsfw import load_nsfw_head
+from tasks.models.nsfw import load_nsfw_head
 
 
 def plain_mlp_like(head) -> torch.nn.Sequential:

@@ -32,7 +32,7 @@ import _common  # noqa: F401 - puts the repository on sys.path
 from _read_shards import write_shards
 from PIL import Image
 
-from tasks.read import DEFAULT_REDUCED_JPEG_SIZE, DecodeOptions, iter_batches, iter_samples
+from tasks.io.read import DEFAULT_REDUCED_JPEG_SIZE, DecodeOptions, iter_batches, iter_samples
 
 THROUGHPUT_SIZES = [(640, 480), (512, 512), (800, 533), (480, 640), (1024, 683)]
 LARGE_SIZES = [(1024, 768), (1024, 1024), (1280, 960), (1536, 1024), (2048, 1365), (2048, 1536)]

@@ -36,10 +36,10 @@ def child(config_path: str, checkpoint_path: str, cache_path: str, shard_urls: l
     if any(url.startswith("s3://") for url in shard_urls):
         import s3fs  # noqa: F401 - fsspec would import it on first use
 
-    from tasks.clip_resolve import resolve_clip
-    from tasks.embed import embed_partition
-    from tasks.read import DecodeOptions
-    from tasks.store import EmbeddingStore
+    from tasks.models.clip_resolve import resolve_clip
+    from tasks.models.embed import embed_partition
+    from tasks.io.read import DecodeOptions
+    from tasks.store.entries import EmbeddingStore
 
     imported = time.perf_counter()
     weights = resolve_clip(config_path, checkpoint_path)

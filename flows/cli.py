@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from tasks.errors import UserError
-from tasks.locations import default_model_dir, hold_url_credentials, nsfw_weights_path
+from tasks.io.locations import default_model_dir, hold_url_credentials, nsfw_weights_path
 from tasks.stop import request_stop
 
 # Prefect reads these when it is imported, and its local API server inherits them. Telemetry off: an offline
@@ -62,8 +62,8 @@ def _add_score_embeddings(subparsers: argparse._SubParsersAction) -> None:
 def _run_score_embeddings(args: argparse.Namespace) -> int:
     import torch
 
-    from tasks.nsfw import load_nsfw_head
-    from tasks.score_file import score_embedding_file
+    from tasks.models.nsfw import load_nsfw_head
+    from tasks.filter.score_file import score_embedding_file
 
     weights = args.nsfw_weights or nsfw_weights_path(args.model_dir, args.clip_model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -104,7 +104,7 @@ def _add_models(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_models_fetch(args: argparse.Namespace) -> int:
-    from tasks.model_fetch import fetch_models
+    from tasks.models.fetch import fetch_models
 
     for path in fetch_models(args.model_dir, clip_model=args.clip_model, clip_pretrained=args.clip_pretrained):
         print(path)
@@ -112,7 +112,7 @@ def _run_models_fetch(args: argparse.Namespace) -> int:
 
 
 def _run_convert_laion(args: argparse.Namespace) -> int:
-    from tasks.laion_convert import convert_laion_zip
+    from tasks.models.laion_convert import convert_laion_zip
 
     print(convert_laion_zip(args.zip, args.out))
     return 0
@@ -179,7 +179,7 @@ def _flow_command(name: str, module: str, flow_name: str, help_text: str, prefli
         flow, check = load()
         kwargs = flow_arguments(args, flow.fn)
         # Credentials in URLs stay in this process: Prefect stores flow-run parameters, so they are taken out here
-        # and the run's planning finds them again (tasks/locations.py).
+        # and the run's planning finds them again (tasks/io/locations.py).
         kwargs = {name: hold_url_credentials(value) if name in URL_PARAMETERS else value for name, value in kwargs.items()}
         if check is not None:
             check(kwargs)  # user mistakes end here with one sentence, before a flow run is created
@@ -208,7 +208,7 @@ _add_dedup = _flow_command(
 
 
 def _add_review(subparsers: argparse._SubParsersAction) -> None:
-    from tasks.review import DEFAULT_BLUR_ABOVE, DEFAULT_REVIEW_SAMPLES
+    from tasks.review.sheet import DEFAULT_BLUR_ABOVE, DEFAULT_REVIEW_SAMPLES
 
     parser = subparsers.add_parser(
         "review",
@@ -227,7 +227,7 @@ def _add_review(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_review(args: argparse.Namespace) -> int:
-    from tasks.review import write_review_sheet
+    from tasks.review.sheet import write_review_sheet
 
     sheet = write_review_sheet(
         args.output_path, n=args.n, around=args.around, blur_above=args.blur_above, blur=not args.no_blur, seed=args.seed

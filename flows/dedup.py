@@ -1,7 +1,7 @@
 """The `image-dedup` flow: near-duplicate images from the embedding store, without running CLIP.
 
 shards -> their store entries (identity found without CLIP weights) -> all-pairs or clustered cosine
-search (tasks/dedup.py) -> duplicates.parquet, kept.parquet, skipped.parquet, summary.json, and
+search (tasks/dedup/groups.py) -> duplicates.parquet, kept.parquet, skipped.parquet, summary.json, and
 optionally a deduplicated copy of the dataset (or of what a filter run kept).
 """
 
@@ -17,9 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flows.nsfw_filter import storage_options_from_secret, validate_settings
 from flows.prefect_cache import STORAGE_RETRIES
-from tasks.dedup import deduplicate
-from tasks.clip_resolve import clip_identity, resolve_clip
-from tasks.dedup_io import (
+from tasks.dedup.groups import deduplicate
+from tasks.models.clip_resolve import clip_identity, resolve_clip
+from tasks.dedup.io import (
     earlier_copies,
     find_embedding_identity,
     load_embeddings,
@@ -30,16 +30,16 @@ from tasks.dedup_io import (
     write_deduplicated_copy,
     write_frame,
 )
-from tasks.embed import embed_partition
+from tasks.models.embed import embed_partition
 from tasks.errors import UserError
-from tasks.gpu import GPU_SLOTS
-from tasks.locations import default_cache_path, resolve_url_credentials
-from tasks.ownership import claim_output, input_owner, refuse_overlap, settle_owner
-from tasks.partition import list_shards
-from tasks.read import DecodeOptions
-from tasks.run_plan import normalise_output_path
-from tasks.store import EmbeddingStore, redact_url
-from tasks.write import join_url, remove_leftover_temp_files
+from tasks.models.gpu import GPU_SLOTS
+from tasks.io.locations import default_cache_path, resolve_url_credentials
+from tasks.io.ownership import claim_output, input_owner, refuse_overlap, settle_owner
+from tasks.io.partition import list_shards
+from tasks.io.read import DecodeOptions
+from tasks.filter.plan import normalise_output_path
+from tasks.store.entries import EmbeddingStore, redact_url
+from tasks.io.write import join_url, remove_leftover_temp_files
 
 DEDUP_FLOW = "image-dedup"
 
@@ -107,7 +107,7 @@ def _inputs_and_output(settings: DedupSettings, storage_options: dict) -> tuple[
 
 
 def _without_url_credentials(settings: DedupSettings) -> tuple[DedupSettings, dict]:
-    """Settings whose URLs carry no credentials, and the storage options holding them (tasks/locations.py)."""
+    """Settings whose URLs carry no credentials, and the storage options holding them (tasks/io/locations.py)."""
     names = ("file_paths", "output_path", "cache_path", "filter_output_path")
     *urls, storage_options = resolve_url_credentials(
         *(getattr(settings, name) for name in names), storage_options=storage_options_from_secret(settings.storage_options_secret)

@@ -19,14 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from flows.prefect_cache import EMBEDDING_CACHE, STORAGE_RETRIES, embedding_result_storage, partition_in_store, shard_reembedder
 from flows.runners import default_max_workers, gpu_remote_options, open_task_runner
-from tasks.embed import embed_partition
+from tasks.models.embed import embed_partition
 from tasks.errors import UserError
-from tasks.filter_stage import clean_partitions_beyond, filter_partition
-from tasks.gpu import GPU_SLOTS
-from tasks.partition import Partition
-from tasks.review import publish_review_artifacts, write_review_sheet
-from tasks.run_plan import EmbedStage, FilterRun, FilterStage, plan_filter_run
-from tasks.write import PartitionResult, RunSummary, remove_leftover_temp_files
+from tasks.filter.stage import clean_partitions_beyond, filter_partition
+from tasks.models.gpu import GPU_SLOTS
+from tasks.io.partition import Partition
+from tasks.review.sheet import publish_review_artifacts, write_review_sheet
+from tasks.filter.plan import EmbedStage, FilterRun, FilterStage, plan_filter_run
+from tasks.io.write import PartitionResult, RunSummary, remove_leftover_temp_files
 
 
 class FilterSettings(BaseModel):
@@ -302,7 +302,7 @@ def nsfw_filter(
     summary_url = summary.write(run.storage_options)
     publish_artifacts(summary, summary_url)
     if settings.review_samples > 0:
-        # Opt-in threshold-calibration sheet (tasks/review.py); the run's outputs are complete before it starts.
+        # Opt-in threshold-calibration sheet (tasks/review/sheet.py); the run's outputs are complete before it starts.
         sheet = write_review_sheet(run.output_path, n=settings.review_samples, storage_options=run.storage_options)
         publish_review_artifacts(sheet)
         logger.info("review sheet with %d samples: %s", len(sheet.samples), sheet.sheet_url)

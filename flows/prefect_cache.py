@@ -32,12 +32,12 @@ from prefect.serializers import Serializer
 from prefect.tasks import exponential_backoff
 from pydantic import Field, PrivateAttr
 
-from tasks.atomic import write_bytes_atomic
-from tasks.embed import embed_shard, load_clip_embedder
+from tasks.io.atomic import write_bytes_atomic
+from tasks.models.embed import embed_shard, load_clip_embedder
 from tasks.errors import UserError
-from tasks.gpu import GPU_SLOTS
-from tasks.run_plan import EmbedStage
-from tasks.store import shard_fingerprint
+from tasks.models.gpu import GPU_SLOTS
+from tasks.filter.plan import EmbedStage
+from tasks.store.entries import shard_fingerprint
 
 RESULTS_FOLDER = "_prefect_results"
 ENTRY_URLS_SERIALIZER_TYPE = "nsfw-curator-entry-urls"

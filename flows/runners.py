@@ -8,7 +8,7 @@ from typing import Iterator
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from tasks.gpu import gpu_count, simulated_gpu_count, slots_per_gpu
+from tasks.models.gpu import gpu_count, simulated_gpu_count, slots_per_gpu
 from tasks.stop import clear_stop, request_stop
 
 # Settings of this project that Ray worker processes must see as the driver does.

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
-from tasks.locations import resolve_url_credentials, split_url_credentials
+from tasks.io.locations import resolve_url_credentials, split_url_credentials
 from tasks.errors import UserError
 from tests.test_flow_filter import build_dataset, read_artifacts, upload_dir
 

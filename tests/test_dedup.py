@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-import tasks.dedup
-from tasks.dedup import DUPLICATE_COLUMNS, KEPT_COLUMNS, PAIR_COLUMNS, SKIPPED_COLUMNS, deduplicate
-from tasks.dedup_search import MISSING_REASON, ZERO_REASON, screen_margin
+import tasks.dedup.groups
+from tasks.dedup.groups import DUPLICATE_COLUMNS, KEPT_COLUMNS, PAIR_COLUMNS, SKIPPED_COLUMNS, deduplicate
+from tasks.dedup.search import MISSING_REASON, ZERO_REASON, screen_margin
 from tasks.errors import UserError
 from support.dedup_data import planted_duplicates, unit_rows
 
@@ -232,7 +232,7 @@ def test_survivor_of_a_star_is_its_hub_and_exact_copies_keep_the_first():
 
 def test_survivors_of_large_groups_streamed_in_passes_match(small, monkeypatch):
     reference = deduplicate(small.embeddings, small.key, small.shard, method="exact")
-    monkeypatch.setattr(tasks.dedup, "_SURVIVOR_ROWS", 3)
+    monkeypatch.setattr(tasks.dedup.groups, "_SURVIVOR_ROWS", 3)
     streamed = deduplicate(small.embeddings, small.key, small.shard, method="exact")
     pd.testing.assert_frame_equal(streamed.kept, reference.kept)
     pd.testing.assert_frame_equal(streamed.duplicates, reference.duplicates, check_exact=False, atol=1e-12)

@@ -20,11 +20,11 @@ from PIL import Image
 from tests.support.tars import BAD_CASE_EXPECTED, bad_case_members, member_offsets, shard_of_good_samples, tar_bytes, write_tar
 from tests.support.tiny_clip import make_tiny_clip, open_clip_reference, save_clip_checkpoint, tiny_clip_config
 
-from tasks.clip_resolve import clip_identity, resolve_clip, weights_fingerprint
-from tasks.embed import ClipEmbedder, embed_partition, embed_shard, load_clip_embedder, select_device, unload_clip_models
+from tasks.models.clip_resolve import clip_identity, resolve_clip, weights_fingerprint
+from tasks.models.embed import ClipEmbedder, embed_partition, embed_shard, load_clip_embedder, select_device, unload_clip_models
 from tasks.errors import UserError
-from tasks.read import DecodeOptions, iter_samples
-from tasks.store import EmbeddingStore, embedding_matrix, partition_embedding_identity
+from tasks.io.read import DecodeOptions, iter_samples
+from tasks.store.entries import EmbeddingStore, embedding_matrix, partition_embedding_identity
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARITY_COSINE = 0.99999
@@ -364,9 +364,9 @@ def test_decode_settings_content_and_weights_changes_miss(tmp_path, tiny_768, ba
 HITS_IN_ANOTHER_PROCESS = textwrap.dedent(
     """
     import json, sys
-    from tasks.clip_resolve import clip_identity, resolve_clip
-    from tasks.read import DecodeOptions
-    from tasks.store import EmbeddingStore, embedding_matrix
+    from tasks.models.clip_resolve import clip_identity, resolve_clip
+    from tasks.io.read import DecodeOptions
+    from tasks.store.entries import EmbeddingStore, embedding_matrix
     config, checkpoint, cache, shard = sys.argv[1:5]
     identity = clip_identity(resolve_clip(config, checkpoint), DecodeOptions(reduced_jpeg_size=None).identity())
     store = EmbeddingStore(cache)
@@ -416,7 +416,7 @@ def test_stage_reads_and_writes_s3(s3_bucket, tmp_path, tiny_768):
 def test_fetch_keeps_what_is_present_and_valid(tmp_path, laion_dir):
     from safetensors.torch import save_file
 
-    from tasks.model_fetch import fetch_models
+    from tasks.models.fetch import fetch_models
 
     checkpoint = tmp_path / "clip" / "ViT-L-14" / "openai.safetensors"
     checkpoint.parent.mkdir(parents=True)
@@ -434,7 +434,7 @@ def test_fetch_keeps_what_is_present_and_valid(tmp_path, laion_dir):
 
 
 def test_fetch_refuses_unknown_tags_and_heads_before_downloading(tmp_path):
-    from tasks.model_fetch import fetch_clip_weights, fetch_models
+    from tasks.models.fetch import fetch_clip_weights, fetch_models
 
     with pytest.raises(UserError, match="no pretrained weights 'nope' for ViT-L-14 .*openai"):
         fetch_clip_weights(tmp_path, "ViT-L-14", "nope")

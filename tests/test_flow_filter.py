@@ -351,7 +351,7 @@ def test_kill_9_midway_then_rerun_completes_without_duplicates(tmp_path, tiny_cl
 
 
 def test_gpu_sharing_bound_with_threads_and_ray(tmp_path, tiny_clip_768, laion_dir, monkeypatch):
-    from tasks.gpu import GPU_JOURNAL_ENV, SIMULATED_GPUS_ENV, max_overlap
+    from tasks.models.gpu import GPU_JOURNAL_ENV, SIMULATED_GPUS_ENV, max_overlap
 
     dataset = build_dataset(tmp_path, good_shards=4)  # 6 shards
     monkeypatch.setenv(SIMULATED_GPUS_ENV, "1")

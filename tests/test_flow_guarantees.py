@@ -20,7 +20,7 @@ import pytest
 from PIL import Image, ImageOps
 from safetensors.numpy import load_file, save_file
 
-from tasks.nsfw import load_nsfw_head
+from tasks.models.nsfw import load_nsfw_head
 from tests.support.tars import shard_of_good_samples, write_tar
 from tests.support.tiny_clip import open_clip_reference
 from tests.test_flow_filter import (

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from tasks.gpu import GPU_JOURNAL_ENV, SIMULATED_GPUS_ENV, GpuSlots, max_overlap, slots_per_gpu
+from tasks.models.gpu import GPU_JOURNAL_ENV, SIMULATED_GPUS_ENV, GpuSlots, max_overlap, slots_per_gpu
 
 
 @pytest.mark.parametrize("fraction, slots", [(1.0, 1), (0.5, 2), (0.34, 2), (1 / 3, 3), (0.25, 4), (0.1, 10)])

@@ -117,7 +117,7 @@ print(json.dumps(rows))
 def read_limited(shards: list[Path]) -> dict[str, tuple]:
     """key -> (error, image size, member extensions) of every sample, read by `iter_batches` in a child under the limit."""
     code = READ_ROWS.format(shards=[str(path) for path in shards])
-    rows = run_limited(code, imports="from tasks.read import iter_batches", headroom=READER_HEADROOM)
+    rows = run_limited(code, imports="from tasks.io.read import iter_batches", headroom=READER_HEADROOM)
     assert len({key for key, *_ in rows}) == len(rows)
     return {key: tuple(rest) for key, *rest in rows}
 

@@ -12,8 +12,8 @@ from safetensors import safe_open
 from tests.support.laion_zips import DATA_MEMBER, INDEX_MEMBER, edit_member, flip_byte, rewrite_zip
 
 from tasks.errors import UserError
-from tasks.laion_convert import convert_laion_zip, crc32c
-from tasks.nsfw import load_nsfw_head
+from tasks.models.laion_convert import convert_laion_zip, crc32c
+from tasks.models.nsfw import load_nsfw_head
 
 ZIPS = {"vit_l_14": "clip_autokeras_binary_nsfw.zip", "vit_b_32": "clip_autokeras_nsfw_b32.zip"}
 REGIMES = ["unit_float32", "unit_fp16_rounded", "scaled_fp16_rounded"]

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from tasks.errors import UserError
-from tasks.nsfw import NON_FINITE_REASON, OUT_OF_RANGE_REASON, load_nsfw_head
+from tasks.models.nsfw import NON_FINITE_REASON, OUT_OF_RANGE_REASON, load_nsfw_head
 
 HEADS = {"vit_l_14": 768, "vit_b_32": 512}
 REGIMES = ["unit_float32", "unit_fp16_rounded", "scaled_fp16_rounded"]

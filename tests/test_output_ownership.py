@@ -171,7 +171,7 @@ def test_s3_output_owned_by_its_first_run(tmp_path, s3_bucket, tiny_clip_768, la
 def test_the_owner_record_is_validated_and_names_the_owner(tmp_path):
     from dataclasses import asdict
 
-    from tasks.ownership import claim_output, input_owner
+    from tasks.io.ownership import claim_output, input_owner
 
     keys = make_shards(tmp_path / "in", 2)
     owner = input_owner("nsfw-filter", str(tmp_path / "in"), [".tar"], list(keys), 2)

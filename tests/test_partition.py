@@ -9,7 +9,7 @@ import pytest
 
 from tasks.errors import UserError
 from tests.support.s3 import NO_RETRIES
-from tasks.partition import Partition, list_shards, partition_shards
+from tasks.io.partition import Partition, list_shards, partition_shards
 from tests.support.tars import shard_of_good_samples, tar_bytes, write_tar
 
 

@@ -34,7 +34,7 @@ from tests.support.tars import (
 )
 from tasks.errors import UserError
 from tests.support.s3 import NO_RETRIES
-from tasks.read import MAX_JSON_DEPTH, MAX_JSON_NUMBER_CHARS, DecodeOptions, ReadLimits, Sample, image_extension, iter_batches, iter_samples
+from tasks.io.read import MAX_JSON_DEPTH, MAX_JSON_NUMBER_CHARS, DecodeOptions, ReadLimits, Sample, image_extension, iter_batches, iter_samples
 
 
 FULL = DecodeOptions(reduced_jpeg_size=None)  # exact pixels; reduced decoding has its own tests

@@ -19,7 +19,7 @@ from PIL import Image
 
 from flows.nsfw_filter import nsfw_filter
 from tasks.errors import UserError
-from tasks.review import (
+from tasks.review.sheet import (
     AROUND_WEIGHT,
     FILTERED_COLOUR,
     PASS_COLOUR,
@@ -327,7 +327,7 @@ def test_quotas_are_denser_around_the_centre_and_pass_on_what_a_band_lacks():
 
 
 def test_a_spread_of_scores_is_sampled_per_band_and_densest_around_the_centre(tmp_path):
-    from tasks.write import write_scores
+    from tasks.io.write import write_scores
 
     rng = np.random.default_rng(0)
     # Clean-looking data: most scores near 0 and a thin tail up to 1; plus rows that were not scored.
@@ -358,7 +358,7 @@ def test_a_spread_of_scores_is_sampled_per_band_and_densest_around_the_centre(tm
 
 
 def test_a_run_without_scored_samples_gets_an_empty_sheet(tmp_path):
-    from tasks.write import write_scores
+    from tasks.io.write import write_scores
 
     write_scores(str(tmp_path / "scores" / "part-000000.parquet"), {
         "key": ["a", "b"], "shard": ["in/0.tar"] * 2, "nsfw_score": [None, None], "passed": [False, False],

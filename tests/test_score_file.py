@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.cli import main
-from tasks.nsfw import NON_FINITE_REASON
+from tasks.models.nsfw import NON_FINITE_REASON
 
 REGIMES = ["unit_float32", "unit_fp16_rounded", "scaled_fp16_rounded"]
 HEADS = {"vit_l_14": "ViT-L-14", "vit_b_32": "ViT-B-32"}

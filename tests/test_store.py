@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.errors import UserError
-from tasks.store import (
+from tasks.store.entries import (
     NON_FINITE_REASON,
     NOT_UNIT_REASON,
     CorruptEntryWarning,
@@ -286,7 +286,7 @@ WRITER = textwrap.dedent(
     """
     import sys, time
     import numpy as np
-    from tasks.store import EmbeddingStore, embedding_table
+    from tasks.store.entries import EmbeddingStore, embedding_table
     cache, shard, seed, rounds, reads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
     store = EmbeddingStore(cache)
     n = 4000

@@ -36,7 +36,7 @@ from flows.prefect_cache import (
     UntrustedRecordError,
     checked_record,
 )
-from tasks.store import CorruptEntryWarning, EmbeddingStore, embedding_matrix, embedding_table
+from tasks.store.entries import CorruptEntryWarning, EmbeddingStore, embedding_matrix, embedding_table
 from tests.test_flow_filter import build_dataset, flow_run_task_states, read_scores, run_filter
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -265,8 +265,8 @@ def test_flow_with_poisoned_entries_rescores_from_fresh_embeddings(tmp_path, tin
 
 
 def test_filter_stage_embeds_again_when_an_entrys_keys_are_not_the_shards(tmp_path, laion_dir):
-    from tasks.filter_stage import _scored_shard
-    from tasks.nsfw import load_nsfw_head
+    from tasks.filter.stage import _scored_shard
+    from tasks.models.nsfw import load_nsfw_head
     from tests.support.tars import shard_of_good_samples, write_tar
     from tests.test_store import unit_rows
 

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.write import (
+from tasks.io.write import (
     FilteredShardWriter,
     RunSummary,
     read_manifest,
@@ -144,7 +144,7 @@ def user_files(root) -> dict[str, bytes]:
 
 
 def test_cleanup_touches_only_the_files_this_project_writes(tmp_path):
-    from tasks.write import remove_leftover_temp_files
+    from tasks.io.write import remove_leftover_temp_files
 
     out = tmp_path / "out[1]*?"  # glob characters in the path disable nothing
     kept = user_files(out)

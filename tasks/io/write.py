@@ -6,7 +6,7 @@ Layout (one partition = `files_per_partition` input shards, named by its index i
     scores/part-{partition:06d}.parquet       one row per input sample: key, shard, nsfw_score, passed, error, output_shard
     _manifests/part-{partition:06d}.json      written last: the partition is complete when its manifest exists
     summary.json                              the run summary (counts, threshold, models, histogram)
-    _owner.json                               which inputs own the output (tasks/ownership.py)
+    _owner.json                               which inputs own the output (tasks/io/ownership.py)
 
 Every file is written atomically; a partition re-run rewrites the same names and removes the files of
 earlier attempts that the new manifest does not list: those the previous manifest names, and the further
@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.atomic import atomic_output, filesystem, is_object_store, write_bytes_atomic
+from tasks.io.atomic import atomic_output, filesystem, is_object_store, write_bytes_atomic
 
 SCORES_SCHEMA = pa.schema(
     [
@@ -214,7 +214,7 @@ def remove_stale_outputs(
 
 
 # The names this project writes under an output, per folder; a temp file of one of them is
-# `.{name}.{32 hex}.tmp` next to it (tasks/atomic.py), left only when a writer was killed.
+# `.{name}.{32 hex}.tmp` next to it (tasks/io/atomic.py), left only when a writer was killed.
 OUTPUT_NAMES = {
     "": r"summary\.json|_owner\.json|duplicates\.parquet|kept\.parquet|skipped\.parquet",
     "shards": r"part-\d{6}-\d{4,}\.tar",

@@ -4,14 +4,14 @@ Layout (readable by pandas, pyarrow or a dedup flow without this module):
 
     {cache_path}/{identity}/{shard_name}-{shard_fingerprint}.parquet
 
-`identity` is `tasks.clip_resolve.clip_identity(...)`, `{model_name}-{32 hex}`: a hash of the model config,
+`identity` is `tasks.models.clip_resolve.clip_identity(...)`, `{model_name}-{32 hex}`: a hash of the model config,
 the checkpoint's SHA-256, open_clip's preprocessing and the decode settings. `shard_fingerprint` names the
 shard's content (see `shard_fingerprint`). Columns: `key` (string; null for shard-level damage), `shard`
 (string, the shard URL of the run that wrote the entry), `embedding` (fixed-size list of float32, length =
 embedding dimension, L2-normalised; null where the sample could not be embedded), `error` (null or why).
 The footer's key-value metadata `nsfw_curator` (JSON) repeats what the identity covers.
 
-Writes are atomic (`tasks.atomic`): a temp file + `os.replace` on local disk; on object stores the
+Writes are atomic (`tasks.io.atomic`): a temp file + `os.replace` on local disk; on object stores the
 object appears whole or not at all (one PUT, or a multipart upload completed at close). Concurrent writers of one entry leave one complete file (the last).
 
 Entries are untrusted when read (anyone who can write the store can write them). An entry is used only
@@ -56,8 +56,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from tasks.atomic import write_bytes_atomic
-from tasks.clip_resolve import safe_name
+from tasks.io.atomic import write_bytes_atomic
+from tasks.models.clip_resolve import safe_name
 from tasks.errors import UserError
 
 METADATA_KEY = b"nsfw_curator"

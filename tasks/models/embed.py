@@ -1,6 +1,6 @@
 """CLIP image embeddings: build the resolved open_clip model once per process, embed in batches.
 
-The counterpart of open_clip's `factory.py` + `transform.py`: `tasks.clip_resolve` decides which model and
+The counterpart of open_clip's `factory.py` + `transform.py`: `tasks.models.clip_resolve` decides which model and
 weights, this module builds them with `open_clip.create_model` (open_clip's own checkpoint loading) and
 feeds them with open_clip's own inference transform, so embeddings equal open_clip's
 `encode_image(preprocess(image))`, L2-normalised.
@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tasks.clip_resolve import ClipWeights, clip_identity, identity_record, read_model_config, weights_fingerprint
+from tasks.models.clip_resolve import ClipWeights, clip_identity, identity_record, read_model_config, weights_fingerprint
 from tasks.errors import UserError
-from tasks.prefetch import close_iterator, prefetched
-from tasks.read import DecodeOptions, Sample, iter_batches
+from tasks.io.prefetch import close_iterator, prefetched
+from tasks.io.read import DecodeOptions, Sample, iter_batches
 from tasks.stop import raise_if_stopped
-from tasks.store import EmbeddingStore, embedding_table, shard_fingerprint
+from tasks.store.entries import EmbeddingStore, embedding_table, shard_fingerprint
 
 _PREFETCH_BATCHES = 2
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.atomic import write_bytes_atomic
+from tasks.io.atomic import write_bytes_atomic
 from tasks.errors import UserError
 
 LAION_REPOSITORY = "LAION-AI/CLIP-based-NSFW-Detector"

@@ -2,7 +2,7 @@
 
 `plan_filter_run` lists and partitions the shards, checks that the output is apart from them, finds the
 CLIP weights and the NSFW head offline, checks that they fit each other, fixes the identities that name
-the run's embeddings and outputs, and finally claims the output for these inputs (tasks/ownership.py).
+the run's embeddings and outputs, and finally claims the output for these inputs (tasks/io/ownership.py).
 Every mistake a user can make here fails in seconds with one sentence, before a GPU is touched.
 
 The plan is two kinds of value. The stages (`EmbedStage`, `FilterStage`) carry the run's resolved
@@ -18,13 +18,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from tasks.clip_resolve import ClipWeights, clip_identity, resolve_clip, weights_fingerprint
-from tasks.locations import default_cache_path, default_model_dir, nsfw_weights_path, refuse_output_file, resolve_url_credentials
-from tasks.nsfw import NSFWHead, load_nsfw_head
-from tasks.ownership import claim_output, input_owner, refuse_overlap
-from tasks.partition import Partition, list_shards, partition_shards
-from tasks.read import DecodeOptions
-from tasks.store import EmbeddingStore
+from tasks.models.clip_resolve import ClipWeights, clip_identity, resolve_clip, weights_fingerprint
+from tasks.io.locations import default_cache_path, default_model_dir, nsfw_weights_path, refuse_output_file, resolve_url_credentials
+from tasks.models.nsfw import NSFWHead, load_nsfw_head
+from tasks.io.ownership import claim_output, input_owner, refuse_overlap
+from tasks.io.partition import Partition, list_shards, partition_shards
+from tasks.io.read import DecodeOptions
+from tasks.store.entries import EmbeddingStore
 
 
 FILTER_FLOW = "nsfw-filter"
@@ -129,7 +129,7 @@ def plan_filter_run(
     """Validate and resolve a run and claim its output; raises UserError naming the problem and the remedy.
 
     `settings` holds the flow's validated parameters (their defaults live in the flow's signature only);
-    `settings.take_over_output` lets this run replace the outputs of a run over other inputs (tasks/ownership.py).
+    `settings.take_over_output` lets this run replace the outputs of a run over other inputs (tasks/io/ownership.py).
     """
     model_dir = settings.model_dir or default_model_dir()
     # URL credentials move into the storage options here: nothing the run holds, writes or prints carries them.

@@ -17,7 +17,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from tasks.errors import UserError
-from tasks.locations import split_url_credentials
+from tasks.io.locations import split_url_credentials
 
 OBJECT_STORE_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 # A full disk or quota is not transient: the write fails at once with one sentence instead of being retried.

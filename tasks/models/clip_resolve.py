@@ -2,16 +2,16 @@
 
 The counterpart of open_clip's `pretrained.py`: names, configs, tags and checkpoint paths are resolved
 here without building the model, so the flow can check the embedding store (and skip loading CLIP when
-every shard hits) from this module alone. Construction and batched embedding live in `tasks.embed`.
+every shard hits) from this module alone. Construction and batched embedding live in `tasks.models.embed`.
 
 - `clip_model`: an open_clip model name (`ViT-L-14`) or a path to an open_clip model-config JSON whose
   file stem is the model name.
 - `clip_pretrained`: a checkpoint path (`.safetensors`, `.bin`, `.pt`, `.pth`) or a pretrained tag found
-  at `{model_dir}/clip/{clip_model}/{tag}.{safetensors,bin,pt}` (see `tasks.locations`). A tag open_clip
+  at `{model_dir}/clip/{clip_model}/{tag}.{safetensors,bin,pt}` (see `tasks.io.locations`). A tag open_clip
   knows also brings open_clip's preprocessing and QuickGELU setting for it (the `openai` weights were
   trained with QuickGELU; open_clip's `ViT-L-14` config alone would only warn about the mismatch).
 
-Nothing here downloads anything; `nsfw-curator models fetch` (`tasks.model_fetch`) does.
+Nothing here downloads anything; `nsfw-curator models fetch` (`tasks.models.fetch`) does.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tasks.errors import UserError
-from tasks.locations import clip_weights_dir
+from tasks.io.locations import clip_weights_dir
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # Order in which a tag's files are looked up in the model directory: safetensors first (no pickle).
@@ -200,7 +200,7 @@ def resolve_clip(clip_model: str = "ViT-L-14", clip_pretrained: str = "openai", 
     import open_clip
 
     if model_dir is None:
-        from tasks.locations import default_model_dir
+        from tasks.io.locations import default_model_dir
 
         model_dir = default_model_dir()
     model_name, config_path, config = _model_name_and_config(str(clip_model))

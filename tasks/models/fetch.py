@@ -4,7 +4,7 @@
   when `huggingface_hub` is installed, else the original URL with open_clip's SHA-256 check) fetches the
   tag's checkpoint, which is stored as `{model_dir}/clip/{clip_model}/{tag}.safetensors` (no pickle when
   it is loaded later) with its `.sha256` fingerprint sidecar, then built once with the offline loader.
-- NSFW head: LAION's Keras zip, converted by `tasks.laion_convert` to `{model_dir}/nsfw/{clip_model}.safetensors`.
+- NSFW head: LAION's Keras zip, converted by `tasks.models.laion_convert` to `{model_dir}/nsfw/{clip_model}.safetensors`.
 
 Idempotent: files already present and readable are kept; downloads go to `{model_dir}/.downloads` and
 are removed once converted. Nothing else in the project downloads weights.
@@ -19,9 +19,9 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from tasks.clip_resolve import TAG_SUFFIXES, resolve_clip, weights_fingerprint
+from tasks.models.clip_resolve import TAG_SUFFIXES, resolve_clip, weights_fingerprint
 from tasks.errors import UserError
-from tasks.locations import clip_weights_dir, default_model_dir, nsfw_weights_path
+from tasks.io.locations import clip_weights_dir, default_model_dir, nsfw_weights_path
 
 LAION_HEAD_URLS = {
     "ViT-L-14": "https://raw.githubusercontent.com/LAION-AI/CLIP-based-NSFW-Detector/main/clip_autokeras_binary_nsfw.zip",
@@ -110,7 +110,7 @@ def fetch_clip_weights(model_dir: str | os.PathLike, clip_model: str = "ViT-L-14
     _save_safetensors(state_dict, out_path)
     del state_dict
     # Build it once with the offline loader, so a broken download fails here and not in a run.
-    from tasks.embed import build_clip_model
+    from tasks.models.embed import build_clip_model
 
     import torch
 
@@ -121,7 +121,7 @@ def fetch_clip_weights(model_dir: str | os.PathLike, clip_model: str = "ViT-L-14
 
 def fetch_nsfw_head(model_dir: str | os.PathLike, clip_model: str = "ViT-L-14") -> Path:
     """LAION's NSFW head for `clip_model` as safetensors under `model_dir`, downloaded and converted if missing."""
-    from tasks.nsfw import load_nsfw_head
+    from tasks.models.nsfw import load_nsfw_head
 
     head_model = _head_model(clip_model.replace("/", "-"))
     if head_model not in LAION_HEAD_URLS:
@@ -149,7 +149,7 @@ def fetch_nsfw_head(model_dir: str | os.PathLike, clip_model: str = "ViT-L-14") 
         ) from None
     finally:
         tmp_path.unlink(missing_ok=True)
-    from tasks.laion_convert import convert_laion_zip
+    from tasks.models.laion_convert import convert_laion_zip
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     convert_laion_zip(zip_path, out_path)

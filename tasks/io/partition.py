@@ -22,7 +22,7 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from tasks.errors import UserError
-from tasks.locations import redacted, scrubbed
+from tasks.io.locations import redacted, scrubbed
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _DIGITS = re.compile(r"(\d+)")

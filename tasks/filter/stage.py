@@ -18,14 +18,14 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from tasks.atomic import filesystem
-from tasks.nsfw import NSFWHead
-from tasks.partition import Partition
-from tasks.read import iter_samples
-from tasks.run_plan import FilterStage, cached_nsfw_head
-from tasks.store import EmbeddingStore, embedding_matrix, keys_mismatch, shard_fingerprint
-from tasks.ownership import earlier_partitions, settle_owner
-from tasks.write import (
+from tasks.io.atomic import filesystem
+from tasks.models.nsfw import NSFWHead
+from tasks.io.partition import Partition
+from tasks.io.read import iter_samples
+from tasks.filter.plan import FilterStage, cached_nsfw_head
+from tasks.store.entries import EmbeddingStore, embedding_matrix, keys_mismatch, shard_fingerprint
+from tasks.io.ownership import earlier_partitions, settle_owner
+from tasks.io.write import (
     PartitionResult,
     manifest_url,
     output_shard_url,

@@ -26,10 +26,10 @@ from typing import Sequence
 
 from fsspec.utils import glob_translate
 
-from tasks.atomic import filesystem, write_bytes_atomic
+from tasks.io.atomic import filesystem, write_bytes_atomic
 from tasks.errors import UserError
-from tasks.partition import canonical_url, expand_file_paths, listed_roots
-from tasks.store import redact_url
+from tasks.io.partition import canonical_url, expand_file_paths, listed_roots
+from tasks.store.entries import redact_url
 
 OWNER_RECORD = "_owner.json"
 EARLIER_OUTPUTS = ("summary.json", "_manifests")  # what a run leaves in an output it owned

@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.atomic import atomic_output
+from tasks.io.atomic import atomic_output
 from tasks.errors import UserError
-from tasks.nsfw import NSFWHead
+from tasks.models.nsfw import NSFWHead
 
 READ_ROWS = 65536
 OUTPUT_COLUMNS = ("nsfw_score", "error")

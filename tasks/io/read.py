@@ -41,8 +41,8 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tasks.errors import UserError
-from tasks.locations import redacted
-from tasks.prefetch import prefetched
+from tasks.io.locations import redacted
+from tasks.io.prefetch import prefetched
 
 # Image members by preference: a sample with several images is scored on the first present.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tiff", "tif", "gif")

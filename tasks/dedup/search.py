@@ -11,7 +11,7 @@ Two ways to choose which pairs are screened:
 - `exact`: all pairs, in row blocks against the rows after them (the upper triangle), memory bounded
   by `block_entries`; cost grows as N^2.
 - `clustered`: spherical k-means on a sample, each row assigned to its `clusters_per_point` nearest
-  centroids, all pairs within each cluster (tasks/dedup_clusters.py). A pair is found when the two rows
+  centroids, all pairs within each cluster (tasks/dedup/clusters.py). A pair is found when the two rows
   share a cluster, so pairs straddling a boundary are still found unless neither row has the other's
   cluster among its nearest few; cost grows as N^1.5 with the default number of clusters.
 
@@ -31,8 +31,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from tasks.dedup_clusters import default_num_clusters, partition
-from tasks.dedup_compute import UnionFind, cosine_rows, parallel_map
+from tasks.dedup.clusters import default_num_clusters, split_into_leaves
+from tasks.dedup.compute import UnionFind, cosine_rows, parallel_map
 from tasks.errors import UserError
 
 Method = Literal["auto", "exact", "clustered"]
@@ -415,7 +415,7 @@ def iter_candidates(
         yield from _screen_sets(source, [np.arange(len(source), dtype=np.int64)], screen, counters)
         return
     started = time.perf_counter()
-    leaves = partition(source.screen_rows, len(source), plan.num_clusters, plan.clusters_per_point, seed=seed)
+    leaves = split_into_leaves(source.screen_rows, len(source), plan.num_clusters, plan.clusters_per_point, seed=seed)
     counters.split_clusters = leaves.split_clusters
     counters.add_seconds("partition", time.perf_counter() - started)
     yield from _screen_sets(source, leaves.leaves, screen, counters)

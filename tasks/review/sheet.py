@@ -35,10 +35,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from tasks.atomic import filesystem, is_object_store, write_bytes_atomic
+from tasks.io.atomic import filesystem, is_object_store, write_bytes_atomic
 from tasks.errors import UserError
-from tasks.read import DecodeOptions, decode_sample, iter_samples
-from tasks.write import HISTOGRAM_BINS, join_url
+from tasks.io.read import DecodeOptions, decode_sample, iter_samples
+from tasks.io.write import HISTOGRAM_BINS, join_url
 
 DEFAULT_REVIEW_SAMPLES = 64
 DEFAULT_BLUR_ABOVE = 0.5

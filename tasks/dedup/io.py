@@ -21,12 +21,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.atomic import atomic_output, filesystem, write_bytes_atomic
-from tasks.clip_resolve import clip_identity, resolve_clip, safe_name
+from tasks.io.atomic import atomic_output, filesystem, write_bytes_atomic
+from tasks.models.clip_resolve import clip_identity, resolve_clip, safe_name
 from tasks.errors import UserError
-from tasks.read import DecodeOptions, iter_samples
-from tasks.store import METADATA_KEY, EmbeddingStore, embedding_matrix, redact_url, shard_fingerprint
-from tasks.write import FilteredShardWriter, join_url, output_shard_name, remove_stale_outputs
+from tasks.io.read import DecodeOptions, iter_samples
+from tasks.store.entries import METADATA_KEY, EmbeddingStore, embedding_matrix, redact_url, shard_fingerprint
+from tasks.io.write import FilteredShardWriter, join_url, output_shard_name, remove_stale_outputs
 
 
 def _entry_record(store: EmbeddingStore, identity_dir: str) -> dict | None:

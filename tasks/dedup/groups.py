@@ -1,7 +1,7 @@
 """Near-duplicate groups over cached embeddings: which samples to keep and which duplicate which.
 
 `deduplicate` takes embeddings [N, D] with each row's `key` and `shard`, finds every pair with cosine
-similarity >= `similarity_threshold` (see tasks/dedup_search.py), joins pairs into groups (connected
+similarity >= `similarity_threshold` (see tasks/dedup/search.py), joins pairs into groups (connected
 components, so a chain a~b~c is one group even when a and c are not similar) and keeps one member of
 each group:
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from tasks.dedup_search import (
+from tasks.dedup.search import (
     DEFAULT_BLOCK_ENTRIES,
     DEFAULT_CLUSTERS_PER_POINT,
     DEFAULT_SIMILARITY_THRESHOLD,
@@ -43,7 +43,7 @@ from tasks.dedup_search import (
     plan_search,
     row_validity,
 )
-from tasks.dedup_compute import UnionFind, all_cpu_threads, cosine_rows
+from tasks.dedup.compute import UnionFind, all_cpu_threads, cosine_rows
 from tasks.errors import UserError
 
 # Mean similarities closer than this to the group's best count as ties (then the smallest (shard, key) wins).

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tasks.dedup_compute import parallel_map, torch_threads
+from tasks.dedup.compute import parallel_map, torch_threads
 
 # k-means trains on this many sampled rows per centroid (faiss warns below 39).
 SAMPLES_PER_CENTROID = 40
@@ -43,7 +43,7 @@ RowsOf = Callable[[np.ndarray | slice], torch.Tensor]
 
 
 @dataclass(frozen=True)
-class Partition:
+class ClusterLeaves:
     """Leaves (ascending canonical positions, each to be searched all-pairs) and how they came about."""
 
     leaves: list[np.ndarray]
@@ -196,7 +196,7 @@ def _split(
     return leaves
 
 
-def partition(rows_of: RowsOf, num_rows: int, num_clusters: int, clusters_per_point: int, *, seed: int = 0) -> Partition:
+def split_into_leaves(rows_of: RowsOf, num_rows: int, num_clusters: int, clusters_per_point: int, *, seed: int = 0) -> ClusterLeaves:
     """Leaves covering `num_rows` rows: each row in its `clusters_per_point` nearest of `num_clusters` clusters."""
     generator = torch.Generator().manual_seed(seed)
     sample_rows = _gather(rows_of, _sample(num_rows, num_clusters, generator))
@@ -220,4 +220,4 @@ def partition(rows_of: RowsOf, num_rows: int, num_clusters: int, clusters_per_po
             leaves.extend(_split(rows_of, positions, target, clusters_per_point, seed, (int(cluster),)))
         else:
             leaves.append(positions)
-    return Partition(leaves=leaves, num_clusters=num_clusters, split_clusters=split_clusters)
+    return ClusterLeaves(leaves=leaves, num_clusters=num_clusters, split_clusters=split_clusters)
