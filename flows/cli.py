@@ -208,7 +208,8 @@ _add_dedup = _flow_command(
 
 
 def _add_review(subparsers: argparse._SubParsersAction) -> None:
-    from tasks.review.sheet import DEFAULT_BLUR_ABOVE, DEFAULT_REVIEW_SAMPLES
+    from tasks.review.sampling import DEFAULT_REVIEW_SAMPLES
+    from tasks.review.sheet import DEFAULT_BLUR_ABOVE
 
     parser = subparsers.add_parser(
         "review",

@@ -24,7 +24,8 @@ from tasks.errors import UserError
 from tasks.filter.stage import clean_partitions_beyond, filter_partition
 from tasks.models.gpu import GPU_SLOTS
 from tasks.io.partition import Partition
-from tasks.review.sheet import publish_review_artifacts, write_review_sheet
+from flows.artifacts import publish_review_artifacts
+from tasks.review.sheet import write_review_sheet
 from tasks.filter.plan import EmbedStage, FilterRun, FilterStage, plan_filter_run
 from tasks.io.write import PartitionResult, RunSummary, remove_leftover_temp_files
 

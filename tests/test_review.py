@@ -19,20 +19,10 @@ from PIL import Image
 
 from flows.nsfw_filter import nsfw_filter
 from tasks.errors import UserError
-from tasks.review.sheet import (
-    AROUND_WEIGHT,
-    FILTERED_COLOUR,
-    PASS_COLOUR,
-    THUMBNAIL_SIDE,
-    HistogramLayout,
-    allocate_quotas,
-    band_weights,
-    choose_review_samples,
-    read_run_summary,
-    run_scores_urls,
-    scan_scores,
-    write_review_sheet,
-)
+from tasks.review.render import FILTERED_COLOUR, PASS_COLOUR, HistogramLayout
+from tasks.review.sampling import AROUND_WEIGHT, allocate_quotas, band_weights, choose_review_samples, read_run_summary, run_scores_urls, scan_scores
+from tasks.review.sheet import write_review_sheet
+from tasks.review.thumbnails import THUMBNAIL_SIDE
 from tests.support.tars import Member, bad_case_members, drawn_image, encode, shard_of_good_samples, write_tar
 
 pytestmark = pytest.mark.usefixtures("prefect_api")

@@ -70,3 +70,13 @@ def atomic_output(url: str, storage_options: dict | None = None) -> Iterator[Bin
 def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = None) -> None:
     with atomic_output(url, storage_options) as handle:
         handle.write(data)
+
+
+def write_bytes_for_browser(url: str, data: bytes, content_type: str, storage_options: dict | None) -> None:
+    """Atomic write; on S3 with a Content-Type, so a browser shows the sheet instead of downloading it."""
+    fs, path = filesystem(url, storage_options)
+    if is_object_store(fs) and "s3" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
+        fs.pipe_file(path, data, ContentType=content_type)
+    else:
+        write_bytes_atomic(url, data, storage_options)
+
