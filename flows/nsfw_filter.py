@@ -17,7 +17,7 @@ from prefect.futures import PrefectFuture
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from flows.prefect_cache import EMBEDDING_CACHE, STORAGE_RETRIES, embedding_result_storage, partition_in_store, shard_reembedder
+from flows.prefect_cache import EMBEDDING_CACHE, STORAGE_RETRIES, embedding_result_storage, StoreLookup, look_up_partition, shard_reembedder
 from flows.runners import default_max_workers, gpu_remote_options, open_task_runner
 from tasks.models.embed import embed_partition
 from tasks.errors import UserError
@@ -100,10 +100,11 @@ def storage_options_from_secret(block_name: str | None) -> dict:
     **EMBEDDING_CACHE,  # cache records are data only (entry URLs as JSON), checked when read back
     tags=["gpu"],
 )
-def embed_partition_task(partition: Partition, shard_fingerprints: tuple[str, ...], stage: EmbedStage) -> list[str]:
+def embed_partition_task(partition: Partition, shard_fingerprints: tuple[str, ...], shards_in_store: tuple[bool, ...], stage: EmbedStage) -> list[str]:
     """Store entries for the partition's shards, running CLIP only for the shards the store misses.
 
-    `shard_fingerprints` (computed once by the flow) name the entries and make the cache key, the hash of the entry URLs.
+    `shard_fingerprints` and `shards_in_store` come from the flow's one lookup per shard; the fingerprints
+    name the entries and make the cache key, the hash of the entry URLs.
     """
     logger = get_run_logger()
     with GPU_SLOTS.hold(stage.num_gpus_per_worker) as device:
@@ -117,6 +118,7 @@ def embed_partition_task(partition: Partition, shard_fingerprints: tuple[str, ..
             storage_options=stage.storage_options,
             device=device,
             shard_fingerprints=shard_fingerprints,
+            shards_in_store=shards_in_store,
         )
     if stage.verbose:
         logger.info("partition %d: %d store entries on %s", partition.index, len(entry_urls), device)
@@ -142,9 +144,9 @@ def filter_partition_task(partition: Partition, shard_fingerprints: tuple[str, .
     )
 
 
-def embed_parameters(run: FilterRun, partition: Partition, shard_fingerprints: tuple[str, ...]) -> dict[str, Any]:
-    """What an embedding task receives: its partition, its shards' fingerprints and the stage settings, never the run's other partitions."""
-    return {"partition": partition, "shard_fingerprints": shard_fingerprints, "stage": run.embed}
+def embed_parameters(run: FilterRun, partition: Partition, lookup: StoreLookup) -> dict[str, Any]:
+    """What an embedding task receives: its partition, what the flow's store lookup found for it and the stage settings, never the run's other partitions."""
+    return {"partition": partition, "shard_fingerprints": lookup.shard_fingerprints, "shards_in_store": lookup.shards_in_store, "stage": run.embed}
 
 
 def filter_parameters(run: FilterRun, partition: Partition, shard_fingerprints: tuple[str, ...], entry_urls: Any) -> dict[str, Any]:
@@ -157,7 +159,7 @@ def submission_window(max_workers: int | None, num_gpus_per_worker: float) -> in
     return 4 * (max_workers or default_max_workers(num_gpus_per_worker))
 
 
-def run_partitions(runner: Any, run: FilterRun, checked: list[tuple[tuple[str, ...], bool]], window: int) -> list[PartitionResult]:
+def run_partitions(runner: Any, run: FilterRun, lookups: list[StoreLookup], window: int) -> list[PartitionResult]:
     """Embed then filter every partition with at most `window` tasks in flight; the manifests' contents in partition order.
 
     A filter task is submitted once its partition is embedded, so no worker sits blocked on an upstream
@@ -181,9 +183,9 @@ def run_partitions(runner: Any, run: FilterRun, checked: list[tuple[tuple[str, .
             if partition is None:
                 exhausted = True
                 break
-            fingerprints, in_store = checked[partition.index]
+            lookup = lookups[partition.index]
             with gpu_remote_options(runner, run.embed.num_gpus_per_worker):
-                future = runner.submit(embed if in_store else embed_again, embed_parameters(run, partition, fingerprints))
+                future = runner.submit(embed if lookup.complete else embed_again, embed_parameters(run, partition, lookup))
             embedding[future] = partition.index
             future.add_done_callback(finished.put)
         if not embedding and not filtering:
@@ -193,7 +195,7 @@ def run_partitions(runner: Any, run: FilterRun, checked: list[tuple[tuple[str, .
         if future in embedding:
             partition = run.partitions[embedding.pop(future)]
             if future.state.is_completed():
-                written = runner.submit(filter_partition_task, filter_parameters(run, partition, checked[partition.index][0], future))
+                written = runner.submit(filter_partition_task, filter_parameters(run, partition, lookups[partition.index].shard_fingerprints, future))
                 filtering.add(written)
                 written.add_done_callback(finished.put)
             else:
@@ -292,10 +294,10 @@ def nsfw_filter(
 
     # Each shard is fingerprinted and looked up in the store once per run, here; tasks get the fingerprints.
     with ThreadPoolExecutor(max_workers=16) as pool:
-        checked = list(pool.map(lambda p: partition_in_store(run.embed, p.shard_urls), run.partitions))
-    logger.info("%d of %d partitions already in the embedding store", sum(in_store for _, in_store in checked), len(checked))
+        lookups = list(pool.map(lambda p: look_up_partition(run.embed, p.shard_urls), run.partitions))
+    logger.info("%d of %d partitions already in the embedding store", sum(lookup.complete for lookup in lookups), len(lookups))
     with open_task_runner(settings.task_runner, settings.ray_address, settings.max_workers, run.embed.num_gpus_per_worker) as runner:
-        results = run_partitions(runner, run, checked, submission_window(settings.max_workers, run.embed.num_gpus_per_worker))
+        results = run_partitions(runner, run, lookups, submission_window(settings.max_workers, run.embed.num_gpus_per_worker))
 
     clean_partitions_beyond(run.output_path, len(run.partitions), run.storage_options)
     remove_leftover_temp_files(run.output_path, run.storage_options)

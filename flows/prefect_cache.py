@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import anyio.to_thread
@@ -59,14 +60,26 @@ def embedding_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return CACHE_KEY_PREFIX + hashlib.sha256("\n".join(entry_urls).encode()).hexdigest()
 
 
-def partition_in_store(stage: EmbedStage, shard_urls: tuple[str, ...]) -> tuple[tuple[str, ...], bool]:
-    """The shards' fingerprints (computed once per run, here) and whether every shard has a readable store entry."""
+@dataclass(frozen=True)
+class StoreLookup:
+    """A partition's shards as the flow found them, once per run: their fingerprints and which have a readable entry."""
+
+    shard_fingerprints: tuple[str, ...]
+    shards_in_store: tuple[bool, ...]
+
+    @property
+    def complete(self) -> bool:
+        return all(self.shards_in_store)
+
+
+def look_up_partition(stage: EmbedStage, shard_urls: tuple[str, ...]) -> StoreLookup:
+    """Fingerprint each shard and ask the store for its entry: the only time a run asks either question."""
     fingerprints = tuple(shard_fingerprint(url, stage.storage_options) for url in shard_urls)
-    present = all(
+    present = tuple(
         stage.store.has(stage.embedding_identity, url, fingerprint, embedding_dim=stage.clip_weights.embedding_dim)
         for url, fingerprint in zip(shard_urls, fingerprints)
     )
-    return fingerprints, present
+    return StoreLookup(fingerprints, present)
 
 
 def shard_reembedder(stage: EmbedStage) -> Callable[[str], str]:

@@ -7,7 +7,7 @@ import pickle
 from pathlib import Path
 
 from flows.nsfw_filter import embed_parameters, filter_parameters, preflight
-from flows.prefect_cache import partition_in_store
+from flows.prefect_cache import look_up_partition
 from tests.support.tars import shard_of_good_samples, tar_bytes
 
 
@@ -34,9 +34,10 @@ def plan_of(root: Path, shards: int, tiny_clip_768, laion_dir: Path):
 def first_task_inputs(run) -> tuple[bytes, bytes]:
     """The pickled parameters the flow submits for partition 0's embedding and filter tasks."""
     partition = run.partitions[0]
-    fingerprints, _ = partition_in_store(run.embed, partition.shard_urls)
+    lookup = look_up_partition(run.embed, partition.shard_urls)
+    fingerprints = lookup.shard_fingerprints
     entry_urls = [run.embed.store.entry_url(run.embed.embedding_identity, url, fp) for url, fp in zip(partition.shard_urls, fingerprints)]
-    embed = pickle.dumps(embed_parameters(run, partition, fingerprints))
+    embed = pickle.dumps(embed_parameters(run, partition, lookup))
     scoring = pickle.dumps(filter_parameters(run, partition, fingerprints, entry_urls))
     return embed, scoring
 

@@ -259,10 +259,13 @@ def embed_partition(
     storage_options: dict | None = None,
     device: str | torch.device | None = None,
     shard_fingerprints: Sequence[str] | None = None,
+    shards_in_store: Sequence[bool] | None = None,
 ) -> list[str]:
     """Entry URLs for a partition's shards; embeds (loading CLIP only then) the shards the store misses.
 
-    `shard_fingerprints`, when given, are the shards' fingerprints already computed by the caller (in order).
+    `shard_fingerprints`, when given, are the shards' fingerprints already computed by the caller (in order);
+    `shards_in_store`, when given, is what the caller's own store lookup found for each shard, so the store
+    is not asked again (whoever reads an entry validates it and re-embeds an unusable one).
     """
     identity = clip_identity(weights, decode_options.identity())
     entry_urls = []
@@ -270,7 +273,7 @@ def embed_partition(
     for index, shard_url in enumerate(shard_urls):
         raise_if_stopped()
         fingerprint = shard_fingerprints[index] if shard_fingerprints is not None else shard_fingerprint(shard_url, storage_options)
-        if store.read_table(identity, shard_url, fingerprint, embedding_dim=weights.embedding_dim) is not None:
+        if shards_in_store[index] if shards_in_store is not None else store.has(identity, shard_url, fingerprint, embedding_dim=weights.embedding_dim):
             entry_urls.append(store.entry_url(identity, shard_url, fingerprint))
             continue
         if embedder is None:
