@@ -26,7 +26,7 @@ from tasks.models.gpu import GPU_SLOTS
 from tasks.io.partition import Partition
 from flows.artifacts import publish_review_artifacts
 from tasks.review.sheet import write_review_sheet
-from tasks.filter.plan import EmbedStage, FilterRun, FilterStage, plan_filter_run
+from tasks.filter.plan import EmbedStage, FilterRun, FilterStage, plan_filter_run, small_partitions_advice
 from tasks.io.write import PartitionResult, RunSummary, remove_leftover_temp_files
 
 
@@ -38,6 +38,7 @@ class FilterSettings(BaseModel):
     file_paths: Union[str, list[str]]
     output_path: str = Field(min_length=1)
     files_per_partition: int = Field(ge=1)
+    blocksize: Optional[str]
     file_extensions: list[str] = Field(min_length=1)
     task_batch_size: int = Field(ge=1)
     model_dir: Optional[str]
@@ -243,6 +244,7 @@ def nsfw_filter(
     file_paths: Union[str, list[str]],
     output_path: str,
     files_per_partition: int = 1,
+    blocksize: Optional[str] = None,
     file_extensions: list[str] = [".tar"],  # noqa: B006 - Prefect shows the default in the form; never mutated
     task_batch_size: int = 100,
     model_dir: Optional[str] = None,
@@ -268,6 +270,7 @@ def nsfw_filter(
         file_paths: Shards to read: a directory or prefix (local, file://, s3://, any fsspec URL), a list of shard URLs, or brace notation like shards/part-{000000..000099}.tar.
         output_path: Where filtered shards, scores Parquet and the run summary go (local or object storage).
         files_per_partition: Tar shards per unit of work (one task pair per partition).
+        blocksize: Instead of files_per_partition, group consecutive shards into partitions of about this size (e.g. 512MB, 1GiB); a bigger shard stands alone.
         file_extensions: Which files under file_paths are shards.
         task_batch_size: Images decoded per batch.
         model_dir: Where model weights live (CLIP under clip/, the NSFW head under nsfw/); default $NSFW_CURATOR_MODEL_DIR or ~/.cache/nsfw-curator/models.
@@ -291,6 +294,9 @@ def nsfw_filter(
     logger = get_run_logger()
     run = _plan(settings)
     logger.info("%d shards in %d partitions; embeddings %s", sum(len(p.shard_urls) for p in run.partitions), len(run.partitions), run.embed.embedding_identity)
+    advice = small_partitions_advice(len(run.partitions), run.input_bytes)
+    if advice:
+        logger.warning(advice)
 
     # Each shard is fingerprinted and looked up in the store once per run, here; tasks get the fingerprints.
     with ThreadPoolExecutor(max_workers=16) as pool:

@@ -9,7 +9,7 @@ import pytest
 
 from tasks.errors import UserError
 from tests.support.s3 import NO_RETRIES
-from tasks.io.partition import Partition, list_shards, partition_shards
+from tasks.io.partition import Partition, list_shard_sizes, list_shards, parse_blocksize, partition_shards
 from tests.support.tars import shard_of_good_samples, tar_bytes, write_tar
 
 
@@ -170,3 +170,39 @@ def test_remote_spellings_collapse_in_natural_order(s3_bucket):
     listed = list_shards([f"s3://{s3_bucket}/data//part-10.tar", f"s3://{s3_bucket}/data/./part-10.tar", f"s3://{s3_bucket}/data/part-2.tar",
                           f"s3a://{s3_bucket}//data/part-10.tar"])
     assert listed == [f"s3://{s3_bucket}/data/part-2.tar", f"s3://{s3_bucket}/data/part-10.tar"]
+
+
+def test_blocksize_groups_consecutive_shards_by_their_listed_sizes():
+    urls = [f"s3://b/part-{index}.tar" for index in range(6)]
+    sizes = [100, 300, 50, 700, None, 10]
+    groups = [p.shard_urls for p in partition_shards(urls, shard_sizes=sizes, blocksize=400)]
+    # 100+300 fill a block; 50 starts the next; 700 is bigger than a block and stands alone, as does the shard of unknown size.
+    assert groups == [tuple(urls[0:2]), (urls[2],), (urls[3],), (urls[4],), (urls[5],)]
+    assert [p.index for p in partition_shards(urls, shard_sizes=sizes, blocksize=400)] == list(range(5))
+    # Ids depend on the shards alone: the same group formed by blocksize or by files_per_partition is the same partition.
+    assert partition_shards(urls, shard_sizes=sizes, blocksize=400)[0] == partition_shards(urls, 2)[0]
+
+
+@pytest.mark.parametrize(("spelling", "expected"), [("512MB", 512_000_000), ("1GiB", 1 << 30), ("1.5kb", 1500), ("4096", 4096), (64, 64)])
+def test_blocksize_spellings(spelling, expected):
+    assert parse_blocksize(spelling) == expected
+
+
+@pytest.mark.parametrize("bad", ["lots", "-1MB", "0", "", True, "12 parsecs"])
+def test_bad_blocksize_is_one_sentence(bad):
+    with pytest.raises(UserError, match=r"^blocksize must be"):
+        parse_blocksize(bad)
+
+
+def test_listing_gives_sizes_locally_and_on_s3_without_extra_requests(shard_dir, s3_bucket):
+    local = list_shard_sizes(str(shard_dir))
+    assert local == {url: (shard_dir / url).stat().st_size for url in list_shards(str(shard_dir))}
+    fs = fsspec.filesystem("s3", **NO_RETRIES)
+    payloads = {f"part-{index:06d}.tar": tar_bytes(shard_of_good_samples([f"k{index}"] * (index + 1))) for index in range(3)}
+    for name, data in payloads.items():
+        fs.pipe(f"{s3_bucket}/data/{name}", data)
+    expected = {f"s3://{s3_bucket}/data/{name}": len(data) for name, data in payloads.items()}
+    assert list_shard_sizes(f"s3://{s3_bucket}/data") == expected
+    assert list_shard_sizes([f"s3://{s3_bucket}/data/part-000002.tar", f"s3://{s3_bucket}/data/part-000000.tar"]) == {
+        url: expected[url] for url in (f"s3://{s3_bucket}/data/part-000000.tar", f"s3://{s3_bucket}/data/part-000002.tar")
+    }

@@ -1,17 +1,20 @@
 """A task's inputs do not grow with the run: a partition of a 5,000-partition run hands its tasks as
-many bytes as a partition of a 5-partition run, and none of them names another partition's shard."""
+many bytes as a partition of a 5-partition run, and none of them names another partition's shard.
+Partition sizing: blocksize groups shards by bytes, and a run of many small partitions gets advice."""
 
 from __future__ import annotations
 
 import pickle
 from pathlib import Path
 
+import pytest
+
 from flows.nsfw_filter import embed_parameters, filter_parameters, preflight
 from flows.prefect_cache import look_up_partition
 from tests.support.tars import shard_of_good_samples, tar_bytes
 
 
-def plan_of(root: Path, shards: int, tiny_clip_768, laion_dir: Path):
+def plan_of(root: Path, shards: int, tiny_clip_768, laion_dir: Path, **parameters):
     config_path, checkpoint_path = tiny_clip_768
     input_dir = root / "in"
     input_dir.mkdir(parents=True)
@@ -27,6 +30,7 @@ def plan_of(root: Path, shards: int, tiny_clip_768, laion_dir: Path):
             "clip_model": str(config_path),
             "clip_pretrained": str(checkpoint_path),
             "nsfw_weights": str(laion_dir / "vit_l_14.safetensors"),
+            **parameters,
         }
     )
 
@@ -55,3 +59,23 @@ def test_task_inputs_do_not_grow_with_the_number_of_partitions(tmp_path, tiny_cl
     for other in (large.partitions[1], large.partitions[-1]):
         assert other.shard_urls[0].encode() not in large_embed
         assert other.shard_urls[0].encode() not in large_filter
+
+
+def test_blocksize_sizes_partitions_and_small_partitions_get_advice(tmp_path, tiny_clip_768, laion_dir):
+    from tasks.errors import UserError
+    from tasks.filter.plan import small_partitions_advice
+
+    run = plan_of(tmp_path / "one-per-shard", 200, tiny_clip_768, laion_dir)
+    shard_bytes = (tmp_path / "one-per-shard" / "in" / "part-000000.tar").stat().st_size
+    assert len(run.partitions) == 200 and run.input_bytes == 200 * shard_bytes
+    advice = small_partitions_advice(len(run.partitions), run.input_bytes)
+    assert advice is not None and advice.startswith("200 partitions of 0.0 MB on average") and "blocksize='512MB'" in advice
+    # Few partitions, or big ones, get no advice.
+    assert small_partitions_advice(20, 20 * shard_bytes) is None
+    assert small_partitions_advice(200, 200 * (64 << 20)) is None
+
+    grouped = plan_of(tmp_path / "grouped", 200, tiny_clip_768, laion_dir, blocksize=str(10 * shard_bytes))
+    assert [len(p.shard_urls) for p in grouped.partitions] == [10] * 20
+    assert small_partitions_advice(len(grouped.partitions), grouped.input_bytes) is None
+    with pytest.raises(UserError, match="^files_per_partition and blocksize both size partitions; pass one of them.$"):
+        plan_of(tmp_path / "both", 3, tiny_clip_768, laion_dir, blocksize="1MB", files_per_partition=2)

@@ -18,11 +18,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from tasks.errors import UserError
 from tasks.models.clip_resolve import ClipWeights, clip_identity, resolve_clip, weights_fingerprint
 from tasks.io.locations import default_cache_path, default_model_dir, nsfw_weights_path, refuse_output_file, resolve_url_credentials
 from tasks.models.nsfw import NSFWHead, load_nsfw_head
 from tasks.io.ownership import claim_output, input_owner, refuse_overlap
-from tasks.io.partition import Partition, list_shards, partition_shards
+from tasks.io.partition import Partition, list_shard_sizes, parse_blocksize, partition_shards
 from tasks.io.read import DecodeOptions
 from tasks.store.entries import EmbeddingStore
 
@@ -36,6 +37,7 @@ class FilterSettingsLike(Protocol):
     file_paths: str | list[str]
     output_path: str
     files_per_partition: int
+    blocksize: str | None
     file_extensions: list[str]
     task_batch_size: int
     model_dir: str | None
@@ -91,6 +93,7 @@ class FilterRun:
     partitions: tuple[Partition, ...]
     embed: EmbedStage
     filter: FilterStage
+    input_bytes: int | None = None  # the shards' total size, when the listing gave every size
 
     @property
     def output_path(self) -> str:
@@ -111,6 +114,25 @@ class FilterRun:
             "nsfw_head": os.path.basename(self.filter.nsfw_weights),
             "nsfw_head_sha256": self.filter.head_fingerprint,
         }
+
+
+# Below this mean size per partition, a run of many partitions spends a noticeable share of its time on
+# orchestration: each partition costs two task runs, about 50 ms of CPU (benchmarks/bench_scale.py).
+SMALL_PARTITION_BYTES = 64 << 20
+SMALL_PARTITION_RUN = 100  # partitions; fewer cost seconds of overhead in all, not worth a warning
+SUGGESTED_BLOCKSIZE = "512MB"
+
+
+def small_partitions_advice(partitions: int, input_bytes: int | None) -> str | None:
+    """One sentence advising bigger partitions when a large run's partitions are small, else None."""
+    if input_bytes is None or partitions < SMALL_PARTITION_RUN or input_bytes / partitions >= SMALL_PARTITION_BYTES:
+        return None
+    mean_mb = input_bytes / partitions / 1e6
+    return (
+        f"{partitions:,} partitions of {mean_mb:.1f} MB on average: each partition costs two task runs of orchestration, "
+        f"so partitions this small spend much of the run on bookkeeping; pass blocksize='{SUGGESTED_BLOCKSIZE}' "
+        f"(or a larger files_per_partition) to group shards."
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -139,8 +161,13 @@ def plan_filter_run(
     refuse_output_file(output_path, storage_options)
     output_path = normalise_output_path(output_path)
     file_extensions = settings.file_extensions
-    shard_urls = list_shards(file_paths, file_extensions, storage_options)
-    partitions = tuple(partition_shards(shard_urls, settings.files_per_partition))
+    shard_sizes = list_shard_sizes(file_paths, file_extensions, storage_options)
+    shard_urls = list(shard_sizes)
+    if settings.blocksize is not None and settings.files_per_partition != 1:
+        raise UserError("files_per_partition and blocksize both size partitions; pass one of them.")
+    blocksize = parse_blocksize(settings.blocksize) if settings.blocksize is not None else None
+    partitions = tuple(partition_shards(shard_urls, settings.files_per_partition, shard_sizes=list(shard_sizes.values()), blocksize=blocksize))
+    sizes_known = all(size is not None for size in shard_sizes.values())
     refuse_overlap(output_path, file_paths, shard_urls, file_extensions, storage_options)
     clip_weights = resolve_clip(settings.clip_model, settings.clip_pretrained, model_dir)
     head_path = str(settings.nsfw_weights or nsfw_weights_path(model_dir, clip_weights.model_name))
@@ -170,4 +197,5 @@ def plan_filter_run(
         verbose=bool(settings.verbose),
         storage_options=storage_options,
     )
-    return FilterRun(partitions=partitions, embed=embed, filter=scoring)
+    input_bytes = sum(shard_sizes.values()) if sizes_known else None
+    return FilterRun(partitions=partitions, embed=embed, filter=scoring, input_bytes=input_bytes)

@@ -118,8 +118,13 @@ def _has_extension(path: str, extensions: tuple[str, ...]) -> bool:
     return path.lower().endswith(extensions)
 
 
-def _list_one(url: str, extensions: tuple[str, ...], storage_options: dict | None) -> list[str]:
-    """Shards named by one URL: a glob, a single shard, or everything under a directory/prefix."""
+def _size(info: dict) -> int | None:
+    size = info.get("size")
+    return int(size) if isinstance(size, int) and size >= 0 else None
+
+
+def _list_one(url: str, extensions: tuple[str, ...], storage_options: dict | None) -> dict[str, int | None]:
+    """Shards named by one URL (a glob, a single shard, or everything under a directory/prefix), with their sizes."""
     fs, path = _filesystem(url, storage_options)
     path = _canonical_path(fs, path)
     try:
@@ -127,12 +132,12 @@ def _list_one(url: str, extensions: tuple[str, ...], storage_options: dict | Non
         glob_at = _GLOB_CHARS.search(path)
         fs.invalidate_cache(path[: glob_at.start()].rpartition("/")[0] if glob_at else path)
         if glob_at:
-            matches = [p for p, info in fs.glob(path, detail=True).items() if info.get("type") == "file"]
+            matches = {p: _size(info) for p, info in fs.glob(path, detail=True).items() if info.get("type") == "file"}
             where = f"matches {redacted(url)}"
         elif _has_extension(path, extensions) and fs.isfile(path):
-            return [_full_url(fs, path)]
+            return {_full_url(fs, path): _size(fs.info(path))}
         else:
-            matches = fs.find(path)
+            matches = {p: _size(info) for p, info in fs.find(path, detail=True).items()}
             where = f"was found under {redacted(url)}"
             if not matches and not fs.exists(path):
                 raise UserError(f"No shard found: {redacted(url)} does not exist; check file_paths.")
@@ -140,13 +145,13 @@ def _list_one(url: str, extensions: tuple[str, ...], storage_options: dict | Non
         raise
     except Exception as exc:  # noqa: BLE001 - every backend has its own listing errors; all mean "cannot list"
         raise _listing_error(url, exc) from None
-    shards = [_full_url(fs, p) for p in matches if _has_extension(p, extensions)]
+    shards = {_full_url(fs, p): size for p, size in matches.items() if _has_extension(p, extensions)}
     if not shards:
         raise UserError(f"No shard ending in {' or '.join(extensions)} {where}; check file_paths and file_extensions.")
     return shards
 
 
-def _check_exist(urls: Iterable[str], storage_options: dict | None) -> list[str]:
+def _check_exist(urls: Iterable[str], storage_options: dict | None) -> dict[str, int | None]:
     """Full URLs of explicitly named shards, checked with one listing per parent directory (and a
     per-shard check only for those the listing does not show, e.g. on HTTP)."""
     by_parent: dict[tuple[int, str], list[tuple[str, str]]] = {}
@@ -156,30 +161,31 @@ def _check_exist(urls: Iterable[str], storage_options: dict | None) -> list[str]
         path = _canonical_path(fs, path)
         filesystems[id(fs)] = fs
         by_parent.setdefault((id(fs), fs._parent(path)), []).append((url, path))
-    found: list[str] = []
+    found: dict[str, int | None] = {}
     missing: list[tuple[str, str]] = []
     for (fs_id, parent), entries in by_parent.items():
         fs = filesystems[fs_id]
         reason = "no such file"
         try:
             fs.invalidate_cache(parent)
-            listed = {fs._strip_protocol(p).rstrip("/") for p in fs.ls(parent, detail=False)}
+            listed = {fs._strip_protocol(info["name"]).rstrip("/"): _size(info) for info in fs.ls(parent, detail=True)}
         except FileNotFoundError as exc:
-            listed, reason = set(), str(exc).strip() or reason
+            listed, reason = {}, str(exc).strip() or reason
         except Exception:  # noqa: BLE001 - some filesystems cannot list; each shard is checked below
-            listed = set()
+            listed = {}
         for url, path in entries:
-            if fs._strip_protocol(path).rstrip("/") in listed:
-                found.append(_full_url(fs, path))
+            stripped = fs._strip_protocol(path).rstrip("/")
+            if stripped in listed:
+                found[_full_url(fs, path)] = listed[stripped]
                 continue
             try:
-                present = fs.info(path).get("type") == "file"  # isfile() would hide connection errors
+                info = fs.info(path)  # isfile() would hide connection errors
             except FileNotFoundError:
-                present = False
+                info = {}
             except Exception as exc:  # noqa: BLE001 - see _list_one
                 raise _listing_error(url, exc) from None
-            if present:
-                found.append(_full_url(fs, path))
+            if info.get("type") == "file":
+                found[_full_url(fs, path)] = _size(info)
             else:
                 missing.append((url, reason))
     if missing:
@@ -206,7 +212,17 @@ def list_shards(
     file_extensions: Sequence[str] = (".tar",),
     storage_options: dict | None = None,
 ) -> list[str]:
-    """Full shard URLs (`s3://bucket/x.tar`, or absolute local paths), deduplicated, in natural order.
+    """Full shard URLs (`list_shard_sizes` without the sizes)."""
+    return list(list_shard_sizes(file_paths, file_extensions, storage_options))
+
+
+def list_shard_sizes(
+    file_paths: str | os.PathLike | Sequence[str | os.PathLike],
+    file_extensions: Sequence[str] = (".tar",),
+    storage_options: dict | None = None,
+) -> dict[str, int | None]:
+    """Full shard URLs (`s3://bucket/x.tar`, or absolute local paths), deduplicated, in natural order, with
+    their sizes in bytes as the listing gave them (None where a filesystem does not say; no extra request).
 
     A single URL is a shard, a glob, or a directory/prefix listed recursively. Several URLs (a list or
     brace notation) are shards when they end in one of `file_extensions` (checked to exist) and
@@ -222,8 +238,8 @@ def list_shards(
         shards = _check_exist(explicit, storage_options)
         for url in urls:
             if _GLOB_CHARS.search(url) or not _has_extension(url, extensions):
-                shards.extend(_list_one(url, extensions, storage_options))
-    return sorted(set(shards), key=_natural_key)
+                shards.update(_list_one(url, extensions, storage_options))
+    return {url: shards[url] for url in sorted(shards, key=_natural_key)}
 
 
 def listed_roots(
@@ -244,13 +260,52 @@ def listed_roots(
     return roots
 
 
-def partition_shards(shard_urls: Sequence[str], files_per_partition: int = 1) -> list[Partition]:
-    """Consecutive groups of `files_per_partition` shards, in the given order (the last may be smaller)."""
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_blocksize(blocksize: int | str) -> int:
+    """Bytes from `blocksize`: a whole number of bytes or a size such as "512MB", "1GiB" (NeMo Curator's spelling)."""
+    if isinstance(blocksize, bool):
+        raise UserError(f"blocksize must be a size such as '512MB' or a number of bytes, not {blocksize!r}.")
+    if isinstance(blocksize, int):
+        value = blocksize
+    else:
+        match = _SIZE.match(str(blocksize))
+        if not match:
+            raise UserError(f"blocksize must be a size such as '512MB' or a number of bytes, not {blocksize!r}.")
+        value = int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])
+    if value < 1:
+        raise UserError(f"blocksize must be at least 1 byte, not {blocksize!r}.")
+    return value
+
+
+def partition_shards(
+    shard_urls: Sequence[str], files_per_partition: int = 1, *, shard_sizes: Sequence[int | None] | None = None, blocksize: int | None = None
+) -> list[Partition]:
+    """Consecutive groups of shards, in the given order: `files_per_partition` shards each (the last may be
+    smaller) or, with `blocksize`, as many consecutive shards as fit in `blocksize` bytes (at least one; a
+    shard of unknown size counts as one block, so it stands alone)."""
     if isinstance(files_per_partition, bool) or not isinstance(files_per_partition, int) or files_per_partition < 1:
         raise UserError(f"files_per_partition must be a whole number of at least 1, not {files_per_partition!r}.")
     if isinstance(shard_urls, str):
         shard_urls = [shard_urls]
-    return [
-        Partition(index=index, shard_urls=tuple(shard_urls[start : start + files_per_partition]))
-        for index, start in enumerate(range(0, len(shard_urls), files_per_partition))
-    ]
+    if blocksize is None:
+        return [
+            Partition(index=index, shard_urls=tuple(shard_urls[start : start + files_per_partition]))
+            for index, start in enumerate(range(0, len(shard_urls), files_per_partition))
+        ]
+    sizes = list(shard_sizes) if shard_sizes is not None else [None] * len(shard_urls)
+    if len(sizes) != len(shard_urls):
+        raise ValueError("shard_sizes must give one size per shard")
+    groups: list[list[str]] = []
+    filled = blocksize
+    for url, size in zip(shard_urls, sizes):
+        size = blocksize if size is None else size
+        if filled + size > blocksize:
+            groups.append([])
+            filled = 0
+        groups[-1].append(url)
+        filled += size
+    return [Partition(index=index, shard_urls=tuple(group)) for index, group in enumerate(groups)]
