@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,3 +30,24 @@ def best_seconds(fn: Callable[[], object], repeats: int = 5, min_seconds: float 
                 break
         best = min(best, elapsed / calls)
     return best
+
+
+def start_moto() -> tuple[subprocess.Popen, dict]:
+    """A moto S3 server on a free loopback port, and the environment that points S3 clients at it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(300):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        server.kill()
+        raise SystemExit("the moto server did not start")
+    env = dict(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+               AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{port}")
+    return server, env

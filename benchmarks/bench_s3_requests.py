@@ -14,34 +14,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
-from _common import SHARED_DIR
+from _common import SHARED_DIR, start_moto
 
 HEAD = SHARED_DIR / "models" / "laion_nsfw" / "vit_l_14.safetensors"
-
-
-def start_moto() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return process, f"http://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.1)
-    process.kill()
-    raise SystemExit("the moto server did not start")
 
 
 def main() -> None:
@@ -51,15 +30,15 @@ def main() -> None:
     args = parser.parse_args()
     sizes = sorted(args.partitions)
 
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-                      PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING")
+    moto, moto_env = start_moto()
+    endpoint = moto_env.pop("AWS_ENDPOINT_URL_S3")
+    os.environ.update(moto_env, PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING")
     import s3fs
     from prefect.testing.utilities import prefect_test_harness
 
     from tests.support.s3_requests import count_filter_requests, request_kinds
     from tests.support.tiny_clip import make_tiny_clip
 
-    moto, endpoint = start_moto()
     root = Path(tempfile.mkdtemp(prefix="bench-s3-requests-"))
     try:
         config_path, checkpoint_path = make_tiny_clip(root / "clip", embed_dim=768)

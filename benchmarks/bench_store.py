@@ -15,14 +15,13 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import _common  # noqa: F401 - puts the repository on sys.path
+from _common import start_moto  # also puts the repository on sys.path
 from _read_shards import write_shards
 
 WEB_SIZES = [(640, 480), (512, 512), (800, 533), (480, 640), (1024, 683)]
@@ -53,23 +52,6 @@ def run_child(args: list[str], env: dict) -> dict:
         [sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True, env=env
     )
     return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def start_moto() -> tuple[subprocess.Popen, dict]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(300):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    env = dict(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-               AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{port}")
-    return server, env
 
 
 def main() -> None:
