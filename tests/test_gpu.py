@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,3 +68,44 @@ def test_no_gpu_means_no_waiting(tmp_path, monkeypatch):
         t.join()
     assert not barrier.broken
     assert not (tmp_path / "gpu.journal").exists()
+
+
+# --- benchmarks/bench_gpu.py: the stage it times is the flow's, and it runs its CPU path here -----------
+
+
+def test_gpu_benchmark_times_the_flow_stage_and_its_embeddings_are_open_clips(tmp_path):
+    import numpy as np
+
+    from benchmarks._photos import write_photo_shards
+    from benchmarks.bench_gpu import decode_modes, run_stage
+    from tasks.io.read import iter_samples
+    from tasks.models.clip_resolve import clip_identity, resolve_clip
+    from tasks.store.entries import EmbeddingStore, embedding_matrix
+    from tests.support.tiny_clip import make_tiny_clip, open_clip_reference
+
+    shard_urls = write_photo_shards(tmp_path / "shards", images=5, per_shard=3, sizes=[(160, 96), (80, 120)])
+    config_path, checkpoint_path = make_tiny_clip(tmp_path / "clip")
+    weights = resolve_clip(str(config_path), str(checkpoint_path), tmp_path)
+    exact = decode_modes(weights)["exact"]
+    result = run_stage(shard_urls, weights, tmp_path / "store", exact, torch.device("cpu"), batch_size=2)
+
+    assert result.images == 5 and len(result.entries) == 2 and result.peak_gpu_mib is None
+    assert 0 < result.input_wait_s + result.model_s <= result.wall_s
+    store = EmbeddingStore(tmp_path / "store")
+    identity = clip_identity(weights, exact.identity())
+    stored = np.concatenate([embedding_matrix(store.read_table(identity, url)) for url in shard_urls])
+    images = [sample.image for url in shard_urls for sample in iter_samples(url, exact)]
+    reference = open_clip_reference(config_path, checkpoint_path, images)
+    assert stored.shape == reference.shape and ((stored * reference).sum(axis=1) >= 0.99999).all()
+
+
+def test_gpu_benchmark_without_cuda_says_so_and_imports_no_orchestration(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys, benchmarks.bench_gpu as bench; rc = bench.main([]); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'webdataset', 's3fs'))); sys.exit(rc)"
+    )
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(repo)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["bench_gpu: torch sees no CUDA GPU on this machine; nothing to measure.", "[]"]

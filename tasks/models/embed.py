@@ -7,13 +7,15 @@ feeds them with open_clip's own inference transform, so embeddings equal open_cl
 
 Batches of `batch_size` images run under `torch.inference_mode`. Preprocessing (open_clip's transform)
 runs in a background thread one model batch ahead, so on CPU it overlaps inference; on CUDA the batch is
-built in pinned memory, copied with `non_blocking=True` and run under fp16 autocast.
+built in pinned memory, copied with `non_blocking=True` and run under fp16 (or bf16) autocast.
+`ClipEmbedder.times` says where an embedder's time went: waiting for model-ready input, or in the model.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing
@@ -33,6 +35,18 @@ from tasks.stop import raise_if_stopped
 from tasks.store.entries import EmbeddingStore, embedding_table, shard_fingerprint
 
 _PREFETCH_BATCHES = 2
+# Autocast dtypes on CUDA by name; the CPU always runs float32 (the parity tests' setting).
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class FeedTimes:
+    """Where an embedder's time went, summed over its calls (seconds of wall time in the consuming thread)."""
+
+    images: int = 0
+    batches: int = 0
+    input_wait_s: float = 0.0  # blocked waiting for the next model-ready batch (decode + transform behind)
+    model_s: float = 0.0  # copy to the device, forward pass, embeddings back on the host (synchronises)
 
 
 def select_device(preferred: str | torch.device | None = None) -> torch.device:
@@ -93,19 +107,25 @@ def build_clip_model(weights: ClipWeights, device: torch.device) -> tuple[torch.
 class ClipEmbedder:
     """A loaded CLIP image tower. `embed(images)` -> float32 [N, D], L2-normalised."""
 
-    def __init__(self, weights: ClipWeights, model: torch.nn.Module, transform, device: torch.device, batch_size: int = 32) -> None:
+    def __init__(
+        self, weights: ClipWeights, model: torch.nn.Module, transform, device: torch.device, batch_size: int = 32, autocast: str = "fp16"
+    ) -> None:
         if batch_size < 1:
             raise UserError(f"model_inference_batch_size must be at least 1, got {batch_size}.")
+        if autocast not in AUTOCAST_DTYPES:
+            raise UserError(f"autocast must be one of {', '.join(AUTOCAST_DTYPES)}, not {autocast!r}.")
         self.weights = weights
         self.model = model
         self.transform = transform
         self.device = device
         self.batch_size = int(batch_size)
         self.embedding_dim = weights.embedding_dim
+        self.autocast = autocast
+        self.times = FeedTimes()
 
     @property
     def precision(self) -> str:
-        return "fp16-autocast" if self.device.type == "cuda" else "fp32"
+        return f"{self.autocast}-autocast" if self.device.type == "cuda" else "fp32"
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """open_clip's transform on each image, stacked [N, 3, H, W]; pinned when the model is on CUDA."""
@@ -117,7 +137,7 @@ class ClipEmbedder:
         """Embeddings of one preprocessed batch, float32 [N, D], L2-normalised."""
         pixels = pixels.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.float16):
+            with torch.autocast("cuda", dtype=AUTOCAST_DTYPES[self.autocast]):
                 features = self.model.encode_image(pixels)
         else:
             # One forward pass at a time per process: each already uses every core, and concurrent
@@ -125,6 +145,7 @@ class ClipEmbedder:
             with _CPU_INFERENCE:
                 raise_if_stopped()  # threads queued here while the run is interrupted start no more batches
                 features = self.model.encode_image(pixels)
+        # .cpu() waits for the device, so the time around this call is the model's, copies included.
         return F.normalize(features.float(), dim=-1).cpu().numpy()
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -150,11 +171,21 @@ class ClipEmbedder:
             finally:
                 close_iterator(batches)
 
+        times = self.times
         with closing(prefetched(chunks(), _PREFETCH_BATCHES, "clip-preprocess")) as ready:
             parts: list[np.ndarray] = []
-            for item in ready:
+            while True:
+                waited = time.perf_counter()
+                item = next(ready, None)
+                started = time.perf_counter()
+                times.input_wait_s += started - waited
+                if item is None:
+                    break
                 if item.pixels is not None:
                     parts.append(self.embed_pixels(item.pixels))
+                    times.model_s += time.perf_counter() - started
+                    times.images += len(item.pixels)
+                    times.batches += 1
                 if item.last:
                     yield np.concatenate(parts) if parts else np.zeros((0, self.embedding_dim), np.float32)
                     parts = []
@@ -171,7 +202,9 @@ _CPU_INFERENCE = threading.Lock()
 _loaded_model: dict[tuple[ClipWeights, str], tuple[torch.nn.Module, object]] = {}
 
 
-def load_clip_embedder(weights: ClipWeights, device: str | torch.device | None = None, batch_size: int = 32) -> ClipEmbedder:
+def load_clip_embedder(
+    weights: ClipWeights, device: str | torch.device | None = None, batch_size: int = 32, autocast: str = "fp16"
+) -> ClipEmbedder:
     """A `ClipEmbedder` for `weights`; the model is built once per process and device and reused across partitions."""
     device = select_device(device)
     key = (weights, str(device))
@@ -183,7 +216,7 @@ def load_clip_embedder(weights: ClipWeights, device: str | torch.device | None =
                 del _loaded_model[stale]
             _loaded_model[key] = build_clip_model(weights, device)
         model, transform = _loaded_model[key]
-    return ClipEmbedder(weights, model, transform, device, batch_size)
+    return ClipEmbedder(weights, model, transform, device, batch_size, autocast)
 
 
 def unload_clip_models() -> None:
