@@ -36,7 +36,7 @@ from tasks.models.gpu import GPU_SLOTS
 from tasks.io.locations import default_cache_path, resolve_url_credentials
 from tasks.io.ownership import claim_output, input_owner, refuse_overlap, settle_owner
 from tasks.io.partition import list_shards
-from tasks.io.read import DecodeOptions
+from tasks.io.read import DEFAULT_DECODE_MODE, DecodeOptions
 from tasks.filter.plan import normalise_output_path
 from tasks.store.entries import EmbeddingStore, redact_url
 from tasks.io.write import join_url, remove_leftover_temp_files
@@ -65,6 +65,7 @@ class DedupSettings(BaseModel):
     images_per_tar: int = Field(ge=1)
     storage_options_secret: Optional[str]
     take_over_output: bool
+    decode_mode: Literal["exact", "reduced"]
 
 
 @task(name="load-embeddings", **STORAGE_RETRIES, persist_result=False)
@@ -74,11 +75,17 @@ def load_embeddings_task(store: EmbeddingStore, identity: str, shard_urls: list[
 
 @task(name="embed-missing", **STORAGE_RETRIES, persist_result=False, tags=["gpu"])
 def embed_missing_task(
-    shard_urls: list[str], clip_model: str, clip_pretrained: str, model_dir: Optional[str], store: EmbeddingStore, storage_options: dict
+    shard_urls: list[str],
+    clip_model: str,
+    clip_pretrained: str,
+    model_dir: Optional[str],
+    store: EmbeddingStore,
+    storage_options: dict,
+    decode_mode: str = DEFAULT_DECODE_MODE,
 ) -> str:
     """Embed shards the store lacks, exactly as the filter flow would (same identity); returns the identity."""
     weights = resolve_clip(clip_model, clip_pretrained, model_dir)
-    decode = DecodeOptions.for_model(weights.image_size)
+    decode = DecodeOptions.for_model(weights.image_size, decode_mode)
     with GPU_SLOTS.hold(1.0) as device:
         embed_partition(shard_urls, weights, store, decode, storage_options=storage_options, device=device)
     return clip_identity(weights, decode.identity())
@@ -140,6 +147,7 @@ def image_dedup(
     images_per_tar: int = 1000,
     storage_options_secret: Optional[str] = None,
     take_over_output: bool = False,
+    decode_mode: Literal["exact", "reduced"] = "exact",
 ) -> dict:
     """Find near-duplicate images of a dataset from its cached CLIP embeddings (CLIP is never loaded).
 
@@ -160,6 +168,7 @@ def image_dedup(
         images_per_tar: Samples per shard of the deduplicated copy.
         storage_options_secret: Name of a Prefect Secret block holding fsspec storage options as JSON.
         take_over_output: Replace the outputs of an earlier run over other inputs in output_path (otherwise refused).
+        decode_mode: The decode_mode the embeddings were made with (exact or reduced, as given to nsfw-filter).
     """
     settings = validate_settings(dict(locals()), DedupSettings)
     logger = get_run_logger()
@@ -170,7 +179,7 @@ def image_dedup(
     missing: list[str] = []
     try:
         identity = find_embedding_identity(store, shard_urls, settings.clip_model, settings.clip_pretrained, settings.model_dir,
-                                           settings.embedding_identity, storage_options)
+                                           settings.embedding_identity, storage_options, settings.decode_mode)
         missing = missing_shards(store, identity, shard_urls, storage_options)
     except UserError:
         if not settings.embed_missing:
@@ -190,7 +199,9 @@ def image_dedup(
     earlier = earlier_copies(output_path, storage_options)  # read before this run rewrites summary.json
     if missing:
         logger.info("embedding %d shards missing from the store", len(missing))
-        identity = embed_missing_task(missing, settings.clip_model, settings.clip_pretrained, settings.model_dir, store, storage_options)
+        identity = embed_missing_task(
+            missing, settings.clip_model, settings.clip_pretrained, settings.model_dir, store, storage_options, settings.decode_mode
+        )
 
     stored = load_embeddings_task(store, identity, shard_urls, storage_options)
     logger.info("%d embeddings of %d shards from %s", len(stored.key), len(shard_urls), identity)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import io
 import json
 import os
 import subprocess
@@ -17,7 +19,20 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from tests.support.tars import BAD_CASE_EXPECTED, bad_case_members, member_offsets, shard_of_good_samples, tar_bytes, write_tar
+from tests.support.tars import (
+    BAD_CASE_EXPECTED,
+    PHOTO_NAMES,
+    Member,
+    bad_case_members,
+    drawn_image,
+    encode,
+    large_photo,
+    member_offsets,
+    photo,
+    shard_of_good_samples,
+    tar_bytes,
+    write_tar,
+)
 from tests.support.tiny_clip import make_tiny_clip, open_clip_reference, save_clip_checkpoint, tiny_clip_config
 
 from tasks.models.clip_resolve import clip_identity, resolve_clip, weights_fingerprint
@@ -317,6 +332,28 @@ def test_embed_shard_one_row_per_sample_and_open_clip_parity(tmp_path, tiny_768,
     assert record["model_name"] == "tiny-clip" and record["precision"] == "fp32" and record["decode"] == NO_REDUCTION.identity()
 
 
+def test_default_settings_embed_photos_and_drawings_exactly_as_open_clip(tmp_path, tiny_768):
+    """The flow's default decode_mode gives open_clip's own embeddings of the decoded files, also for large JPEGs
+    that the reduced mode would decode at a fraction of their size."""
+    from flows.nsfw_filter import nsfw_filter
+
+    default_mode = inspect.signature(nsfw_filter.fn).parameters["decode_mode"].default
+    weights = resolve_clip(str(tiny_768[0]), str(tiny_768[1]))
+    decode = DecodeOptions.for_model(weights.image_size, default_mode)
+    pictures = [photo(name) for name in PHOTO_NAMES[:4]] + [large_photo(1200, 900), drawn_image(1024, 768, seed=1), drawn_image(640, 960, seed=2)]
+    files = [encode(picture, "JPEG", quality=92) for picture in pictures] + [encode(drawn_image(800, 600, seed=3), "PNG")]
+    shard = str(write_tar(tmp_path / "photos.tar", [Member(f"{i:03d}.{'png' if i == len(files) - 1 else 'jpg'}", data) for i, data in enumerate(files)]))
+    decoded_sizes = [sample.image.size for sample in iter_samples(shard, decode)]
+    assert decoded_sizes == [picture.size for picture in pictures] + [(800, 600)]  # every pixel, none reduced
+    store = EmbeddingStore(tmp_path / "cache")
+    embed_shard(shard, load_clip_embedder(weights, "cpu", batch_size=3), store, decode, task_batch_size=5)
+
+    stored = embedding_matrix(store.read_table(clip_identity(weights, decode.identity()), shard))
+    reference = open_clip_reference(tiny_768[0], tiny_768[1], [Image.open(io.BytesIO(data)).convert("RGB") for data in files])
+    assert stored.shape == reference.shape == (8, 768)
+    assert cosines(stored, reference).min() >= PARITY_COSINE
+
+
 def test_damaged_tar_gets_a_shard_level_row(tmp_path, tiny_768):
     data = tar_bytes(shard_of_good_samples(["a", "b", "c"]))
     shard = tmp_path / "damaged.tar"
@@ -356,7 +393,7 @@ def test_decode_settings_content_and_weights_changes_miss(tmp_path, tiny_768, ba
     store = EmbeddingStore(tmp_path / "cache")
     embed_partition([bad_case_shard], weights, store, NO_REDUCTION, device="cpu")
     assert store.has(clip_identity(weights, NO_REDUCTION.identity()), bad_case_shard)
-    assert not store.has(clip_identity(weights, DecodeOptions().identity()), bad_case_shard)
+    assert not store.has(clip_identity(weights, DecodeOptions.for_model(weights.image_size, "reduced").identity()), bad_case_shard)
     _, reseeded = make_tiny_clip(tmp_path / "reseeded", seed=5)
     assert not store.has(clip_identity(resolve_clip(str(tiny_768[0]), str(reseeded)), NO_REDUCTION.identity()), bad_case_shard)
 

@@ -197,11 +197,15 @@ def test_large_jpegs_decode_at_reduced_size_keeping_both_sides(tmp_path):
 
 def test_decode_options_identity_and_validation():
     default = DecodeOptions()
-    assert default.identity() == DecodeOptions().identity()
+    assert default == FULL == DecodeOptions.for_model((224, 224)) == DecodeOptions.for_model((336, 336), "exact")  # exact by default
     assert default.identity() == DecodeOptions(max_pixels=10).identity()  # the limit does not change pixels
-    assert DecodeOptions(reduced_jpeg_size=None).identity() != default.identity()
-    assert DecodeOptions(reduced_jpeg_size=300).identity() != default.identity()
-    assert "jpeg-reduced-min-side=off" in DecodeOptions(reduced_jpeg_size=None).identity()
+    assert DecodeOptions(reduced_jpeg_size=256).identity() != default.identity()
+    assert DecodeOptions(reduced_jpeg_size=300).identity() != DecodeOptions(reduced_jpeg_size=256).identity()
+    assert "jpeg-reduced-min-side=off" in default.identity()
+    assert DecodeOptions.for_model((224, 224), "reduced").reduced_jpeg_size == 256
+    assert DecodeOptions.for_model((336, 336), "reduced").reduced_jpeg_size == 336  # never below the model's input
+    with pytest.raises(UserError, match=r"^decode_mode must be one of exact, reduced, not 'fast'\.$"):
+        DecodeOptions.for_model((224, 224), "fast")
     with pytest.raises(UserError, match=r"^max_pixels must be a positive whole number"):
         DecodeOptions(max_pixels=0)
     with pytest.raises(UserError, match=r"^reduced_jpeg_size must be a positive number of pixels or None"):

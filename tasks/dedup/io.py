@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from tasks.io.atomic import atomic_output, filesystem, write_bytes_atomic
 from tasks.models.clip_resolve import clip_identity, resolve_clip, safe_name
 from tasks.errors import UserError
-from tasks.io.read import DecodeOptions, iter_samples
+from tasks.io.read import DEFAULT_DECODE_MODE, DecodeOptions, iter_samples
 from tasks.store.entries import METADATA_KEY, EmbeddingStore, embedding_matrix, redact_url, shard_fingerprint
 from tasks.io.write import FilteredShardWriter, join_url, output_shard_name, remove_stale_outputs
 
@@ -50,13 +50,14 @@ def find_embedding_identity(
     model_dir: str | None,
     embedding_identity: str | None = None,
     storage_options: dict | None = None,
+    decode_mode: str = DEFAULT_DECODE_MODE,
 ) -> str:
     """The identity of the dataset's embeddings in the store, without loading (or needing) CLIP."""
     if embedding_identity:
         return embedding_identity
     try:
         weights = resolve_clip(clip_model, clip_pretrained, model_dir)
-        return clip_identity(weights, DecodeOptions.for_model(weights.image_size).identity())
+        return clip_identity(weights, DecodeOptions.for_model(weights.image_size, decode_mode).identity())
     except UserError:
         pass  # no weights here: look the identity up in the store
     model_name = clip_model.rsplit("/", 1)[-1].removesuffix(".json").replace("/", "-")
@@ -73,6 +74,8 @@ def find_embedding_identity(
         record = _entry_record(store, folder)
         if record is None or not (is_path or tag in (record.get("pretrained_tag"), record.get("weights_fingerprint"))):
             continue
+        if ("jpeg-reduced-min-side=off" in str(record.get("decode"))) != (decode_mode == "exact"):
+            continue  # made with the other decode mode
         if store.has(folder, first, fingerprint):
             matches.append(folder)
     if len(matches) == 1:

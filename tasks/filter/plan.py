@@ -51,6 +51,7 @@ class FilterSettingsLike(Protocol):
     images_per_tar: int
     verbose: bool
     take_over_output: bool
+    decode_mode: str
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,7 @@ def plan_filter_run(
     head_path = str(settings.nsfw_weights or nsfw_weights_path(model_dir, clip_weights.model_name))
     head = cached_nsfw_head(head_path)
     head.check_dimension(clip_weights.embedding_dim, f"embeddings of CLIP {clip_weights.model_name}")
-    decode = decode or DecodeOptions.for_model(clip_weights.image_size)
+    decode = decode or DecodeOptions.for_model(clip_weights.image_size, settings.decode_mode)
     # Last, once everything else is valid: the output is claimed before any task writes to it.
     owner = input_owner(FILTER_FLOW, file_paths, file_extensions, shard_urls, len(partitions), storage_options)
     claim_output(output_path, owner, settings.take_over_output, storage_options)

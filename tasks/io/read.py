@@ -56,9 +56,16 @@ _JPEG_FORMATS = ("JPEG", "MPO")
 
 # Pillow's own default decompression-bomb threshold (about 89.5 megapixels, e.g. 9459 x 9459).
 DEFAULT_MAX_PIXELS = 89_478_485
+# How a run decodes images (the flows' `decode_mode`), each name one `DecodeOptions.for_model` setting:
+# - exact: every pixel decoded, so embeddings are open_clip's own `encode_image(preprocess(image))` (default);
+# - reduced: JPEGs of at least twice the model's input size decode at 1/2, 1/4 or 1/8 scale by libjpeg's DCT
+#   scaling, keeping both sides >= REDUCED_JPEG_SIZE (never below the model's input size): decode +
+#   transform several times faster, embeddings within a small cosine distance (README, "Decoding").
+DECODE_MODES = ("exact", "reduced")
+DEFAULT_DECODE_MODE = "exact"
 # From benchmarks/bench_read.py on 1024-2048 px JPEGs: decode 2x and decode + open_clip transform 3-4x
 # faster, pixels after the 224 px transform within 1/255 on average; >= 256 also suits 240/256 px models.
-DEFAULT_REDUCED_JPEG_SIZE = 256
+REDUCED_JPEG_SIZE = 256
 # A sample's raw members (with their tar headers) beyond this are not read; the sample is an error.
 DEFAULT_SAMPLE_BYTES = 256 << 20
 # Raw plus decoded bytes of one batch: far above ordinary batches (100 photos hold ~50 MB), so only huge
@@ -131,7 +138,7 @@ class DecodeOptions:
 
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit (width x height before any reduction)
     max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO  # longer side / shorter side; bounds what resizing makes
-    reduced_jpeg_size: int | None = DEFAULT_REDUCED_JPEG_SIZE  # JPEGs decode at 1/2, 1/4 or 1/8 scale keeping both sides >= this; None = full
+    reduced_jpeg_size: int | None = None  # JPEGs decode at 1/2, 1/4 or 1/8 scale keeping both sides >= this; None = every pixel
 
     def __post_init__(self) -> None:
         if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1:
@@ -144,9 +151,13 @@ class DecodeOptions:
             raise UserError(f"reduced_jpeg_size must be a positive number of pixels or None, not {size!r}.")
 
     @classmethod
-    def for_model(cls, image_size: Sequence[int]) -> "DecodeOptions":
-        """The default for a model's input size: reduced JPEG decoding never below it (no upscaling at 336 px)."""
-        return cls(reduced_jpeg_size=max(DEFAULT_REDUCED_JPEG_SIZE, *image_size))
+    def for_model(cls, image_size: Sequence[int], decode_mode: str = DEFAULT_DECODE_MODE) -> "DecodeOptions":
+        """The setting of a `DECODE_MODES` name for a model's input size (reduced decoding never below it: no upscaling at 336 px)."""
+        if decode_mode == "exact":
+            return cls(reduced_jpeg_size=None)
+        if decode_mode == "reduced":
+            return cls(reduced_jpeg_size=max(REDUCED_JPEG_SIZE, *image_size))
+        raise UserError(f"decode_mode must be one of {', '.join(DECODE_MODES)}, not {decode_mode!r}.")
 
     def identity(self) -> str:
         # The size limits only decide which images are refused, never their pixels, so they are not part of it.
