@@ -35,15 +35,15 @@ if __package__ in (None, ""):
 import torch
 
 from benchmarks._photos import write_photo_shards
-from tasks.io.read import DecodeOptions
+from tasks.io.read import DECODE_MODES, DecodeOptions
 from tasks.models.clip_resolve import ClipWeights, resolve_clip
 from tasks.models.embed import embed_shard, load_clip_embedder
 from tasks.store.entries import EmbeddingStore
 
 
 def decode_modes(weights: ClipWeights) -> dict[str, DecodeOptions]:
-    """The decode settings a run can choose, by name."""
-    return {"exact": DecodeOptions(reduced_jpeg_size=None), "reduced": DecodeOptions.for_model(weights.image_size)}
+    """The decode settings a run can choose (the flows' `decode_mode`), by name."""
+    return {mode: DecodeOptions.for_model(weights.image_size, mode) for mode in DECODE_MODES}
 
 
 class UtilisationSampler:
