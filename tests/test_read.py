@@ -95,8 +95,10 @@ def test_good_samples_keep_raw_bytes_caption_and_metadata(bad_case_shard, bad_ca
     assert good.metadata == {"source": "skimage"}
     assert good.image.size == (512, 512)
     assert np.abs(pixels(good.image) - pixels(photo("astronaut"))).mean() < 3  # the JPEG of the astronaut
-    default = next(iter_samples(bad_case_shard))  # by default a 512 px JPEG decodes at half size
-    assert default.key == "good" and default.image.size == (256, 256)
+    default = next(iter_samples(bad_case_shard))  # by default every pixel is decoded
+    assert default.key == "good" and default.image.size == (512, 512)
+    reduced = next(iter_samples(bad_case_shard, DecodeOptions.for_model((224, 224), "reduced")))  # a 512 px JPEG at half size
+    assert reduced.key == "good" and reduced.image.size == (256, 256)
 
 
 def test_formats_modes_and_orientation(bad_case_samples):
@@ -500,3 +502,60 @@ def test_batches_close_early_when_their_bytes_reach_the_budget(tmp_path):
     assert all(1 <= len(batch) <= 3 for batch in raw) and [s.key for batch in raw for s in batch] == keys
     huge = list(iter_batches([shard], task_batch_size=10, threads=2, limits=ReadLimits(batch_bytes=512)))
     assert [len(batch) for batch in huge] == [1] * 12  # a sample alone may exceed the budget: it is never refused for it
+
+
+def solid_jpeg(colour: tuple[int, int, int], size: tuple[int, int] = (48, 32)) -> bytes:
+    return encode(Image.new("RGB", size, colour), "JPEG", quality=95)
+
+
+RED, GREEN, BLUE = (230, 20, 20), (20, 230, 20), (20, 20, 230)
+NAMING_MEMBERS = [
+    # key `dir/with`, extension `dots.in.name.jpg`: an image by its last extension component
+    Member("dir/with.dots.in.name.jpg", solid_jpeg(RED)),
+    Member("dir/with.dots.in.name.txt", b"a caption"),
+    # no member named exactly by an image format: the first image member in tar order
+    Member("views.left.png", encode(Image.new("RGB", (20, 10), BLUE), "PNG")),
+    Member("views.right.jpg", solid_jpeg(RED)),
+    # a member named exactly `jpg` wins over `seg.png`, wherever it is in the tar
+    Member("masked.seg.png", encode(Image.new("RGB", (20, 10), GREEN), "PNG")),
+    Member("masked.jpg", solid_jpeg(RED)),
+    # upper-case extensions, exact and dotted
+    Member("SHOUT.JPEG", solid_jpeg(GREEN)),
+    Member("SHOUT.TXT", b"LOUD"),
+    Member("SHOUT.META.JSON", b'{"a": 1}'),
+    Member("camera.raw.Export.PNG", encode(Image.new("RGB", (20, 10), BLUE), "PNG")),
+    # a dotted name whose format is one we recognise but do not decode
+    Member("phone.v2.HEIC", b"\x00\x00\x00\x18ftypheic"),
+]
+
+
+def test_image_member_follows_webdataset_naming(tmp_path):
+    shard = str(write_tar(tmp_path / "naming.tar", NAMING_MEMBERS))
+    samples = by_key(list(iter_samples(shard, FULL)))
+    assert list(samples) == ["dir/with", "views", "masked", "SHOUT", "camera", "phone"]
+    colours = {key: tuple(int(v) for v in pixels(sample.image).reshape(-1, 3).mean(axis=0)) for key, sample in samples.items() if sample.image}
+    close = lambda found, expected: max(abs(a - b) for a, b in zip(found, expected)) < 12  # noqa: E731
+    dotted = samples["dir/with"]
+    assert dotted.error is None and close(colours["dir/with"], RED) and dotted.caption == "a caption"
+    assert image_extension(samples["views"].members) == "left.png" and close(colours["views"], BLUE)
+    assert image_extension(samples["masked"].members) == "jpg" and close(colours["masked"], RED)
+    shout = samples["SHOUT"]
+    assert shout.error is None and close(colours["SHOUT"], GREEN) and shout.caption == "LOUD" and shout.metadata == {"a": 1}
+    assert samples["camera"].error is None and close(colours["camera"], BLUE)
+    assert samples["phone"].image is None and samples["phone"].error == "image member 'phone.v2.HEIC' has an unsupported format (.heic)"
+    # Members keep their extensions as read, so the writer re-creates every name byte for byte.
+    assert [sample.member_name(ext) for sample in samples.values() for ext in sample.members] == [m.name for m in NAMING_MEMBERS]
+
+
+def test_webdataset_reads_the_same_samples_and_image_members(tmp_path):
+    import webdataset
+
+    shard = str(write_tar(tmp_path / "naming.tar", NAMING_MEMBERS[:-1]))  # webdataset cannot decode the HEIC stand-in
+    ours = {sample.key: sample for sample in iter_samples(shard, FULL)}
+    theirs = {sample["__key__"]: sample for sample in webdataset.WebDataset(shard, shardshuffle=False).decode("pil")}
+    assert list(theirs) == list(ours)
+    for key, sample in ours.items():
+        # webdataset lower-cases extensions when grouping; we keep their case for the writer and compare without it.
+        assert set(theirs[key]) - {"__key__", "__url__", "__local_path__"} == {ext.lower() for ext in sample.members}
+        decoded_by_webdataset = {ext for ext, value in theirs[key].items() if isinstance(value, Image.Image)}
+        assert image_extension(sample.members).lower() in decoded_by_webdataset

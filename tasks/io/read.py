@@ -2,7 +2,8 @@
 
 Shards are read through fsspec as a tar *stream* (one member in memory at a time) and grouped by the
 WebDataset key rule: the key is the member path up to the first dot of the file name
-(`dir/a.seg.png` -> key `dir/a`, extension `seg.png`); a new sample starts whenever the key changes.
+(`dir/a.seg.png` -> key `dir/a`, extension `seg.png`); a new sample starts whenever the key changes. A
+member's format is the last component of its extension, and `image_extension` picks the image of a sample.
 Every key in the input comes out as exactly one `Sample` per contiguous run of members; a sample that
 cannot be scored carries a one-sentence `error` (and its raw members where they were read), and a
 damaged tar ends with one shard-level record (`key=None`) for the part that could not be read.
@@ -44,7 +45,9 @@ from tasks.errors import UserError
 from tasks.io.locations import redacted
 from tasks.io.prefetch import prefetched
 
-# Image members by preference: a sample with several images is scored on the first present.
+# Image formats by preference. As in webdataset's decoders, a member's format is the last component of its
+# extension, case-insensitive (`a.JPG`, `dir/with.dots.in.name.jpg`: key `dir/with`, extension
+# `dots.in.name.jpg`). The image of a sample with several is picked by `image_extension`.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tiff", "tif", "gif")
 # Image extensions we recognise but do not decode: the sample gets "unsupported format", not "no image".
 UNSUPPORTED_IMAGE_EXTENSIONS = frozenset(
@@ -165,15 +168,31 @@ class DecodeOptions:
         return f"decode-v1:rgb,exif-orientation,alpha-over-white,first-frame,16bit-msb,jpeg-reduced-min-side={reduced}"
 
 
+def member_format(extension: str) -> str:
+    """A member's format: the last component of its extension, lower-cased (`seg.PNG` -> `png`)."""
+    return extension.rsplit(".", 1)[-1].lower()
+
+
 def image_extension(members: dict[str, bytes]) -> str | None:
-    """The member holding the sample's image: the first of IMAGE_EXTENSIONS present (case-insensitive)."""
-    by_lower = {}
+    """The extension of the member holding the sample's image, or None.
+
+    1. A member whose whole extension is an image format (`jpg`, `PNG`), the first of IMAGE_EXTENSIONS present,
+       as webdataset's `to_tuple("jpg;png;...")` picks it;
+    2. otherwise the first member, in tar order, whose last extension component is one (`seg.png`, `dots.in.name.jpg`).
+    """
+    whole = {}
     for extension in members:
-        by_lower.setdefault(extension.lower(), extension)
-    for extension in IMAGE_EXTENSIONS:
-        if extension in by_lower:
-            return by_lower[extension]
-    return None
+        whole.setdefault(extension.lower(), extension)
+    for image_format in IMAGE_EXTENSIONS:
+        if image_format in whole:
+            return whole[image_format]
+    return next((extension for extension in members if member_format(extension) in IMAGE_EXTENSIONS), None)
+
+
+def member_of_format(members: dict[str, bytes], wanted: str) -> str | None:
+    """The extension of a sample's `txt` or `json` member: the one named exactly so, else the first of that format in tar order."""
+    exact = next((extension for extension in members if extension.lower() == wanted), None)
+    return exact or next((extension for extension in members if member_format(extension) == wanted), None)
 
 
 def _printable(name: str) -> str:
@@ -219,14 +238,14 @@ def _check_structure(sample: Sample) -> None:
     """Errors visible without decoding: missing or unsupported image, empty members."""
     image_ext = image_extension(sample.members)
     if image_ext is None:
-        unsupported = [ext for ext in sample.members if ext.lower() in UNSUPPORTED_IMAGE_EXTENSIONS]
+        unsupported = [ext for ext in sample.members if member_format(ext) in UNSUPPORTED_IMAGE_EXTENSIONS]
         if unsupported:
-            _fail(sample, f"image member {sample.member_name(unsupported[0])!r} has an unsupported format (.{unsupported[0]})")
+            _fail(sample, f"image member {sample.member_name(unsupported[0])!r} has an unsupported format (.{member_format(unsupported[0])})")
         else:
             _fail(sample, f"no image member (expected one of .{', .'.join(IMAGE_EXTENSIONS)})")
     for extension, data in sample.members.items():
         # An empty caption is a legitimate value; any other empty member means a failed write or copy.
-        if not data and extension.lower() != "txt":
+        if not data and member_format(extension) != "txt":
             _fail(sample, f"member {sample.member_name(extension)!r} is empty (0 bytes)")
 
 
@@ -536,16 +555,16 @@ def _finish_decoding(sample: Sample, opened: Image.Image | None) -> Sample:
     """Second step: caption, metadata and pixels of a sample whose image passed `_open_sample_image`."""
     if sample.error is not None or opened is None:
         return sample
-    for extension, data in sample.members.items():
-        lower = extension.lower()
-        if lower == "txt" and sample.caption is None:
-            sample.caption = data.decode("utf-8", errors="replace")
-        elif lower == "json" and sample.metadata is None:
-            metadata = _parse_metadata(data, sample.member_name(extension))
-            if isinstance(metadata, str):
-                _fail(sample, metadata)
-                return sample
-            sample.metadata = metadata
+    caption_ext = member_of_format(sample.members, "txt")
+    if caption_ext is not None:
+        sample.caption = sample.members[caption_ext].decode("utf-8", errors="replace")
+    metadata_ext = member_of_format(sample.members, "json")
+    if metadata_ext is not None:
+        metadata = _parse_metadata(sample.members[metadata_ext], sample.member_name(metadata_ext))
+        if isinstance(metadata, str):
+            _fail(sample, metadata)
+            return sample
+        sample.metadata = metadata
     image_ext = image_extension(sample.members)
     decoded = _load_image(opened, sample.member_name(image_ext))
     if isinstance(decoded, str):
@@ -566,8 +585,8 @@ def _held_bytes(sample: Sample, opened: Image.Image | None) -> int:
     for extension, data in sample.members.items():
         held += len(data)
         if opened is not None:
-            lower = extension.lower()
-            held += _JSON_OBJECT_BYTES_PER_BYTE * len(data) if lower == "json" else 4 * len(data) if lower == "txt" else 0
+            kind = member_format(extension)
+            held += _JSON_OBJECT_BYTES_PER_BYTE * len(data) if kind == "json" else 4 * len(data) if kind == "txt" else 0
     if opened is not None:
         width, height = opened.size
         held += width * height * 3
