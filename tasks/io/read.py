@@ -108,6 +108,7 @@ class Sample:
     shard: str  # source shard URL
     members: dict[str, bytes] = field(default_factory=dict)  # extension -> raw bytes, in tar order
     image: Image.Image | None = None  # decoded RGB, EXIF orientation applied
+    model_input: object | None = None  # `transform(image)` when the reader was given a transform (the image is then dropped)
     caption: str | None = None
     metadata: dict | None = None
     error: str | None = None  # why this sample cannot be scored (one short sentence); None when fine
@@ -574,6 +575,19 @@ def _finish_decoding(sample: Sample, opened: Image.Image | None) -> Sample:
     return sample
 
 
+def _decode_and_transform(sample: Sample, opened: Image.Image, transform: Callable[[Image.Image], object]) -> Sample:
+    """One worker's whole job for a sample: its pixels decoded, then turned into the model's input (the image is dropped)."""
+    _finish_decoding(sample, opened)
+    if sample.image is not None:
+        image_ext = image_extension(sample.members)
+        try:
+            sample.model_input = transform(sample.image)
+        except Exception as exc:  # noqa: BLE001 - an image the model's transform refuses is that sample's error only
+            _fail(sample, f"image {sample.member_name(image_ext)!r} could not be preprocessed for the model ({type(exc).__name__}: {exc})")
+        sample.image = None
+    return sample
+
+
 def decode_sample(sample: Sample, options: DecodeOptions) -> Sample:
     """Fill `image`, `caption` and `metadata` of a sample without error (in place; returned for map())."""
     return _finish_decoding(sample, _open_sample_image(sample, options))
@@ -619,12 +633,15 @@ def iter_batches(
     threads: int | None = None,
     prefetch: int = 2,
     limits: ReadLimits = ReadLimits(),
+    transform: Callable[[Image.Image], object] | None = None,
 ) -> Iterator[list[Sample]]:
     """Batches of `task_batch_size` samples from the shards in order (a batch may span shards).
 
     A background thread streams the tars, checks each image's header and hands the decoding to a pool
-    of `threads` decoders (default: the CPUs this process may use); up to `prefetch` batches wait ready
-    while the caller works on the current one. A batch closes early when its next sample would take it
+    of `threads` workers (default: the CPUs this process may use); up to `prefetch` batches wait ready
+    while the caller works on the current one. With a `transform` (e.g. open_clip's preprocess) each
+    worker also applies it to the image it decoded: samples come with `model_input` set and no `image`,
+    so decoding and preprocessing together scale with the workers. A batch closes early when its next sample would take it
     over `limits.batch_bytes` (a sample alone may exceed it), so memory is bounded by about
     (prefetch + 2) batches of at most that size, whatever the number of shards or what they hold.
     """
@@ -647,7 +664,12 @@ def iter_batches(
                 if batch and batch_bytes + sample_bytes > limits.batch_bytes:
                     yield batch
                     batch, batch_bytes = [], 0
-                batch.append(pool.submit(_finish_decoding, sample, opened) if opened is not None else sample)
+                if opened is None:
+                    batch.append(sample)
+                elif transform is None:
+                    batch.append(pool.submit(_finish_decoding, sample, opened))
+                else:
+                    batch.append(pool.submit(_decode_and_transform, sample, opened, transform))
                 batch_bytes += sample_bytes
                 if len(batch) == task_batch_size:
                     yield batch

@@ -5,9 +5,11 @@ weights, this module builds them with `open_clip.create_model` (open_clip's own 
 feeds them with open_clip's own inference transform, so embeddings equal open_clip's
 `encode_image(preprocess(image))`, L2-normalised.
 
-Batches of `batch_size` images run under `torch.inference_mode`. Preprocessing (open_clip's transform)
-runs in a background thread one model batch ahead, so on CPU it overlaps inference; on CUDA the batch is
-built in pinned memory, copied with `non_blocking=True` and run under fp16 (or bf16) autocast.
+Batches of `batch_size` images run under `torch.inference_mode`. For shards (`embed_shard`), the reader's
+worker pool decodes each image and applies open_clip's transform to it (`feed_model_batches`), so the
+host side scales with cores, and a background thread stacks the results into model batches two ahead of
+inference; on CUDA the batch is stacked in pinned memory, copied with `non_blocking=True` and run under
+fp16 (or bf16) autocast. `embed_batches` (images already in memory) preprocesses in one background thread.
 `ClipEmbedder.times` says where an embedder's time went: waiting for model-ready input, or in the model.
 """
 
@@ -16,7 +18,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
@@ -148,6 +149,27 @@ class ClipEmbedder:
         # .cpu() waits for the device, so the time around this call is the model's, copies included.
         return F.normalize(features.float(), dim=-1).cpu().numpy()
 
+    def embed_model_batches(self, batches: Iterable[ModelBatch]) -> Iterator[tuple[ModelBatch, np.ndarray]]:
+        """Each ready batch with its embeddings, float32 [len(batch.pixels), D]; the time waiting for a batch
+        and the time in the model are added to `times`."""
+        times = self.times
+        batches = iter(batches)
+        while True:
+            waited = time.perf_counter()
+            batch = next(batches, None)
+            started = time.perf_counter()
+            times.input_wait_s += started - waited
+            if batch is None:
+                return
+            if batch.pixels is None:
+                yield batch, np.zeros((0, self.embedding_dim), np.float32)
+                continue
+            embeddings = self.embed_pixels(batch.pixels)
+            times.model_s += time.perf_counter() - started
+            times.images += len(batch.pixels)
+            times.batches += 1
+            yield batch, embeddings
+
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Embeddings of `images`, float32 [N, D], L2-normalised, in batches of `batch_size`."""
         return next(self.embed_batches([images]))
@@ -227,6 +249,61 @@ def unload_clip_models() -> None:
         torch.cuda.empty_cache()
 
 
+@dataclass
+class ModelBatch:
+    """Model-ready input of up to `batch_size` samples, with every sample read since the previous batch."""
+
+    rows: list[tuple[str | None, str | None]]  # (key, error) of each sample in tar order; error None = it is in `pixels`
+    pixels: torch.Tensor | None  # [samples without error, 3, H, W], pinned for a CUDA model; None when every row is an error
+
+
+def feed_model_batches(
+    shard_urls: Sequence[str],
+    transform,
+    batch_size: int,
+    decode_options: DecodeOptions,
+    task_batch_size: int = 100,
+    storage_options: dict | None = None,
+    pin_memory: bool = False,
+    threads: int | None = None,
+) -> Iterator[ModelBatch]:
+    """The host pipeline: tars -> (decode + `transform` in a pool of `threads` workers) -> model batches.
+
+    Each worker decodes a sample and applies the transform (`iter_batches`), so the rate of model-ready
+    tensors grows with the workers (default: the CPUs this process may use). A background thread stacks
+    them into batches of `batch_size` across reading batches (in pinned memory for a CUDA model, which
+    then copies them without blocking), up to two batches ahead. Memory is bounded by the reader's
+    budget plus three model batches.
+    """
+
+    def assemble() -> Iterator[ModelBatch]:
+        samples = iter_batches(shard_urls, task_batch_size, decode=decode_options, storage_options=storage_options, threads=threads, transform=transform)
+        rows: list[tuple[str | None, str | None]] = []
+        inputs: list[torch.Tensor] = []
+        try:
+            for batch in samples:
+                for sample in batch:
+                    error = _error_of(sample)
+                    rows.append((sample.key, error))
+                    if error is None:
+                        inputs.append(sample.model_input)
+                        if len(inputs) == batch_size:
+                            yield ModelBatch(rows, _stacked(inputs, pin_memory))
+                            rows, inputs = [], []
+                del batch
+            if rows:
+                yield ModelBatch(rows, _stacked(inputs, pin_memory) if inputs else None)
+        finally:
+            close_iterator(samples)
+
+    return prefetched(assemble(), _PREFETCH_BATCHES, "model-batches")
+
+
+def _stacked(inputs: list[torch.Tensor], pin_memory: bool) -> torch.Tensor:
+    out = torch.empty((len(inputs), *inputs[0].shape), dtype=inputs[0].dtype, pin_memory=pin_memory)
+    return torch.stack(inputs, out=out)
+
+
 def embed_shard(
     shard_url: str,
     embedder: ClipEmbedder,
@@ -235,6 +312,7 @@ def embed_shard(
     task_batch_size: int = 100,
     storage_options: dict | None = None,
     fingerprint: str | None = None,
+    threads: int | None = None,
 ) -> str:
     """Embed every decodable image of one shard and write its store entry; returns the entry URL.
 
@@ -248,26 +326,17 @@ def embed_shard(
     keys: list[str | None] = []
     errors: list[str | None] = []
     embedded_rows: list[np.ndarray] = []
-    pending: deque[list[tuple[str | None, str | None]]] = deque()
-
-    def images_of(batches) -> Iterator[list[Image.Image]]:
-        for samples in batches:
-            # Appended by the preprocessing thread, taken in the same order by the loop below.
-            pending.append([(sample.key, _error_of(sample)) for sample in samples])
-            yield [sample.image for sample in samples if _error_of(sample) is None]
-            del samples
-
-    batches = iter_batches([shard_url], task_batch_size, decode=decode_options, storage_options=storage_options)
-    for batch_embeddings in embedder.embed_batches(images_of(batches)):
-        rows = pending.popleft()
-        full = np.full((len(rows), embedder.embedding_dim), np.nan, dtype=np.float32)
-        good = np.array([error is None for _, error in rows], dtype=bool)
-        assert int(good.sum()) == batch_embeddings.shape[0], "embeddings do not match the decoded samples"
-        full[good] = batch_embeddings
-        embedded_rows.append(full)
-        keys.extend(key for key, _ in rows)
-        errors.extend(error for _, error in rows)
-    assert not pending, "samples left without embeddings"
+    pin_memory = embedder.device.type == "cuda"
+    batches = feed_model_batches([shard_url], embedder.transform, embedder.batch_size, decode_options, task_batch_size, storage_options, pin_memory, threads)
+    with closing(batches):
+        for batch, batch_embeddings in embedder.embed_model_batches(batches):
+            full = np.full((len(batch.rows), embedder.embedding_dim), np.nan, dtype=np.float32)
+            good = np.array([error is None for _, error in batch.rows], dtype=bool)
+            assert int(good.sum()) == batch_embeddings.shape[0], "embeddings do not match the decoded samples"
+            full[good] = batch_embeddings
+            embedded_rows.append(full)
+            keys.extend(key for key, _ in batch.rows)
+            errors.extend(error for _, error in batch.rows)
     embeddings = np.concatenate(embedded_rows) if embedded_rows else np.zeros((0, embedder.embedding_dim), np.float32)
     table = embedding_table(keys, shard_url, embeddings, errors)
     metadata = dict(identity_record(embedder.weights, decode_options.identity()), precision=embedder.precision)
@@ -277,7 +346,7 @@ def embed_shard(
 def _error_of(sample: Sample) -> str | None:
     if sample.error is not None:
         return str(sample.error)
-    if sample.image is None:
+    if sample.image is None and sample.model_input is None:
         return "no image in sample"
     return None
 
