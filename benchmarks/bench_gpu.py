@@ -136,14 +136,12 @@ def run_stage(
     result = result or StageResult("custom", autocast, batch_size)
     embedder = load_clip_embedder(weights, device, batch_size, autocast)
     store = EmbeddingStore(store_dir)
-    # A task batch never splits a model batch: the model sees `batch_size` images at a time.
-    task_batch_size = max(100, batch_size)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
     for shard_url in shard_urls:
-        result.entries.append(embed_shard(shard_url, embedder, store, decode, task_batch_size=task_batch_size))
+        result.entries.append(embed_shard(shard_url, embedder, store, decode))
         if time.perf_counter() - started >= seconds:
             break
     if device.type == "cuda":

@@ -36,7 +36,7 @@ from tests.support.tars import (
 from tests.support.tiny_clip import make_tiny_clip, open_clip_reference, save_clip_checkpoint, tiny_clip_config
 
 from tasks.models.clip_resolve import clip_identity, resolve_clip, weights_fingerprint
-from tasks.models.embed import ClipEmbedder, embed_partition, embed_shard, load_clip_embedder, select_device, unload_clip_models
+from tasks.models.embed import ClipEmbedder, embed_partition, embed_shard, feed_model_batches, load_clip_embedder, select_device, unload_clip_models
 from tasks.errors import UserError
 from tasks.io.read import DecodeOptions, iter_samples
 from tasks.store.entries import EmbeddingStore, embedding_matrix, partition_embedding_identity
@@ -352,6 +352,44 @@ def test_default_settings_embed_photos_and_drawings_exactly_as_open_clip(tmp_pat
     reference = open_clip_reference(tiny_768[0], tiny_768[1], [Image.open(io.BytesIO(data)).convert("RGB") for data in files])
     assert stored.shape == reference.shape == (8, 768)
     assert cosines(stored, reference).min() >= PARITY_COSINE
+
+
+def test_host_pipeline_gives_open_clip_inputs_in_model_batches_across_reading_batches(tiny_768, bad_case_shard):
+    weights = resolve_clip(str(tiny_768[0]), str(tiny_768[1]))
+    transform = load_clip_embedder(weights, "cpu").transform
+    samples = list(iter_samples(bad_case_shard, NO_REDUCTION))
+    good = [sample for sample in samples if sample.error is None]
+
+    batches = list(feed_model_batches([bad_case_shard], transform, 4, NO_REDUCTION, task_batch_size=3, threads=2))
+    rows = [row for batch in batches for row in batch.rows]
+    assert [key for key, _ in rows] == [sample.key for sample in samples]  # every sample once, in tar order
+    assert [error for _, error in rows] == [sample.error for sample in samples]
+    assert [len(batch.pixels) for batch in batches] == [4] * (len(good) // 4) + ([len(good) % 4] if len(good) % 4 else [])
+    pixels = torch.cat([batch.pixels for batch in batches])
+    assert torch.equal(pixels, torch.stack([transform(sample.image) for sample in good]))  # bit for bit open_clip's
+
+
+def test_an_image_the_transform_refuses_is_that_samples_error_only(tiny_768, bad_case_shard):
+    weights = resolve_clip(str(tiny_768[0]), str(tiny_768[1]))
+    transform = load_clip_embedder(weights, "cpu").transform
+    samples = list(iter_samples(bad_case_shard, NO_REDUCTION))
+    refused_size = [sample for sample in samples if sample.error is None][1].image.size
+
+    def picky(image):
+        if image.size == refused_size:
+            raise ValueError("odd size")
+        return transform(image)
+
+    rows = [row for batch in feed_model_batches([bad_case_shard], picky, 4, NO_REDUCTION) for row in batch.rows]
+    assert [key for key, _ in rows] == [sample.key for sample in samples]
+    refused = 0
+    for sample, (_, error) in zip(samples, rows):
+        if sample.error is None and sample.image.size == refused_size:
+            refused += 1
+            assert error.endswith("could not be preprocessed for the model (ValueError: odd size)")
+        else:
+            assert error == sample.error  # the others as before
+    assert refused >= 1
 
 
 def test_damaged_tar_gets_a_shard_level_row(tmp_path, tiny_768):
