@@ -1,6 +1,6 @@
 """The host pipeline: how fast tars become model-ready tensors, against a DataLoader, and how it scales with cores.
 
-    python benchmarks/bench_feed.py [--images 192] [--cores 1,2] [--batch-size 64] [--repeats 3] [--workdir DIR]
+    python benchmarks/bench_feed.py [--images 128] [--cores 1,2] [--batch-size 64] [--repeats 3] [--workdir DIR]
 
 Both sides read the same WebDataset shards of photo-like JPEGs of 1024-2048 px, decode every pixel
 (decode_mode=exact) and apply open_clip's ViT-L-14 inference transform (224 px, bicubic, centre crop,
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -71,9 +72,25 @@ def _child(which: str, shard_urls: list[str], batch_size: int, cores: int) -> No
 
     torch.set_num_threads(cores)
     feed = {"ours": feed_ours, "dataloader": feed_dataloader}[which]
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
     images = feed(shard_urls, batch_size, cores)
-    print(json.dumps({"images": images, "seconds": time.perf_counter() - started}))
+    seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
+    print(json.dumps({"images": images, "seconds": seconds, "cpu_seconds": cpu, "peak_mib": _peak_rss_mib()}))
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process's threads and of its ended child processes (a DataLoader's workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory (a DataLoader's worker processes are not counted)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def measure(which: str, shard_urls: list[str], batch_size: int, cpus: list[int]) -> dict:
@@ -97,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks._photos import write_photo_shards
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=192, help="images per run (default: %(default)s)")
+    parser.add_argument("--images", type=int, default=128, help="images per run (default: %(default)s)")
     parser.add_argument("--shard-images", type=int, default=16, help="samples per shard (default: %(default)s)")
     parser.add_argument("--cores", default="1,2", help="core counts to compare (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64, help="model batch size (default: %(default)s)")
@@ -112,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
           f"transform, model batch {args.batch_size}, best of {args.repeats}; {len(available)} CPUs here", flush=True)
     measure("ours", shard_urls[:1], args.batch_size, available[:1])  # warm-up: page cache, imports
     best: dict[tuple[str, int], float] = {}
+    peak: dict[int, float] = {}
+    cpu_ms: dict[tuple[str, int], float] = {}
     for _ in range(args.repeats):  # interleaved, so load from other processes hits every contender alike
         for cores in core_counts:
             for which in ("ours", "dataloader"):
@@ -119,12 +138,19 @@ def main(argv: list[str] | None = None) -> int:
                 assert result["images"] == args.images, result
                 rate = result["images"] / result["seconds"]
                 best[which, cores] = max(best.get((which, cores), 0.0), rate)
-    print(f"{'cores':>5} {'ours img/s':>11} {'DataLoader img/s':>17} {'ours / DataLoader':>18} {'ours vs 1 core':>15}")
+                cpu_ms[which, cores] = min(cpu_ms.get((which, cores), float("inf")), 1000 * result["cpu_seconds"] / result["images"])
+                if which == "ours":
+                    peak[cores] = max(peak.get(cores, 0.0), result["peak_mib"])
+    print(f"{'cores':>5} {'ours img/s':>11} {'DataLoader img/s':>17} {'ours / DataLoader':>18} {'ours vs 1 core':>15} "
+          f"{'CPU ms/img ours':>16} {'CPU ms/img DataLoader':>22} {'ours peak RSS MiB':>18}")
     for cores in core_counts:
         ours, theirs = best["ours", cores], best["dataloader", cores]
         scaling = f"{ours / best['ours', core_counts[0]]:.2f}x" if core_counts[0] == 1 else "-"
-        print(f"{cores:>5} {ours:>11.1f} {theirs:>17.1f} {ours / theirs:>17.2f}x {scaling:>15}")
+        print(f"{cores:>5} {ours:>11.1f} {theirs:>17.1f} {ours / theirs:>17.2f}x {scaling:>15} "
+              f"{cpu_ms['ours', cores]:>16.1f} {cpu_ms['dataloader', cores]:>22.1f} {peak[cores]:>18.0f}")
     print("goals: ours / DataLoader >= 1.0 at every core count; ours on 2 cores >= 1.7x ours on 1")
+    print(f"load average while measured: {', '.join(f'{v:.1f}' for v in os.getloadavg())} (other processes take cores from both sides;")
+    print("CPU ms per image, best of the runs, is not inflated by them: equal at 1 and N cores means no cost of parallelism)")
     return 0
 
 
