@@ -354,6 +354,22 @@ def test_default_settings_embed_photos_and_drawings_exactly_as_open_clip(tmp_pat
     assert cosines(stored, reference).min() >= PARITY_COSINE
 
 
+@pytest.mark.parametrize("flow_module, flow_name, command", [("flows.nsfw_filter", "nsfw_filter", "filter"), ("flows.dedup", "image_dedup", "dedup")])
+def test_decode_mode_is_in_the_ui_form_and_the_command_line(flow_module, flow_name, command):
+    import importlib
+
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.cli import build_parser
+
+    flow = getattr(importlib.import_module(flow_module), flow_name)
+    field = parameter_schema(flow.fn).model_dump()["properties"]["decode_mode"]
+    assert field["default"] == "exact" and field["enum"] == ["exact", "reduced"] and field["description"]
+    parser = build_parser()
+    assert parser.parse_args([command, "--file-paths", "in", "--output-path", "out"]).decode_mode == "exact"
+    assert parser.parse_args([command, "--file-paths", "in", "--output-path", "out", "--decode-mode", "reduced"]).decode_mode == "reduced"
+
+
 def test_host_pipeline_gives_open_clip_inputs_in_model_batches_across_reading_batches(tiny_768, bad_case_shard):
     weights = resolve_clip(str(tiny_768[0]), str(tiny_768[1]))
     transform = load_clip_embedder(weights, "cpu").transform
