@@ -1,7 +1,7 @@
 """The embedding stage on a CUDA GPU: tars -> decode -> open_clip transform -> ViT-L-14 -> embedding store.
 
     python benchmarks/bench_gpu.py [--images 2048] [--batch-sizes 64,128,256,512] [--autocast fp16,bf16]
-                                   [--decode exact,reduced] [--seconds-per-config 12] [--out results.json]
+                                   [--decode exact,reduced] [--seconds-per-config 10] [--out results.json]
 
 Runs the flow's own code (`tasks.models.embed.load_clip_embedder` + `embed_shard`, `tasks.io.read`,
 `tasks.store.entries`) on synthetic photo-like JPEGs of 1024-2048 px, with a ViT-L-14 of random weights
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", default="64,128,256,512")
     parser.add_argument("--autocast", default="fp16,bf16")
     parser.add_argument("--decode", default="exact,reduced")
-    parser.add_argument("--seconds-per-config", type=float, default=12.0, help="stop a configuration at the next shard end after this")
+    parser.add_argument("--seconds-per-config", type=float, default=10.0, help="stop a configuration at the next shard end after this")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--workdir", type=Path, default=None, help="where shards and weights go (default: a temporary directory)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON (.json) or a markdown table (other names)")
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         run_stage(shard_urls[:1], weights, workdir / "store-warmup", modes[_names(args.decode)[0]], device, 64)
         print(f"setup {time.perf_counter() - setup:.0f} s: {len(shard_urls)} shards of {args.shard_images} JPEGs (1024-2048 px), "
               f"ViT-L-14 random weights on {torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
-              f"{len(os.sched_getaffinity(0))} CPUs for the host pipeline", flush=True)
+              f"{len(os.sched_getaffinity(0))} CPUs (host pipeline workers), torch CPU threads {torch.get_num_threads()}", flush=True)
 
         ceilings = {}
         for autocast in _names(args.autocast):
