@@ -273,7 +273,7 @@ def feed_model_batches(
     tensors grows with the workers (default: the CPUs this process may use). A background thread stacks
     them into batches of `batch_size` across reading batches (in pinned memory for a CUDA model, which
     then copies them without blocking), up to two batches ahead. Memory is bounded by the reader's
-    budget plus three model batches.
+    budget plus four model batches (one being filled, two waiting, one with the caller).
     """
 
     def assemble() -> Iterator[ModelBatch]:
