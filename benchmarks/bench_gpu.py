@@ -210,7 +210,7 @@ def _names(text: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=2048, help="images per configuration at most")
-    parser.add_argument("--shard-images", type=int, default=256, help="samples per shard")
+    parser.add_argument("--shard-images", type=int, default=1024, help="samples per shard; at least the largest batch size")
     parser.add_argument("--batch-sizes", default="64,128,256,512")
     parser.add_argument("--autocast", default="fp16,bf16")
     parser.add_argument("--decode", default="exact,reduced")
@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench_gpu: torch sees no CUDA GPU on this machine; nothing to measure.")
         return 0
+    if args.shard_images < max(map(int, _names(args.batch_sizes))):
+        parser.error("--shard-images must be at least the largest batch size: a model batch never spans two shards")
     device = torch.device(args.device)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     try:
