@@ -105,7 +105,7 @@ def measure(which: str, shard_urls: list[str], batch_size: int, cpus: list[int])
     done = subprocess.run(
         [sys.executable, "-c", code, json.dumps(shard_urls)],
         cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))},
         preexec_fn=lambda: os.sched_setaffinity(0, cpus),
         capture_output=True,
         text=True,
