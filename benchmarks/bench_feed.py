@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = measure(which, shard_urls, args.batch_size, available[:cores])
                 assert result["images"] == args.images, result
                 rate = result["images"] / result["seconds"]
+                print(f"  {which} on {cores} cores: {rate:.1f} img/s", flush=True)  # so a run cut short still shows what it measured
                 best[which, cores] = max(best.get((which, cores), 0.0), rate)
                 cpu_ms[which, cores] = min(cpu_ms.get((which, cores), float("inf")), 1000 * result["cpu_seconds"] / result["images"])
                 if which == "ours":
