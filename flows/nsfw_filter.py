@@ -120,7 +120,8 @@ def embed_partition_task(partition: Partition, shard_fingerprints: tuple[str, ..
             storage_options=stage.storage_options,
             device=device,
             shard_fingerprints=shard_fingerprints,
-            shards_in_store=shards_in_store,
+            # A retry asks the store again: the failed attempt may have written some of the missing entries.
+            shards_in_store=shards_in_store if is_first_attempt() else None,
         )
     if stage.verbose:
         logger.info("partition %d: %d store entries on %s", partition.index, len(entry_urls), device)
@@ -144,6 +145,14 @@ def filter_partition_task(partition: Partition, shard_fingerprints: tuple[str, .
         log=logger.info if stage.verbose else None,
         reembed_shard=shard_reembedder(stage.embedding),  # an entry found unusable while scoring is embedded again, not a failure
     )
+
+
+def is_first_attempt() -> bool:
+    """False in a task run that Prefect is retrying."""
+    from prefect.context import TaskRunContext
+
+    context = TaskRunContext.get()
+    return context is None or context.task_run.run_count <= 1
 
 
 def embed_parameters(run: FilterRun, partition: Partition, lookup: StoreLookup) -> dict[str, Any]:

@@ -181,6 +181,9 @@ def test_blocksize_groups_consecutive_shards_by_their_listed_sizes():
     assert [p.index for p in partition_shards(urls, shard_sizes=sizes, blocksize=400)] == list(range(5))
     # Ids depend on the shards alone: the same group formed by blocksize or by files_per_partition is the same partition.
     assert partition_shards(urls, shard_sizes=sizes, blocksize=400)[0] == partition_shards(urls, 2)[0]
+    # Empty shards join their neighbours, but never a shard of unknown size.
+    assert [p.shard_urls for p in partition_shards(urls[:4], shard_sizes=[0, 0, None, 0], blocksize=400)] == [
+        tuple(urls[0:2]), (urls[2],), (urls[3],)]
 
 
 @pytest.mark.parametrize(("spelling", "expected"), [("512MB", 512_000_000), ("1GiB", 1 << 30), ("1.5kb", 1500), ("4096", 4096), (64, 64)])
@@ -188,7 +191,7 @@ def test_blocksize_spellings(spelling, expected):
     assert parse_blocksize(spelling) == expected
 
 
-@pytest.mark.parametrize("bad", ["lots", "-1MB", "0", "", True, "12 parsecs"])
+@pytest.mark.parametrize("bad", ["lots", "-1MB", "0", "", True, "12 parsecs", "512Mi", "1Ti"])
 def test_bad_blocksize_is_one_sentence(bad):
     with pytest.raises(UserError, match=r"^blocksize must be"):
         parse_blocksize(bad)

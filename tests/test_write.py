@@ -198,3 +198,25 @@ def test_tars_the_previous_manifest_names_past_a_gap_are_removed(tmp_path):
     (tmp_path / "out" / "shards" / "part-000000-0001.tar").unlink()  # a hole the sequence stops at
     write_filtered_partition(out, 0, "p", ["a"], [(s, 0.0 if i == 0 else 0.9, None) for i, s in enumerate(samples)], 0.5, 1, earlier=first)
     assert sorted(p.name for p in (tmp_path / "out" / "shards").iterdir()) == ["part-000000-0000.tar"]
+
+
+def test_a_sample_with_images_nobody_scored_never_passes(tmp_path):
+    # One image per sample is scored; a passing sample's other image members would reach the filtered dataset
+    # unscored, so such a sample keeps its score and its row but stays out, with the reason in `error`.
+    samples = [
+        FakeSample("one", "in/a.tar", {"jpg": b"a", "txt": b"caption", "json": b"{}"}),
+        FakeSample("two", "in/a.tar", {"left.jpg": b"l", "right.jpg": b"r"}),
+        FakeSample("mask", "in/a.tar", {"jpg": b"j", "seg.PNG": b"m"}),
+        FakeSample("odd", "in/a.tar", {"jpg": b"j", "heic": b"h"}),
+        FakeSample("high", "in/a.tar", {"jpg": b"j", "png": b"p"}),
+    ]
+    scores = [0.1, 0.1, 0.2, 0.3, 0.9]
+    result = write_filtered_partition(str(tmp_path / "out"), 0, "pid", ["in/a.tar"], zip(samples, scores, [None] * 5), 0.5, 10)
+    frame = pq.read_table(result.scores_file).to_pydict()
+    assert frame["passed"] == [True, False, False, False, False]
+    assert frame["nsfw_score"] == pytest.approx(scores)
+    assert frame["error"][0] is None and frame["error"][4] is None  # filtered by its score: no other reason needed
+    assert frame["error"][1] == "2 image members; only 'left.jpg' was scored, so the sample is kept out of the filtered dataset (unscored: 'right.jpg')"
+    assert frame["error"][2].endswith("(unscored: 'seg.PNG')") and frame["error"][3].endswith("(unscored: 'heic')")
+    assert [name for url in result.output_shards for name, _ in read_tar(url)] == ["one.jpg", "one.txt", "one.json"]
+    assert (result.passed, result.filtered, result.errors) == (1, 1, 3)

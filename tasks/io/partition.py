@@ -260,7 +260,7 @@ def listed_roots(
     return roots
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt](?:i?b)?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
 
@@ -300,12 +300,11 @@ def partition_shards(
     if len(sizes) != len(shard_urls):
         raise ValueError("shard_sizes must give one size per shard")
     groups: list[list[str]] = []
-    filled = blocksize
+    filled = 0
     for url, size in zip(shard_urls, sizes):
-        size = blocksize if size is None else size
-        if filled + size > blocksize:
+        if not groups or size is None or filled + size > blocksize:
             groups.append([])
             filled = 0
         groups[-1].append(url)
-        filled += size
+        filled = blocksize + 1 if size is None else filled + size  # a shard of unknown size closes its partition
     return [Partition(index=index, shard_urls=tuple(group)) for index, group in enumerate(groups)]

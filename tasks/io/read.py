@@ -166,7 +166,7 @@ class DecodeOptions:
     def identity(self) -> str:
         # The size limits only decide which images are refused, never their pixels, so they are not part of it.
         reduced = "off" if self.reduced_jpeg_size is None else str(self.reduced_jpeg_size)
-        return f"decode-v1:rgb,exif-orientation,alpha-over-white,first-frame,16bit-msb,jpeg-reduced-min-side={reduced}"
+        return f"decode-v2:rgb,exif-orientation,alpha-over-white,first-frame,16bit-msb,jpeg-reduced-min-side={reduced}"
 
 
 def member_format(extension: str) -> str:
@@ -188,6 +188,11 @@ def image_extension(members: dict[str, bytes]) -> str | None:
         if image_format in whole:
             return whole[image_format]
     return next((extension for extension in members if member_format(extension) in IMAGE_EXTENSIONS), None)
+
+
+def image_members(members: dict[str, bytes]) -> list[str]:
+    """Extensions of every member holding an image, decodable or not, in tar order."""
+    return [extension for extension in members if member_format(extension) in IMAGE_EXTENSIONS or member_format(extension) in UNSUPPORTED_IMAGE_EXTENSIONS]
 
 
 def member_of_format(members: dict[str, bytes], wanted: str) -> str | None:
@@ -607,6 +612,15 @@ def _held_bytes(sample: Sample, opened: Image.Image | None) -> int:
     return held
 
 
+def _transform_output_bytes(transform: Callable[[Image.Image], object]) -> int:
+    """Bytes one transformed sample holds, measured once on a tiny image (a model's transform has a fixed output size)."""
+    try:
+        output = transform(Image.new("RGB", (8, 8)))
+        return int(output.numel() * output.element_size())  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - not a tensor-making transform: nothing beyond the image to count
+        return 0
+
+
 def iter_samples(
     shard_url: str,
     decode: DecodeOptions | None = DecodeOptions(),
@@ -653,6 +667,8 @@ def iter_batches(
     if isinstance(shard_urls, str):
         shard_urls = [shard_urls]
     pool = ThreadPoolExecutor(threads or _default_threads(), thread_name_prefix="decode") if decode is not None else None
+    # A transformed sample holds its model input (602 KB at 224 px in float32), often more than its image did.
+    input_bytes = _transform_output_bytes(transform) if transform is not None and pool is not None else 0
 
     def batches_of_pending_samples() -> Iterator[list[Sample | Future]]:
         batch: list[Sample | Future] = []
@@ -660,7 +676,7 @@ def iter_batches(
         for shard_url in shard_urls:
             for sample in _iter_raw_samples(shard_url, storage_options, limits):
                 opened = _open_sample_image(sample, decode) if pool is not None else None
-                sample_bytes = _held_bytes(sample, opened)
+                sample_bytes = _held_bytes(sample, opened) + (input_bytes if opened is not None else 0)
                 if batch and batch_bytes + sample_bytes > limits.batch_bytes:
                     yield batch
                     batch, batch_bytes = [], 0

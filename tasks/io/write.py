@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.io.atomic import atomic_output, filesystem, is_object_store, write_bytes_atomic
+from tasks.io.read import image_extension, image_members
 
 SCORES_SCHEMA = pa.schema(
     [
@@ -47,6 +48,21 @@ class RawSample(Protocol):
     key: str | None
     shard: str
     members: dict[str, bytes]
+
+
+def unscored_images(members: dict[str, bytes]) -> str | None:
+    """Why a sample whose scored image passed must still stay out of the filtered dataset, or None.
+
+    One image per sample is embedded and scored (`image_extension` picks it); the filtered dataset copies
+    every member byte for byte, so a sample with other image members would carry images nobody scored.
+    """
+    others = [extension for extension in image_members(members) if extension != image_extension(members)]
+    if not others:
+        return None
+    return (
+        f"{len(others) + 1} image members; only '{image_extension(members)}' was scored, so the sample is kept out of "
+        f"the filtered dataset (unscored: {', '.join(repr(extension) for extension in others[:3])}{', ...' if len(others) > 3 else ''})"
+    )
 
 
 def join_url(base: str, *parts: str) -> str:
@@ -284,6 +300,9 @@ def write_filtered_partition(
         for sample, nsfw_score, error in scored_samples:
             scored = error is None and sample.key is not None and bool(np.isfinite(nsfw_score))
             passed = scored and bool(nsfw_score < score_threshold)
+            if passed and error is None:
+                error = unscored_images(sample.members)
+                passed = error is None
             columns["key"].append(sample.key)
             columns["shard"].append(sample.shard)
             columns["nsfw_score"].append(float(nsfw_score) if scored else None)
