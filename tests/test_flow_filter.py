@@ -111,8 +111,10 @@ def check_outputs(dataset: Dataset, output_path: Path, threshold: float) -> dict
         if error is None:
             assert nsfw_score is not None and 0.0 <= nsfw_score <= 1.0
             assert passed == (nsfw_score < threshold)
+        elif nsfw_score is not None:  # scored, but it carries images nobody scored
+            assert passed is False and nsfw_score < threshold and "was scored, so the sample is kept out of the filtered dataset" in error
         else:
-            assert nsfw_score is None and passed is False
+            assert passed is False
         assert (output_shard is not None) == passed
         by_key[(shard, key)] = row
     # bad samples carry their error
@@ -121,6 +123,9 @@ def check_outputs(dataset: Dataset, output_path: Path, threshold: float) -> dict
         if fragment is not None:
             rows = [r for (s, k), r in by_key.items() if s == bad_url and k == key]
             assert any(fragment in (r[4] or "") for r in rows), (key, rows)
+    # samples with several image members never pass: only one of their images was scored
+    for key in ("multi", "two", "emptyseg"):
+        assert by_key[(bad_url, key)][3] is False, by_key[(bad_url, key)]
     damaged = [r for (s, k), r in by_key.items() if k is None]
     assert len(damaged) == 1 and "damaged" in damaged[0][4]
     # the output shards hold exactly the passed samples, members byte for byte
