@@ -9,7 +9,6 @@ running the same command again completes the run.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import signal
@@ -22,6 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from flows.parameters import REQUIRED, FlowSignature, read_flow_signature, without_range
 from tasks.errors import UserError
 from tasks.io.locations import default_model_dir, hold_url_credentials, nsfw_weights_path
 from tasks.stop import request_stop
@@ -40,13 +40,11 @@ URL_PARAMETERS = frozenset({"file_paths", "output_path", "cache_path", "filter_o
 # After an interrupt, at most this long for Prefect to record the crash and shut down before the process ends itself.
 EXIT_GRACE_S = 20.0
 
-def _add_score_embeddings(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "score-embeddings",
-        help="score CLIP embeddings you already have (.npy or Parquet) with the LAION NSFW head",
-        description="Score CLIP image embeddings computed elsewhere (for example clip-retrieval's img_emb/*.npy) "
+def _add_score_embeddings(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Score CLIP image embeddings computed elsewhere (for example clip-retrieval's img_emb/*.npy) "
         "and write Parquet with `nsfw_score` (float32, null when not scored) and `error` added; other "
-        "Parquet columns such as `key` are carried over.",
+        "Parquet columns such as `key` are carried over."
     )
     parser.add_argument("--input", required=True, help="a .npy of shape [N, D], or Parquet with an `embedding` list column")
     parser.add_argument("--output", required=True, help="the Parquet file to write (local path or fsspec URL)")
@@ -79,8 +77,7 @@ def _run_score_embeddings(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_models(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("models", help="get or convert model weights")
+def _add_models(parser: argparse.ArgumentParser) -> None:
     models = parser.add_subparsers(dest="models_command", required=True, metavar="{fetch,convert-laion}")
     fetch = models.add_parser(
         "fetch",
@@ -122,21 +119,17 @@ def _is_list(annotation: Any) -> bool:
     return typing.get_origin(annotation) is list or any(typing.get_origin(a) is list for a in typing.get_args(annotation))
 
 
-def add_flow_arguments(parser: argparse.ArgumentParser, flow_fn: Callable) -> None:
+def add_flow_arguments(parser: argparse.ArgumentParser, signature: FlowSignature) -> None:
     """One `--kebab-case` option per flow parameter, typed and documented from the flow's signature and docstring."""
-    from prefect.utilities.callables import parameter_docstrings
-
-    docs = parameter_docstrings(inspect.getdoc(flow_fn))
-    hints = typing.get_type_hints(flow_fn)
-    for name, parameter in inspect.signature(flow_fn).parameters.items():
-        annotation = hints[name]
-        option = "--" + name.replace("_", "-")
-        required = parameter.default is inspect.Parameter.empty
+    for parameter in signature.parameters:
+        annotation = parameter.annotation
+        option = "--" + parameter.name.replace("_", "-")
+        required = parameter.default is REQUIRED
         default = None if required else parameter.default
-        help_text = docs.get(name, "")
+        help_text = parameter.doc
         if not required and default not in (None, False):
             help_text += f" (default: {' '.join(default) if isinstance(default, list) else default})"
-        kwargs: dict[str, Any] = {"dest": name, "help": help_text, "required": required, "default": default}
+        kwargs: dict[str, Any] = {"dest": parameter.name, "help": help_text, "required": required, "default": default}
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -145,20 +138,20 @@ def add_flow_arguments(parser: argparse.ArgumentParser, flow_fn: Callable) -> No
         elif _is_list(annotation):
             kwargs["nargs"] = "+"
         else:
-            scalar = args[0] if args else annotation
+            scalar = without_range(args[0]) if args else annotation
             kwargs["type"] = scalar if scalar in (int, float) else str
         parser.add_argument(option, **kwargs)
 
 
-def flow_arguments(args: argparse.Namespace, flow_fn: Callable) -> dict[str, Any]:
+def flow_arguments(args: argparse.Namespace, signature: FlowSignature) -> dict[str, Any]:
     """The flow's keyword arguments from parsed options (a one-item list for `str | list[str]` becomes the str)."""
-    hints = typing.get_type_hints(flow_fn)
     values = {}
-    for name in inspect.signature(flow_fn).parameters:
-        value = getattr(args, name)
-        if isinstance(value, list) and len(value) == 1 and typing.get_origin(hints[name]) is typing.Union and str in typing.get_args(hints[name]):
+    for parameter in signature.parameters:
+        value = getattr(args, parameter.name)
+        annotation = parameter.annotation
+        if isinstance(value, list) and len(value) == 1 and typing.get_origin(annotation) is typing.Union and str in typing.get_args(annotation):
             value = value[0]
-        values[name] = value
+        values[parameter.name] = value
     return values
 
 
@@ -166,8 +159,11 @@ class RunFailed(Exception):
     """A flow run was created and failed; its message is the cause's own sentence."""
 
 
-def _flow_command(name: str, module: str, flow_name: str, help_text: str, preflight: str | None = None) -> Callable[[argparse._SubParsersAction], None]:
-    """A subcommand running a flow: one option per flow parameter, an optional preflight that checks user input first."""
+def _flow_command(module: str, flow_name: str, preflight: str | None = None) -> Callable[[argparse.ArgumentParser], None]:
+    """A subcommand running a flow: one option per flow parameter, an optional preflight that checks user input first.
+
+    The options come from the flow's source (flows/parameters.py): Prefect and torch are imported only to run it.
+    """
 
     def load():
         import importlib
@@ -177,7 +173,7 @@ def _flow_command(name: str, module: str, flow_name: str, help_text: str, prefli
 
     def run(args: argparse.Namespace) -> int:
         flow, check = load()
-        kwargs = flow_arguments(args, flow.fn)
+        kwargs = flow_arguments(args, read_flow_signature(module, flow_name))
         # Credentials in URLs stay in this process: Prefect stores flow-run parameters, so they are taken out here
         # and the run's planning finds them again (tasks/io/locations.py).
         kwargs = {name: hold_url_credentials(value) if name in URL_PARAMETERS else value for name, value in kwargs.items()}
@@ -190,33 +186,27 @@ def _flow_command(name: str, module: str, flow_name: str, help_text: str, prefli
         print(json.dumps(outcome, indent=2))
         return 0
 
-    def add(subparsers: argparse._SubParsersAction) -> None:
-        flow, _ = load()
-        parser = subparsers.add_parser(name, help=help_text, description=inspect.getdoc(flow.fn).split("\n\n")[0])
-        add_flow_arguments(parser, flow.fn)
+    def add(parser: argparse.ArgumentParser) -> None:
+        signature = read_flow_signature(module, flow_name)
+        parser.description = signature.summary
+        add_flow_arguments(parser, signature)
         parser.set_defaults(handler=run)
 
     return add
 
 
-_add_filter = _flow_command(
-    "filter", "flows.nsfw_filter", "nsfw_filter", "run the nsfw-filter flow: score every image, keep those below --score-threshold", "preflight"
-)
-_add_dedup = _flow_command(
-    "dedup", "flows.dedup", "image_dedup", "run the image-dedup flow: near-duplicates from the cached embeddings (no CLIP run)", "preflight"
-)
+_add_filter = _flow_command("flows.nsfw_filter", "nsfw_filter", "preflight")
+_add_dedup = _flow_command("flows.dedup", "image_dedup", "preflight")
 
 
-def _add_review(subparsers: argparse._SubParsersAction) -> None:
+def _add_review(parser: argparse.ArgumentParser) -> None:
     from tasks.review.sampling import DEFAULT_REVIEW_SAMPLES
     from tasks.review.sheet import DEFAULT_BLUR_ABOVE
 
-    parser = subparsers.add_parser(
-        "review",
-        help="write an HTML review sheet of a filter run's scores for calibrating --score-threshold",
-        description="Read a filter run's scores and input shards and write {output_path}/review/review.html: a score "
+    parser.description = (
+        "Read a filter run's scores and input shards and write {output_path}/review/review.html: a score "
         "histogram with the threshold marked, then thumbnails sampled across score bands, denser around the threshold, "
-        "each with key, shard, score and caption. Thumbnails of high-scoring images are blurred unless --no-blur.",
+        "each with key, shard, score and caption. Thumbnails of high-scoring images are blurred unless --no-blur."
     )
     parser.add_argument("--output-path", required=True, help="the output_path of a finished filter run (local or object storage)")
     parser.add_argument("--n", type=int, default=DEFAULT_REVIEW_SAMPLES, help="samples to show (default: %(default)s)")
@@ -238,18 +228,34 @@ def _run_review(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The command line; only the subcommand `argv` names gets its options (the others are listed by name and help)."""
     parser = argparse.ArgumentParser(
         prog="nsfw-curator",
         description="Score WebDataset images with LAION's CLIP-based NSFW detector, filter them, and reuse the embeddings.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for add in ADD_SUBCOMMANDS:
-        add(subparsers)
+    named = _subcommand_named(sys.argv[1:] if argv is None else argv)
+    for name, (help_text, add) in SUBCOMMANDS.items():
+        subparser = subparsers.add_parser(name, help=help_text, description=help_text)
+        if name == named:
+            add(subparser)
     return parser
 
 
-ADD_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_filter, _add_dedup, _add_score_embeddings, _add_models, _add_review]
+def _subcommand_named(argv: Sequence[str]) -> str | None:
+    """The subcommand on the command line (its first word that is not an option); None for `--help` alone."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
+# name -> (help, adds its options): `nsfw-curator --help` lists them without importing what they run.
+SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "filter": ("run the nsfw-filter flow: score every image, keep those below --score-threshold", _add_filter),
+    "dedup": ("run the image-dedup flow: near-duplicates from the cached embeddings (no CLIP run)", _add_dedup),
+    "score-embeddings": ("score CLIP embeddings you already have (.npy or Parquet) with the LAION NSFW head", _add_score_embeddings),
+    "models": ("get or convert model weights", _add_models),
+    "review": ("write an HTML review sheet of a filter run's scores for calibrating --score-threshold", _add_review),
+}
 
 
 class Interrupted(KeyboardInterrupt):
@@ -346,7 +352,7 @@ def _interrupting_signal(exc: BaseException, watch: StopSignalWatch | None) -> i
 def main(argv: Sequence[str] | None = None) -> int:
     for name, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(name, value)
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     # Signals are ours only in the main thread; the exit deadline only for the command-line process itself.
     watch = StopSignalWatch(exit_deadline=argv is None) if threading.current_thread() is threading.main_thread() else None
     try:

@@ -7,16 +7,17 @@ optionally a deduplicated copy of the dataset (or of what a filter run kept).
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import asdict
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from flows.nsfw_filter import storage_options_from_secret, validate_settings
+from flows.nsfw_filter import storage_options_from_secret
+from flows.parameters import settings_model, validate_settings
 from flows.prefect_cache import STORAGE_RETRIES
+from flows.run_names import dedup_run_name
 from tasks.dedup.groups import deduplicate
 from tasks.models.clip_resolve import clip_identity, resolve_clip
 from tasks.dedup.io import (
@@ -42,30 +43,6 @@ from tasks.store.entries import EmbeddingStore, redact_url
 from tasks.io.write import join_url, remove_leftover_temp_files
 
 DEDUP_FLOW = "image-dedup"
-
-
-class DedupSettings(BaseModel):
-    """Range checks of the dedup flow's parameters (types and defaults live in its signature)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    file_paths: Union[str, list[str]]
-    output_path: str = Field(min_length=1)
-    similarity_threshold: float = Field(gt=0, le=1)
-    clip_model: str = Field(min_length=1)
-    clip_pretrained: str = Field(min_length=1)
-    model_dir: Optional[str]
-    cache_path: Optional[str]
-    file_extensions: list[str] = Field(min_length=1)
-    method: Literal["auto", "exact", "clustered"]
-    embedding_identity: Optional[str]
-    embed_missing: bool
-    write_dataset: bool
-    filter_output_path: Optional[str]
-    images_per_tar: int = Field(ge=1)
-    storage_options_secret: Optional[str]
-    take_over_output: bool
-    decode_mode: Literal["exact", "reduced"]
 
 
 @task(name="load-embeddings", **STORAGE_RETRIES, persist_result=False)
@@ -104,7 +81,7 @@ def write_outputs_task(result, output_path: str, storage_options: dict) -> dict[
     }
 
 
-def _inputs_and_output(settings: DedupSettings, storage_options: dict) -> tuple[str, list[str]]:
+def _inputs_and_output(settings: Any, storage_options: dict) -> tuple[str, list[str]]:
     """The output path and the listed shards, once the output is known to be apart from every input."""
     output_path = normalise_output_path(settings.output_path)
     shard_urls = list_shards(settings.file_paths, settings.file_extensions, storage_options)
@@ -113,7 +90,7 @@ def _inputs_and_output(settings: DedupSettings, storage_options: dict) -> tuple[
     return output_path, shard_urls
 
 
-def _without_url_credentials(settings: DedupSettings) -> tuple[DedupSettings, dict]:
+def _without_url_credentials(settings: Any) -> tuple[Any, dict]:
     """Settings whose URLs carry no credentials, and the storage options holding them (tasks/io/locations.py)."""
     names = ("file_paths", "output_path", "cache_path", "filter_output_path")
     *urls, storage_options = resolve_url_credentials(
@@ -124,27 +101,28 @@ def _without_url_credentials(settings: DedupSettings) -> tuple[DedupSettings, di
 
 def preflight(parameters: dict[str, Any]) -> None:
     """Check parameters, inputs and output outside Prefect (the CLI's fast, traceback-free check); raises UserError."""
-    defaults = {name: p.default for name, p in inspect.signature(image_dedup.fn).parameters.items() if p.default is not inspect.Parameter.empty}
-    settings, storage_options = _without_url_credentials(validate_settings({**defaults, **parameters}, DedupSettings))
+    settings, storage_options = _without_url_credentials(validate_settings(parameters, DedupSettings))
     _inputs_and_output(settings, storage_options)
 
 
-@flow(name="image-dedup", log_prints=False)
+# The signature's ranges reach the deployment's schema (the UI form and the API refuse bad values); the first line
+# checks them again with one sentence for calls that skip that schema, so Prefect's own multi-line check is off.
+@flow(name="image-dedup", flow_run_name=dedup_run_name, log_prints=False, validate_parameters=False)
 def image_dedup(
     file_paths: Union[str, list[str]],
-    output_path: str,
-    similarity_threshold: float = 0.99,
-    clip_model: str = "ViT-L-14",
-    clip_pretrained: str = "openai",
+    output_path: Annotated[str, Field(min_length=1)],
+    similarity_threshold: Annotated[float, Field(gt=0, le=1)] = 0.99,
+    clip_model: Annotated[str, Field(min_length=1)] = "ViT-L-14",
+    clip_pretrained: Annotated[str, Field(min_length=1)] = "openai",
     model_dir: Optional[str] = None,
     cache_path: Optional[str] = None,
-    file_extensions: list[str] = [".tar"],  # noqa: B006 - Prefect shows the default in the form; never mutated
+    file_extensions: Annotated[list[str], Field(min_length=1)] = [".tar"],  # noqa: B006 - Prefect shows the default in the form; never mutated
     method: Literal["auto", "exact", "clustered"] = "auto",
     embedding_identity: Optional[str] = None,
     embed_missing: bool = False,
     write_dataset: bool = False,
     filter_output_path: Optional[str] = None,
-    images_per_tar: int = 1000,
+    images_per_tar: Annotated[int, Field(ge=1)] = 1000,
     storage_options_secret: Optional[str] = None,
     take_over_output: bool = False,
     decode_mode: Literal["exact", "reduced"] = "exact",
@@ -238,3 +216,7 @@ def image_dedup(
     )
     logger.info("%d duplicates in %d groups among %d images (%s search)", stats.duplicates, stats.groups, stats.compared_rows, stats.method)
     return {"summary": join_url(output_path, "summary.json"), "duplicates": stats.duplicates, "groups": stats.groups, "kept": len(result.kept)}
+
+
+# The flow's parameters as a model (types, ranges and defaults from the signature above), for checks outside Prefect.
+DedupSettings = settings_model(image_dedup.fn, "DedupSettings")

@@ -6,17 +6,18 @@ tasks here only add retries, caching, GPU slots and logging around them.
 
 from __future__ import annotations
 
-import inspect
 import queue
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
+from flows.parameters import settings_model, validate_settings
+from flows.run_names import filter_run_name, partition_task_run_name
 from flows.prefect_cache import EMBEDDING_CACHE, STORAGE_RETRIES, embedding_result_storage, StoreLookup, look_up_partition, shard_reembedder
 from flows.runners import default_max_workers, gpu_remote_options, open_task_runner
 from tasks.models.embed import embed_partition
@@ -30,55 +31,13 @@ from tasks.filter.plan import EmbedStage, FilterRun, FilterStage, plan_filter_ru
 from tasks.io.write import PartitionResult, RunSummary, remove_leftover_temp_files
 
 
-class FilterSettings(BaseModel):
-    """Range checks of the flow's parameters (types and defaults live in the flow's signature)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    file_paths: Union[str, list[str]]
-    output_path: str = Field(min_length=1)
-    files_per_partition: int = Field(ge=1)
-    blocksize: Optional[str]
-    file_extensions: list[str] = Field(min_length=1)
-    task_batch_size: int = Field(ge=1)
-    model_dir: Optional[str]
-    clip_model: str = Field(min_length=1)
-    clip_pretrained: str = Field(min_length=1)
-    nsfw_weights: Optional[str]
-    model_inference_batch_size: int = Field(ge=1)
-    num_gpus_per_worker: float = Field(gt=0, le=1)
-    score_threshold: float = Field(ge=0, le=1)
-    cache_path: Optional[str]
-    images_per_tar: int = Field(ge=1)
-    verbose: bool
-    task_runner: Literal["threads", "ray"]
-    ray_address: Optional[str]
-    max_workers: Optional[int] = Field(ge=1)
-    storage_options_secret: Optional[str]
-    review_samples: int = Field(ge=0)
-    take_over_output: bool
-    decode_mode: Literal["exact", "reduced"]
-
-
-def validate_settings(parameters: dict[str, Any], model: type[BaseModel] = FilterSettings) -> Any:
-    """The settings model from a flow's parameters; UserError with one sentence naming every bad value."""
-    try:
-        return model(**parameters)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc'])} {error['msg'].lower()} (got {error.get('input')!r})" for error in exc.errors()
-        )
-        raise UserError(f"invalid parameters: {problems}.") from None
-
-
-def _plan(settings: FilterSettings) -> FilterRun:
+def _plan(settings: Any) -> FilterRun:
     return plan_filter_run(settings, storage_options_from_secret(settings.storage_options_secret))
 
 
 def preflight(parameters: dict[str, Any]) -> FilterRun:
     """Validate and plan a run outside Prefect (the CLI's fast, traceback-free check); raises UserError."""
-    defaults = {name: p.default for name, p in inspect.signature(nsfw_filter.fn).parameters.items() if p.default is not inspect.Parameter.empty}
-    return _plan(validate_settings({**defaults, **parameters}))
+    return _plan(validate_settings(parameters, FilterSettings))
 
 
 def storage_options_from_secret(block_name: str | None) -> dict:
@@ -98,6 +57,7 @@ def storage_options_from_secret(block_name: str | None) -> dict:
 
 @task(
     name="embed-partition",
+    task_run_name=partition_task_run_name("embed"),
     **STORAGE_RETRIES,
     **EMBEDDING_CACHE,  # cache records are data only (entry URLs as JSON), checked when read back
     tags=["gpu"],
@@ -130,6 +90,7 @@ def embed_partition_task(partition: Partition, shard_fingerprints: tuple[str, ..
 
 @task(
     name="filter-partition",
+    task_run_name=partition_task_run_name("filter"),
     **STORAGE_RETRIES,
     cache_policy=NO_CACHE,  # idempotent through its manifest; nothing for Prefect to hash or store
     persist_result=False,
@@ -249,29 +210,31 @@ def publish_artifacts(summary: RunSummary, summary_url: str) -> None:
     create_link_artifact(key="nsfw-filter-outputs", link=outputs, link_text="filtered shards and scores")
 
 
-@flow(name="nsfw-filter", log_prints=False)
+# The signature's ranges reach the deployment's schema (the UI form and the API refuse bad values); the first line
+# checks them again with one sentence for calls that skip that schema, so Prefect's own multi-line check is off.
+@flow(name="nsfw-filter", flow_run_name=filter_run_name, log_prints=False, validate_parameters=False)
 def nsfw_filter(
     file_paths: Union[str, list[str]],
-    output_path: str,
-    files_per_partition: int = 1,
+    output_path: Annotated[str, Field(min_length=1)],
+    files_per_partition: Annotated[int, Field(ge=1)] = 1,
     blocksize: Optional[str] = None,
-    file_extensions: list[str] = [".tar"],  # noqa: B006 - Prefect shows the default in the form; never mutated
-    task_batch_size: int = 100,
+    file_extensions: Annotated[list[str], Field(min_length=1)] = [".tar"],  # noqa: B006 - Prefect shows the default in the form; never mutated
+    task_batch_size: Annotated[int, Field(ge=1)] = 100,
     model_dir: Optional[str] = None,
-    clip_model: str = "ViT-L-14",
-    clip_pretrained: str = "openai",
+    clip_model: Annotated[str, Field(min_length=1)] = "ViT-L-14",
+    clip_pretrained: Annotated[str, Field(min_length=1)] = "openai",
     nsfw_weights: Optional[str] = None,
-    model_inference_batch_size: int = 32,
-    num_gpus_per_worker: float = 0.25,
-    score_threshold: float = 0.5,
+    model_inference_batch_size: Annotated[int, Field(ge=1)] = 32,
+    num_gpus_per_worker: Annotated[float, Field(gt=0, le=1)] = 0.25,
+    score_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5,
     cache_path: Optional[str] = None,
-    images_per_tar: int = 1000,
+    images_per_tar: Annotated[int, Field(ge=1)] = 1000,
     verbose: bool = False,
     task_runner: Literal["threads", "ray"] = "threads",
     ray_address: Optional[str] = None,
-    max_workers: Optional[int] = None,
+    max_workers: Annotated[Optional[int], Field(ge=1)] = None,
     storage_options_secret: Optional[str] = None,
-    review_samples: int = 0,
+    review_samples: Annotated[int, Field(ge=0)] = 0,
     take_over_output: bool = False,
     decode_mode: Literal["exact", "reduced"] = "exact",
 ) -> dict:
@@ -302,7 +265,7 @@ def nsfw_filter(
         take_over_output: Replace the outputs of an earlier run over other inputs in output_path (otherwise refused).
         decode_mode: exact decodes every pixel, so embeddings equal open_clip's own preprocess + encode_image; reduced decodes large JPEGs at 1/2-1/8 scale (never below the model's input size), several times faster to decode, embeddings within a cosine of about 0.9998. Part of the embedding identity.
     """
-    settings = validate_settings(dict(locals()))
+    settings = validate_settings(dict(locals()), FilterSettings)
     logger = get_run_logger()
     run = _plan(settings)
     logger.info("%d shards in %d partitions; embeddings %s", sum(len(p.shard_urls) for p in run.partitions), len(run.partitions), run.embed.embedding_identity)
@@ -329,3 +292,7 @@ def nsfw_filter(
         logger.info("review sheet with %d samples: %s", len(sheet.samples), sheet.sheet_url)
     logger.info("%d samples: %d passed, %d filtered, %d not scored", summary.samples, summary.passed, summary.filtered, summary.errors)
     return {"summary": summary_url, "samples": summary.samples, "passed": summary.passed, "filtered": summary.filtered, "errors": summary.errors}
+
+
+# The flow's parameters as a model (types, ranges and defaults from the signature above), for checks outside Prefect.
+FilterSettings = settings_model(nsfw_filter.fn, "FilterSettings")

@@ -30,7 +30,6 @@ import fsspec
 import prefect
 from prefect.filesystems import WritableFileSystem
 from prefect.serializers import Serializer
-from prefect.tasks import exponential_backoff
 from pydantic import Field, PrivateAttr
 
 from tasks.io.atomic import write_bytes_atomic
@@ -253,8 +252,9 @@ def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
 # Task options for steps that touch storage: transient errors retry with backoff, user errors fail fast.
 STORAGE_RETRIES: dict[str, Any] = dict(
     retries=3,
-    retry_delay_seconds=exponential_backoff(backoff_factor=2),
-    retry_jitter_factor=0.5,
+    # One delay, not a backoff list: the UI shows a task run's retry delay only when it is a number.
+    retry_delay_seconds=5,
+    retry_jitter_factor=0.5,  # each retry waits about 5 s (at most 7.5 s), spread so retries do not arrive together
     retry_condition_fn=retry_unless_user_error,
 )
 

@@ -217,7 +217,7 @@ def flow_run_task_runs(flow_run_id) -> list:
 def flow_run_task_states(flow_run_id) -> dict[str, list[str]]:
     states: dict[str, list[str]] = {}
     for run in flow_run_task_runs(flow_run_id):
-        states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
+        states.setdefault(run.name.split("-", 1)[0], []).append(run.state.name)  # embed-p00012-shard-000012 -> embed
     return states
 
 
@@ -242,8 +242,8 @@ def test_rerun_is_cached_and_never_loads_clip(tmp_path, laion_dir):
     assert second_state.is_completed()
     first_tasks = flow_run_task_states(first_state.state_details.flow_run_id)
     second_tasks = flow_run_task_states(second_state.state_details.flow_run_id)
-    assert first_tasks["embed-partition"] == ["Completed"] * 2
-    assert second_tasks["embed-partition"] == ["Cached"] * 2
+    assert first_tasks["embed"] == ["Completed"] * 2
+    assert second_tasks["embed"] == ["Cached"] * 2
     second_outputs = {p: p.read_bytes() for p in sorted((tmp_path / "out").rglob("*")) if p.is_file()}
     assert second_outputs == first_outputs  # idempotent: same files, same bytes
 

@@ -139,7 +139,7 @@ def test_resume_keeps_finished_partitions_and_removes_what_earlier_attempts_left
 def test_deleted_store_entry_is_recomputed_although_prefect_remembers_it(tmp_path, tiny_clip_768, laion_dir):
     dataset = build_dataset(tmp_path, good_shards=2)  # 4 shards, one partition each
     first = run_filter(dataset, tiny_clip_768, laion_dir, tmp_path, files_per_partition=1, return_state=True)
-    assert flow_run_task_states(first.state_details.flow_run_id)["embed-partition"] == ["Completed"] * 4
+    assert flow_run_task_states(first.state_details.flow_run_id)["embed"] == ["Completed"] * 4
     first_scores = read_scores(tmp_path / "out")
     entries = sorted((tmp_path / "cache").rglob("part-000001-*.parquet"))
     assert len(entries) == 1
@@ -148,7 +148,7 @@ def test_deleted_store_entry_is_recomputed_although_prefect_remembers_it(tmp_pat
 
     second = run_filter(dataset, tiny_clip_768, laion_dir, tmp_path, files_per_partition=1, return_state=True)
     assert second.is_completed()
-    assert sorted(flow_run_task_states(second.state_details.flow_run_id)["embed-partition"]) == ["Cached"] * 3 + ["Completed"]
+    assert sorted(flow_run_task_states(second.state_details.flow_run_id)["embed"]) == ["Cached"] * 3 + ["Completed"]
     assert [p.name for p in (tmp_path / "cache").rglob("part-000001-*.parquet")] == [entries[0].name]
     check_outputs(dataset, tmp_path / "out", 0.5)
     second_scores = read_scores(tmp_path / "out")

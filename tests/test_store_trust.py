@@ -213,12 +213,12 @@ def test_flow_with_planted_records_recomputes_and_never_runs_them(tmp_path, tiny
     assert not marker.exists()
     assert second.is_completed()
     # Every planted record was a miss: the tasks ran (from the store, so fast) instead of loading the record.
-    assert settled_task_states(second.state_details.flow_run_id, "embed-partition") == ["Completed"] * len(PLANTED)
+    assert settled_task_states(second.state_details.flow_run_id, "embed") == ["Completed"] * len(PLANTED)
     assert read_scores(tmp_path / "out") == first_scores
     for record in records:  # rewritten in the data-only format
         checked_record(record.read_bytes(), record.name, None)
     third = run_filter(dataset, tiny_clip_768, laion_dir, tmp_path, files_per_partition=1, return_state=True)
-    assert settled_task_states(third.state_details.flow_run_id, "embed-partition") == ["Cached"] * len(PLANTED)
+    assert settled_task_states(third.state_details.flow_run_id, "embed") == ["Cached"] * len(PLANTED)
 
 
 def test_flow_with_poisoned_entries_rescores_from_fresh_embeddings(tmp_path, tiny_clip_768, laion_dir):
