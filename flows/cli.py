@@ -9,6 +9,7 @@ running the same command again completes the run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ import time
 import typing
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from flows.parameters import REQUIRED, FlowSignature, read_flow_signature, without_range
 from tasks.errors import UserError
@@ -28,11 +29,14 @@ from tasks.stop import request_stop
 
 # Prefect reads these when it is imported, and its local API server inherits them. Telemetry off: an offline
 # host would log an error for every outbound lookup. A longer start-up wait: on a busy host the local API
-# server takes more than Prefect's 20 s to start. A user's own setting of any of them wins.
+# server takes more than Prefect's 20 s to start. A longer wait for SQLite's lock: the local API's event
+# recorders and the run's own writes share one database file, and on a busy host 10 s is not always enough.
+# A user's own setting of any of them wins.
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_SERVER_DATABASE_TIMEOUT": "60",
 }
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # Flow parameters that hold storage URLs (which may carry `user:password@`).
@@ -155,6 +159,32 @@ def flow_arguments(args: argparse.Namespace, signature: FlowSignature) -> dict[s
     return values
 
 
+@contextlib.contextmanager
+def progress_not_task_states() -> Iterator[None]:
+    """While a run goes on in this process, the terminal shows one updating progress line (flows/progress.py) instead of a state line per task run.
+
+    Task runs' INFO lines still reach the Prefect API (the UI's logs); their warnings and errors still reach
+    the terminal. `--verbose` keeps every line.
+    """
+    import logging
+
+    from flows.progress import show_in_terminal
+
+    def not_task_run_info(record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("prefect.task_runs") and record.levelno < logging.WARNING)
+
+    consoles = [handler for handler in logging.getLogger().handlers if type(handler).__name__ == "PrefectConsoleHandler"]
+    for handler in consoles:
+        handler.addFilter(not_task_run_info)
+    show_in_terminal(sys.stderr)
+    try:
+        yield
+    finally:
+        show_in_terminal(None)
+        for handler in consoles:
+            handler.removeFilter(not_task_run_info)
+
+
 class RunFailed(Exception):
     """A flow run was created and failed; its message is the cause's own sentence."""
 
@@ -180,7 +210,8 @@ def _flow_command(module: str, flow_name: str, preflight: str | None = None) -> 
         if check is not None:
             check(kwargs)  # user mistakes end here with one sentence, before a flow run is created
         try:
-            outcome = flow(**kwargs)
+            with contextlib.nullcontext() if kwargs.get("verbose") else progress_not_task_states():
+                outcome = flow(**kwargs)
         except UserError as exc:
             raise RunFailed(f"{type(exc).__name__}: {exc}") from exc  # a run exists and failed: exit status 1, not 2
         print(json.dumps(outcome, indent=2))

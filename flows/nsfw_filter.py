@@ -18,6 +18,7 @@ from pydantic import Field
 
 from flows.parameters import settings_model, validate_settings
 from flows.run_names import filter_run_name, partition_task_run_name
+from flows.progress import ProgressReport
 from flows.prefect_cache import EMBEDDING_CACHE, STORAGE_RETRIES, embedding_result_storage, StoreLookup, look_up_partition, shard_reembedder
 from flows.runners import default_max_workers, gpu_remote_options, open_task_runner
 from tasks.models.embed import embed_partition
@@ -136,8 +137,10 @@ def run_partitions(runner: Any, run: FilterRun, lookups: list[StoreLookup], wind
 
     A filter task is submitted once its partition is embedded, so no worker sits blocked on an upstream
     task. A failed partition does not stop the others; the run then fails with the first failure's own error.
+    Progress (flows/progress.py) is reported as each partition's outputs are written.
     """
     logger = get_run_logger()
+    progress = ProgressReport(len(run.partitions))
     embed = embed_partition_task.with_options(result_storage=embedding_result_storage(run.embed))
     # A partition missing from the store is (re)computed even if Prefect remembers an old result for it.
     embed_again = embed.with_options(refresh_cache=True)
@@ -176,8 +179,10 @@ def run_partitions(runner: Any, run: FilterRun, lookups: list[StoreLookup], wind
             filtering.discard(future)
             if future.state.is_completed():
                 results.append(future.result())
+                progress.partition_done(results[-1].samples)
             else:
                 not_filtered.append(future)
+    progress.finish()
     if not_embedded:
         logger.error("%d of %d partitions could not be embedded", len(not_embedded), len(run.partitions))
         not_embedded[0].result()
