@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import Field
 
 from flows.parameters import settings_model, validate_settings
@@ -26,7 +26,7 @@ from tasks.errors import UserError
 from tasks.filter.stage import clean_partitions_beyond, filter_partition
 from tasks.models.gpu import GPU_SLOTS
 from tasks.io.partition import Partition
-from flows.artifacts import publish_review_artifacts
+from flows.artifacts import publish_location, publish_review_artifacts
 from tasks.review.sheet import write_review_sheet
 from tasks.filter.plan import EmbedStage, FilterRun, FilterStage, plan_filter_run, small_partitions_advice
 from tasks.io.write import PartitionResult, RunSummary, remove_leftover_temp_files
@@ -209,10 +209,9 @@ def publish_artifacts(summary: RunSummary, summary_url: str) -> None:
         markdown=f"## nsfw_score histogram\n\n{summary.histogram_markdown()}\n",
         description="distribution of nsfw_score over all scored samples",
     )
-    link = summary_url if "://" in summary_url else f"file://{summary_url}"
-    create_link_artifact(key="nsfw-filter-summary", link=link, link_text="run summary (summary.json)")
-    outputs = summary.output_path if "://" in summary.output_path else f"file://{summary.output_path}"
-    create_link_artifact(key="nsfw-filter-outputs", link=outputs, link_text="filtered shards and scores")
+    publish_location("nsfw-filter-summary", summary_url, "run summary (summary.json)")
+    publish_location("nsfw-filter-outputs", summary.output_path, "filtered shards and scores")
+
 
 
 # The signature's ranges reach the deployment's schema (the UI form and the API refuse bad values); the first line

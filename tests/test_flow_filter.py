@@ -169,8 +169,10 @@ def test_filter_end_to_end(tmp_path, tiny_clip_768, laion_dir):
     assert counts["not scored (errors)"] == summary["errors"]
     histogram = artifacts["nsfw-filter-histogram"].data
     assert "← threshold" in histogram and sum(int(line.split("|")[2]) for line in histogram.splitlines()[4:]) == len(scored)
-    assert f"(file://{tmp_path / 'out' / 'summary.json'})" in artifacts["nsfw-filter-summary"].data
-    assert f"(file://{tmp_path / 'out'})" in artifacts["nsfw-filter-outputs"].data
+    # local outputs are named as text: a file:// link is dead on the UI's http page
+    assert f"`{tmp_path / 'out' / 'summary.json'}`" in artifacts["nsfw-filter-summary"].data
+    assert f"`{tmp_path / 'out'}`" in artifacts["nsfw-filter-outputs"].data
+    assert not [key for key, artifact in artifacts.items() if "file://" in str(artifact.data)]
     # nothing is written outside output_path and cache_path
     new = {p for p in tree(tmp_path) - before if not p.startswith(("out", "cache"))}
     assert new == set()

@@ -151,3 +151,11 @@ def scrubbed(text: str, url: str) -> str:
     """`text` (an error message about `url`) with the URL's `user:password@` removed wherever it appears."""
     match = _USERINFO.match(url) if isinstance(url, str) else None
     return str(text).replace(match.group("userinfo") + "@", "") if match and match.group("userinfo") else str(text)
+
+
+def browser_link(location: str) -> str | None:
+    """The URL a link in the Prefect UI may point at for an output location: object-store and web URLs as they
+    are; None for a local path or file:// URL, which a browser refuses from the UI's http page (show it as text)."""
+    if "://" not in location or location.startswith("file://"):
+        return None
+    return location
