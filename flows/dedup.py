@@ -16,6 +16,7 @@ from pydantic import Field
 
 from flows.nsfw_filter import storage_options_from_secret
 from flows.parameters import settings_model, validate_settings
+from flows.gpu_limits import hold_gpu
 from flows.prefect_cache import STORAGE_RETRIES
 from flows.run_names import dedup_run_name
 from tasks.dedup.groups import deduplicate
@@ -33,7 +34,6 @@ from tasks.dedup.io import (
 )
 from tasks.models.embed import embed_partition
 from tasks.errors import UserError
-from tasks.models.gpu import GPU_SLOTS
 from tasks.io.locations import default_cache_path, resolve_url_credentials
 from tasks.io.ownership import claim_output, input_owner, refuse_overlap, settle_owner
 from tasks.io.partition import list_shards
@@ -63,7 +63,7 @@ def embed_missing_task(
     """Embed shards the store lacks, exactly as the filter flow would (same identity); returns the identity."""
     weights = resolve_clip(clip_model, clip_pretrained, model_dir)
     decode = DecodeOptions.for_model(weights.image_size, decode_mode)
-    with GPU_SLOTS.hold(1.0) as device:
+    with hold_gpu(1.0) as device:
         embed_partition(shard_urls, weights, store, decode, storage_options=storage_options, device=device)
     return clip_identity(weights, decode.identity())
 

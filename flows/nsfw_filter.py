@@ -19,12 +19,12 @@ from pydantic import Field
 from flows.parameters import settings_model, validate_settings
 from flows.run_names import filter_run_name, partition_task_run_name
 from flows.progress import ProgressReport
+from flows.gpu_limits import hold_gpu
 from flows.prefect_cache import EMBEDDING_CACHE, STORAGE_RETRIES, embedding_result_storage, StoreLookup, look_up_partition, shard_reembedder
 from flows.runners import default_max_workers, gpu_remote_options, open_task_runner
 from tasks.models.embed import embed_partition
 from tasks.errors import UserError
 from tasks.filter.stage import clean_partitions_beyond, filter_partition
-from tasks.models.gpu import GPU_SLOTS
 from tasks.io.partition import Partition
 from flows.artifacts import publish_location, publish_review_artifacts
 from tasks.review.sheet import write_review_sheet
@@ -70,7 +70,7 @@ def embed_partition_task(partition: Partition, shard_fingerprints: tuple[str, ..
     name the entries and make the cache key, the hash of the entry URLs.
     """
     logger = get_run_logger()
-    with GPU_SLOTS.hold(stage.num_gpus_per_worker) as device:
+    with hold_gpu(stage.num_gpus_per_worker) as device:
         entry_urls = embed_partition(
             partition.shard_urls,
             stage.clip_weights,

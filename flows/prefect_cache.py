@@ -32,10 +32,10 @@ from prefect.filesystems import WritableFileSystem
 from prefect.serializers import Serializer
 from pydantic import Field, PrivateAttr
 
+from flows.gpu_limits import hold_gpu
 from tasks.io.atomic import write_bytes_atomic
 from tasks.models.embed import embed_shard, load_clip_embedder
 from tasks.errors import UserError
-from tasks.models.gpu import GPU_SLOTS
 from tasks.filter.plan import EmbedStage
 from tasks.store.entries import shard_fingerprint
 
@@ -85,7 +85,7 @@ def shard_reembedder(stage: EmbedStage) -> Callable[[str], str]:
     """`reembed(shard_url)`: embed the shard again and rewrite its store entry (returns the entry URL)."""
 
     def reembed(shard_url: str) -> str:
-        with GPU_SLOTS.hold(stage.num_gpus_per_worker) as device:
+        with hold_gpu(stage.num_gpus_per_worker) as device:
             embedder = load_clip_embedder(stage.clip_weights, device, stage.model_inference_batch_size)
             return embed_shard(shard_url, embedder, stage.store, stage.decode, stage.task_batch_size, stage.storage_options)
 

@@ -16,8 +16,8 @@ import math
 import os
 import threading
 import time
-from contextlib import contextmanager
-from typing import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Callable, ContextManager, Iterator
 
 import torch
 
@@ -52,8 +52,12 @@ class GpuSlots:
         return (process_gpu_slots, ())
 
     @contextmanager
-    def hold(self, num_gpus_per_worker: float) -> Iterator[torch.device]:
-        """Wait for a free slot on the least-busy GPU and yield its device (the CPU when there is no GPU)."""
+    def hold(self, num_gpus_per_worker: float, also: Callable[[int], ContextManager[object]] | None = None) -> Iterator[torch.device]:
+        """Wait for a free slot on the least-busy GPU and yield its device (the CPU when there is no GPU).
+
+        `also(index)`, when given, is entered once this process's slot on GPU `index` is taken and held with it
+        (flows/gpu_limits.py: the GPU's limit shared with other processes).
+        """
         devices = gpu_count()
         if devices == 0:
             yield torch.device("cpu")
@@ -66,18 +70,21 @@ class GpuSlots:
                     break
                 self._condition.wait()
             self._active[index] = self._active.get(index, 0) + 1
-        start = time.time()
         try:
-            yield torch.device("cpu") if simulated_gpu_count() else torch.device("cuda", index)
+            with also(index) if also is not None else nullcontext():
+                start = time.time()
+                try:
+                    yield torch.device("cpu") if simulated_gpu_count() else torch.device("cuda", index)
+                finally:
+                    end = time.time()
+                    journal = os.environ.get(GPU_JOURNAL_ENV)
+                    if journal:
+                        with open(journal, "a") as handle:
+                            handle.write(f"{index} {start:.6f} {end:.6f} {os.getpid()}\n")
         finally:
-            end = time.time()
             with self._condition:
                 self._active[index] -= 1
                 self._condition.notify_all()
-            journal = os.environ.get(GPU_JOURNAL_ENV)
-            if journal:
-                with open(journal, "a") as handle:
-                    handle.write(f"{index} {start:.6f} {end:.6f} {os.getpid()}\n")
 
 
 GPU_SLOTS = GpuSlots()
