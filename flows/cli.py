@@ -259,6 +259,25 @@ def _run_review(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Serve both flows from this process on one GPU host, no work pool: the deployments nsfw-filter/nsfw-filter-serve "
+        "and image-dedup/image-dedup-serve appear on the server PREFECT_API_URL names, their runs (UI, API, schedules, "
+        "and image-dedup after every completed filter run) run here, one filter run at a time. Ctrl-C stops serving."
+    )
+    parser.add_argument("--limit", type=int, default=None, help="flow runs at once in this process, both flows together (default: no limit)")
+    parser.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from flows.serve import serve_flows
+
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be at least 1 (got {args.limit}).")
+    serve_flows(limit=args.limit)
+    return 0
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The command line; only the subcommand `argv` names gets its options (the others are listed by name and help)."""
     parser = argparse.ArgumentParser(
@@ -286,6 +305,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = 
     "score-embeddings": ("score CLIP embeddings you already have (.npy or Parquet) with the LAION NSFW head", _add_score_embeddings),
     "models": ("get or convert model weights", _add_models),
     "review": ("write an HTML review sheet of a filter run's scores for calibrating --score-threshold", _add_review),
+    "serve": ("serve both flows as deployments from this GPU host (no work pool); runs start from the UI or API", _add_serve),
 }
 
 
