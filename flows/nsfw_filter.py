@@ -213,7 +213,6 @@ def publish_artifacts(summary: RunSummary, summary_url: str) -> None:
     publish_location("nsfw-filter-outputs", summary.output_path, "filtered shards and scores")
 
 
-
 # The signature's ranges reach the deployment's schema (the UI form and the API refuse bad values); the first line
 # checks them again with one sentence for calls that skip that schema, so Prefect's own multi-line check is off.
 @flow(name="nsfw-filter", flow_run_name=filter_run_name, log_prints=False, validate_parameters=False)

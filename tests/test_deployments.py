@@ -208,7 +208,7 @@ def test_ui_run_on_a_worker_writes_outputs_and_starts_dedup(deployed, tmp_path, 
     artifacts = server.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200})
     progress = [a for a in artifacts if a["type"] == "progress"]
     assert [a["data"] for a in progress] == [100.0]
-    by_key = {a["key"]: a for a in artifacts if a["key"]}
+    by_key = {a["key"]: a for a in sorted(artifacts, key=lambda a: a["created"]) if a["key"]}  # a key's latest version
     throughput = {row["what"]: row["value"] for row in json.loads(by_key["nsfw-filter-throughput"]["data"])}
     assert throughput["partitions done"] == "3 of 3 (100%)" and throughput["images"] == "12" and throughput["ETA"] == "done"
     assert "← threshold" in by_key["nsfw-filter-histogram"]["data"]
@@ -376,7 +376,7 @@ def test_ui_shows_named_tasks_progress_and_histogram(deployed, tmp_path_factory)
     shots = tmp_path_factory.mktemp("ui-run")
     run_page = f"{server.url}/runs/flow-run/{run['id']}"
     assert "embed-p00000-part-000000" in chromium(run_page, shots, "--dump-dom")  # the run page names its task runs
-    artifacts = {a["key"]: a for a in server.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200})}
+    artifacts = {a["key"]: a for a in server.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}, "sort": "CREATED_DESC", "limit": 200})[::-1]}
     histogram_page = f"{server.url}/artifacts/artifact/{artifacts['nsfw-filter-histogram']['id']}"
     histogram = chromium(histogram_page, shots, "--dump-dom")
     assert "nsfw_score histogram" in histogram and "← threshold" in histogram  # rendered inline, no image to fetch
