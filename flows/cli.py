@@ -412,7 +412,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         signum = _interrupting_signal(exc, watch)
         if signum is not None:
             request_stop()
-            print(f"nsfw-curator: stopped by {signal.Signals(signum).name}; finished work is kept, run the same command again to complete it.", file=sys.stderr)
+            if args.command == "serve":
+                print(f"nsfw-curator: stopped serving by {signal.Signals(signum).name}.", file=sys.stderr)
+            else:
+                print(f"nsfw-curator: stopped by {signal.Signals(signum).name}; finished work is kept, run the same command again to complete it.", file=sys.stderr)
             return 128 + signum
         if isinstance(exc, UserError):
             print(f"nsfw-curator: error: {exc}", file=sys.stderr)
