@@ -49,8 +49,13 @@ PLAIN_WORKER = ["prefect", "worker", "start", "--pool", "gpu-pool", "--name", "p
 CREATE_K8S_POOL = ["prefect", "work-pool", "create", "gpu-k8s", "--type", "kubernetes", "--base-job-template", "deployments/kubernetes/gpu-job-template.json"]
 DEPLOY_K8S = ["prefect", "deploy", "--all", "--prefect-file", "deployments/kubernetes/prefect.yaml"]
 
-# Test-only server settings: the scheduler and the worker look for work every 2 s instead of 60 s / 10 s.
-FAST_LOOPS = {"PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2", "PREFECT_WORKER_QUERY_SECONDS": "2"}
+# Test-only server settings: the scheduler and the worker look for work every 2 s instead of 60 s / 10 s. SQLite's
+# lock is waited for up to 60 s (not 10 s): two workers, their runs and the server share one database file on a busy host.
+FAST_LOOPS = {
+    "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+    "PREFECT_WORKER_QUERY_SECONDS": "2",
+    "PREFECT_SERVER_DATABASE_TIMEOUT": "60",
+}
 RUN_TIMEOUT_S = 240
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
