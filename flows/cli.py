@@ -22,22 +22,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from flows import use_prefect_defaults
 from flows.parameters import REQUIRED, FlowSignature, read_flow_signature, without_range
 from tasks.errors import UserError
 from tasks.io.locations import default_model_dir, hold_url_credentials, nsfw_weights_path
 from tasks.stop import request_stop
 
-# Prefect reads these when it is imported, and its local API server inherits them. Telemetry off: an offline
-# host would log an error for every outbound lookup. A longer start-up wait: on a busy host the local API
-# server takes more than Prefect's 20 s to start. A longer wait for SQLite's lock: the local API's event
-# recorders and the run's own writes share one database file, and on a busy host 10 s is not always enough.
-# A user's own setting of any of them wins.
-PREFECT_DEFAULTS = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    "PREFECT_SERVER_DATABASE_TIMEOUT": "60",
-}
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # Flow parameters that hold storage URLs (which may carry `user:password@`).
 URL_PARAMETERS = frozenset({"file_paths", "output_path", "cache_path", "filter_output_path"})
@@ -401,8 +391,7 @@ def _interrupting_signal(exc: BaseException, watch: StopSignalWatch | None) -> i
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    for name, value in PREFECT_DEFAULTS.items():
-        os.environ.setdefault(name, value)
+    use_prefect_defaults()
     args = build_parser(argv).parse_args(argv)
     # Signals are ours only in the main thread; the exit deadline only for the command-line process itself.
     watch = StopSignalWatch(exit_deadline=argv is None) if threading.current_thread() is threading.main_thread() else None

@@ -60,3 +60,14 @@ def test_dataset_and_shard_names():
     assert dataset_name(["s3://user:secret@bucket/laion/part-000001.tar", "s3://bucket/laion/part-000002.tar"]) == "laion"
     assert dataset_name("s3://user:secret@bucket/") == "bucket"  # never the credentials
     assert path_stem("s3://bucket/laion/shard-000012.tar") == "shard-000012"
+
+
+def test_importing_a_flow_turns_prefect_telemetry_off_unless_the_user_set_it():
+    code = "import flows.nsfw_filter; from prefect.settings import get_current_settings; print(get_current_settings().server.analytics_enabled)"
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK")}
+    repo = str(Path(__file__).resolve().parents[1])
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=repo, timeout=300)
+    assert plain.stdout.strip().splitlines()[-1] == "False", plain.stderr[-2000:]
+    chosen = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, "PREFECT_SERVER_ANALYTICS_ENABLED": "true"},
+                            cwd=repo, timeout=300)
+    assert chosen.stdout.strip().splitlines()[-1] == "True", chosen.stderr[-2000:]
