@@ -27,11 +27,13 @@ from tasks.dedup.io import (
     load_embeddings,
     missing_shards,
     passed_samples,
+    removed_samples,
     remove_stale_copies,
     write_dedup_summary,
     write_deduplicated_copy,
     write_frame,
 )
+from tasks.store.entries import shard_fingerprint
 from tasks.models.embed import embed_partition
 from tasks.errors import UserError
 from tasks.io.locations import default_cache_path, resolve_url_credentials
@@ -138,7 +140,11 @@ def image_dedup(
         model_dir: Where model weights live; only needed with embed_missing.
         cache_path: Root of the embedding store the filter flow wrote; default $NSFW_CURATOR_CACHE_PATH or ~/.cache/nsfw-curator/embeddings.
         file_extensions: Which files under file_paths are shards.
-        method: exact (all pairs, in blocks), clustered (k-means clusters, pairs within them), or auto (exact up to 50,000 images on CPU, 400,000 on a GPU).
+        method: exact (all pairs, in blocks), clustered (k-means clusters, pairs within them), out-of-core (clusters written as bucket files, searched one bucket at a time), or auto (in memory while the embeddings fit: exact up to 50,000 images on CPU, 400,000 on a GPU, then clustered; out-of-core beyond).
+        bucket_rows: Out-of-core: about this many rows per bucket (peak memory is about 6 KB per bucket row at 768 dimensions).
+        in_memory_max_rows: With auto, the most images searched in memory; default from the machine's memory (half of it at about 5 KB per 768-d row).
+        task_runner: Out-of-core: where bucket tasks run, threads (this machine, one bucket at a time) or ray (a local Ray, or the cluster at ray_address).
+        ray_address: The Ray cluster for task_runner=ray; a local Ray when empty.
         embedding_identity: The store identity to read (summary.json of a filter run names it under models); found automatically when empty.
         embed_missing: Embed shards missing from the store first (needs the CLIP weights in model_dir or clip_pretrained); otherwise missing shards are an error.
         write_dataset: Also write a deduplicated copy of the dataset under output_path/shards, members byte for byte.
@@ -181,28 +187,48 @@ def image_dedup(
             missing, settings.clip_model, settings.clip_pretrained, settings.model_dir, store, storage_options, settings.decode_mode
         )
 
-    stored = load_embeddings_task(store, identity, shard_urls, storage_options)
-    logger.info("%d embeddings of %d shards from %s", len(stored.key), len(shard_urls), identity)
-    result = find_duplicates_task(stored, settings.similarity_threshold, settings.method)
-    files = write_outputs_task(result, output_path, storage_options)
+    chosen, sizes, fingerprints = settings.method, None, []
+    if chosen in ("auto", "out-of-core"):
+        fingerprints = [shard_fingerprint(url, storage_options) for url in shard_urls]
+        sizes = entry_sizes(store, identity, shard_urls, fingerprints)
+        limit = settings.in_memory_max_rows if settings.in_memory_max_rows is not None else default_in_memory_max_rows(sizes.dim)
+        if chosen == "auto" and sum(sizes.rows) > limit:
+            chosen = "out-of-core"
+    if chosen == "out-of-core":
+        assert sizes is not None
+        layout = plan_layout(join_url(output_path, WORK_FOLDER), identity, shard_urls, fingerprints, sizes,
+                             similarity_threshold=settings.similarity_threshold, bucket_rows=settings.bucket_rows)
+        logger.info("%d embeddings of %d shards from %s: out-of-core search in %d buckets", sum(sizes.rows), len(shard_urls), identity, layout.num_buckets)
+        outcome = search_out_of_core(store, layout, output_path, settings, storage_options)
+        duplicates, skipped, kept_rows, stats = outcome.duplicates, outcome.skipped, outcome.kept_rows, outcome.stats
+        files = {"duplicates": write_frame(join_url(output_path, "duplicates.parquet"), duplicates, storage_options),
+                 "kept": outcome.kept_url,
+                 "skipped": write_frame(join_url(output_path, "skipped.parquet"), skipped, storage_options)}
+    else:
+        stored = load_embeddings_task(store, identity, shard_urls, storage_options)
+        logger.info("%d embeddings of %d shards from %s", len(stored.key), len(shard_urls), identity)
+        result = find_duplicates_task(stored, settings.similarity_threshold, chosen)
+        del stored
+        files = write_outputs_task(result, output_path, storage_options)
+        duplicates, skipped, kept_rows, stats = result.duplicates, result.skipped, len(result.kept), result.stats
     copied: list[str] = []
     if settings.write_dataset:
-        keep = set(zip(result.kept["shard"], result.kept["key"]))
-        if settings.filter_output_path:
-            keep &= passed_samples(settings.filter_output_path, storage_options)
-        copied = write_deduplicated_copy(shard_urls, keep, output_path, settings.images_per_tar, storage_options)
+        passed = passed_samples(settings.filter_output_path, storage_options) if settings.filter_output_path else None
+        copied = write_deduplicated_copy(shard_urls, removed_samples(duplicates, skipped), output_path, settings.images_per_tar,
+                                         storage_options, passed=passed)
     remove_stale_copies(output_path, copied, earlier, copy_mark, storage_options)
     summary: dict[str, Any] = {
         "embedding_identity": identity,
         "shards": len(shard_urls),
-        "stats": asdict(result.stats),
+        "stats": asdict(stats),
         "files": files,
         "deduplicated_shards": copied,
     }
     write_dedup_summary(output_path, summary, storage_options)
+    if chosen == "out-of-core":
+        remove_work(layout, storage_options)
     settle_owner(output_path, copies, storage_options)
     remove_leftover_temp_files(output_path, storage_options)
-    stats = result.stats
     create_table_artifact(
         key="image-dedup-counts",
         table=[

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -173,19 +174,34 @@ def remove_stale_copies(
     return removed
 
 
+def removed_samples(*frames: pd.DataFrame) -> dict[str, set[str]]:
+    """Keys per shard of the rows a deduplicated copy leaves out (duplicates and skipped rows): a structure
+    the size of what is removed, not of the dataset."""
+    removed: dict[str, set[str]] = {}
+    for frame in frames:
+        for shard, keys in frame.groupby("shard", sort=False)["key"]:
+            removed.setdefault(str(shard), set()).update(keys)
+    return removed
+
+
 def write_deduplicated_copy(
     shard_urls: Sequence[str],
-    keep: set[tuple[str, str]],
+    removed: dict[str, set[str]],
     output_path: str,
     images_per_tar: int,
     storage_options: dict | None = None,
+    passed: set[tuple[str, str]] | None = None,
 ) -> list[str]:
-    """Copy the kept samples of the input shards, members byte for byte, into `{output_path}/shards/`."""
+    """Copy the samples of the input shards not in `removed` (and, when given, in `passed`), members byte
+    for byte, into `{output_path}/shards/`, one shard at a time."""
     written: list[str] = []
     for index, url in enumerate(shard_urls):
+        left_out = removed.get(url, set())
         with FilteredShardWriter(output_path, index, images_per_tar, storage_options) as writer:
             for sample in iter_samples(url, decode=None, storage_options=storage_options):
-                if sample.key is not None and sample.error is None and (url, sample.key) in keep:
+                if sample.key is None or sample.error is not None or sample.key in left_out:
+                    continue
+                if passed is None or (url, sample.key) in passed:
                     writer.add(sample)
         written.extend(writer.written)
     return written

@@ -119,3 +119,29 @@ def planted_duplicates(
     key = np.array([f"{index:09d}" for index in scattered], dtype=object)
     shard = np.array([f"shard-{index // rows_per_shard:05d}.tar" for index in scattered], dtype=object)
     return PlantedDuplicates(embeddings=embeddings, group=group, key=key, shard=shard)
+
+
+def write_planted_store(
+    data: PlantedDuplicates, shards_dir: str, store, identity: str, storage_options: dict | None = None, *, members: bool = True
+) -> list[str]:
+    """Write `data` as a dataset and its embedding-store entries: one tar per shard name (a caption per key,
+    or with `members=False` one small member naming the shard) and its entry of every row's embedding.
+    Returns the shard URLs."""
+    from tasks.io.atomic import write_bytes_atomic
+    from tasks.store.entries import embedding_table
+    from tests.support.tars import Member, tar_bytes
+
+    order = np.argsort(data.shard, kind="stable")
+    names = data.shard[order]
+    starts = np.flatnonzero(np.r_[True, names[1:] != names[:-1]])
+    ends = np.append(starts[1:], names.shape[0])
+    urls = []
+    for start, end in zip(starts, ends):
+        rows = order[start:end]
+        url = f"{shards_dir.rstrip('/')}/{names[start]}"
+        keys = [str(key) for key in data.key[rows]]
+        entries = [Member(f"{key}.txt", f"caption of {key}".encode()) for key in keys] if members else [Member("shard.txt", url.encode())]
+        write_bytes_atomic(url, tar_bytes(entries), storage_options)
+        store.write(identity, url, embedding_table(keys, url, data.embeddings[rows], [None] * len(keys)))
+        urls.append(url)
+    return urls

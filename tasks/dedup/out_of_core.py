@@ -1,0 +1,270 @@
+"""The out-of-core near-duplicate search: planning a run's buckets and resolving their links into groups.
+
+A run is planned from the store entries' footers alone (`plan_layout`), searched bucket by bucket
+(tasks/dedup/buckets.py, bucket_search.py), then resolved here (`resolve`):
+
+- every bucket's links are joined in one union-find over canonical positions (int64 per compared row),
+  so groups spanning buckets become one; the survivor rule is the in-memory one (groups.py `_survivors`),
+  run on the group members' rows, which the links files carry and which go through a scratch file laid
+  out group by group (read back a group span at a time), never all at once;
+- `kept.parquet` is written unit by unit from the keys files; only the keys of compared rows (Arrow
+  strings, a few bytes each) and the duplicates are held.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from tasks.dedup.bucket_search import read_links
+from tasks.dedup.buckets import BucketLayout, _damaged, _int_column, _record_of, num_buckets_for, open_parquet, plan_units, unit_offsets
+from tasks.dedup.clusters import default_num_clusters
+from tasks.dedup.compute import UnionFind, all_cpu_threads
+from tasks.dedup.groups import DUPLICATE_COLUMNS, SKIPPED_COLUMNS, DedupStats, _survivors
+from tasks.dedup.search import DEFAULT_CLUSTERS_PER_POINT, MISSING_REASON, ZERO_REASON, check_threshold, choose_matmul_dtype
+from tasks.errors import UserError
+from tasks.io.atomic import atomic_output, filesystem
+from tasks.io.write import join_url
+from tasks.store.entries import METADATA_KEY, EmbeddingStore, redact_url
+
+WORK_FOLDER = "_buckets"
+DEFAULT_BUCKET_ROWS = 250_000
+DEFAULT_UNIT_ROWS = 20_000
+# The in-memory search peaks at about this many bytes per row and dimension (5.2 GB at 1M x 768).
+IN_MEMORY_BYTES_PER_VALUE = 7
+# `auto` searches in memory while that peak stays under this share of the machine's memory.
+IN_MEMORY_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class EntrySizes:
+    rows: list[int]
+    dim: int
+
+
+@dataclass(frozen=True)
+class OutOfCoreResult:
+    duplicates: pd.DataFrame
+    skipped: pd.DataFrame
+    kept_rows: int
+    kept_url: str
+    stats: DedupStats
+
+
+def entry_sizes(store: EmbeddingStore, identity: str, shard_urls: list[str], fingerprints: list[str]) -> EntrySizes:
+    """Rows of each shard's store entry and the embedding dimension, from the entries' footers."""
+    rows, dims = [], set()
+    for url, fingerprint in zip(shard_urls, fingerprints):
+        entry = store.entry_url(identity, url, fingerprint)
+        fs, path = filesystem(entry, store.storage_options)
+        with fs.open(path, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            try:
+                dims.add(int(json.loads(parquet.schema_arrow.metadata[METADATA_KEY])["embedding_dim"]))
+            except (KeyError, TypeError, ValueError) as error:
+                raise UserError(f"the store entry {redact_url(entry)} has no readable embedding_dim; run the filter flow again to rewrite it.") from error
+            rows.append(int(parquet.metadata.num_rows))
+    if len(dims) > 1:
+        raise UserError(f"the store entries of these shards have embeddings of several dimensions ({sorted(dims)}); pass one model's embeddings.")
+    return EntrySizes(rows, dims.pop() if dims else 0)
+
+
+def default_in_memory_max_rows(dim: int, memory_bytes: int | None = None) -> int:
+    """The most rows `auto` searches in memory: the in-memory peak within `IN_MEMORY_SHARE` of the memory."""
+    if memory_bytes is None:
+        memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(IN_MEMORY_SHARE * memory_bytes / (IN_MEMORY_BYTES_PER_VALUE * max(1, dim)))
+
+
+def plan_layout(
+    work_url: str,
+    identity: str,
+    shard_urls: list[str],
+    fingerprints: list[str],
+    sizes: EntrySizes,
+    *,
+    similarity_threshold: float,
+    bucket_rows: int = DEFAULT_BUCKET_ROWS,
+    unit_rows: int = DEFAULT_UNIT_ROWS,
+    clusters_per_point: int = DEFAULT_CLUSTERS_PER_POINT,
+    num_clusters: int | None = None,
+    seed: int = 0,
+) -> BucketLayout:
+    """The buckets of a run over `shard_urls` (any order; the layout sorts them)."""
+    if bucket_rows < 2:
+        raise UserError(f"bucket_rows must be at least 2, got {bucket_rows!r}; the default is {DEFAULT_BUCKET_ROWS}.")
+    order = sorted(range(len(shard_urls)), key=shard_urls.__getitem__)
+    rows = [sizes.rows[index] for index in order]
+    total = sum(rows)
+    clusters = num_clusters or default_num_clusters(total, clusters_per_point)
+    per_point = min(clusters_per_point, clusters)
+    return BucketLayout(
+        work_url=work_url,
+        identity=identity,
+        shard_urls=tuple(shard_urls[index] for index in order),
+        shard_fingerprints=tuple(fingerprints[index] for index in order),
+        units=plan_units(rows, unit_rows),
+        dim=sizes.dim,
+        num_clusters=clusters,
+        clusters_per_point=per_point,
+        num_buckets=num_buckets_for(total, per_point, clusters, bucket_rows),
+        similarity_threshold=check_threshold(similarity_threshold),
+        matmul_dtype=str(choose_matmul_dtype("auto", torch.device("cpu"))).removeprefix("torch."),
+        seed=seed,
+    )
+
+
+class _ScratchRows:
+    """Group members' float32 rows in a local file, in the order `_survivors` reads them (group by group)."""
+
+    def __init__(self, handle, slot: np.ndarray, dim: int) -> None:
+        self.handle, self.slot, self._dim = handle, slot, dim
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def exact_rows(self, positions: np.ndarray) -> np.ndarray:
+        index = self.slot[positions]
+        low, high = int(index.min()), int(index.max()) + 1
+        row_bytes = self._dim * 4
+        data = os.pread(self.handle.fileno(), (high - low) * row_bytes, low * row_bytes)
+        return np.frombuffer(data, dtype=np.float32).reshape(high - low, self._dim)[index - low].astype(np.float64)
+
+
+def _write_rows(handle, slot_index: np.ndarray, rows: np.ndarray) -> None:
+    """Write `rows` at their slots, one write per run of consecutive slots."""
+    order = np.argsort(slot_index, kind="stable")
+    slot_index, rows = slot_index[order], rows[order]
+    breaks = np.flatnonzero(np.diff(slot_index) != 1) + 1
+    row_bytes = rows.shape[1] * 4
+    for start, stop in zip(np.r_[0, breaks], np.r_[breaks, slot_index.shape[0]]):
+        os.pwrite(handle.fileno(), np.ascontiguousarray(rows[start:stop]).tobytes(), int(slot_index[start]) * row_bytes)
+
+
+def _read_keys(layout: BucketLayout, unit: int, valid_rows: int, storage_options: dict | None) -> pa.Table:
+    url = layout.keys_url(unit)
+    parquet = open_parquet(url, storage_options)
+    if parquet is None or _record_of(url, parquet.schema_arrow, layout) is None:
+        raise _damaged(url, "missing or written for another run")
+    table = parquet.read()
+    start, stop = layout.units[unit]
+    _int_column(url, table, "shard", start, stop)
+    reason = _int_column(url, table, "reason", 0, 3)
+    if table.column("key").type != pa.string() or table.column("key").null_count:
+        raise _damaged(url, "keys are not strings without nulls")
+    if int((reason == 0).sum()) != valid_rows:
+        raise _damaged(url, "its compared rows differ from its unit file's")
+    return table
+
+
+def resolve(layout: BucketLayout, output_path: str, storage_options: dict | None = None) -> OutOfCoreResult:
+    """Groups across all buckets, their survivors, and `kept.parquet` (written here, unit by unit)."""
+    started = time.perf_counter()
+    offsets = unit_offsets(layout, storage_options)
+    num_positions = int(offsets[-1])
+    components = UnionFind(num_positions)
+    totals = {"comparisons": 0, "candidates": 0, "verified": 0, "largest_leaf": 0, "split_clusters": 0}
+    for bucket in range(layout.num_buckets):
+        links = read_links(layout, bucket, num_positions, storage_options)
+        components.union(links.position, links.link)
+        for name in totals:
+            totals[name] = max(totals[name], links.counters[name]) if name == "largest_leaf" else totals[name] + links.counters[name]
+    roots = components.roots()
+    del components
+    members = np.flatnonzero(np.bincount(roots, minlength=num_positions)[roots] >= 2)
+    members = members[np.argsort(roots[members], kind="stable")]
+    slot = np.full(num_positions, -1, dtype=np.int64)
+    slot[members] = np.arange(members.shape[0])
+    written = np.zeros(members.shape[0], dtype=bool)
+    with tempfile.TemporaryFile() as scratch:
+        scratch.truncate(members.shape[0] * layout.dim * 4)
+        for bucket in range(layout.num_buckets):
+            links = read_links(layout, bucket, num_positions, storage_options)
+            slot_index = slot[links.position]
+            if np.any(slot_index < 0):
+                raise _damaged(layout.links_url(bucket), "a linked row is in no group")
+            _write_rows(scratch, slot_index, links.embeddings)
+            written[slot_index] = True
+        if not written.all():
+            raise UserError(f"the links under {redact_url(layout.work_url)} lack rows of some groups; delete that folder and run again.")
+        with all_cpu_threads():
+            duplicate, survivor, similarity = _survivors(_ScratchRows(scratch, slot, layout.dim), roots)
+    del slot
+    groups = int(np.unique(roots[survivor]).shape[0]) if survivor.shape[0] else 0
+    del roots
+
+    # identifiers: the compared rows' keys (Arrow strings) and shard indices, in canonical order
+    shard_names = np.array(layout.shard_urls, dtype=object)
+    valid_keys, valid_shards, skipped_parts = [], [], []
+    kept_url = join_url(output_path, "kept.parquet")
+    kept_schema = pa.schema([("key", pa.string()), ("shard", pa.string())])
+    kept_rows = 0
+    with atomic_output(kept_url, storage_options) as handle, pq.ParquetWriter(handle, kept_schema) as kept_writer:
+        for unit in range(len(layout.units)):
+            table = _read_keys(layout, unit, int(offsets[unit + 1] - offsets[unit]), storage_options)
+            reason = table.column("reason").to_numpy()
+            shard = table.column("shard").to_numpy()
+            compared = reason == 0
+            keys = table.column("key").filter(pa.array(compared))
+            valid_keys.append(keys)
+            valid_shards.append(shard[compared])
+            if not compared.all():
+                skipped_parts.append((shard[~compared], table.column("key").filter(pa.array(~compared)).to_pylist(), reason[~compared]))
+            is_duplicate = np.zeros(int(compared.sum()), dtype=bool)
+            in_unit = duplicate[(duplicate >= offsets[unit]) & (duplicate < offsets[unit + 1])] - offsets[unit]
+            is_duplicate[in_unit] = True
+            kept = ~is_duplicate
+            kept_writer.write_table(pa.table({"key": keys.filter(pa.array(kept)),
+                                              "shard": pa.array(shard_names[shard[compared][kept]], pa.string())}, schema=kept_schema))
+            kept_rows += int(kept.sum())
+    all_keys = pa.chunked_array([keys.cast(pa.string()) for keys in valid_keys], type=pa.string()).combine_chunks()
+    all_shards = np.concatenate(valid_shards) if valid_shards else np.zeros(0, np.int32)
+    duplicates = pd.DataFrame({
+        "key": np.array(all_keys.take(pa.array(duplicate)).to_pylist(), dtype=object),
+        "shard": shard_names[all_shards[duplicate]],
+        "duplicate_of": np.array(all_keys.take(pa.array(survivor)).to_pylist(), dtype=object),
+        "duplicate_of_shard": shard_names[all_shards[survivor]],
+        "similarity": similarity,
+    }, columns=DUPLICATE_COLUMNS)
+    skipped_shards = np.concatenate([part[0] for part in skipped_parts]) if skipped_parts else np.zeros(0, np.int32)
+    skipped_reason = np.concatenate([part[2] for part in skipped_parts]) if skipped_parts else np.zeros(0, np.int8)
+    skipped = pd.DataFrame({
+        "key": np.array([key for part in skipped_parts for key in part[1]], dtype=object),
+        "shard": shard_names[skipped_shards],
+        "reason": np.where(skipped_reason == 1, MISSING_REASON, ZERO_REASON).astype(object),
+    }, columns=SKIPPED_COLUMNS)
+    stats = DedupStats(
+        method="out-of-core",
+        rows=num_positions + int(skipped_shards.shape[0]),
+        compared_rows=num_positions,
+        skipped_rows=int(skipped_shards.shape[0]),
+        groups=groups,
+        duplicates=int(duplicate.shape[0]),
+        similarity_threshold=layout.similarity_threshold,
+        num_clusters=layout.num_clusters,
+        clusters_per_point=layout.clusters_per_point,
+        matmul_dtype=layout.matmul_dtype,
+        device="cpu",
+        seconds={"resolve": time.perf_counter() - started},
+        **totals,
+    )
+    return OutOfCoreResult(duplicates=duplicates, skipped=skipped, kept_rows=kept_rows, kept_url=kept_url, stats=stats)
+
+
+def remove_work(layout: BucketLayout, storage_options: dict | None = None) -> None:
+    """Delete the run's bucket files once its outputs are written."""
+    fs, path = filesystem(layout.work_url, storage_options)
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
