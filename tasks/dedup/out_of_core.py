@@ -167,6 +167,11 @@ def _read_keys(layout: BucketLayout, unit: int, valid_rows: int, storage_options
     return table
 
 
+def _strings(values) -> pd.Series:
+    """A string column typed as the in-memory search's (so even empty frames are written alike)."""
+    return pd.Series(np.asarray(values, dtype=object), dtype="str")
+
+
 def resolve(layout: BucketLayout, output_path: str, storage_options: dict | None = None) -> OutOfCoreResult:
     """Groups across all buckets, their survivors, and `kept.parquet` (written here, unit by unit)."""
     started = time.perf_counter()
@@ -230,17 +235,17 @@ def resolve(layout: BucketLayout, output_path: str, storage_options: dict | None
     all_keys = pa.chunked_array([keys.cast(pa.string()) for keys in valid_keys], type=pa.string()).combine_chunks()
     all_shards = np.concatenate(valid_shards) if valid_shards else np.zeros(0, np.int32)
     duplicates = pd.DataFrame({
-        "key": np.array(all_keys.take(pa.array(duplicate)).to_pylist(), dtype=object),
-        "shard": shard_names[all_shards[duplicate]],
-        "duplicate_of": np.array(all_keys.take(pa.array(survivor)).to_pylist(), dtype=object),
-        "duplicate_of_shard": shard_names[all_shards[survivor]],
+        "key": _strings(all_keys.take(pa.array(duplicate)).to_pylist()),
+        "shard": _strings(shard_names[all_shards[duplicate]]),
+        "duplicate_of": _strings(all_keys.take(pa.array(survivor)).to_pylist()),
+        "duplicate_of_shard": _strings(shard_names[all_shards[survivor]]),
         "similarity": similarity,
     }, columns=DUPLICATE_COLUMNS)
     skipped_shards = np.concatenate([part[0] for part in skipped_parts]) if skipped_parts else np.zeros(0, np.int32)
     skipped_reason = np.concatenate([part[2] for part in skipped_parts]) if skipped_parts else np.zeros(0, np.int8)
     skipped = pd.DataFrame({
-        "key": np.array([key for part in skipped_parts for key in part[1]], dtype=object),
-        "shard": shard_names[skipped_shards],
+        "key": _strings([key for part in skipped_parts for key in part[1]]),
+        "shard": _strings(shard_names[skipped_shards]),
         "reason": np.where(skipped_reason == 1, MISSING_REASON, ZERO_REASON).astype(object),
     }, columns=SKIPPED_COLUMNS)
     stats = DedupStats(
