@@ -338,8 +338,12 @@ def unit_offsets(layout: BucketLayout, storage_options: dict | None = None) -> n
 
 
 def read_bucket(layout: BucketLayout, bucket: int, offsets: np.ndarray, storage_options: dict | None = None) -> BucketRows:
-    """The bucket's rows from every unit file: distinct rows by position and each of its clusters' members."""
-    positions, clusters, embeddings = [], [], []
+    """The bucket's rows from every unit file: distinct rows by position and each of its clusters' members.
+
+    Positions and clusters are read first, then each unit's embeddings straight into the bucket's array,
+    so memory holds the bucket's distinct rows and one unit's share of them.
+    """
+    positions, clusters, parts = [], [], []
     for unit in range(len(layout.units)):
         url = layout.unit_url(unit)
         parquet = open_parquet(url, storage_options)
@@ -354,28 +358,34 @@ def read_bucket(layout: BucketLayout, bucket: int, offsets: np.ndarray, storage_
             continue
         if not isinstance(group, int) or not 0 <= group < parquet.num_row_groups:
             raise _damaged(url, f"row group {group!r} of bucket {bucket} does not exist")
-        table = parquet.read_row_group(group)
-        valid_rows = int(offsets[unit + 1] - offsets[unit])
+        table = parquet.read_row_group(group, columns=["position", "cluster"])
         cluster = _int_column(url, table, "cluster", 0, layout.num_clusters)
         if np.any(cluster % layout.num_buckets != bucket):
             raise _damaged(url, f"rows of other buckets in bucket {bucket}")
-        rows = embeddings_of(url, table, layout.dim)
-        check_unit_rows(url, rows)
+        valid_rows = int(offsets[unit + 1] - offsets[unit])
         positions.append(_int_column(url, table, "position", 0, valid_rows) + offsets[unit])
         clusters.append(cluster)
-        embeddings.append(rows)
+        parts.append((url, parquet, group, table.num_rows))
     if not positions:
         return BucketRows(np.zeros(0, np.int64), np.zeros((0, layout.dim), np.float32), np.zeros(0, np.int64), [])
     position, cluster = np.concatenate(positions), np.concatenate(clusters)
-    rows = np.concatenate(embeddings)
-    del embeddings
     distinct, first, local = np.unique(position, return_index=True, return_inverse=True)
+    rows = np.empty((distinct.shape[0], layout.dim), dtype=np.float32)
+    start = 0
+    for url, parquet, group, count in parts:
+        wanted = np.flatnonzero((first >= start) & (first < start + count))
+        block = embeddings_of(url, parquet.read_row_group(group, columns=["embedding"]), layout.dim)
+        if block.shape[0] != count:
+            raise _damaged(url, f"row group {group} changed while read")
+        rows[wanted] = block[first[wanted] - start]
+        check_unit_rows(url, rows[wanted])
+        start += count
     order = np.lexsort((position, cluster))
     cluster_sorted = cluster[order]
     starts = np.flatnonzero(np.r_[True, cluster_sorted[1:] != cluster_sorted[:-1]])
     ends = np.append(starts[1:], order.shape[0])
     members = [local[order[first_entry:last_entry]] for first_entry, last_entry in zip(starts, ends)]
-    return BucketRows(distinct, rows[first], cluster_sorted[starts], members)
+    return BucketRows(distinct, rows, cluster_sorted[starts], members)
 
 
 def plan_units(row_counts: list[int], unit_rows: int) -> tuple[tuple[int, int], ...]:
