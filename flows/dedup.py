@@ -45,6 +45,8 @@ from tasks.store.entries import EmbeddingStore, redact_url
 from tasks.io.write import join_url, remove_leftover_temp_files
 
 DEDUP_FLOW = "image-dedup"
+# Out-of-core units assigned at once on one machine.
+_UNITS_IN_FLIGHT = 2
 
 
 @task(name="load-embeddings", **STORAGE_RETRIES, persist_result=False)
