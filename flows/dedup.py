@@ -1,7 +1,8 @@
 """The `image-dedup` flow: near-duplicate images from the embedding store, without running CLIP.
 
 shards -> their store entries (identity found without CLIP weights) -> all-pairs or clustered cosine
-search (tasks/dedup/groups.py) -> duplicates.parquet, kept.parquet, skipped.parquet, summary.json, and
+search in memory (tasks/dedup/groups.py), or out-of-core over cluster buckets, each bucket a task
+(tasks/dedup/buckets.py, bucket_search.py, out_of_core.py) -> duplicates.parquet, kept.parquet, skipped.parquet, summary.json, and
 optionally a deduplicated copy of the dataset (or of what a filter run kept).
 """
 
