@@ -8,6 +8,8 @@ optionally a deduplicated copy of the dataset (or of what a filter run kept).
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from dataclasses import asdict
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -20,6 +22,19 @@ from flows.parameters import settings_model, validate_settings
 from flows.gpu_limits import hold_gpu
 from flows.prefect_cache import STORAGE_RETRIES
 from flows.run_names import dedup_run_name
+from flows.runners import open_task_runner
+from tasks.dedup.bucket_search import links_done, search_bucket
+from tasks.dedup.buckets import BucketLayout, assign_unit, train_centroids, unit_done
+from tasks.dedup.out_of_core import (
+    DEFAULT_BUCKET_ROWS,
+    WORK_FOLDER,
+    OutOfCoreResult,
+    default_in_memory_max_rows,
+    entry_sizes,
+    plan_layout,
+    remove_work,
+    resolve,
+)
 from tasks.dedup.groups import deduplicate
 from tasks.models.clip_resolve import clip_identity, resolve_clip
 from tasks.dedup.io import (
@@ -86,6 +101,63 @@ def write_outputs_task(result, output_path: str, storage_options: dict) -> dict[
     }
 
 
+@task(name="train-centroids", **STORAGE_RETRIES, persist_result=False)
+def train_centroids_task(store: EmbeddingStore, layout: BucketLayout, storage_options: dict) -> str:
+    return train_centroids(store, layout, storage_options)
+
+
+@task(name="assign-unit", **STORAGE_RETRIES, persist_result=False)
+def assign_unit_task(store: EmbeddingStore, layout: BucketLayout, unit: int, storage_options: dict) -> str:
+    return assign_unit(store, layout, unit, storage_options)
+
+
+@task(name="search-bucket", **STORAGE_RETRIES, persist_result=False)
+def search_bucket_task(layout: BucketLayout, bucket: int, storage_options: dict) -> str:
+    return search_bucket(layout, bucket, storage_options)
+
+
+@task(name="resolve-groups", **STORAGE_RETRIES, persist_result=False)
+def resolve_task(layout: BucketLayout, output_path: str, storage_options: dict) -> OutOfCoreResult:
+    return resolve(layout, output_path, storage_options)
+
+
+def _run_all(runner, task_function, parameters: list[dict], in_flight: int) -> None:
+    """Run every task, at most `in_flight` at once; raise the first failure (after its retries)."""
+    futures: list = []
+    for arguments in parameters:
+        if len(futures) >= in_flight:
+            futures[-in_flight].wait()
+        futures.append(runner.submit(task_function, arguments))
+    for future in futures:
+        future.wait()
+    for future in futures:
+        future.result()
+
+
+def search_out_of_core(store: EmbeddingStore, layout: BucketLayout, output_path: str, settings: Any, storage_options: dict) -> OutOfCoreResult:
+    """Centroids, then units into buckets, then buckets searched, each a task; work already done is kept."""
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    train_centroids_task(store, layout, storage_options)
+    seconds["centroids"] = time.perf_counter() - started
+    # On one machine two units at a time (one reads and writes while the other computes), then one bucket
+    # at a time (each uses every core, and memory stays one bucket's); Ray spreads them over its workers.
+    on_ray = settings.task_runner == "ray"
+    with open_task_runner(settings.task_runner, settings.ray_address, _UNITS_IN_FLIGHT, 0.0) as runner:
+        units = [unit for unit in range(len(layout.units)) if not unit_done(layout, unit, storage_options)]
+        _run_all(runner, assign_unit_task, [dict(store=store, layout=layout, unit=unit, storage_options=storage_options) for unit in units],
+                 len(units) if on_ray else _UNITS_IN_FLIGHT)
+        seconds["assign"] = time.perf_counter() - started - sum(seconds.values())
+        buckets = [bucket for bucket in range(layout.num_buckets) if not links_done(layout, bucket, storage_options)]
+        _run_all(runner, search_bucket_task, [dict(layout=layout, bucket=bucket, storage_options=storage_options) for bucket in buckets],
+                 len(buckets) if on_ray else 1)
+        seconds["search"] = time.perf_counter() - started - sum(seconds.values())
+    outcome = resolve_task(layout, output_path, storage_options)
+    seconds["resolve"] = time.perf_counter() - started - sum(seconds.values())
+    seconds["total"] = time.perf_counter() - started
+    return dataclasses.replace(outcome, stats=dataclasses.replace(outcome.stats, seconds=seconds))
+
+
 def _inputs_and_output(settings: Any, storage_options: dict) -> tuple[str, list[str]]:
     """The output path and the listed shards, once the output is known to be apart from every input."""
     output_path = normalise_output_path(settings.output_path)
@@ -122,7 +194,11 @@ def image_dedup(
     model_dir: Optional[str] = None,
     cache_path: Optional[str] = None,
     file_extensions: Annotated[list[str], Field(min_length=1)] = [".tar"],  # noqa: B006 - Prefect shows the default in the form; never mutated
-    method: Literal["auto", "exact", "clustered"] = "auto",
+    method: Literal["auto", "exact", "clustered", "out-of-core"] = "auto",
+    bucket_rows: Annotated[int, Field(ge=2)] = DEFAULT_BUCKET_ROWS,
+    in_memory_max_rows: Optional[Annotated[int, Field(ge=0)]] = None,
+    task_runner: Literal["threads", "ray"] = "threads",
+    ray_address: Optional[str] = None,
     embedding_identity: Optional[str] = None,
     embed_missing: bool = False,
     write_dataset: bool = False,
@@ -146,7 +222,7 @@ def image_dedup(
         method: exact (all pairs, in blocks), clustered (k-means clusters, pairs within them), out-of-core (clusters written as bucket files, searched one bucket at a time), or auto (in memory while the embeddings fit: exact up to 50,000 images on CPU, 400,000 on a GPU, then clustered; out-of-core beyond).
         bucket_rows: Out-of-core: about this many rows per bucket (peak memory is about 6 KB per bucket row at 768 dimensions).
         in_memory_max_rows: With auto, the most images searched in memory; default from the machine's memory (half of it at about 5 KB per 768-d row).
-        task_runner: Out-of-core: where bucket tasks run, threads (this machine, one bucket at a time) or ray (a local Ray, or the cluster at ray_address).
+        task_runner: Out-of-core: where unit and bucket tasks run, threads (this machine: two units, then one bucket at a time) or ray (a local Ray, or the cluster at ray_address).
         ray_address: The Ray cluster for task_runner=ray; a local Ray when empty.
         embedding_identity: The store identity to read (summary.json of a filter run names it under models); found automatically when empty.
         embed_missing: Embed shards missing from the store first (needs the CLIP weights in model_dir or clip_pretrained); otherwise missing shards are an error.
