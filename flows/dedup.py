@@ -320,7 +320,7 @@ def image_dedup(
         description=f"image-dedup at cosine similarity >= {stats.similarity_threshold} ({stats.method} search)",
     )
     logger.info("%d duplicates in %d groups among %d images (%s search)", stats.duplicates, stats.groups, stats.compared_rows, stats.method)
-    return {"summary": join_url(output_path, "summary.json"), "duplicates": stats.duplicates, "groups": stats.groups, "kept": len(result.kept)}
+    return {"summary": join_url(output_path, "summary.json"), "duplicates": stats.duplicates, "groups": stats.groups, "kept": kept_rows}
 
 
 # The flow's parameters as a model (types, ranges and defaults from the signature above), for checks outside Prefect.
