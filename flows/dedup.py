@@ -26,7 +26,6 @@ from flows.runners import open_task_runner
 from tasks.dedup.bucket_search import links_done, search_bucket
 from tasks.dedup.buckets import BucketLayout, assign_unit, train_centroids, unit_done
 from tasks.dedup.out_of_core import (
-    DEFAULT_BUCKET_ROWS,
     WORK_FOLDER,
     OutOfCoreResult,
     default_in_memory_max_rows,
@@ -195,7 +194,7 @@ def image_dedup(
     cache_path: Optional[str] = None,
     file_extensions: Annotated[list[str], Field(min_length=1)] = [".tar"],  # noqa: B006 - Prefect shows the default in the form; never mutated
     method: Literal["auto", "exact", "clustered", "out-of-core"] = "auto",
-    bucket_rows: Annotated[int, Field(ge=2)] = DEFAULT_BUCKET_ROWS,
+    bucket_rows: Annotated[int, Field(ge=2)] = 250000,  # tasks/dedup/out_of_core.py DEFAULT_BUCKET_ROWS (a literal: the command line reads it)
     in_memory_max_rows: Optional[Annotated[int, Field(ge=0)]] = None,
     task_runner: Literal["threads", "ray"] = "threads",
     ray_address: Optional[str] = None,
