@@ -73,7 +73,12 @@ class PrefectServer:
 
     def request(self, method: str, route: str, **kwargs: Any) -> Any:
         assert self.client is not None
-        response = self.client.request(method, route, **kwargs)
+        # A server on a busy host answers 503 while SQLite is locked; Prefect's own client retries those, so do we.
+        for attempt in range(5):
+            response = self.client.request(method, route, **kwargs)
+            if response.status_code != 503:
+                break
+            time.sleep(0.5 * 2**attempt)
         if response.status_code >= 300:
             raise AssertionError(f"{method} {route} -> {response.status_code}: {response.text[:2000]}")
         return response.json() if response.content else None
