@@ -195,7 +195,7 @@ def image_dedup(
     file_extensions: Annotated[list[str], Field(min_length=1)] = [".tar"],  # noqa: B006 - Prefect shows the default in the form; never mutated
     method: Literal["auto", "exact", "clustered", "out-of-core"] = "auto",
     bucket_rows: Annotated[int, Field(ge=2)] = 250000,  # tasks/dedup/out_of_core.py DEFAULT_BUCKET_ROWS (a literal: the command line reads it)
-    in_memory_max_rows: Optional[Annotated[int, Field(ge=0)]] = None,
+    in_memory_max_rows: Annotated[Optional[int], Field(ge=0)] = None,
     task_runner: Literal["threads", "ray"] = "threads",
     ray_address: Optional[str] = None,
     embedding_identity: Optional[str] = None,
