@@ -73,9 +73,15 @@ class PrefectServer:
 
     def request(self, method: str, route: str, **kwargs: Any) -> Any:
         assert self.client is not None
-        # A server on a busy host answers 503 while SQLite is locked; Prefect's own client retries those, so do we.
+        # A server on a busy host answers 503 (or nothing for a while) when SQLite stays locked; Prefect's own
+        # client retries those, so do we. Only reads are retried after a timeout: a write may have been applied.
         for attempt in range(5):
-            response = self.client.request(method, route, **kwargs)
+            try:
+                response = self.client.request(method, route, **kwargs)
+            except httpx.ReadTimeout:
+                if method != "GET" or attempt == 4:
+                    raise
+                continue
             if response.status_code != 503:
                 break
             time.sleep(0.5 * 2**attempt)
@@ -159,7 +165,7 @@ def prefect_server(root: Path, settings: dict[str, str] | None = None) -> Iterat
     )
     try:
         process = server.start("server", [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], cwd=root)
-        server.client = httpx.Client(base_url=server.api_url, timeout=30)
+        server.client = httpx.Client(base_url=server.api_url, timeout=90)  # beyond the server's 60 s wait for SQLite's lock
 
         def healthy() -> bool:
             if process.poll() is not None:
