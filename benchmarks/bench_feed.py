@@ -8,8 +8,8 @@ OpenAI normalisation); the model is a stand-in that costs nothing, so the figure
 host could feed a GPU.
 
 ours        `tasks.models.embed.feed_model_batches`, what the embedding stage runs: a reader thread
-            streams the tars, a pool of as many workers as cores decodes and transforms, batches are stacked
-            in a background thread. Also run with decode_mode=reduced, for that option's speed.
+            streams the tars, a pool of as many worker processes as cores decodes and transforms (one
+            thread on one core), batches are stacked in a background thread. Also run with decode_mode=reduced, for that option's speed.
 DataLoader  clip-retrieval's design: `torch.utils.data.DataLoader` over a webdataset pipeline
             (`decode("pilrgb")`, the same transform) with num_workers = cores, shards split among workers.
 
@@ -43,12 +43,13 @@ def vit_l_14_transform():
     return image_transform_v2(PreprocessCfg(size=(224, 224)), is_train=False)
 
 
-def feed_ours(shard_urls: list[str], batch_size: int, workers: int, decode_mode: str = "exact") -> int:
+def feed_ours(shard_urls: list[str], batch_size: int, workers: int, decode_mode: str = "exact", worker_processes: bool = True) -> int:
     from tasks.io.read import DecodeOptions
     from tasks.models.embed import feed_model_batches
 
     images = 0
-    batches = feed_model_batches(shard_urls, vit_l_14_transform(), batch_size, DecodeOptions.for_model((224, 224), decode_mode), threads=workers)
+    batches = feed_model_batches(shard_urls, vit_l_14_transform(), batch_size, DecodeOptions.for_model((224, 224), decode_mode), threads=workers,
+                                 worker_processes=worker_processes)
     for batch in batches:  # the stand-in model: takes the batch, costs nothing
         images += 0 if batch.pixels is None else len(batch.pixels)
     return images
@@ -75,10 +76,18 @@ def _child(which: str, shard_urls: list[str], batch_size: int, cores: int) -> No
     import tasks.models.embed  # noqa: F401
 
     vit_l_14_transform()
-    feed = {"ours": feed_ours, "dataloader": feed_dataloader, "ours-reduced": lambda *a: feed_ours(*a, decode_mode="reduced")}[which]
+    feed = {"ours": feed_ours, "dataloader": feed_dataloader, "ours-reduced": lambda *a: feed_ours(*a, decode_mode="reduced"),
+            "ours-threads": lambda *a: feed_ours(*a, worker_processes=False)}[which]
+    if which != "dataloader":
+        feed(shard_urls[:1], batch_size, cores)  # starts the decoding processes, which a run keeps for all its partitions
+    from tasks.io import decode_workers
+
     started, cpu_started = time.perf_counter(), _cpu_seconds()
     images = feed(shard_urls, batch_size, cores)
-    seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
+    seconds = time.perf_counter() - started
+    # decoding processes are children of the forkserver, not of this process: their CPU time is read before they stop
+    cpu = _cpu_seconds() - cpu_started + sum(_process_cpu_seconds(pid) for pid in decode_workers.worker_pids())
+    decode_workers.shutdown_pools()
     print(json.dumps({"images": images, "seconds": seconds, "cpu_seconds": cpu, "peak_mib": _peak_rss_mib()}))
 
 
@@ -86,6 +95,12 @@ def _cpu_seconds() -> float:
     """CPU time of this process's threads and of its ended child processes (a DataLoader's workers)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _peak_rss_mib() -> float:

@@ -33,6 +33,7 @@ from tests.support.tars import (
     tar_bytes,
     write_tar,
 )
+from tests.support.transforms import KillingTransform, RefusingTransform
 from tests.support.tiny_clip import make_tiny_clip, open_clip_reference, save_clip_checkpoint, tiny_clip_config
 
 from tasks.models.clip_resolve import clip_identity, resolve_clip, weights_fingerprint
@@ -370,13 +371,15 @@ def test_decode_mode_is_in_the_ui_form_and_the_command_line(flow_module, flow_na
     assert build_parser(plain).parse_args(plain + ["--decode-mode", "reduced"]).decode_mode == "reduced"
 
 
-def test_host_pipeline_gives_open_clip_inputs_in_model_batches_across_reading_batches(tiny_768, bad_case_shard):
+@pytest.mark.parametrize("worker_processes", [True, False], ids=["processes", "threads"])
+def test_host_pipeline_gives_open_clip_inputs_in_model_batches_across_reading_batches(tiny_768, bad_case_shard, worker_processes):
     weights = resolve_clip(str(tiny_768[0]), str(tiny_768[1]))
     transform = load_clip_embedder(weights, "cpu").transform
     samples = list(iter_samples(bad_case_shard, NO_REDUCTION))
     good = [sample for sample in samples if sample.error is None]
 
-    batches = list(feed_model_batches([bad_case_shard], transform, 4, NO_REDUCTION, task_batch_size=3, threads=2))
+    batches = list(feed_model_batches([bad_case_shard], transform, 4, NO_REDUCTION, task_batch_size=3, threads=2,
+                                      worker_processes=worker_processes))
     rows = [row for batch in batches for row in batch.rows]
     assert [key for key, _ in rows] == [sample.key for sample in samples]  # every sample once, in tar order
     assert [error for _, error in rows] == [sample.error for sample in samples]
@@ -406,6 +409,31 @@ def test_an_image_the_transform_refuses_is_that_samples_error_only(tiny_768, bad
         else:
             assert error == sample.error  # the others as before
     assert refused >= 1
+
+
+def test_worker_processes_keep_a_refused_image_and_a_dead_decoder_to_that_sample(tiny_768, bad_case_shard):
+    weights = resolve_clip(str(tiny_768[0]), str(tiny_768[1]))
+    transform = load_clip_embedder(weights, "cpu").transform
+    samples = list(iter_samples(bad_case_shard, NO_REDUCTION))
+    good = [sample for sample in samples if sample.error is None]
+    refused_size, deadly_size = good[1].image.size, good[3].image.size
+    assert refused_size != deadly_size and transform.__class__.__module__.startswith("torchvision")
+
+    for picky, reason in [(RefusingTransform(transform, refused_size), "could not be preprocessed for the model (ValueError: odd size)"),
+                          (KillingTransform(transform, deadly_size), "died while decoding image")]:
+        hit_size = picky.size
+        batches = list(feed_model_batches([bad_case_shard], picky, 4, NO_REDUCTION, task_batch_size=3, threads=2))
+        rows = [row for batch in batches for row in batch.rows]
+        assert [key for key, _ in rows] == [sample.key for sample in samples]
+        hit = [sample.error is None and sample.image.size == hit_size for sample in samples]
+        assert sum(hit) >= 1
+        for sample, (_, error), is_hit in zip(samples, rows, hit):
+            if is_hit:
+                assert reason in error, error
+            else:
+                assert error == sample.error  # every other sample as without the bad image
+        pixels = torch.cat([batch.pixels for batch in batches if batch.pixels is not None])
+        assert torch.equal(pixels, torch.stack([transform(sample.image) for sample, is_hit in zip(samples, hit) if sample.error is None and not is_hit]))
 
 
 def test_damaged_tar_gets_a_shard_level_row(tmp_path, tiny_768):

@@ -31,6 +31,7 @@ import os
 import re
 import tarfile
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,6 +43,7 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tasks.errors import UserError
+from tasks.io import decode_workers
 from tasks.io.locations import redacted
 from tasks.io.prefetch import prefetched
 
@@ -648,6 +650,7 @@ def iter_batches(
     prefetch: int = 2,
     limits: ReadLimits = ReadLimits(),
     transform: Callable[[Image.Image], object] | None = None,
+    worker_processes: bool = True,
 ) -> Iterator[list[Sample]]:
     """Batches of `task_batch_size` samples from the shards in order (a batch may span shards).
 
@@ -655,7 +658,9 @@ def iter_batches(
     of `threads` workers (default: the CPUs this process may use); up to `prefetch` batches wait ready
     while the caller works on the current one. With a `transform` (e.g. open_clip's preprocess) each
     worker also applies it to the image it decoded: samples come with `model_input` set and no `image`,
-    so decoding and preprocessing together scale with the workers. A batch closes early when its next sample would take it
+    so decoding and preprocessing together scale with the workers. With a picklable transform and more
+    than one worker, the workers are processes (tasks/io/decode_workers.py; `worker_processes=False`
+    keeps them threads), so the interpreter lock does not cap the rate. A batch closes early when its next sample would take it
     over `limits.batch_bytes` (a sample alone may exceed it), so memory is bounded by about
     (prefetch + 2) batches of at most that size, whatever the number of shards or what they hold.
     """
@@ -666,22 +671,35 @@ def iter_batches(
     assert isinstance(prefetch, int) and prefetch >= 1, "prefetch counts batches and must be >= 1"
     if isinstance(shard_urls, str):
         shard_urls = [shard_urls]
-    pool = ThreadPoolExecutor(threads or _default_threads(), thread_name_prefix="decode") if decode is not None else None
+    workers = threads or _default_threads()
+    in_processes = None
+    if decode is not None and transform is not None and worker_processes and workers > 1:
+        in_processes = decode_workers.WorkerTransform.of(transform)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="decode") if decode is not None and in_processes is None else None
     # A transformed sample holds its model input (602 KB at 224 px in float32), often more than its image did.
-    input_bytes = _transform_output_bytes(transform) if transform is not None and pool is not None else 0
+    input_bytes = _transform_output_bytes(transform) if transform is not None and decode is not None else 0
+    # samples handed to worker processes and not yet done (kept by the reader thread), cancelled when reading stops early
+    pending: deque[_InWorker] = deque()
 
     def batches_of_pending_samples() -> Iterator[list[Sample | Future]]:
         batch: list[Sample | Future] = []
         batch_bytes = 0
         for shard_url in shard_urls:
             for sample in _iter_raw_samples(shard_url, storage_options, limits):
-                opened = _open_sample_image(sample, decode) if pool is not None else None
+                opened = _open_sample_image(sample, decode) if decode is not None else None
                 sample_bytes = _held_bytes(sample, opened) + (input_bytes if opened is not None else 0)
                 if batch and batch_bytes + sample_bytes > limits.batch_bytes:
                     yield batch
                     batch, batch_bytes = [], 0
                 if opened is None:
                     batch.append(sample)
+                elif in_processes is not None:
+                    opened.close()  # the worker opens the image again from the bytes it is sent
+                    entry = _InWorker(sample, decode_workers.submit(workers, sample.key, sample.shard, sample.members, decode, in_processes))
+                    while pending and pending[0].future.done():
+                        pending.popleft()
+                    pending.append(entry)
+                    batch.append(entry)
                 elif transform is None:
                     batch.append(pool.submit(_finish_decoding, sample, opened))
                 else:
@@ -696,7 +714,43 @@ def iter_batches(
     try:
         with closing(prefetched(batches_of_pending_samples(), prefetch, "shard-reader")) as ready:
             for item in ready:
-                yield [entry.result() if isinstance(entry, Future) else entry for entry in item]
+                yield [_finished(entry, workers, decode, in_processes) for entry in item]
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        for entry in list(pending):  # the shared worker pool stays; only this reading's samples are dropped
+            entry.future.cancel()
+
+
+@dataclass
+class _InWorker:
+    """A sample being decoded and transformed in a worker process."""
+
+    sample: Sample
+    future: Future
+
+
+def _finished(entry: Sample | Future | _InWorker, workers: int, decode: DecodeOptions | None,
+              transform: "decode_workers.WorkerTransform | None") -> Sample:
+    """The decoded sample behind a batch entry (waiting for its thread or worker process)."""
+    if isinstance(entry, Sample):
+        return entry
+    if isinstance(entry, Future):
+        return entry.result()
+    sample = entry.sample
+    assert decode is not None and transform is not None and sample.key is not None
+    image_ext = image_extension(sample.members)
+    result = decode_workers.result_of(entry.future, workers, sample.key, sample.shard, sample.members, decode, transform,
+                                      sample.member_name(image_ext) if image_ext is not None else sample.key)
+    sample.caption, sample.metadata = result.caption, result.metadata
+    if result.error is not None:
+        _fail(sample, result.error)
+    elif result.model_input is not None:
+        sample.model_input = _as_tensor(result.model_input) if result.tensor else result.model_input
+    return sample
+
+
+def _as_tensor(array: np.ndarray) -> object:
+    import torch  # only samples a torch transform made reach here, so torch is already imported
+
+    return torch.from_numpy(array)

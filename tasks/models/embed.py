@@ -266,6 +266,7 @@ def feed_model_batches(
     storage_options: dict | None = None,
     pin_memory: bool = False,
     threads: int | None = None,
+    worker_processes: bool = True,
 ) -> Iterator[ModelBatch]:
     """The host pipeline: tars -> (decode + `transform` in a pool of `threads` workers) -> model batches.
 
@@ -277,7 +278,8 @@ def feed_model_batches(
     """
 
     def assemble() -> Iterator[ModelBatch]:
-        samples = iter_batches(shard_urls, task_batch_size, decode=decode_options, storage_options=storage_options, threads=threads, transform=transform)
+        samples = iter_batches(shard_urls, task_batch_size, decode=decode_options, storage_options=storage_options, threads=threads,
+                               transform=transform, worker_processes=worker_processes)
         rows: list[tuple[str | None, str | None]] = []
         inputs: list[torch.Tensor] = []
         try:
