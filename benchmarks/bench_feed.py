@@ -82,13 +82,15 @@ def _child(which: str, shard_urls: list[str], batch_size: int, cores: int) -> No
         feed(shard_urls[:1], batch_size, cores)  # starts the decoding processes, which a run keeps for all its partitions
     from tasks.io import decode_workers
 
-    started, cpu_started = time.perf_counter(), _cpu_seconds()
+    # decoding processes are children of the forkserver, not of this process: their CPU time is read while they live
+    started, cpu_started = time.perf_counter(), _cpu_seconds() + _workers_cpu_seconds()
     images = feed(shard_urls, batch_size, cores)
     seconds = time.perf_counter() - started
-    # decoding processes are children of the forkserver, not of this process: their CPU time is read before they stop
-    cpu = _cpu_seconds() - cpu_started + sum(_process_cpu_seconds(pid) for pid in decode_workers.worker_pids())
+    cpu = _cpu_seconds() + _workers_cpu_seconds() - cpu_started
+    worker_peaks = [_peak_rss_mib(pid) for pid in decode_workers.worker_pids()]
     decode_workers.shutdown_pools()
-    print(json.dumps({"images": images, "seconds": seconds, "cpu_seconds": cpu, "peak_mib": _peak_rss_mib()}))
+    print(json.dumps({"images": images, "seconds": seconds, "cpu_seconds": cpu, "peak_mib": _peak_rss_mib(),
+                      "worker_peak_mib": max(worker_peaks, default=0.0)}))
 
 
 def _cpu_seconds() -> float:
@@ -97,15 +99,21 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def _workers_cpu_seconds() -> float:
+    from tasks.io import decode_workers
+
+    return sum(_process_cpu_seconds(pid) for pid in decode_workers.worker_pids())
+
+
 def _process_cpu_seconds(pid: int) -> float:
     """User + system CPU time of a live process (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _peak_rss_mib() -> float:
-    """This process's peak resident memory (a DataLoader's worker processes are not counted)."""
-    with open("/proc/self/status") as status:
+def _peak_rss_mib(pid: int | str = "self") -> float:
+    """A process's peak resident memory (this one's by default; a DataLoader's worker processes are not counted)."""
+    with open(f"/proc/{pid}/status") as status:
         for line in status:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
@@ -149,10 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     measure("ours", shard_urls[:1], args.batch_size, available[:1])  # warm-up: page cache, imports
     best: dict[tuple[str, int], float] = {}
     peak: dict[int, float] = {}
+    worker_peak: dict[int, float] = {}
     cpu_ms: dict[tuple[str, int], float] = {}
     for _ in range(args.repeats):  # interleaved, so load from other processes hits every contender alike
         for cores in core_counts:
-            for which in ("ours", "dataloader", "ours-reduced"):
+            for which in ("ours", "ours-threads", "dataloader", "ours-reduced"):
                 result = measure(which, shard_urls, args.batch_size, available[:cores])
                 assert result["images"] == args.images, result
                 rate = result["images"] / result["seconds"]
@@ -161,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                 cpu_ms[which, cores] = min(cpu_ms.get((which, cores), float("inf")), 1000 * result["cpu_seconds"] / result["images"])
                 if which == "ours":
                     peak[cores] = max(peak.get(cores, 0.0), result["peak_mib"])
+                    worker_peak[cores] = max(worker_peak.get(cores, 0.0), result["worker_peak_mib"])
     print(f"{'cores':>5} {'ours img/s':>11} {'DataLoader img/s':>17} {'ours / DataLoader':>18} {'ours vs 1 core':>15} "
           f"{'CPU ms/img ours':>16} {'CPU ms/img DataLoader':>22} {'ours peak RSS MiB':>18}")
     for cores in core_counts:
@@ -169,6 +179,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{cores:>5} {ours:>11.1f} {theirs:>17.1f} {ours / theirs:>17.2f}x {scaling:>15} "
               f"{cpu_ms['ours', cores]:>16.1f} {cpu_ms['dataloader', cores]:>22.1f} {peak[cores]:>18.0f}")
     print("goals: ours / DataLoader >= 1.0 at every core count; ours on 2 cores >= 1.7x ours on 1")
+    for cores in core_counts:
+        print(f"ours on {cores} cores: peak RSS of each decoding process {worker_peak[cores]:.0f} MiB (beside the {peak[cores]:.0f} MiB of the main one)")
+    for cores in core_counts:
+        threads = best["ours-threads", cores]
+        scaling = f", {threads / best['ours-threads', core_counts[0]]:.2f}x its 1-core rate" if core_counts[0] == 1 else ""
+        print(f"decoding in threads instead of processes (the earlier design), {cores} cores: {threads:.1f} img/s{scaling}; "
+              f"processes are {best['ours', cores] / threads:.2f}x; CPU {cpu_ms['ours-threads', cores]:.1f} ms/img")
     for cores in core_counts:
         print(f"decode_mode=reduced, {cores} cores: {best['ours-reduced', cores]:.1f} img/s, {best['ours-reduced', cores] / best['ours', cores]:.2f}x "
               f"exact; CPU {cpu_ms['ours-reduced', cores]:.1f} ms/img, {cpu_ms['ours', cores] / cpu_ms['ours-reduced', cores]:.2f}x less than exact")

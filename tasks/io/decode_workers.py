@@ -8,8 +8,9 @@ decodes the image, applies the transform and sends back only the model input (a 
 metadata and error.
 
 - One pool per worker count per process, started on first use and reused by every partition the process
-  reads (so a worker's imports are paid once), through `forkserver`: forking a process that runs threads
-  (Prefect's, the reader's) could copy a lock held by one of them.
+  reads, through `forkserver`: forking a process that runs threads (Prefect's, the reader's) could copy a
+  lock held by one of them. The server imports torch and open_clip once (when this process uses them),
+  and workers forked from it share those pages.
 - The transform must be picklable (open_clip's are); it is pickled once per reading and unpickled once per
   worker. `iter_batches` decodes in threads when it is not, or when asked for one worker.
 - A worker that dies (a decoder crash, the kernel's OOM killer) costs only the sample it was decoding:
@@ -25,6 +26,7 @@ import hashlib
 import multiprocessing
 import pickle
 import signal
+import sys
 import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -38,6 +40,9 @@ from tasks.stop import raise_if_stopped
 CRASH_REASON = "the image decoder's process died while decoding image {name!r} (a decoder crash or out of memory)"
 # Decoding alone again, in a fresh pool, a sample whose worker died with others in flight.
 _ATTEMPTS_ALONE = 1
+
+# Imported by the forkserver when this process has imported them: a model's transform comes from these.
+_PRELOAD = ("torch", "torchvision.transforms", "open_clip")
 
 _pools: dict[int, ProcessPoolExecutor] = {}
 _pools_lock = threading.Lock()
@@ -110,10 +115,16 @@ def decode_pool(workers: int) -> ProcessPoolExecutor:
         if pool is None or getattr(pool, "_broken", False):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
-            pool = _pools[workers] = ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("forkserver"), initializer=_start_worker
-            )
+            pool = _pools[workers] = ProcessPoolExecutor(workers, mp_context=_context(), initializer=_start_worker)
         return pool
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    """`forkserver`, its server importing what the workers need and this process already uses, so each worker
+    starts without importing them and shares their pages."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__, "tasks.io.read", *(name for name in _PRELOAD if name in sys.modules)])
+    return context
 
 
 def submit(workers: int, key: str, shard: str, members: dict[str, bytes], options, transform: WorkerTransform) -> Future:
@@ -128,7 +139,7 @@ def result_of(future: Future, workers: int, key: str, shard: str, members: dict[
     except BrokenProcessPool:
         raise_if_stopped()  # workers killed by a stop are not a sample's fault
     for _ in range(_ATTEMPTS_ALONE):
-        alone = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver"), initializer=_start_worker)
+        alone = ProcessPoolExecutor(1, mp_context=_context(), initializer=_start_worker)
         try:
             return alone.submit(decode_in_worker, key, shard, members, options, transform).result()
         except BrokenProcessPool:

@@ -681,20 +681,25 @@ def iter_batches(
     # samples handed to worker processes and not yet done (kept by the reader thread), cancelled when reading stops early
     pending: deque[_InWorker] = deque()
 
-    def batches_of_pending_samples() -> Iterator[list[Sample | Future]]:
-        batch: list[Sample | Future] = []
+    def batches_of_pending_samples() -> Iterator[list[Sample | Future | _InWorker]]:
+        batch: list[Sample | Future | _InWorker] = []
         batch_bytes = 0
         for shard_url in shard_urls:
             for sample in _iter_raw_samples(shard_url, storage_options, limits):
-                opened = _open_sample_image(sample, decode) if decode is not None else None
-                sample_bytes = _held_bytes(sample, opened) + (input_bytes if opened is not None else 0)
+                if in_processes is not None:
+                    # the worker checks the header, and the decoded image lives and dies there: this process holds
+                    # the raw members and the model input only
+                    opened, decoding = None, sample.error is None and sample.key is not None
+                else:
+                    opened = _open_sample_image(sample, decode) if pool is not None else None
+                    decoding = opened is not None
+                sample_bytes = _held_bytes(sample, opened) + (input_bytes if decoding else 0)
                 if batch and batch_bytes + sample_bytes > limits.batch_bytes:
                     yield batch
                     batch, batch_bytes = [], 0
-                if opened is None:
+                if not decoding:
                     batch.append(sample)
                 elif in_processes is not None:
-                    opened.close()  # the worker opens the image again from the bytes it is sent
                     entry = _InWorker(sample, decode_workers.submit(workers, sample.key, sample.shard, sample.members, decode, in_processes))
                     while pending and pending[0].future.done():
                         pending.popleft()
