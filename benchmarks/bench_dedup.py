@@ -154,6 +154,7 @@ def flow_main(args: argparse.Namespace) -> None:
 
     parameters = dict(file_paths=str(work / "in"), output_path=str(work / "dedup"), cache_path=str(work / "cache"), embedding_identity=IDENTITY,
                       similarity_threshold=args.similarity_threshold, method=args.method, bucket_rows=args.bucket_rows)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=180):

@@ -116,8 +116,8 @@ def search_bucket_task(layout: BucketLayout, bucket: int, storage_options: dict)
 
 
 @task(name="resolve-groups", **STORAGE_RETRIES, persist_result=False)
-def resolve_task(layout: BucketLayout, output_path: str, storage_options: dict) -> OutOfCoreResult:
-    return resolve(layout, output_path, storage_options)
+def resolve_task(store: EmbeddingStore, layout: BucketLayout, output_path: str, storage_options: dict) -> OutOfCoreResult:
+    return resolve(store, layout, output_path, storage_options)
 
 
 def _run_all(runner, task_function, parameters: list[dict], in_flight: int) -> None:
@@ -151,7 +151,7 @@ def search_out_of_core(store: EmbeddingStore, layout: BucketLayout, output_path:
         _run_all(runner, search_bucket_task, [dict(layout=layout, bucket=bucket, storage_options=storage_options) for bucket in buckets],
                  len(buckets) if on_ray else 1)
         seconds["search"] = time.perf_counter() - started - sum(seconds.values())
-    outcome = resolve_task(layout, output_path, storage_options)
+    outcome = resolve_task(store, layout, output_path, storage_options)
     seconds["resolve"] = time.perf_counter() - started - sum(seconds.values())
     seconds["total"] = time.perf_counter() - started
     return dataclasses.replace(outcome, stats=dataclasses.replace(outcome.stats, seconds=seconds))

@@ -7,7 +7,8 @@ out of the positions), the centroids and how clusters map to buckets:
 1. `train_centroids`: spherical k-means (tasks/dedup/clusters.py) on the rows of a seeded random choice
    of shards, on residuals from their mean direction; written to `centroids.parquet`.
 2. `assign_unit`: a *unit* (a run of consecutive shards) is read from the embedding store, each valid row
-   assigned to its `clusters_per_point` nearest centroids, and written once per cluster to
+   assigned to its `clusters_per_point` nearest centroids, and written once per cluster (unit length, in
+   float16: `BUCKET_ROW_DTYPE`) to
    `units/unit-NNNNNN.parquet`, one row group per bucket (cluster c lies in bucket c mod num_buckets),
    beside `units/keys-NNNNNN.parquet` (every keyed row's key and why it was skipped, if it was).
 3. `read_bucket`: one bucket's rows from every unit file (a row group each), validated.
@@ -39,6 +40,12 @@ LAYOUT_KEY = b"nsfw_curator_buckets"
 # Skip codes of keys-*.parquet: 0 compared, 1 missing or non-finite, 2 all zeros (as tasks/dedup/search.py).
 _REASON_CODES = (0, 1, 2)
 _ASSIGN_ROWS = 4096
+# Rows are assigned to clusters in the space of their residuals' top principal components (found on the
+# centroids' sample): near-duplicates stay near there, and assigning costs D*P + P*K per row instead of D*K.
+PROJECTION_DIM = 128
+# Bucket rows are the unit-length rows rounded to float16: half the bytes of float32, so half the disk and I/O
+# of the three copies of every row. They are only screened; exact similarities come from the store (resolve).
+BUCKET_ROW_DTYPE = "<f2"
 
 
 @dataclass(frozen=True)
@@ -57,10 +64,16 @@ class BucketLayout:
     similarity_threshold: float
     matmul_dtype: str
     seed: int
+    bucket_rows_format: str = "unit-length float16"  # how unit files hold bucket rows (BUCKET_ROW_DTYPE)
+    projection_dim: int = PROJECTION_DIM  # rows are clustered on this many principal components of their residuals
 
     def fingerprint(self) -> str:
-        fields = {name: value for name, value in asdict(self).items() if name != "work_url"}
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+        found = self.__dict__.get("_fingerprint")  # every file read checks it: computed once (the shard list is long)
+        if found is None:
+            fields = {name: value for name, value in asdict(self).items() if name != "work_url"}
+            found = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+            object.__setattr__(self, "_fingerprint", found)
+        return found
 
     def centroids_url(self) -> str:
         return join_url(self.work_url, "centroids.parquet")
@@ -81,7 +94,28 @@ class BucketLayout:
 @dataclass(frozen=True)
 class Centroids:
     direction: torch.Tensor  # float32 [D], unit (or zero)
-    centroids: torch.Tensor  # float32 [K, D], unit rows
+    basis: torch.Tensor  # float32 [P, D]: orthonormal rows, the residuals' principal directions
+    centroids: torch.Tensor  # float32 [K, P], unit rows, in the basis' coordinates
+
+    def nearest(self, residual_rows: torch.Tensor, count: int) -> torch.Tensor:
+        """Indices [n, count] of the nearest centroids of unit residual rows (by cosine, once projected)."""
+        return _nearest(project(residual_rows, self.basis), self.centroids.to(residual_rows.dtype), count)[0]
+
+
+def principal_basis(rows: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count` principal directions of `rows` (uncentred: unit residuals already have no common direction),
+    as orthonormal float32 rows [count, D], the strongest first."""
+    second_moment = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)
+    for start in range(0, rows.shape[0], _ASSIGN_ROWS):
+        block = rows[start : start + _ASSIGN_ROWS].double()
+        second_moment += block.T @ block
+    _, vectors = torch.linalg.eigh(second_moment)
+    return vectors[:, -count:].flip(1).T.contiguous().float()
+
+
+def project(rows: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Rows in the basis' coordinates, re-normalised (zero where a row is orthogonal to it), in the rows' dtype."""
+    return torch.nn.functional.normalize(rows.float() @ basis.T, dim=1).to(rows.dtype)
 
 
 @dataclass(frozen=True)
@@ -89,15 +123,16 @@ class BucketRows:
     """One bucket's rows: canonical positions (ascending, distinct), float32 rows, and each cluster's members."""
 
     positions: np.ndarray  # int64 [n]
-    embeddings: np.ndarray  # float32 [n, D]
+    embeddings: np.ndarray  # float32 [n, D]: unit-length rows as rounded to float16 in the unit files
     clusters: np.ndarray  # int64 [m]: the bucket's clusters, ascending
     members: list[np.ndarray]  # per cluster: ascending local row indices
 
 
-def _embedding_column(embeddings: np.ndarray) -> pa.FixedSizeBinaryArray:
-    """Rows as fixed-size binary values of little-endian float32 (Parquet writes a list column value by value, far slower)."""
-    data = np.ascontiguousarray(embeddings, dtype="<f4")
-    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(4 * embeddings.shape[1]), data.shape[0], [None, pa.py_buffer(data)])
+def _embedding_column(embeddings: np.ndarray, dtype: str = "<f4") -> pa.FixedSizeBinaryArray:
+    """Rows as fixed-size binary values of little-endian float32 or float16 (`dtype`; Parquet writes a list
+    column value by value, far slower)."""
+    data = np.ascontiguousarray(embeddings, dtype=dtype)
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(data.itemsize * embeddings.shape[1]), data.shape[0], [None, pa.py_buffer(data)])
 
 
 def _with_record(table: pa.Table, record: dict) -> pa.Table:
@@ -146,7 +181,7 @@ def open_parquet(url: str, storage_options: dict | None) -> pq.ParquetFile | Non
 
 
 def check_unit_rows(url: str, embeddings: np.ndarray) -> None:
-    """Rows read back must be finite and of unit length, as the store wrote them."""
+    """Rows read back must be finite and of unit length, as the store wrote them (bucket rows as they were rounded)."""
     if not np.isfinite(embeddings).all():
         raise _damaged(url, "non-finite embedding values")
     norms = np.sqrt(np.einsum("ij,ij->i", embeddings, embeddings, dtype=np.float64))
@@ -154,14 +189,15 @@ def check_unit_rows(url: str, embeddings: np.ndarray) -> None:
         raise _damaged(url, "an embedding is not of unit length")
 
 
-def embeddings_of(url: str, table: pa.Table, dim: int, name: str = "embedding") -> np.ndarray:
-    """A column of `_embedding_column` as float32 [rows, dim] (read-only), after checking its type."""
+def embeddings_of(url: str, table: pa.Table, dim: int, name: str = "embedding", dtype: str = "<f4") -> np.ndarray:
+    """A column of `_embedding_column` as [rows, dim] of `dtype` (read-only), after checking its type."""
     column = table.column(name).combine_chunks()
-    if column.type != pa.binary(4 * dim) or column.null_count:
-        raise _damaged(url, f"{name} column is {column.type} with {column.null_count} nulls, not {dim} float32 values per row")
+    itemsize = np.dtype(dtype).itemsize
+    if column.type != pa.binary(itemsize * dim) or column.null_count:
+        raise _damaged(url, f"{name} column is {column.type} with {column.null_count} nulls, not {dim} {np.dtype(dtype).name} values per row")
     if not len(column):
-        return np.zeros((0, dim), dtype=np.float32)
-    return np.frombuffer(column.buffers()[1], dtype="<f4", count=len(column) * dim, offset=column.offset * 4 * dim).reshape(len(column), dim)
+        return np.zeros((0, dim), dtype=dtype)
+    return np.frombuffer(column.buffers()[1], dtype=dtype, count=len(column) * dim, offset=column.offset * itemsize * dim).reshape(len(column), dim)
 
 
 def _int_column(url: str, table: pa.Table, name: str, low: int, high: int) -> np.ndarray:
@@ -230,9 +266,15 @@ def train_centroids(store: EmbeddingStore, layout: BucketLayout, storage_options
         raise UserError(f"only {sample.shape[0]} embeddings to train {layout.num_clusters} clusters on; use the in-memory search for so few rows.")
     with all_cpu_threads():
         direction = mean_direction(sample)
-        centroids = spherical_kmeans(residuals(sample, direction), num_clusters, generator)
+        residual = residuals(sample, direction)
+        del sample
+        basis = principal_basis(residual, layout.projection_dim)
+        centroids = spherical_kmeans(project(residual, basis), num_clusters, generator)
+    # one column of D values per row: the direction, the basis, then the centroids padded with zeros
+    padded = torch.zeros(num_clusters, layout.dim)
+    padded[:, : layout.projection_dim] = centroids
     table = _with_record(
-        pa.table({"centroid": _embedding_column(torch.cat([direction[None], centroids]).numpy())}),
+        pa.table({"centroid": _embedding_column(torch.cat([direction[None], basis, padded]).numpy())}),
         {"layout": layout.fingerprint()},
     )
     return _write_table(layout.centroids_url(), table, storage_options)
@@ -245,16 +287,20 @@ def read_centroids(layout: BucketLayout, storage_options: dict | None = None) ->
     if parquet is None or _record_of(url, parquet.schema_arrow, layout) is None:
         return None
     table = parquet.read()
-    if table.num_rows != layout.num_clusters + 1:
-        raise _damaged(url, f"{table.num_rows} rows, not {layout.num_clusters + 1}")
+    basis_rows = layout.projection_dim
+    if table.num_rows != 1 + basis_rows + layout.num_clusters:
+        raise _damaged(url, f"{table.num_rows} rows, not {1 + basis_rows + layout.num_clusters}")
     values = embeddings_of(url, table, layout.dim, "centroid")
     if not np.isfinite(values).all():
         raise _damaged(url, "non-finite centroid values")
     norms = np.linalg.norm(values.astype(np.float64), axis=1)
     if np.abs(norms[1:] - 1.0).max(initial=0.0) > 1e-3 or not (norms[0] < 1e-3 or abs(norms[0] - 1.0) < 1e-3):
         raise _damaged(url, "centroids are not of unit length")
+    if np.any(values[1 + basis_rows :, basis_rows:] != 0):
+        raise _damaged(url, "centroids have values beyond the projection's dimensions")
     values = values.astype(np.float32)  # a writable copy
-    return Centroids(direction=torch.from_numpy(values[0]), centroids=torch.from_numpy(values[1:]))
+    return Centroids(direction=torch.from_numpy(values[0]), basis=torch.from_numpy(values[1 : 1 + basis_rows]),
+                     centroids=torch.from_numpy(np.ascontiguousarray(values[1 + basis_rows :, :basis_rows])))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -275,7 +321,7 @@ def assign_unit(store: EmbeddingStore, layout: BucketLayout, unit: int, storage_
     if found is None:
         raise UserError(f"{redact_url(layout.centroids_url())} is missing; run the dedup flow again to train the centroids.")
     dtype = layout.torch_dtype()
-    direction, centroids = found.direction, found.centroids.to(dtype)
+    direction = found.direction
     start, stop = layout.units[unit]
     key_parts: list[pa.Table] = []
     rows: list[np.ndarray] = []
@@ -288,13 +334,13 @@ def assign_unit(store: EmbeddingStore, layout: BucketLayout, unit: int, storage_
                                    "reason": pa.array(reason.astype(np.int8))}))
         valid = np.flatnonzero(reason == 0)
         valid_rows += valid.shape[0]
-        rows.append(embeddings[valid])
+        rows.append((embeddings[valid] * inverse_norm[valid, None]).astype(BUCKET_ROW_DTYPE))
         with all_cpu_threads():
             for block in range(0, valid.shape[0], _ASSIGN_ROWS):
                 chosen = valid[block : block + _ASSIGN_ROWS]
                 residual = _residual_block(_screen_block(embeddings[chosen], inverse_norm[chosen], dtype), direction)
-                nearest.append(_nearest(residual, centroids, layout.clusters_per_point)[0].numpy())
-    embeddings = np.concatenate(rows) if rows else np.zeros((0, layout.dim), np.float32)
+                nearest.append(found.nearest(residual, layout.clusters_per_point).numpy())
+    embeddings = np.concatenate(rows) if rows else np.zeros((0, layout.dim), BUCKET_ROW_DTYPE)
     clusters = np.concatenate(nearest) if nearest else np.zeros((0, layout.clusters_per_point), np.int64)
     record = {"layout": layout.fingerprint(), "unit": unit, "valid_rows": valid_rows}
     keys = pa.concat_tables(key_parts) if key_parts else pa.table({"shard": pa.array([], pa.int32()), "key": pa.array([], pa.string()),
@@ -315,10 +361,10 @@ def assign_unit(store: EmbeddingStore, layout: BucketLayout, unit: int, storage_
         groups.append(pa.table({
             "position": pa.array(flat_row[first:last]),
             "cluster": pa.array(flat_cluster[first:last].astype(np.int32)),
-            "embedding": _embedding_column(embeddings[flat_row[first:last]]),
+            "embedding": _embedding_column(embeddings[flat_row[first:last]], BUCKET_ROW_DTYPE),
         }))
     schema_table = pa.table({"position": pa.array([], pa.int64()), "cluster": pa.array([], pa.int32()),
-                             "embedding": _embedding_column(np.zeros((0, layout.dim), np.float32))})
+                             "embedding": _embedding_column(np.zeros((0, layout.dim), BUCKET_ROW_DTYPE), BUCKET_ROW_DTYPE)})
     record["row_groups"] = {str(key): value for key, value in row_group_of.items()}
     return _write_table(layout.unit_url(unit), _with_record(schema_table, record), storage_options, row_groups=groups)
 
@@ -378,7 +424,7 @@ def read_bucket(layout: BucketLayout, bucket: int, offsets: np.ndarray, storage_
     start = 0
     for url, parquet, group, count in parts:
         wanted = np.flatnonzero((first >= start) & (first < start + count))
-        block = embeddings_of(url, parquet.read_row_group(group, columns=["embedding"]), layout.dim)
+        block = embeddings_of(url, parquet.read_row_group(group, columns=["embedding"]), layout.dim, dtype=BUCKET_ROW_DTYPE)
         if block.shape[0] != count:
             raise _damaged(url, f"row group {group} changed while read")
         rows[wanted] = block[first[wanted] - start]

@@ -4,9 +4,11 @@ A run is planned from the store entries' footers alone (`plan_layout`), searched
 (tasks/dedup/buckets.py, bucket_search.py), then resolved here (`resolve`):
 
 - every bucket's links are joined in one union-find over canonical positions (int64 per compared row),
-  so groups spanning buckets become one; the survivor rule is the in-memory one (groups.py `_survivors`),
-  run on the group members' rows, which the links files carry and which go through a scratch file laid
-  out group by group (read back a group span at a time), never all at once;
+  so groups spanning buckets become one;
+- the float32 rows of every row in a group or in a doubt are read from the store, shard by shard, into a
+  local scratch file (never all in memory); each doubt's exact float64 similarity decides it, as in the
+  in-memory search (groups.py `_verified`);
+- the survivor rule is the in-memory one (groups.py `_survivors`), run on the scratch rows;
 - `kept.parquet` is written unit by unit from the keys files; only the keys of compared rows (Arrow
   strings, a few bytes each) and the duplicates are held.
 """
@@ -26,11 +28,11 @@ import pyarrow.parquet as pq
 import torch
 
 from tasks.dedup.bucket_search import read_links
-from tasks.dedup.buckets import BucketLayout, _damaged, _int_column, _record_of, num_buckets_for, open_parquet, plan_units, unit_offsets
+from tasks.dedup.buckets import PROJECTION_DIM, BucketLayout, _damaged, _int_column, _record_of, num_buckets_for, open_parquet, plan_units, shard_rows, unit_offsets
 from tasks.dedup.clusters import default_num_clusters
-from tasks.dedup.compute import UnionFind, all_cpu_threads
+from tasks.dedup.compute import UnionFind, all_cpu_threads, cosine_rows
 from tasks.dedup.groups import DUPLICATE_COLUMNS, SKIPPED_COLUMNS, DedupStats, _survivors
-from tasks.dedup.search import DEFAULT_CLUSTERS_PER_POINT, MISSING_REASON, ZERO_REASON, check_threshold, choose_matmul_dtype
+from tasks.dedup.search import DEFAULT_CLUSTERS_PER_POINT, MISSING_REASON, ZERO_REASON, check_threshold, choose_matmul_dtype, row_validity
 from tasks.errors import UserError
 from tasks.io.atomic import atomic_output, filesystem
 from tasks.io.write import join_url
@@ -43,6 +45,8 @@ DEFAULT_UNIT_ROWS = 20_000
 IN_MEMORY_BYTES_PER_VALUE = 7
 # `auto` searches in memory while that peak stays under this share of the machine's memory.
 IN_MEMORY_SHARE = 0.5
+# Doubts verified at once (two [rows, D] float64 arrays).
+_VERIFY_ROWS = 4096
 
 
 @dataclass(frozen=True)
@@ -120,11 +124,12 @@ def plan_layout(
         similarity_threshold=check_threshold(similarity_threshold),
         matmul_dtype=str(choose_matmul_dtype("auto", torch.device("cpu"))).removeprefix("torch."),
         seed=seed,
+        projection_dim=min(PROJECTION_DIM, sizes.dim),
     )
 
 
 class _ScratchRows:
-    """Group members' float32 rows in a local file, in the order `_survivors` reads them (group by group)."""
+    """Float32 rows of chosen positions in a local file (slot by slot), read back as `RowSource.exact_rows` does."""
 
     def __init__(self, handle, slot: np.ndarray, dim: int) -> None:
         self.handle, self.slot, self._dim = handle, slot, dim
@@ -134,11 +139,25 @@ class _ScratchRows:
         return self._dim
 
     def exact_rows(self, positions: np.ndarray) -> np.ndarray:
+        """Rows at canonical positions as float64: one read per run of consecutive slots."""
         index = self.slot[positions]
-        low, high = int(index.min()), int(index.max()) + 1
+        order = np.argsort(index, kind="stable")
+        wanted = index[order]
+        rows = np.empty((index.shape[0], self._dim), dtype=np.float32)
+        breaks = np.flatnonzero(np.diff(wanted) > 1) + 1
         row_bytes = self._dim * 4
-        data = os.pread(self.handle.fileno(), (high - low) * row_bytes, low * row_bytes)
-        return np.frombuffer(data, dtype=np.float32).reshape(high - low, self._dim)[index - low].astype(np.float64)
+        for start, stop in zip(np.r_[0, breaks], np.r_[breaks, wanted.shape[0]]):
+            low, high = int(wanted[start]), int(wanted[stop - 1]) + 1
+            data = os.pread(self.handle.fileno(), (high - low) * row_bytes, low * row_bytes)
+            rows[order[start:stop]] = np.frombuffer(data, dtype=np.float32).reshape(high - low, self._dim)[wanted[start:stop] - low]
+        return rows.astype(np.float64)
+
+    def exact_similarity(self, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+        similarity = np.empty(first.shape[0], dtype=np.float64)
+        for start in range(0, first.shape[0], _VERIFY_ROWS):
+            similarity[start : start + _VERIFY_ROWS] = cosine_rows(self.exact_rows(first[start : start + _VERIFY_ROWS]),
+                                                                   self.exact_rows(second[start : start + _VERIFY_ROWS]))
+        return similarity
 
 
 def _write_rows(handle, slot_index: np.ndarray, rows: np.ndarray) -> None:
@@ -148,7 +167,24 @@ def _write_rows(handle, slot_index: np.ndarray, rows: np.ndarray) -> None:
     breaks = np.flatnonzero(np.diff(slot_index) != 1) + 1
     row_bytes = rows.shape[1] * 4
     for start, stop in zip(np.r_[0, breaks], np.r_[breaks, slot_index.shape[0]]):
-        os.pwrite(handle.fileno(), np.ascontiguousarray(rows[start:stop]).tobytes(), int(slot_index[start]) * row_bytes)
+        os.pwrite(handle.fileno(), np.ascontiguousarray(rows[start:stop], dtype=np.float32).tobytes(), int(slot_index[start]) * row_bytes)
+
+
+def _copy_store_rows(store: EmbeddingStore, layout: BucketLayout, offsets: np.ndarray, slot: np.ndarray, handle) -> None:
+    """The store's float32 rows at every position with a slot, written at their slots (shard by shard)."""
+    for unit, (start, stop) in enumerate(layout.units):
+        position = int(offsets[unit])
+        for shard in range(start, stop):
+            _, embeddings = shard_rows(store, layout, shard)
+            valid = np.flatnonzero(row_validity(embeddings)[1] == 0)
+            slots = slot[position : position + valid.shape[0]]
+            chosen = slots >= 0
+            if chosen.any():
+                _write_rows(handle, slots[chosen], embeddings[valid[chosen]])
+            position += valid.shape[0]
+        if position != offsets[unit + 1]:
+            raise UserError(f"the store entries of unit {unit} changed since its rows were assigned; delete "
+                            f"{redact_url(layout.work_url)} and run again.")
 
 
 def _read_keys(layout: BucketLayout, unit: int, valid_rows: int, storage_options: dict | None) -> pa.Table:
@@ -172,38 +208,43 @@ def _strings(values) -> pd.Series:
     return pd.Series(np.asarray(values, dtype=object), dtype="str")
 
 
-def resolve(layout: BucketLayout, output_path: str, storage_options: dict | None = None) -> OutOfCoreResult:
-    """Groups across all buckets, their survivors, and `kept.parquet` (written here, unit by unit)."""
+def resolve(store: EmbeddingStore, layout: BucketLayout, output_path: str, storage_options: dict | None = None) -> OutOfCoreResult:
+    """Groups across all buckets (doubts verified on the store's rows), their survivors, and `kept.parquet`
+    (written here, unit by unit)."""
     started = time.perf_counter()
     offsets = unit_offsets(layout, storage_options)
     num_positions = int(offsets[-1])
     components = UnionFind(num_positions)
     totals = {"comparisons": 0, "candidates": 0, "verified": 0, "largest_leaf": 0, "split_clusters": 0}
+    doubts: list[np.ndarray] = []
     for bucket in range(layout.num_buckets):
         links = read_links(layout, bucket, num_positions, storage_options)
         components.union(links.position, links.link)
+        doubts.append(np.stack([links.doubt_first, links.doubt_second], axis=1))
         for name in totals:
             totals[name] = max(totals[name], links.counters[name]) if name == "largest_leaf" else totals[name] + links.counters[name]
+    doubt = np.unique(np.concatenate(doubts), axis=0) if doubts else np.zeros((0, 2), np.int64)  # a pair may be in several buckets
+    del doubts
     roots = components.roots()
-    del components
-    members = np.flatnonzero(np.bincount(roots, minlength=num_positions)[roots] >= 2)
-    members = members[np.argsort(roots[members], kind="stable")]
+    needed = np.bincount(roots, minlength=num_positions)[roots] >= 2
+    needed[doubt.reshape(-1)] = True
+    del roots
     slot = np.full(num_positions, -1, dtype=np.int64)
-    slot[members] = np.arange(members.shape[0])
-    written = np.zeros(members.shape[0], dtype=bool)
+    slot[needed] = np.arange(int(needed.sum()))
     with tempfile.TemporaryFile() as scratch:
-        scratch.truncate(members.shape[0] * layout.dim * 4)
-        for bucket in range(layout.num_buckets):
-            links = read_links(layout, bucket, num_positions, storage_options)
-            slot_index = slot[links.position]
-            if np.any(slot_index < 0):
-                raise _damaged(layout.links_url(bucket), "a linked row is in no group")
-            _write_rows(scratch, slot_index, links.embeddings)
-            written[slot_index] = True
-        if not written.all():
-            raise UserError(f"the links under {redact_url(layout.work_url)} lack rows of some groups; delete that folder and run again.")
+        scratch.truncate(int(needed.sum()) * layout.dim * 4)
+        del needed
+        _copy_store_rows(store, layout, offsets, slot, scratch)
+        rows = _ScratchRows(scratch, slot, layout.dim)
+        doubt = doubt[components.find(doubt[:, 0]) != components.find(doubt[:, 1])]
         with all_cpu_threads():
-            duplicate, survivor, similarity = _survivors(_ScratchRows(scratch, slot, layout.dim), roots)
+            similarity = rows.exact_similarity(doubt[:, 0], doubt[:, 1])
+            passed = similarity >= layout.similarity_threshold
+            components.union(doubt[passed, 0], doubt[passed, 1])
+            totals["verified"] = int(doubt.shape[0])
+            roots = components.roots()
+            del components
+            duplicate, survivor, similarity = _survivors(rows, roots)
     del slot
     groups = int(np.unique(roots[survivor]).shape[0]) if survivor.shape[0] else 0
     del roots
