@@ -37,7 +37,9 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MANIFEST_NAME = re.compile(r"^part-(\d{6})\.json$")
 # Names a run writes under its output; a glob input matching one of them would read the outputs as input.
 _OUTPUT_EXAMPLES = ("shards/part-000000-0000.tar", "scores/part-000000.parquet", "_manifests/part-000000.json",
-                    "summary.json", OWNER_RECORD, "duplicates.parquet", "kept.parquet", "skipped.parquet")
+                    "summary.json", OWNER_RECORD, "duplicates.parquet", "kept.parquet", "skipped.parquet",
+                    "_buckets/centroids.parquet", "_buckets/units/unit-000000.parquet", "_buckets/units/keys-000000.parquet",
+                    "_buckets/links/bucket-000000.parquet")
 
 
 def _holds(outer: str, inner: str) -> bool:
