@@ -560,3 +560,23 @@ def test_fetch_refuses_unknown_tags_and_heads_before_downloading(tmp_path):
     with pytest.raises(UserError, match="NSFW heads only for ViT-L-14 and ViT-B-32"):
         fetch_models(tmp_path, "RN50", "openai")
     assert not any(tmp_path.iterdir())
+
+
+def test_a_transform_the_worker_processes_cannot_import_is_applied_in_threads(bad_case_shard):
+    good = sum(1 for sample in iter_samples(bad_case_shard, NO_REDUCTION) if sample.error is None)
+    code = textwrap.dedent(f"""
+        import torchvision.transforms.functional as F
+        from tasks.io.read import DecodeOptions
+        from tasks.models.embed import feed_model_batches
+
+        class Small:  # defined in __main__, which the worker processes do not import
+            def __call__(self, image):
+                return F.to_tensor(image.resize((8, 8)))
+
+        batches = list(feed_model_batches([{bad_case_shard!r}], Small(), 4, DecodeOptions(reduced_jpeg_size=None), threads=2))
+        print(sum(len(batch.pixels) for batch in batches if batch.pixels is not None))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split()[-1]) == good > 0

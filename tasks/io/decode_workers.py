@@ -11,8 +11,9 @@ metadata and error.
   reads, through `forkserver`: forking a process that runs threads (Prefect's, the reader's) could copy a
   lock held by one of them. The server imports torch and open_clip once (when this process uses them),
   and workers forked from it share those pages.
-- The transform must be picklable (open_clip's are); it is pickled once per reading and unpickled once per
-  worker. `iter_batches` decodes in threads when it is not, or when asked for one worker.
+- The transform must be picklable (open_clip's are) and importable by the workers; it is pickled once per
+  reading and unpickled once per worker. `iter_batches` decodes in threads when it is not, or when asked
+  for one worker.
 - A worker that dies (a decoder crash, the kernel's OOM killer) costs only the sample it was decoding:
   every sample it took down with it is decoded again alone in a fresh pool, and the one that kills that
   pool too gets the error `CRASH_REASON`.
@@ -47,6 +48,7 @@ _PRELOAD = ("torch", "torchvision.transforms", "open_clip")
 _pools: dict[int, ProcessPoolExecutor] = {}
 _pools_lock = threading.Lock()
 _worker_transforms: dict[str, Callable] = {}
+_loadable: dict[tuple[int, str], bool] = {}
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,23 @@ def decode_in_worker(key: str, shard: str, members: dict[str, bytes], options, t
     if model_input is not None and type(model_input).__module__.startswith("torch"):
         model_input, tensor = model_input.numpy(), True
     return WorkerResult(model_input, tensor, sample.caption, sample.metadata, sample.error)
+
+
+def _load_transform(transform: WorkerTransform) -> bool:
+    _transform_of(transform)
+    return True
+
+
+def workers_can_load(workers: int, transform: WorkerTransform) -> bool:
+    """Whether the workers can unpickle the transform (one defined in a notebook or a script's `__main__`
+    cannot be found there); asked once per pool and transform."""
+    key = (workers, transform.digest)
+    if key not in _loadable:
+        try:
+            _loadable[key] = bool(decode_pool(workers).submit(_load_transform, transform).result())
+        except Exception:  # noqa: BLE001 - any failure to load it there means: decode in threads
+            _loadable[key] = False
+    return _loadable[key]
 
 
 def decode_pool(workers: int) -> ProcessPoolExecutor:

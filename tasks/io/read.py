@@ -675,6 +675,8 @@ def iter_batches(
     in_processes = None
     if decode is not None and transform is not None and worker_processes and workers > 1:
         in_processes = decode_workers.WorkerTransform.of(transform)
+        if in_processes is not None and not decode_workers.workers_can_load(workers, in_processes):
+            in_processes = None
     pool = ThreadPoolExecutor(workers, thread_name_prefix="decode") if decode is not None and in_processes is None else None
     # A transformed sample holds its model input (602 KB at 224 px in float32), often more than its image did.
     input_bytes = _transform_output_bytes(transform) if transform is not None and decode is not None else 0

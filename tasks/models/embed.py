@@ -303,7 +303,7 @@ def feed_model_batches(
 
 def _stacked(inputs: list[torch.Tensor], pin_memory: bool) -> torch.Tensor:
     out = torch.empty((len(inputs), *inputs[0].shape), dtype=inputs[0].dtype, pin_memory=pin_memory)
-    if out.dtype.is_floating_point and all(item.is_contiguous() and item.device.type == "cpu" for item in inputs):
+    if out.dtype in (torch.float32, torch.float16, torch.float64) and all(item.is_contiguous() and item.device.type == "cpu" for item in inputs):
         # numpy copies in this thread alone; torch.stack would wake a team of threads to copy 40 MB
         np.stack([item.numpy() for item in inputs], out=out.numpy())
         return out
