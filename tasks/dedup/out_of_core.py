@@ -19,6 +19,7 @@ import json
 import os
 import tempfile
 import time
+from contextlib import closing
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +31,7 @@ import torch
 from tasks.dedup.bucket_search import read_links
 from tasks.dedup.buckets import PROJECTION_DIM, BucketLayout, _damaged, _int_column, _record_of, num_buckets_for, open_parquet, plan_units, shard_rows, unit_offsets
 from tasks.dedup.clusters import default_num_clusters
-from tasks.dedup.compute import UnionFind, all_cpu_threads, cosine_rows
+from tasks.dedup.compute import UnionFind, all_cpu_threads, cosine_rows, parallel_map
 from tasks.dedup.groups import DUPLICATE_COLUMNS, SKIPPED_COLUMNS, DedupStats, _survivors
 from tasks.dedup.search import DEFAULT_CLUSTERS_PER_POINT, MISSING_REASON, ZERO_REASON, check_threshold, choose_matmul_dtype, row_validity
 from tasks.errors import UserError
@@ -171,20 +172,25 @@ def _write_rows(handle, slot_index: np.ndarray, rows: np.ndarray) -> None:
 
 
 def _copy_store_rows(store: EmbeddingStore, layout: BucketLayout, offsets: np.ndarray, slot: np.ndarray, handle) -> None:
-    """The store's float32 rows at every position with a slot, written at their slots (shard by shard)."""
-    for unit, (start, stop) in enumerate(layout.units):
-        position = int(offsets[unit])
-        for shard in range(start, stop):
-            _, embeddings = shard_rows(store, layout, shard)
-            valid = np.flatnonzero(row_validity(embeddings)[1] == 0)
-            slots = slot[position : position + valid.shape[0]]
-            chosen = slots >= 0
-            if chosen.any():
-                _write_rows(handle, slots[chosen], embeddings[valid[chosen]])
-            position += valid.shape[0]
-        if position != offsets[unit + 1]:
-            raise UserError(f"the store entries of unit {unit} changed since its rows were assigned; delete "
-                            f"{redact_url(layout.work_url)} and run again.")
+    """The store's float32 rows at every position with a slot, written at their slots (shard by shard; the
+    next shards are read and decoded by other threads meanwhile)."""
+    def valid_rows(shard: int) -> np.ndarray:
+        _, embeddings = shard_rows(store, layout, shard)
+        return embeddings[row_validity(embeddings)[1] == 0]
+
+    with closing(parallel_map(valid_rows, range(len(layout.shard_urls)), torch.device("cpu"))) as read:
+        for unit, (start, stop) in enumerate(layout.units):
+            position = int(offsets[unit])
+            for _ in range(start, stop):
+                embeddings = next(read)
+                slots = slot[position : position + embeddings.shape[0]]
+                chosen = slots >= 0
+                if chosen.any():
+                    _write_rows(handle, slots[chosen], embeddings[chosen])
+                position += embeddings.shape[0]
+            if position != offsets[unit + 1]:
+                raise UserError(f"the store entries of unit {unit} changed since its rows were assigned; delete "
+                                f"{redact_url(layout.work_url)} and run again.")
 
 
 def _read_keys(layout: BucketLayout, unit: int, valid_rows: int, storage_options: dict | None) -> pa.Table:
