@@ -10,7 +10,7 @@ at least); recall against exact search on a subset of whole groups (searched in 
 baseline) and against the planted pairs; precision (every output group lies inside one planted group).
 A pair counts as found when both rows end up in one output group.
 
-    .venv/bin/python benchmarks/bench_dedup.py --rows 5000000 --work-dir /var/tmp/dedup-bench   # ~20 minutes
+    .venv/bin/python benchmarks/bench_dedup.py --rows 5000000 --work-dir /var/tmp/dedup-bench   # ~32 minutes: 11 writing data, 20 the flow
     .venv/bin/python benchmarks/bench_dedup.py --rows 300000 --subset 50000                       # ~2 minutes
 
 `--mode search`, in one process on in-memory arrays:
