@@ -103,9 +103,9 @@ def recall(found: set, truth: set) -> float:
     return len(found & truth) / len(truth) if truth else 1.0
 
 
-def chunk_data(args: argparse.Namespace, chunk: int, rows: int) -> PlantedDuplicates:
-    """One chunk of the synthetic dataset: its own seed, keys and shard names (groups never cross chunks)."""
-    data = planted_duplicates(
+def synthetic_data(args: argparse.Namespace, rows: int, seed: int) -> PlantedDuplicates:
+    """Planted near-duplicates as the command line asks: pairs from the threshold up to 1, chains in steps above it."""
+    return planted_duplicates(
         rows,
         args.dim,
         duplicate_fraction=args.duplicate_fraction,
@@ -113,8 +113,13 @@ def chunk_data(args: argparse.Namespace, chunk: int, rows: int) -> PlantedDuplic
         chain_step_similarity=(args.similarity_threshold, (1 + args.similarity_threshold) / 2),
         topics=args.topics,
         topic_cosine=args.topic_cosine,
-        seed=args.seed * 100_003 + chunk,
+        seed=seed,
     )
+
+
+def chunk_data(args: argparse.Namespace, chunk: int, rows: int) -> PlantedDuplicates:
+    """One chunk of the synthetic dataset: its own seed, keys and shard names (groups never cross chunks)."""
+    data = synthetic_data(args, rows, seed=args.seed * 100_003 + chunk)
     prefix = f"c{chunk:04d}-"
     return PlantedDuplicates(embeddings=data.embeddings, group=data.group, key=np.array([prefix + k for k in data.key], dtype=object),
                              shard=np.array([prefix + s for s in data.shard], dtype=object))
@@ -238,16 +243,7 @@ def main() -> None:
 
 def search_main(args: argparse.Namespace) -> None:
     started = time.perf_counter()
-    data = planted_duplicates(
-        args.rows,
-        args.dim,
-        duplicate_fraction=args.duplicate_fraction,
-        leaf_similarity=(args.similarity_threshold, 1.0),
-        chain_step_similarity=(args.similarity_threshold, (1 + args.similarity_threshold) / 2),
-        topics=args.topics,
-        topic_cosine=args.topic_cosine,
-        seed=args.seed,
-    )
+    data = synthetic_data(args, args.rows, seed=args.seed)
     print(
         f"generated {args.rows} x {args.dim} float32 ({data.embeddings.nbytes / 2**30:.2f} GiB), "
         f"{int(data.group.max()) + 1} planted groups, {int((data.group >= 0).sum())} rows in groups, "

@@ -369,12 +369,18 @@ def assign_unit(store: EmbeddingStore, layout: BucketLayout, unit: int, storage_
     return _write_table(layout.unit_url(unit), _with_record(schema_table, record), storage_options, row_groups=groups)
 
 
-def unit_valid_rows(layout: BucketLayout, unit: int, storage_options: dict | None = None) -> int:
+def _unit_file(layout: BucketLayout, unit: int, storage_options: dict | None) -> tuple[str, pq.ParquetFile, dict]:
+    """The unit file's URL, footer and layout record; UserError when it is missing or of another run."""
     url = layout.unit_url(unit)
     parquet = open_parquet(url, storage_options)
     record = None if parquet is None else _record_of(url, parquet.schema_arrow, layout)
-    if record is None:
+    if parquet is None or record is None:
         raise UserError(f"{redact_url(url)} is missing; run the dedup flow again to assign its rows.")
+    return url, parquet, record
+
+
+def unit_valid_rows(layout: BucketLayout, unit: int, storage_options: dict | None = None) -> int:
+    url, _, record = _unit_file(layout, unit, storage_options)
     valid_rows = record.get("valid_rows")
     if not isinstance(valid_rows, int) or valid_rows < 0:
         raise _damaged(url, "valid_rows is not a count")
@@ -395,11 +401,7 @@ def read_bucket(layout: BucketLayout, bucket: int, offsets: np.ndarray, storage_
     """
     positions, clusters, parts = [], [], []
     for unit in range(len(layout.units)):
-        url = layout.unit_url(unit)
-        parquet = open_parquet(url, storage_options)
-        record = None if parquet is None else _record_of(url, parquet.schema_arrow, layout)
-        if record is None:
-            raise UserError(f"{redact_url(url)} is missing; run the dedup flow again to assign its rows.")
+        url, parquet, record = _unit_file(layout, unit, storage_options)
         row_groups = record.get("row_groups")
         if not isinstance(row_groups, dict):
             raise _damaged(url, "no row-group map")
