@@ -198,7 +198,7 @@ def image_dedup(
     in_memory_max_rows: Annotated[Optional[int], Field(ge=0)] = None,
     task_runner: Literal["threads", "ray"] = "threads",
     ray_address: Optional[str] = None,
-    embedding_identity: Optional[str] = None,
+    embedding_identity: Annotated[Optional[str], Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = None,  # a store folder name
     embed_missing: bool = False,
     write_dataset: bool = False,
     filter_output_path: Optional[str] = None,
@@ -294,7 +294,7 @@ def image_dedup(
         passed = passed_samples(settings.filter_output_path, storage_options) if settings.filter_output_path else None
         copied = write_deduplicated_copy(shard_urls, removed_samples(duplicates, skipped), output_path, settings.images_per_tar,
                                          storage_options, passed=passed)
-    remove_stale_copies(output_path, copied, earlier, copy_mark, storage_options)
+    remove_stale_copies(output_path, copied, earlier, copies, copy_mark, storage_options)
     summary: dict[str, Any] = {
         "embedding_identity": identity,
         "shards": len(shard_urls),

@@ -20,6 +20,8 @@ _PREFECT_HOME = tempfile.mkdtemp(prefix="nsfw-curator-prefect-")
 atexit.register(shutil.rmtree, _PREFECT_HOME, True)
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+# Weight fingerprints are cached per user: the session keeps its own (subprocesses inherit it).
+os.environ["NSFW_CURATOR_FINGERPRINT_CACHE"] = os.path.join(_PREFECT_HOME, "fingerprints")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("NSFW_CURATOR_SHARED", REPO_ROOT.parent / "shared"))

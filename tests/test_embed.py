@@ -240,44 +240,66 @@ def test_device_and_batch_size_errors(tiny_768):
 # --- Weights fingerprint and identity -----------------------------------------------------------
 
 
-def test_weights_fingerprint_is_sha256_cached_in_a_sidecar(tmp_path):
+def _fingerprint_record(checkpoint) -> dict:
+    from tasks.models.clip_resolve import fingerprint_record_path
+
+    return json.loads(fingerprint_record_path(checkpoint.resolve()).read_text())
+
+
+def test_weights_fingerprint_is_sha256_cached_in_the_users_cache_not_beside_the_model(tmp_path, monkeypatch):
     import hashlib
 
-    checkpoint = tmp_path / "w.safetensors"
+    monkeypatch.setenv("NSFW_CURATOR_FINGERPRINT_CACHE", str(tmp_path / "fingerprints"))
+    models = tmp_path / "models"
+    models.mkdir()
+    checkpoint = models / "w.safetensors"
     checkpoint.write_bytes(b"a" * 1000)
     digest = weights_fingerprint(checkpoint)
     assert digest == hashlib.sha256(b"a" * 1000).hexdigest()
-    sidecar = json.loads((tmp_path / "w.safetensors.sha256").read_text())
-    assert sidecar["sha256"] == digest and sidecar["size"] == 1000
+    assert sorted(p.name for p in models.iterdir()) == ["w.safetensors"]  # nothing written next to the model
+    record = _fingerprint_record(checkpoint)
+    assert record["sha256"] == digest and record["size"] == 1000 and record["path"] == str(checkpoint.resolve())
 
-    # New content (and so a new mtime): a new digest, and the sidecar follows.
+    # New content (and so a new mtime): a new digest, and the record follows.
     checkpoint.write_bytes(b"b" * 1000)
-    os.utime(checkpoint, ns=(sidecar["mtime_ns"] + 10**9, sidecar["mtime_ns"] + 10**9))
+    os.utime(checkpoint, ns=(record["mtime_ns"] + 10**9, record["mtime_ns"] + 10**9))
     assert weights_fingerprint(checkpoint) == hashlib.sha256(b"b" * 1000).hexdigest()
-    assert json.loads((tmp_path / "w.safetensors.sha256").read_text())["sha256"] == hashlib.sha256(b"b" * 1000).hexdigest()
+    assert _fingerprint_record(checkpoint)["sha256"] == hashlib.sha256(b"b" * 1000).hexdigest()
 
 
-def test_weights_fingerprint_reuses_a_sidecar_matching_size_and_mtime(tmp_path):
+def test_weights_fingerprint_reuses_a_record_matching_path_size_mtime_and_inode(tmp_path, monkeypatch):
+    from tasks.models.clip_resolve import fingerprint_record_path
+
+    monkeypatch.setenv("NSFW_CURATOR_FINGERPRINT_CACHE", str(tmp_path / "fingerprints"))
+    (tmp_path / "fingerprints").mkdir()
     checkpoint = tmp_path / "big.safetensors"
     checkpoint.write_bytes(b"d" * 100)
     stat = checkpoint.stat()
     recorded = "f" * 64  # what an earlier process hashed: the file is not read again
-    (tmp_path / "big.safetensors.sha256").write_text(json.dumps({"size": 100, "mtime_ns": stat.st_mtime_ns, "sha256": recorded}))
+    record = {"path": str(checkpoint.resolve()), "size": 100, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino, "sha256": recorded}
+    fingerprint_record_path(checkpoint.resolve()).write_text(json.dumps(record))
     assert weights_fingerprint(checkpoint) == recorded
     stale = tmp_path / "stale.safetensors"
     stale.write_bytes(b"e" * 100)
-    (tmp_path / "stale.safetensors.sha256").write_text(json.dumps({"size": 100, "mtime_ns": stale.stat().st_mtime_ns - 1, "sha256": recorded}))
+    fingerprint_record_path(stale.resolve()).write_text(json.dumps({**record, "path": str(stale.resolve()), "mtime_ns": stale.stat().st_mtime_ns - 1}))
     assert weights_fingerprint(stale) != recorded
+    # A record of another file (copied under this file's name) is not this file's.
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"d" * 100)
+    fingerprint_record_path(other.resolve()).write_text(json.dumps(record))
+    assert weights_fingerprint(other) != recorded
 
 
-def test_weights_fingerprint_when_the_sidecar_cannot_be_written(tmp_path):
+def test_weights_fingerprint_when_the_cache_cannot_be_written(tmp_path, monkeypatch):
     import hashlib
 
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")  # stands in for an unwritable cache folder, even for root
+    monkeypatch.setenv("NSFW_CURATOR_FINGERPRINT_CACHE", str(blocker / "fingerprints"))
     checkpoint = tmp_path / "w.pt"
     checkpoint.write_bytes(b"c" * 10)
-    (tmp_path / "w.pt.sha256").mkdir()  # stands in for a read-only model directory, even for root
     assert weights_fingerprint(checkpoint) == hashlib.sha256(b"c" * 10).hexdigest()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pt", "w.pt.sha256"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-folder", "w.pt"]
 
 
 def test_identity_changes_with_weights_model_preprocessing_and_decoding(tmp_path):

@@ -27,7 +27,8 @@ from tasks.models.clip_resolve import clip_identity, resolve_clip, safe_name
 from tasks.errors import UserError
 from tasks.io.read import DEFAULT_DECODE_MODE, DecodeOptions, iter_samples
 from tasks.store.entries import METADATA_KEY, EmbeddingStore, embedding_matrix, redact_url, shard_fingerprint
-from tasks.io.write import FilteredShardWriter, join_url, output_shard_name, remove_stale_outputs
+from tasks.io.write import FilteredShardWriter, join_url, output_shard_name, partitions_with_outputs, remove_stale_outputs
+from tasks.stop import raise_if_stopped
 
 
 def _entry_record(store: EmbeddingStore, identity_dir: str) -> dict | None:
@@ -154,10 +155,12 @@ def earlier_copies(output_path: str, storage_options: dict | None = None) -> lis
 
 
 def remove_stale_copies(
-    output_path: str, written: Sequence[str], earlier: Sequence[str], shard_count: int, storage_options: dict | None = None
+    output_path: str, written: Sequence[str], earlier: Sequence[str], run_shards: int, mark: int, storage_options: dict | None = None
 ) -> list[str]:
-    """Delete copy tars of earlier runs this run did not rewrite, for input shard numbers below `shard_count`:
-    those `earlier` names and those a killed run wrote in sequence after them."""
+    """Delete copy tars of earlier runs this run did not rewrite, for input shard numbers below the output's
+    recorded `mark`: those `earlier` names and those a killed run wrote in sequence after them. Shard numbers
+    past this run's `run_shards` are found by one listing of `shards/`, so the work never grows with `mark`
+    (read back from storage)."""
     written_per_shard: dict[int, int] = {}
     earlier_per_shard: dict[int, list[str]] = {}
     for url in written:
@@ -169,7 +172,9 @@ def remove_stale_copies(
         if name is not None:
             earlier_per_shard.setdefault(name[0], []).append(url)
     removed: list[str] = []
-    for index in sorted(set(range(shard_count)) | set(earlier_per_shard)):
+    beyond = partitions_with_outputs(output_path, run_shards, mark, storage_options) if mark > run_shards else []
+    for index in sorted(set(range(run_shards)) | set(earlier_per_shard) | set(beyond)):
+        raise_if_stopped()
         removed += remove_stale_outputs(output_path, index, written_per_shard.get(index, 0), earlier_per_shard.get(index, ()), storage_options)
     return removed
 

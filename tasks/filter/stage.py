@@ -25,10 +25,12 @@ from tasks.io.read import iter_samples
 from tasks.filter.plan import FilterStage, cached_nsfw_head
 from tasks.store.entries import EmbeddingStore, embedding_matrix, keys_mismatch, shard_fingerprint
 from tasks.io.ownership import earlier_partitions, settle_owner
+from tasks.stop import raise_if_stopped
 from tasks.io.write import (
     PartitionResult,
     manifest_url,
     output_shard_url,
+    partitions_with_outputs,
     read_manifest,
     remove_stale_outputs,
     scores_url,
@@ -200,11 +202,15 @@ def clean_partitions_beyond(output_path: str, partition_count: int, storage_opti
     shards (or a killed one) wrote here, up to the output's recorded partition mark, then lower the mark.
 
     Only this project's names are touched: each such partition's scores file, the tars its manifest names
-    and those a killed attempt wrote in sequence, then its manifest. No listing, no glob.
+    and those a killed attempt wrote in sequence, then its manifest. The partitions are those with a file
+    in `shards/`, `scores/` or `_manifests/` (one listing each, names matched exactly, no glob), so a
+    planted mark of 10**9 costs nothing; a stop request ends the loop.
     """
     fs, _ = filesystem(output_path, storage_options)
     removed: list[str] = []
-    for index in range(partition_count, earlier_partitions(output_path, storage_options)):
+    mark = earlier_partitions(output_path, storage_options)
+    for index in partitions_with_outputs(output_path, partition_count, mark, storage_options) if mark > partition_count else ():
+        raise_if_stopped()
         manifest = read_manifest(output_path, index, storage_options)
         removed += remove_stale_outputs(output_path, index, 0, manifest.output_shards if manifest else (), storage_options)
         for url in (scores_url(output_path, index), manifest_url(output_path, index)):

@@ -17,6 +17,7 @@ from tasks.errors import UserError
 
 MODEL_DIR_ENV = "NSFW_CURATOR_MODEL_DIR"
 CACHE_PATH_ENV = "NSFW_CURATOR_CACHE_PATH"
+FINGERPRINT_CACHE_ENV = "NSFW_CURATOR_FINGERPRINT_CACHE"
 
 
 def default_model_dir() -> str:
@@ -27,6 +28,15 @@ def default_model_dir() -> str:
 def default_cache_path() -> str:
     """`$NSFW_CURATOR_CACHE_PATH`, else `~/.cache/nsfw-curator/embeddings` (use `s3://...` in production)."""
     return os.environ.get(CACHE_PATH_ENV) or str(Path.home() / ".cache" / "nsfw-curator" / "embeddings")
+
+
+def default_fingerprint_cache_dir() -> Path:
+    """`$NSFW_CURATOR_FINGERPRINT_CACHE`, else `$XDG_CACHE_HOME/nsfw-curator/fingerprints` (`~/.cache/...`): the
+    user's own folder for weight files' SHA-256 digests, so nothing is ever written beside a model file."""
+    explicit = os.environ.get(FINGERPRINT_CACHE_ENV)
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nsfw-curator" / "fingerprints"
 
 
 def clip_weights_dir(model_dir: str | os.PathLike, clip_model: str) -> Path:

@@ -13,17 +13,23 @@ Both rules are checked before any work, for every flow:
    owns it; any other run is refused in one sentence unless it takes the output over. An output without
    a record but with outputs of a run (`summary.json`, `_manifests/`) is treated as owned by someone else.
    The record is written when the run is planned, before any output, and is validated when read back.
+3. **Real folders.** On local disk, every folder a run writes and deletes in under its output
+   (`WRITTEN_FOLDERS`: `shards/`, `scores/`, `_manifests/`, `review/`, `_buckets/`, ...) must be a folder of
+   its own, not a symbolic link: a link would lead the run's writes and cleanup to wherever it points (an
+   input folder, say). Only `output_path` itself may be reached through links, and it is resolved.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 import re
 from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
+from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import glob_translate
 
 from tasks.io.atomic import filesystem, write_bytes_atomic
@@ -40,6 +46,9 @@ _OUTPUT_EXAMPLES = ("shards/part-000000-0000.tar", "scores/part-000000.parquet",
                     "summary.json", OWNER_RECORD, "duplicates.parquet", "kept.parquet", "skipped.parquet",
                     "_buckets/centroids.parquet", "_buckets/units/unit-000000.parquet", "_buckets/units/keys-000000.parquet",
                     "_buckets/links/bucket-000000.parquet")
+# Folders a run writes files into and removes files from, under its output (nested ones after their parent).
+WRITTEN_FOLDERS = ("shards", "scores", "_manifests", "review", "review/thumbs", "_buckets", "_buckets/units", "_buckets/links",
+                   "_quarantine")
 
 
 def _holds(outer: str, inner: str) -> bool:
@@ -52,6 +61,28 @@ def _matches_under(pattern: str, folder: str) -> bool:
     return any(regex.match(posixpath.join(folder, name)) for name in _OUTPUT_EXAMPLES)
 
 
+def refuse_linked_folders(output_path: str, storage_options: dict | None = None, folders: Sequence[str] = WRITTEN_FOLDERS) -> None:
+    """UserError when a folder the run writes under a local `output_path` is a symbolic link (rule 3 above)."""
+    fs, root = filesystem(output_path, storage_options)
+    if not isinstance(fs, LocalFileSystem):
+        return  # object stores have no links
+    real_root = os.path.realpath(root)
+    for folder in folders:
+        lexical = os.path.join(real_root, folder)
+        if os.path.realpath(lexical) != lexical:
+            linked = next(step for step in _steps(folder) if os.path.islink(os.path.join(real_root, step)))
+            raise UserError(
+                f"{linked}/ under output_path {redact_url(output_path)} is a symbolic link (to {os.readlink(os.path.join(real_root, linked))}), "
+                f"and the run writes and deletes files there; replace it with a real folder, or pass the folder you want as output_path."
+            )
+
+
+def _steps(folder: str) -> list[str]:
+    """`a`, `a/b`, `a/b/c` for `a/b/c`."""
+    parts = folder.split("/")
+    return ["/".join(parts[: count + 1]) for count in range(len(parts))]
+
+
 def refuse_overlap(
     output_path: str,
     file_paths: str | Sequence[str],
@@ -61,7 +92,9 @@ def refuse_overlap(
     also_listed: Sequence[tuple[str, str]] = (),
 ) -> None:
     """UserError when `output_path` holds an input shard, or holds or lies inside what `file_paths` lists
-    (folders, prefixes, globs) or another folder the run lists (`also_listed`: (URL, parameter name))."""
+    (folders, prefixes, globs) or another folder the run lists (`also_listed`: (URL, parameter name)), or
+    when a folder the run writes under it is a symbolic link (`refuse_linked_folders`)."""
+    refuse_linked_folders(output_path, storage_options)
     listed = [(root, "file_paths") for root in listed_roots(file_paths, shard_urls, file_extensions, storage_options)]
     listed += [(canonical_url(url, storage_options), parameter) for url, parameter in also_listed]
     output = canonical_url(output_path, storage_options)

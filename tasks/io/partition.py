@@ -6,6 +6,10 @@ prefix, single shard or glob), a list of such URLs, or WebDataset brace notation
 one spelling per file (local paths resolved, symlinks included; `//` and `/./` collapsed in remote URLs),
 deduplicated and in natural order, so a shard is processed once and a partition's identity is the same in
 every run.
+
+Names are checked one listing per parent folder, so a run may name at most `MAX_NAMED_URLS` URLs
+(laion2B-en's 231,000 shards fit; checking that many takes about 15 s on local disk); a larger dataset is
+passed as its folder or prefix, which is listed instead.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from fsspec.implementations.local import LocalFileSystem
 from tasks.errors import UserError
 from tasks.io.locations import redacted, scrubbed
 
+# Most URLs file_paths may name (brace patterns expanded): beyond, the per-name work and memory outgrow a listing.
+MAX_NAMED_URLS = 250_000
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _DIGITS = re.compile(r"(\d+)")
 _EMPTY_STEPS = re.compile(r"/(?:\.?/)+")  # "//" and "/./" inside a path
@@ -60,10 +66,78 @@ def expand_file_paths(file_paths: str | os.PathLike | Sequence[str | os.PathLike
         if not isinstance(item, str) or not item.strip():
             raise UserError(f"file_paths holds an empty entry {item!r}; pass directories, prefixes or shard URLs.")
         for part in item.split("::"):
+            # Counted before expanding: braceexpand builds every range in full, so 10**9 names would be made first.
+            try:
+                named = len(expanded) + (brace_count(part) if "{" in part else 1)
+            except braceexpand.UnbalancedBracesError:
+                raise UserError(f"file_paths entry {redacted(part)} has unbalanced braces; write ranges as part-{{000000..000099}}.tar.") from None
+            if named > MAX_NAMED_URLS:
+                raise UserError(
+                    f"file_paths names {named:,} URLs, more than the {MAX_NAMED_URLS:,} a run checks one by one; pass the folder "
+                    f"or prefix that holds the shards instead (it is listed, not checked name by name), or split the run."
+                )
             expanded.extend(braceexpand.braceexpand(part) if "{" in part else [part])
     if not expanded:
         raise UserError("file_paths is empty; pass a directory, a prefix URL, a list of shard URLs or a brace pattern.")
     return expanded
+
+
+def brace_count(pattern: str) -> int:
+    """How many names `braceexpand.braceexpand(pattern)` yields, computed from the pattern (nothing is expanded).
+
+    Mirrors braceexpand's grammar: a pattern is a product of literals and `{...}` expressions; an expression is
+    an integer range `a..b[..step]`, a character range, a comma sequence (a sum of patterns), or a literal
+    `{...}` holding a pattern. Unbalanced braces raise braceexpand's own error.
+    """
+    return _pattern_count(pattern)
+
+
+def _pattern_count(pattern: str) -> int:
+    count, depth, start, position = 1, 0, 0, 0
+    while position < len(pattern):
+        char = pattern[position]
+        if char == "\\":
+            position += 2
+            continue
+        if char == "{":
+            if depth == 0:
+                start = position
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                count *= _expression_count(pattern[start + 1 : position])
+        position += 1
+    if depth != 0:
+        raise braceexpand.UnbalancedBracesError(f"Unbalanced braces: '{pattern}'")
+    return count
+
+
+def _expression_count(expression: str) -> int:
+    numbers = braceexpand.int_range_re.match(expression)
+    if numbers:
+        first, last, step = int(numbers.group(1)), int(numbers.group(2)), int(numbers.group(3) or 1) or 1
+        return abs(last - first) // step + 1
+    letters = braceexpand.char_range_re.match(expression)
+    if letters:
+        return len(braceexpand.make_char_range(*letters.groups()))
+    items, depth, start, position = [], 0, 0, 0
+    while position < len(expression):
+        char = expression[position]
+        if char == "\\":
+            position += 2
+            continue
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            items.append(expression[start:position])
+            start = position + 1
+        position += 1
+    if depth != 0 or not items:
+        return _pattern_count(expression)  # `{...}` kept literally around a pattern
+    return sum(_pattern_count(item) for item in [*items, expression[start:]])
 
 
 def _filesystem(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from tasks.io.atomic import atomic_output, filesystem, is_object_store, write_bytes_atomic
 from tasks.io.read import image_extension, image_members
+from tasks.stop import raise_if_stopped
 
 SCORES_SCHEMA = pa.schema(
     [
@@ -237,6 +238,28 @@ OUTPUT_NAMES = {
     "scores": r"part-\d{6}\.parquet",
     "_manifests": r"part-\d{6}\.json",
 }
+
+
+def partitions_with_outputs(output_path: str, low: int, high: int, storage_options: dict | None = None) -> list[int]:
+    """Partition numbers in [low, high) that have a file of this project's names under `output_path`
+    (`shards/`, `scores/`, `_manifests/`), from one listing of each folder: the work is bounded by the
+    files that exist, never by `high` (a recorded partition mark is read back from storage)."""
+    fs, root = filesystem(output_path, storage_options)
+    found: set[int] = set()
+    for folder in ("shards", "scores", "_manifests"):
+        name = re.compile(rf"^part-(\d{{6}})(?:-\d{{4,}}\.tar|\.parquet|\.json)$")
+        path = posixpath.join(root.rstrip("/"), folder)
+        fs.invalidate_cache(path)
+        try:
+            names = fs.ls(path, detail=False)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for listed in names:
+            raise_if_stopped()
+            match = name.match(posixpath.basename(listed.rstrip("/")))
+            if match and low <= int(match.group(1)) < high:
+                found.add(int(match.group(1)))
+    return sorted(found)
 
 
 def remove_leftover_temp_files(output_path: str, storage_options: dict | None = None) -> list[str]:

@@ -16,6 +16,7 @@ Nothing here downloads anything; `nsfw-curator models fetch` (`tasks.models.fetc
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -26,12 +27,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tasks.errors import UserError
-from tasks.io.locations import clip_weights_dir
+from tasks.io.locations import clip_weights_dir, default_fingerprint_cache_dir
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # Order in which a tag's files are looked up in the model directory: safetensors first (no pickle).
 TAG_SUFFIXES = (".safetensors", ".bin", ".pt")
-FINGERPRINT_SIDECAR_SUFFIX = ".sha256"
 # Bumped when the meaning of an identity changes, so old store entries become misses.
 IDENTITY_VERSION = 1
 _PREPROCESS_TAG_KEYS = ("mode", "mean", "std", "interpolation", "resize_mode", "fill_color")
@@ -136,12 +136,13 @@ _fingerprint_memo: dict[tuple, str] = {}
 
 
 def weights_fingerprint(checkpoint_path: str | os.PathLike) -> str:
-    """SHA-256 of the checkpoint file, cached by (size, mtime) in-process and in a `.sha256` sidecar.
+    """SHA-256 of a weight file, cached by (path, size, mtime, inode) in-process and in the user's cache folder.
 
-    Hashing ViT-L/14 (900 MB) takes seconds, so the digest is stored beside the checkpoint as
-    `{checkpoint}.sha256` (JSON with size and mtime_ns) when that directory is writable, and reused
-    while the file keeps its size and mtime. That cache is fooled only by replacing the checkpoint with
-    another of the same byte size *and* restoring the old mtime; delete the sidecar after doing so.
+    Hashing ViT-L/14 (900 MB) takes seconds, so the digest is kept as one small JSON record per file in
+    `default_fingerprint_cache_dir()`, named by the hash of the file's resolved path, and reused while the
+    file keeps its path, size, mtime and inode. Nothing is written beside the model file: model folders are
+    often shared, versioned or mounted read-only. The cache is fooled only by replacing the file in place
+    with another of the same byte size *and* restoring the old mtime; delete its record after doing so.
     """
     path = Path(checkpoint_path).resolve()
     stat = path.stat()
@@ -149,39 +150,48 @@ def weights_fingerprint(checkpoint_path: str | os.PathLike) -> str:
     with _fingerprint_lock:
         if memo_key in _fingerprint_memo:
             return _fingerprint_memo[memo_key]
-    sidecar = path.with_name(path.name + FINGERPRINT_SIDECAR_SUFFIX)
-    digest = _read_sidecar(sidecar, stat.st_size, stat.st_mtime_ns)
+    record_path = fingerprint_record_path(path)
+    expected = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
+    digest = _read_fingerprint_record(record_path, expected)
     if digest is None:
         hasher = hashlib.sha256()
         with path.open("rb") as handle:
             while chunk := handle.read(_HASH_CHUNK_BYTES):
                 hasher.update(chunk)
         digest = hasher.hexdigest()
-        _write_sidecar(sidecar, stat.st_size, stat.st_mtime_ns, digest)
+        _write_fingerprint_record(record_path, {**expected, "sha256": digest})
     with _fingerprint_lock:
         _fingerprint_memo[memo_key] = digest
     return digest
 
 
-def _read_sidecar(sidecar: Path, size: int, mtime_ns: int) -> str | None:
+def fingerprint_record_path(resolved_path: Path) -> Path:
+    """Where the cached digest of the file at `resolved_path` is kept."""
+    return default_fingerprint_cache_dir() / f"{hashlib.sha256(str(resolved_path).encode()).hexdigest()[:32]}.json"
+
+
+def _read_fingerprint_record(record_path: Path, expected: dict) -> str | None:
+    """The recorded digest when the record is valid and describes the file as it is now, else None."""
     try:
-        record = json.loads(sidecar.read_text())
-    except (OSError, ValueError):
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError, RecursionError):
         return None
-    if not isinstance(record, dict) or record.get("size") != size or record.get("mtime_ns") != mtime_ns:
+    if not isinstance(record, dict) or any(record.get(name) != value for name, value in expected.items()):
         return None
     digest = record.get("sha256")
     return digest if isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest) else None
 
 
-def _write_sidecar(sidecar: Path, size: int, mtime_ns: int, digest: str) -> None:
-    tmp_path = sidecar.with_name(f".{sidecar.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+def _write_fingerprint_record(record_path: Path, record: dict) -> None:
+    tmp_path = record_path.with_name(f".{record_path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        tmp_path.write_text(_canonical_json({"size": size, "mtime_ns": mtime_ns, "sha256": digest}))
-        os.replace(tmp_path, sidecar)
+        record_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_path.write_text(_canonical_json(record))
+        os.replace(tmp_path, record_path)
     except OSError:
-        # A read-only model directory only costs a re-hash in the next process.
-        tmp_path.unlink(missing_ok=True)
+        # An unwritable cache folder only costs a re-hash in the next process.
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()
 
 
 def _preprocess_description(image_size: tuple[int, int], tag_cfg: dict) -> tuple[dict, str]:

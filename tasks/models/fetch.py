@@ -3,7 +3,7 @@
 - CLIP: open_clip's own download machinery (`open_clip.download_pretrained`: the Hugging Face Hub copy
   when `huggingface_hub` is installed, else the original URL with open_clip's SHA-256 check) fetches the
   tag's checkpoint, which is stored as `{model_dir}/clip/{clip_model}/{tag}.safetensors` (no pickle when
-  it is loaded later) with its `.sha256` fingerprint sidecar, then built once with the offline loader.
+  it is loaded later) with its SHA-256 recorded in the user's fingerprint cache, then built once with the offline loader.
 - NSFW head: LAION's Keras zip, converted by `tasks.models.laion_convert` to `{model_dir}/nsfw/{clip_model}.safetensors`.
 
 Idempotent: files already present and readable are kept; downloads go to `{model_dir}/.downloads` and
@@ -78,7 +78,7 @@ def fetch_clip_weights(model_dir: str | os.PathLike, clip_model: str = "ViT-L-14
     for suffix in TAG_SUFFIXES:
         present = weights_dir / f"{clip_pretrained}{suffix}"
         if present.is_file() and _valid_clip_checkpoint(present):
-            weights_fingerprint(present)  # writes the sidecar now, so the first run does not hash 900 MB
+            weights_fingerprint(present)  # recorded now, so the first run does not hash 900 MB
             return present
     pretrained_cfg = open_clip.get_pretrained_cfg(model_name, clip_pretrained)
     if not pretrained_cfg:

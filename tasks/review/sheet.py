@@ -19,6 +19,7 @@ import os
 
 from tasks.errors import UserError
 from tasks.io.atomic import write_bytes_for_browser
+from tasks.io.ownership import refuse_linked_folders
 from tasks.io.write import join_url
 from tasks.review.records import ReviewSheet
 from tasks.review.render import HISTOGRAM_NAME, render_histogram_png, render_sheet_html
@@ -29,7 +30,7 @@ from tasks.review.sampling import (
     run_scores_urls,
     scan_scores,
 )
-from tasks.review.thumbnails import fetch_thumbnails, remove_stale_thumbnails
+from tasks.review.thumbnails import THUMBS_DIR, fetch_thumbnails, remove_stale_thumbnails
 
 DEFAULT_BLUR_ABOVE = 0.5
 REVIEW_DIR = "review"
@@ -64,6 +65,7 @@ def write_review_sheet(
     if not 0.0 <= blur_above <= 1.0:
         raise UserError(f"blur_above must be an nsfw_score between 0 and 1, not {blur_above!r}; use --no-blur to turn blurring off.")
     output_path = _normalise(output_path)
+    refuse_linked_folders(output_path, storage_options, (REVIEW_DIR, f"{REVIEW_DIR}/{THUMBS_DIR}"))  # stale thumbnails are deleted there
     summary = read_run_summary(output_path, storage_options)
     score_threshold = float(summary["score_threshold"])
     around = score_threshold if around is None else float(around)

@@ -367,8 +367,12 @@ class EmbeddingStore:
         return fingerprint if fingerprint is not None else shard_fingerprint(shard_url, self.storage_options)
 
     def _relative(self, identity: str, shard_url: str, fingerprint: str) -> str:
-        assert safe_name(identity) == identity, f"identity {identity!r} is not file-name-safe"
-        assert safe_name(fingerprint) == fingerprint, f"shard fingerprint {fingerprint!r} is not file-name-safe"
+        # Checked, not asserted: an identity may come from a user (image-dedup --embedding-identity), and a path
+        # step in it would leave the store; asserts vanish under `python -O`.
+        if safe_name(identity) != identity:
+            raise UserError(f"embedding identity {identity!r} is not a store folder name (letters, digits, '.', '_' and '-'); pass the identity summary.json names.")
+        if safe_name(fingerprint) != fingerprint:
+            raise ValueError(f"shard fingerprint {fingerprint!r} is not file-name-safe")
         return f"{identity}/{shard_name(shard_url)}-{fingerprint}{ENTRY_SUFFIX}"
 
     def entry_url(self, identity: str, shard_url: str, shard_fingerprint: str | None = None) -> str:
