@@ -6,23 +6,28 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tarfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import s3fs
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName
 
 from flows.dedup import image_dedup
+from tasks.dedup.bucket_search import search_bucket
 from tasks.dedup.buckets import assign_unit, read_bucket, train_centroids, unit_offsets
-from tasks.dedup.out_of_core import WORK_FOLDER, entry_sizes, plan_layout
+from tasks.dedup.out_of_core import WORK_FOLDER, RefusedLinksWarning, entry_sizes, plan_layout
 from tasks.errors import UserError
 from tasks.store.entries import EmbeddingStore, shard_fingerprint
 from tests.support.dedup_data import PlantedDuplicates, planted_duplicates, write_planted_store
@@ -66,10 +71,10 @@ def local_data(tmp_path):
     return tmp_path, data, store, urls
 
 
-def layout_of(root: Path, store: EmbeddingStore, urls: list[str]):
+def layout_of(root: Path, store: EmbeddingStore, urls: list[str], work_url: str | None = None):
     fingerprints = [shard_fingerprint(url) for url in urls]
     sizes = entry_sizes(store, IDENTITY, urls, fingerprints)
-    return plan_layout(str(root / "layout-check"), IDENTITY, urls, fingerprints, sizes, similarity_threshold=THRESHOLD, bucket_rows=BUCKET_ROWS)
+    return plan_layout(work_url or str(root / "layout-check"), IDENTITY, urls, fingerprints, sizes, similarity_threshold=THRESHOLD, bucket_rows=BUCKET_ROWS)
 
 
 def test_out_of_core_gives_the_in_memory_groups_and_survivors_on_threads_and_ray(local_data):
@@ -196,3 +201,88 @@ def test_damaged_bucket_files_are_refused_in_one_sentence(local_data):
     unit_file.write_bytes(unit_file.read_bytes()[:-100])
     with pytest.raises(UserError, match=r"the bucket file .*unit-000000\.parquet is damaged \(.*\); delete it and run again"):
         read_bucket(layout, 0, np.zeros(len(layout.units) + 1, dtype=np.int64))
+
+
+def _prepare_work(output: Path, store: EmbeddingStore, urls: list[str]) -> None:
+    """The bucket files the flow would write under `output` (centroids, units, links), written here so a test can change them."""
+    layout = layout_of(output, store, urls, work_url=str(output / WORK_FOLDER))
+    train_centroids(store, layout)
+    for unit in range(len(layout.units)):
+        assign_unit(store, layout, unit)
+    for bucket in range(layout.num_buckets):
+        search_bucket(layout, bucket)
+
+
+def _rewrite(path: Path, table: pa.Table) -> None:
+    """Replace a work file by `table`, its layout record kept, as a writer sharing the output could."""
+    pq.write_table(table, path)
+    assert pq.read_schema(path).metadata == table.schema.metadata
+
+
+def _copied_samples(output: Path) -> dict[str, list[tuple[str, bytes]]]:
+    copied = {}
+    for path in sorted((output / "shards").glob("*.tar")):
+        with tarfile.open(path) as tar:
+            copied[path.name] = [(member.name, tar.extractfile(member).read()) for member in tar.getmembers()]
+    return copied
+
+
+def _compared(data: PlantedDuplicates) -> np.ndarray:
+    return np.isfinite(data.embeddings).all(axis=1) & np.any(data.embeddings != 0, axis=1)
+
+
+def _positions(data: PlantedDuplicates, root: Path) -> dict[tuple[str, str], int]:
+    """Canonical position of every compared row: valid rows in (shard URL, key) order."""
+    valid = _compared(data)
+    compared = sorted((f"{root / 'in'}/{shard}", key) for shard, key in zip(data.shard[valid], data.key[valid]))
+    return {identifier: position for position, identifier in enumerate(compared)}
+
+
+def test_a_forged_link_or_swapped_keys_in_the_work_files_change_no_output(local_data):
+    root, data, store, urls = local_data
+    shards, cache = str(root / "in"), str(root / "cache")
+    settings = dict(method="out-of-core", bucket_rows=BUCKET_ROWS, write_dataset=True, images_per_tar=500)
+    run(shards, cache, str(root / "clean"), **settings)
+    expected, expected_copy = outputs(str(root / "clean")), _copied_samples(root / "clean")
+    assert len(expected["duplicates"]) > 100
+
+    _prepare_work(root / "forged", store, urls)
+    shutil.copytree(root / "forged" / WORK_FOLDER, root / "swapped" / WORK_FOLDER)
+
+    # forged link rows: two unrelated rows, and members of two different planted groups
+    position_of = _positions(data, root)
+    background = np.flatnonzero((data.group < 0) & _compared(data))
+    first_group, second_group = (np.flatnonzero(data.group == group)[0] for group in (0, 1))
+    forged_rows = [(background[10], background[11]), (first_group, second_group)]
+    for first, second in forged_rows:
+        assert float(data.embeddings[first] @ data.embeddings[second]) < THRESHOLD  # not near-duplicates
+    forged = [sorted(position_of[(f"{root / 'in'}/{data.shard[row]}", data.key[row])] for row in pair) for pair in forged_rows]
+    links_file = root / "forged" / WORK_FOLDER / "links" / "bucket-000000.parquet"
+    links = pq.read_table(links_file)
+    extra = pa.table({"position": pa.array([pair[1] for pair in forged], pa.int64()), "link": pa.array([pair[0] for pair in forged], pa.int64()),
+                      "kind": pa.array([0] * len(forged), pa.int8())}).cast(links.schema)
+    _rewrite(links_file, pa.concat_tables([links, extra]))
+
+    # swapped keys: a duplicate's row and a kept row of the first unit trade places
+    keys_file = root / "swapped" / WORK_FOLDER / "units" / "keys-000000.parquet"
+    keys = pq.read_table(keys_file)
+    names = keys.column("key").to_pylist()
+    removed = set(expected["duplicates"]["key"]) | set(expected["duplicates"]["duplicate_of"])
+    compared = keys.column("reason").to_numpy() == 0
+    duplicate_row = next(row for row, key in enumerate(names) if key in set(expected["duplicates"]["key"]))
+    kept_row = next(row for row, key in enumerate(names) if compared[row] and key not in removed)
+    order = np.arange(keys.num_rows)
+    order[[duplicate_row, kept_row]] = order[[kept_row, duplicate_row]]
+    _rewrite(keys_file, keys.take(pa.array(order)))
+
+    for name in ("forged", "swapped"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            state = run(shards, cache, str(root / name), return_state=True, **settings)
+        assert state.is_completed()
+        assert _search_bucket_runs(state.state_details.flow_run_id) == 0  # the changed files were read, not redone
+        assert_same(outputs(str(root / name)), expected)
+        assert _copied_samples(root / name) == expected_copy
+        refused = [str(warning.message) for warning in caught if issubclass(warning.category, RefusedLinksWarning)]
+        # the two forged rows are named in one warning; the keys files are not read at all
+        assert [message.startswith("2 of ") for message in refused] == ([True] if name == "forged" else []), refused

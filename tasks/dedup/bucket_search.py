@@ -9,10 +9,11 @@ with a margin that covers the float16 rounding as well as the products' (`bucket
   which the resolution reads from the store (tasks/dedup/out_of_core.py), as the in-memory search verifies;
 - everything else is certainly below the threshold.
 
-`links/bucket-NNNNNN.parquet` holds one row per member of a local group joined by links (its canonical
-position and the local group's smallest, `kind` 0) and one per doubt not already joined (the pair's
-larger and smaller position, `kind` 1). The file appears whole or not at all, so a re-run after a crash
-searches only the buckets without one.
+`links/bucket-NNNNNN.parquet` holds one row per pair, its larger and smaller canonical position: the links
+(`kind` 0), a spanning forest of the certain pairs (one fewer than members per local group, each a pair the
+resolution checks again on the store's rows, so a link added to the file cannot join rows below the
+threshold), and each doubt not already joined by them (`kind` 1). The file appears whole or not at all,
+so a re-run after a crash searches only the buckets without one.
 """
 
 from __future__ import annotations
@@ -42,14 +43,16 @@ from tasks.dedup.compute import UnionFind, all_cpu_threads
 from tasks.dedup.search import DEFAULT_BLOCK_ENTRIES, RowSource, SearchCounters, _Screen, _screen_sets, plan_search, row_validity, screen_margin
 
 LINK, DOUBT = 0, 1
+# What a links file's rows mean, in its record: files of another meaning are searched again.
+LINKS_FORMAT = "spanning pairs"
 
 COUNTER_NAMES = ("rows", "comparisons", "candidates", "verified", "largest_leaf", "split_clusters")
 
 
 @dataclasses.dataclass(frozen=True)
 class BucketLinks:
-    position: np.ndarray  # int64 [n]: a member of a local group
-    link: np.ndarray  # int64 [n]: the smallest position of its local group
+    link_first: np.ndarray  # int64 [n]: pairs (first < second) screened certainly at or above the threshold
+    link_second: np.ndarray
     doubt_first: np.ndarray  # int64 [m]: pairs (first < second) to verify exactly
     doubt_second: np.ndarray
     counters: dict[str, int]
@@ -63,9 +66,15 @@ def bucket_screen_margin(matmul_dtype: torch.dtype, dim: int) -> float:
     return 1.25 * (4 * unit_roundoff + 4 * unit_roundoff**2) + screen_margin(matmul_dtype, dim)
 
 
+def _links_record(url: str, parquet, layout: BucketLayout) -> dict | None:
+    """The links file's record when it was written for this layout in this format, else None."""
+    record = None if parquet is None else _record_of(url, parquet.schema_arrow, layout)
+    return record if record is not None and record.get("format") == LINKS_FORMAT else None
+
+
 def links_done(layout: BucketLayout, bucket: int, storage_options: dict | None = None) -> bool:
-    parquet = open_parquet(layout.links_url(bucket), storage_options)
-    return parquet is not None and _record_of(layout.links_url(bucket), parquet.schema_arrow, layout) is not None
+    url = layout.links_url(bucket)
+    return _links_record(url, open_parquet(url, storage_options), layout) is not None
 
 
 def search_bucket(layout: BucketLayout, bucket: int, storage_options: dict | None = None, *, block_entries: int = DEFAULT_BLOCK_ENTRIES) -> str:
@@ -86,6 +95,8 @@ def search_bucket(layout: BucketLayout, bucket: int, storage_options: dict | Non
     total_rows = int(offsets[-1])
     target = max(2, math.ceil(layout.clusters_per_point * total_rows / layout.num_clusters))
     components = UnionFind(num_rows)
+    links_first: list[np.ndarray] = []
+    links_second: list[np.ndarray] = []
     doubts_first: list[np.ndarray] = []
     doubts_second: list[np.ndarray] = []
     certain_threshold = plan.similarity_threshold + plan.screen_margin
@@ -100,13 +111,16 @@ def search_bucket(layout: BucketLayout, bucket: int, storage_options: dict | Non
         screen = _Screen(plan, block_entries, links_only=True)
         for block in _screen_sets(source, leaves, screen, counters):
             counters.candidates += int(block.first.shape[0])
-            components.union(block.linked_first, block.linked_second)
             certain = block.screen_similarity >= certain_threshold
-            components.union(block.first[certain], block.second[certain])
+            for first, second in ((block.linked_first, block.linked_second), (block.first[certain], block.second[certain])):
+                joined = components.union_edges(first, second)  # only the pairs that join: a spanning forest
+                links_first.append(first[joined])
+                links_second.append(second[joined])
             doubts_first.append(block.first[~certain])
             doubts_second.append(block.second[~certain])
     roots = components.roots()
-    grouped = np.flatnonzero(np.bincount(roots, minlength=num_rows)[roots] >= 2)
+    link_first = np.concatenate(links_first) if links_first else np.zeros(0, np.int64)
+    link_second = np.concatenate(links_second) if links_second else np.zeros(0, np.int64)
     doubt_first = np.concatenate(doubts_first) if doubts_first else np.zeros(0, np.int64)
     doubt_second = np.concatenate(doubts_second) if doubts_second else np.zeros(0, np.int64)
     apart = roots[doubt_first] != roots[doubt_second]  # doubts the links already settled need no exact check
@@ -114,24 +128,26 @@ def search_bucket(layout: BucketLayout, bucket: int, storage_options: dict | Non
     counters.verified = int(doubt_first.shape[0])
     record = {
         "layout": layout.fingerprint(),
+        "format": LINKS_FORMAT,
         "bucket": bucket,
         "counters": {"rows": num_rows, "comparisons": counters.comparisons, "candidates": counters.candidates,
                      "verified": counters.verified, "largest_leaf": counters.largest_leaf, "split_clusters": counters.split_clusters},
     }
-    # local rows are in ascending position order, so a pair's first is its smaller position
+    first = rows.positions[np.concatenate([link_first, doubt_first])]
+    second = rows.positions[np.concatenate([link_second, doubt_second])]
     table = pa.table({
-        "position": pa.array(np.concatenate([rows.positions[grouped], rows.positions[doubt_second]])),
-        "link": pa.array(np.concatenate([rows.positions[roots[grouped]], rows.positions[doubt_first]])),
-        "kind": pa.array(np.r_[np.full(grouped.shape[0], LINK, np.int8), np.full(doubt_first.shape[0], DOUBT, np.int8)]),
+        "position": pa.array(np.maximum(first, second)),
+        "link": pa.array(np.minimum(first, second)),
+        "kind": pa.array(np.r_[np.full(link_first.shape[0], LINK, np.int8), np.full(doubt_first.shape[0], DOUBT, np.int8)]),
     })
     return _write_table(url, _with_record(table, record), storage_options)
 
 
 def read_links(layout: BucketLayout, bucket: int, num_positions: int, storage_options: dict | None = None) -> BucketLinks:
-    """The bucket's links, validated."""
+    """The bucket's links and doubts, validated (their similarities are the resolution's to check)."""
     url = layout.links_url(bucket)
     parquet = open_parquet(url, storage_options)
-    record = None if parquet is None else _record_of(url, parquet.schema_arrow, layout)
+    record = _links_record(url, parquet, layout)
     if record is None:
         raise _damaged(url, "missing or written for another run")
     found = record.get("counters")
@@ -141,7 +157,7 @@ def read_links(layout: BucketLayout, bucket: int, num_positions: int, storage_op
     position = _int_column(url, table, "position", 0, num_positions)
     link = _int_column(url, table, "link", 0, num_positions)
     kind = _int_column(url, table, "kind", LINK, DOUBT + 1)
-    if np.any(link > position) or np.any((kind == DOUBT) & (link == position)):
-        raise _damaged(url, "a link points to a later position")
+    if np.any(link >= position):
+        raise _damaged(url, "a pair's first position is not below its second")
     doubt = kind == DOUBT
-    return BucketLinks(position[~doubt], link[~doubt], link[doubt], position[doubt], {name: found[name] for name in COUNTER_NAMES})
+    return BucketLinks(link[~doubt], position[~doubt], link[doubt], position[doubt], {name: found[name] for name in COUNTER_NAMES})

@@ -10,7 +10,8 @@ out of the positions), the centroids and how clusters map to buckets:
    assigned to its `clusters_per_point` nearest centroids, and written once per cluster (unit length, in
    float16: `BUCKET_ROW_DTYPE`) to
    `units/unit-NNNNNN.parquet`, one row group per bucket (cluster c lies in bucket c mod num_buckets),
-   beside `units/keys-NNNNNN.parquet` (every keyed row's key and why it was skipped, if it was).
+   beside `units/keys-NNNNNN.parquet` (every keyed row's key and why it was skipped, if it was; for
+   inspection only: the resolution takes keys from the store entries, not from a shared output's file).
 3. `read_bucket`: one bucket's rows from every unit file (a row group each), validated.
 
 Everything read back is validated (schema, dtype, shape, finite, unit length, ranges); nothing is unpickled.

@@ -123,6 +123,26 @@ class UnionFind:
             # hook the larger root under the smaller; of several hooks on one root the smallest wins
             np.minimum.at(self.parent, high, low)
 
+    def union_edges(self, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+        """Union the pairs like `union`, and return the indices of the pairs that joined two components: a
+        spanning forest of the pairs (one pair fewer than members per component they made)."""
+        pending = np.arange(first.shape[0], dtype=np.int64)
+        joined: list[np.ndarray] = []
+        while pending.size:
+            first_root, second_root = self.find(first[pending]), self.find(second[pending])
+            apart = first_root != second_root
+            pending, first_root, second_root = pending[apart], first_root[apart], second_root[apart]
+            if not pending.size:
+                break
+            low, high = np.minimum(first_root, second_root), np.maximum(first_root, second_root)
+            # each root hooks under the smallest root it is paired with, through one of those pairs; every
+            # hook goes to a smaller root, so the hooks of a round make no cycle and each joins two components
+            order = np.lexsort((low, high))
+            chosen = order[np.r_[True, high[order][1:] != high[order][:-1]]]
+            self.parent[high[chosen]] = low[chosen]
+            joined.append(pending[chosen])
+        return np.concatenate(joined) if joined else np.zeros(0, dtype=np.int64)
+
     def roots(self) -> np.ndarray:
         parent = self.parent
         while True:

@@ -3,14 +3,19 @@
 A run is planned from the store entries' footers alone (`plan_layout`), searched bucket by bucket
 (tasks/dedup/buckets.py, bucket_search.py), then resolved here (`resolve`):
 
-- every bucket's links are joined in one union-find over canonical positions (int64 per compared row),
-  so groups spanning buckets become one;
-- the float32 rows of every row in a group or in a doubt are read from the store, shard by shard, into a
-  local scratch file (never all in memory); each doubt's exact float64 similarity decides it, as in the
-  in-memory search (groups.py `_verified`);
+- the float32 rows of every row in a link or a doubt are read from the store, shard by shard, into a
+  local scratch file (never all in memory), with the keys of every row;
+- every link and every doubt is decided by its exact float64 similarity on those rows, as in the in-memory
+  search (groups.py `_verified`), and those that pass are joined in one union-find over canonical
+  positions (int64 per compared row), so groups spanning buckets become one;
 - the survivor rule is the in-memory one (groups.py `_survivors`), run on the scratch rows;
-- `kept.parquet` is written unit by unit from the keys files; only the keys of compared rows (Arrow
-  strings, a few bytes each) and the duplicates are held.
+- `kept.parquet` is written unit by unit; only the keys of compared rows (Arrow strings, a few bytes
+  each) and the duplicates are held.
+
+The work files under `_buckets/` sit in a shared output, so nothing that decides a removal is taken from
+them: a pair joins a group only on the store's rows, and keys and skip reasons come from the store entries
+(the units' keys files are not read). The work files decide which pairs are looked at, so a changed one can
+cost recall, never precision; links that fail their check are reported in one warning.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from contextlib import closing
 from dataclasses import dataclass
 
@@ -29,7 +35,7 @@ import pyarrow.parquet as pq
 import torch
 
 from tasks.dedup.bucket_search import read_links
-from tasks.dedup.buckets import PROJECTION_DIM, BucketLayout, _damaged, _int_column, _record_of, num_buckets_for, open_parquet, plan_units, shard_rows, unit_offsets
+from tasks.dedup.buckets import PROJECTION_DIM, BucketLayout, num_buckets_for, plan_units, shard_rows, unit_offsets
 from tasks.dedup.clusters import default_num_clusters
 from tasks.dedup.compute import UnionFind, all_cpu_threads, cosine_rows, parallel_map
 from tasks.dedup.groups import DUPLICATE_COLUMNS, SKIPPED_COLUMNS, DedupStats, _survivors
@@ -48,6 +54,19 @@ IN_MEMORY_BYTES_PER_VALUE = 7
 IN_MEMORY_SHARE = 0.5
 # Doubts verified at once (two [rows, D] float64 arrays).
 _VERIFY_ROWS = 4096
+
+
+class RefusedLinksWarning(UserWarning):
+    """Links of the bucket files whose exact similarity on the store's rows is below the threshold."""
+
+
+@dataclass(frozen=True)
+class ShardKeys:
+    """A shard's keyed rows as the store holds them, sorted by key: compared rows and skipped rows."""
+
+    compared: pa.Array  # string: keys of the rows with a valid embedding, in canonical order
+    skipped: list[str]  # keys of the rows without one
+    skipped_reason: np.ndarray  # int8: 1 missing or non-finite, 2 all zeros (row_validity's codes)
 
 
 @dataclass(frozen=True)
@@ -171,18 +190,24 @@ def _write_rows(handle, slot_index: np.ndarray, rows: np.ndarray) -> None:
         os.pwrite(handle.fileno(), np.ascontiguousarray(rows[start:stop], dtype=np.float32).tobytes(), int(slot_index[start]) * row_bytes)
 
 
-def _copy_store_rows(store: EmbeddingStore, layout: BucketLayout, offsets: np.ndarray, slot: np.ndarray, handle) -> None:
-    """The store's float32 rows at every position with a slot, written at their slots (shard by shard; the
-    next shards are read and decoded by other threads meanwhile)."""
-    def valid_rows(shard: int) -> np.ndarray:
-        _, embeddings = shard_rows(store, layout, shard)
-        return embeddings[row_validity(embeddings)[1] == 0]
+def _copy_store_rows(store: EmbeddingStore, layout: BucketLayout, offsets: np.ndarray, slot: np.ndarray, handle) -> list[ShardKeys]:
+    """The store's float32 rows at every position with a slot, written at their slots, and every shard's keys
+    (shard by shard; the next shards are read and decoded by other threads meanwhile)."""
+    def read_shard(shard: int) -> tuple[ShardKeys, np.ndarray]:
+        keys, embeddings = shard_rows(store, layout, shard)
+        reason = row_validity(embeddings)[1]
+        compared = reason == 0
+        names = pa.array(keys, pa.string())
+        found = ShardKeys(names.filter(pa.array(compared)), names.filter(pa.array(~compared)).to_pylist(), reason[~compared].astype(np.int8))
+        return found, embeddings[compared]
 
-    with closing(parallel_map(valid_rows, range(len(layout.shard_urls)), torch.device("cpu"))) as read:
+    shard_keys: list[ShardKeys] = []
+    with closing(parallel_map(read_shard, range(len(layout.shard_urls)), torch.device("cpu"))) as read:
         for unit, (start, stop) in enumerate(layout.units):
             position = int(offsets[unit])
             for _ in range(start, stop):
-                embeddings = next(read)
+                keys, embeddings = next(read)
+                shard_keys.append(keys)
                 slots = slot[position : position + embeddings.shape[0]]
                 chosen = slots >= 0
                 if chosen.any():
@@ -191,22 +216,12 @@ def _copy_store_rows(store: EmbeddingStore, layout: BucketLayout, offsets: np.nd
             if position != offsets[unit + 1]:
                 raise UserError(f"the store entries of unit {unit} changed since its rows were assigned; delete "
                                 f"{redact_url(layout.work_url)} and run again.")
+    return shard_keys
 
 
-def _read_keys(layout: BucketLayout, unit: int, valid_rows: int, storage_options: dict | None) -> pa.Table:
-    url = layout.keys_url(unit)
-    parquet = open_parquet(url, storage_options)
-    if parquet is None or _record_of(url, parquet.schema_arrow, layout) is None:
-        raise _damaged(url, "missing or written for another run")
-    table = parquet.read()
-    start, stop = layout.units[unit]
-    _int_column(url, table, "shard", start, stop)
-    reason = _int_column(url, table, "reason", 0, 3)
-    if table.column("key").type != pa.string() or table.column("key").null_count:
-        raise _damaged(url, "keys are not strings without nulls")
-    if int((reason == 0).sum()) != valid_rows:
-        raise _damaged(url, "its compared rows differ from its unit file's")
-    return table
+def _distinct_pairs(parts: list[np.ndarray]) -> np.ndarray:
+    """Pairs [n, 2] without repeats (a pair may be in several buckets), sorted."""
+    return np.unique(np.concatenate(parts), axis=0) if parts else np.zeros((0, 2), np.int64)
 
 
 def _strings(values) -> pd.Series:
@@ -215,72 +230,68 @@ def _strings(values) -> pd.Series:
 
 
 def resolve(store: EmbeddingStore, layout: BucketLayout, output_path: str, storage_options: dict | None = None) -> OutOfCoreResult:
-    """Groups across all buckets (doubts verified on the store's rows), their survivors, and `kept.parquet`
-    (written here, unit by unit)."""
+    """Groups across all buckets (links and doubts verified on the store's rows), their survivors, and
+    `kept.parquet` (written here, unit by unit); keys from the store entries."""
     started = time.perf_counter()
     offsets = unit_offsets(layout, storage_options)
     num_positions = int(offsets[-1])
-    components = UnionFind(num_positions)
     totals = {"comparisons": 0, "candidates": 0, "verified": 0, "largest_leaf": 0, "split_clusters": 0}
-    doubts: list[np.ndarray] = []
+    link_parts: list[np.ndarray] = []
+    doubt_parts: list[np.ndarray] = []
     for bucket in range(layout.num_buckets):
         links = read_links(layout, bucket, num_positions, storage_options)
-        components.union(links.position, links.link)
-        doubts.append(np.stack([links.doubt_first, links.doubt_second], axis=1))
+        link_parts.append(np.stack([links.link_first, links.link_second], axis=1))
+        doubt_parts.append(np.stack([links.doubt_first, links.doubt_second], axis=1))
         for name in totals:
             totals[name] = max(totals[name], links.counters[name]) if name == "largest_leaf" else totals[name] + links.counters[name]
-    doubt = np.unique(np.concatenate(doubts), axis=0) if doubts else np.zeros((0, 2), np.int64)  # a pair may be in several buckets
-    del doubts
-    roots = components.roots()
-    needed = np.bincount(roots, minlength=num_positions)[roots] >= 2
+    link, doubt = _distinct_pairs(link_parts), _distinct_pairs(doubt_parts)
+    del link_parts, doubt_parts
+    needed = np.zeros(num_positions, dtype=bool)
+    needed[link.reshape(-1)] = True
     needed[doubt.reshape(-1)] = True
-    del roots
     slot = np.full(num_positions, -1, dtype=np.int64)
     slot[needed] = np.arange(int(needed.sum()))
+    components = UnionFind(num_positions)
     with tempfile.TemporaryFile() as scratch:
         scratch.truncate(int(needed.sum()) * layout.dim * 4)
         del needed
-        _copy_store_rows(store, layout, offsets, slot, scratch)
+        shard_keys = _copy_store_rows(store, layout, offsets, slot, scratch)
         rows = _ScratchRows(scratch, slot, layout.dim)
-        doubt = doubt[components.find(doubt[:, 0]) != components.find(doubt[:, 1])]
         with all_cpu_threads():
-            similarity = rows.exact_similarity(doubt[:, 0], doubt[:, 1])
-            passed = similarity >= layout.similarity_threshold
+            # links are read from a shared output's work files: each joins its pair only on the store's rows
+            confirmed = rows.exact_similarity(link[:, 0], link[:, 1]) >= layout.similarity_threshold
+            components.union(link[confirmed, 0], link[confirmed, 1])
+            doubt = doubt[components.find(doubt[:, 0]) != components.find(doubt[:, 1])]
+            passed = rows.exact_similarity(doubt[:, 0], doubt[:, 1]) >= layout.similarity_threshold
             components.union(doubt[passed, 0], doubt[passed, 1])
             totals["verified"] = int(doubt.shape[0])
             roots = components.roots()
             del components
             duplicate, survivor, similarity = _survivors(rows, roots)
     del slot
+    refused = int((~confirmed).sum())
+    if refused:
+        warnings.warn(f"{refused} of {link.shape[0]} links in {redact_url(join_url(layout.work_url, 'links'))} failed their exact check on "
+                      f"the store's rows and joined nothing; a links file there was changed or is damaged.", RefusedLinksWarning, stacklevel=2)
     groups = int(np.unique(roots[survivor]).shape[0]) if survivor.shape[0] else 0
     del roots
 
-    # identifiers: the compared rows' keys (Arrow strings) and shard indices, in canonical order
+    # identifiers: the compared rows' keys (Arrow strings) and shard indices, in canonical order, from the store
     shard_names = np.array(layout.shard_urls, dtype=object)
-    valid_keys, valid_shards, skipped_parts = [], [], []
+    all_keys = pa.chunked_array([keys.compared for keys in shard_keys], type=pa.string()).combine_chunks()
+    all_shards = np.repeat(np.arange(len(shard_keys), dtype=np.int32), [len(keys.compared) for keys in shard_keys])
+    is_duplicate = np.zeros(num_positions, dtype=bool)
+    is_duplicate[duplicate] = True
     kept_url = join_url(output_path, "kept.parquet")
     kept_schema = pa.schema([("key", pa.string()), ("shard", pa.string())])
     kept_rows = 0
     with atomic_output(kept_url, storage_options) as handle, pq.ParquetWriter(handle, kept_schema) as kept_writer:
         for unit in range(len(layout.units)):
-            table = _read_keys(layout, unit, int(offsets[unit + 1] - offsets[unit]), storage_options)
-            reason = table.column("reason").to_numpy()
-            shard = table.column("shard").to_numpy()
-            compared = reason == 0
-            keys = table.column("key").filter(pa.array(compared))
-            valid_keys.append(keys)
-            valid_shards.append(shard[compared])
-            if not compared.all():
-                skipped_parts.append((shard[~compared], table.column("key").filter(pa.array(~compared)).to_pylist(), reason[~compared]))
-            is_duplicate = np.zeros(int(compared.sum()), dtype=bool)
-            in_unit = duplicate[(duplicate >= offsets[unit]) & (duplicate < offsets[unit + 1])] - offsets[unit]
-            is_duplicate[in_unit] = True
-            kept = ~is_duplicate
-            kept_writer.write_table(pa.table({"key": keys.filter(pa.array(kept)),
-                                              "shard": pa.array(shard_names[shard[compared][kept]], pa.string())}, schema=kept_schema))
-            kept_rows += int(kept.sum())
-    all_keys = pa.chunked_array([keys.cast(pa.string()) for keys in valid_keys], type=pa.string()).combine_chunks()
-    all_shards = np.concatenate(valid_shards) if valid_shards else np.zeros(0, np.int32)
+            kept = np.flatnonzero(~is_duplicate[offsets[unit] : offsets[unit + 1]]) + offsets[unit]
+            kept_writer.write_table(pa.table({"key": all_keys.take(pa.array(kept)),
+                                              "shard": pa.array(shard_names[all_shards[kept]], pa.string())}, schema=kept_schema))
+            kept_rows += int(kept.shape[0])
+    del is_duplicate
     duplicates = pd.DataFrame({
         "key": _strings(all_keys.take(pa.array(duplicate)).to_pylist()),
         "shard": _strings(shard_names[all_shards[duplicate]]),
@@ -288,10 +299,10 @@ def resolve(store: EmbeddingStore, layout: BucketLayout, output_path: str, stora
         "duplicate_of_shard": _strings(shard_names[all_shards[survivor]]),
         "similarity": similarity,
     }, columns=DUPLICATE_COLUMNS)
-    skipped_shards = np.concatenate([part[0] for part in skipped_parts]) if skipped_parts else np.zeros(0, np.int32)
-    skipped_reason = np.concatenate([part[2] for part in skipped_parts]) if skipped_parts else np.zeros(0, np.int8)
+    skipped_shards = np.repeat(np.arange(len(shard_keys), dtype=np.int32), [len(keys.skipped) for keys in shard_keys])
+    skipped_reason = np.concatenate([keys.skipped_reason for keys in shard_keys]) if shard_keys else np.zeros(0, np.int8)
     skipped = pd.DataFrame({
-        "key": _strings([key for part in skipped_parts for key in part[1]]),
+        "key": _strings([key for keys in shard_keys for key in keys.skipped]),
         "shard": _strings(shard_names[skipped_shards]),
         "reason": np.where(skipped_reason == 1, MISSING_REASON, ZERO_REASON).astype(object),
     }, columns=SKIPPED_COLUMNS)

@@ -16,8 +16,8 @@ Two ways to choose which pairs are screened:
   cluster among its nearest few; cost grows as N^1.5 with the default number of clusters.
 
 When only groups are wanted (`links_only`), each block's candidates far enough above the threshold
-are reduced to one link per row to a representative before leaving the worker, so a flood of near-copies
-costs memory in proportion to its rows, not to its pairs.
+are reduced to a spanning forest of them (links, each a real pair) before leaving the worker, so a flood
+of near-copies costs memory in proportion to its rows, not to its pairs.
 """
 
 from __future__ import annotations
@@ -100,7 +100,8 @@ def _no_positions() -> np.ndarray:
 @dataclass(frozen=True)
 class CandidateBlock:
     """Screened pairs of canonical positions (`first < second`) still to verify, with their screening
-    similarity, and `links`: pairs of positions certainly in one group (only when searching `links_only`)."""
+    similarity, and links (`linked_first` < `linked_second`, only when searching `links_only`): screened pairs
+    certainly at or above the threshold, a spanning forest of the block's certain pairs."""
 
     first: np.ndarray
     second: np.ndarray
@@ -348,19 +349,19 @@ class _Screen:
         return self._reduce(first, second, screened) if self.links_only else CandidateBlock(first, second, screened)
 
     def _reduce(self, first: np.ndarray, second: np.ndarray, screened: np.ndarray) -> CandidateBlock:
-        """Certain pairs become one link per row to its component's smallest position; doubtful pairs
-        already joined by certain ones are dropped."""
+        """Certain pairs are reduced to a spanning forest of them (real pairs, so each link can be checked
+        again on exact rows); doubtful pairs already joined by certain ones are dropped."""
         certain = screened >= self.certain_threshold
         if not certain.any():
             return CandidateBlock(first, second, screened)
         nodes, local = np.unique(np.concatenate([first, second]), return_inverse=True)
         local_first, local_second = local[: first.shape[0]], local[first.shape[0] :]
         components = UnionFind(nodes.shape[0])
-        components.union(local_first[certain], local_second[certain])
+        certain_pairs = np.flatnonzero(certain)
+        linked = certain_pairs[components.union_edges(local_first[certain_pairs], local_second[certain_pairs])]
         roots = components.roots()
-        linked = np.flatnonzero(roots != np.arange(nodes.shape[0]))
         doubtful = ~certain & (roots[local_first] != roots[local_second])
-        return CandidateBlock(first[doubtful], second[doubtful], screened[doubtful], nodes[linked], nodes[roots[linked]])
+        return CandidateBlock(first[doubtful], second[doubtful], screened[doubtful], first[linked], second[linked])
 
     def whole_set(self, source: RowSource, positions: np.ndarray) -> list[CandidateBlock]:
         rows = source.screen_rows(positions)
