@@ -15,6 +15,12 @@ only that sample an error (one sentence) and reading goes on with the next sampl
 - an image is checked from its header before any pixel is decoded: at most `DecodeOptions.max_pixels`
   pixels and a longer side at most `DecodeOptions.max_aspect_ratio` times the shorter (open_clip resizes
   the shorter side to the model's input size, so a 1x100000 image would become 224 x 22,400,000);
+- a JPEG holds at most `MAX_JPEG_SCANS` scans and `MAX_JPEG_SEGMENTS` marker segments, counted by walking its
+  markers before any pixel is decoded (each scan re-walks the whole image, so a "scan bomb" of thousands of
+  tiny scans would decode for hours);
+- in a worker process (tasks/io/decode_workers.py), checking, decoding and transforming one image takes at
+  most `DecodeOptions.decode_deadline_s`: past it the worker is killed and replaced. Decoding in threads has
+  no deadline (a thread cannot be killed); the header limits above bound it there;
 - a `.json` member is parsed only up to `MAX_JSON_BYTES`, `MAX_JSON_DEPTH` levels of nesting and numbers of
   `MAX_JSON_NUMBER_CHARS` characters.
 A batch closes early, before `task_batch_size`, when its samples' raw bytes plus what decoding them makes
@@ -80,6 +86,14 @@ DEFAULT_BATCH_BYTES = 512 << 20
 # ratio x S^2 pixels: 100:1 keeps it under 15 MB at 224 px (34 MB at 336 px) and admits banners,
 # panoramas and long screenshots.
 DEFAULT_MAX_ASPECT_RATIO = 100.0
+# Encoders write about 10 scans (libjpeg's progressive script), and no real one comes near a few hundred;
+# every scan re-walks the image's coefficients, so the decode time grows with the count (djpeg's -maxscans).
+MAX_JPEG_SCANS = 256
+# Marker segments walked to count the scans: a real JPEG has tens (APPn, tables per scan); this bounds the walk.
+MAX_JPEG_SEGMENTS = 65_536
+# Seconds one image may take to be checked, decoded and transformed in a worker process: an 89-megapixel
+# progressive JPEG at the scan limit takes under half of it on one slow core, a photo well under a second.
+DEFAULT_DECODE_DEADLINE_S = 60.0
 # JSON metadata limits: SA-1B's mask annotations (a few MB per image) fit; Rust's serde_json stops at 128
 # levels; a 64-bit integer has 20 digits and a float's repr at most 24 characters.
 MAX_JSON_BYTES = 16 << 20
@@ -145,6 +159,7 @@ class DecodeOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit (width x height before any reduction)
     max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO  # longer side / shorter side; bounds what resizing makes
     reduced_jpeg_size: int | None = None  # JPEGs decode at 1/2, 1/4 or 1/8 scale keeping both sides >= this; None = every pixel
+    decode_deadline_s: float = DEFAULT_DECODE_DEADLINE_S  # per image in a worker process (see the module docstring)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1:
@@ -155,6 +170,9 @@ class DecodeOptions:
         size = self.reduced_jpeg_size
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise UserError(f"reduced_jpeg_size must be a positive number of pixels or None, not {size!r}.")
+        deadline = self.decode_deadline_s
+        if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not 0 < deadline < float("inf"):
+            raise UserError(f"decode_deadline_s must be a positive, finite number of seconds, not {deadline!r}.")
 
     @classmethod
     def for_model(cls, image_size: Sequence[int], decode_mode: str = DEFAULT_DECODE_MODE) -> "DecodeOptions":
@@ -166,7 +184,7 @@ class DecodeOptions:
         raise UserError(f"decode_mode must be one of {', '.join(DECODE_MODES)}, not {decode_mode!r}.")
 
     def identity(self) -> str:
-        # The size limits only decide which images are refused, never their pixels, so they are not part of it.
+        # The size, scan and time limits only decide which images are refused, never their pixels, so they are not part of it.
         reduced = "off" if self.reduced_jpeg_size is None else str(self.reduced_jpeg_size)
         return f"decode-v2:rgb,exif-orientation,alpha-over-white,first-frame,16bit-msb,jpeg-reduced-min-side={reduced}"
 
@@ -487,6 +505,54 @@ def _open_image(data: bytes, name: str, options: DecodeOptions) -> Image.Image |
         return _corrupt_reason(exc, name)
 
 
+# The 0xFF that starts a marker after entropy-coded data (or garbage): not a stuffed 0xFF00, a fill byte 0xFFFF or a
+# restart marker (RSTn, part of a scan's data).
+_JPEG_MARKER_IN_DATA = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")
+# Markers without a length field: TEM and RST0-7 (SOI and EOI are handled apart).
+_JPEG_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})
+# What Pillow opens as a JPEG (or MPO), whatever the member's name: SOI and the start of a marker.
+_JPEG_SIGNATURE = b"\xff\xd8\xff"
+
+
+def _jpeg_scans_reason(data: bytes, name: str) -> str | None:
+    """Why a JPEG's first image (up to its EOI) holds too many scans or marker segments to decode, or None.
+
+    Walks the marker segments by their lengths, and each scan's entropy-coded data to the next marker, as
+    libjpeg reads them, without decoding; the walk stops at the first limit passed, so it is linear in the
+    file and at most MAX_JPEG_SEGMENTS steps.
+    """
+    scans = segments = 0
+    position = 2  # after SOI
+    while position + 1 < len(data):
+        if data[position] != 0xFF or data[position + 1] in (0x00, 0xFF):
+            found = _JPEG_MARKER_IN_DATA.search(data, position)  # fill bytes, or garbage libjpeg skips with a warning
+            if found is None:
+                return None
+            position = found.start()
+        marker = data[position + 1]
+        if marker in (0xD8, 0xD9):  # EOI (an MPO's further images are never decoded), or a second SOI libjpeg refuses
+            return None
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:
+            return f"image {name!r} has over {MAX_JPEG_SEGMENTS} JPEG marker segments, the limit for reading it"
+        if marker in _JPEG_STANDALONE_MARKERS:
+            position += 2
+            continue
+        length = int.from_bytes(data[position + 2 : position + 4], "big")
+        if length < 2:
+            return None  # malformed: libjpeg refuses it when decoding
+        position += 2 + length
+        if marker == 0xDA:  # SOS: a scan header, followed by its entropy-coded data up to the next marker
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                return f"image {name!r} has over {MAX_JPEG_SCANS} JPEG scans (possible scan bomb: each scan decodes the whole image again)"
+            found = _JPEG_MARKER_IN_DATA.search(data, position)
+            if found is None:
+                return None
+            position = found.start()
+    return None
+
+
 def _load_image(image: Image.Image, name: str) -> Image.Image | str:
     """The opened image's pixels as RGB, EXIF orientation applied, or why they cannot be decoded."""
     try:
@@ -552,7 +618,13 @@ def _open_sample_image(sample: Sample, options: DecodeOptions) -> Image.Image | 
         return None
     image_ext = image_extension(sample.members)
     assert image_ext is not None, "samples without an image member carry an error"
-    opened = _open_image(sample.members[image_ext], sample.member_name(image_ext), options)
+    data, name = sample.members[image_ext], sample.member_name(image_ext)
+    # Before Pillow reads the header: its own marker walk is slower, and it keeps every APPn and COM segment.
+    too_many = _jpeg_scans_reason(data, name) if data[:3] == _JPEG_SIGNATURE else None
+    if too_many is not None:
+        _fail(sample, too_many)
+        return None
+    opened = _open_image(data, name, options)
     if isinstance(opened, str):
         _fail(sample, opened)
         return None
@@ -734,7 +806,7 @@ class _InWorker:
     """A sample being decoded and transformed in a worker process."""
 
     sample: Sample
-    future: Future
+    future: decode_workers.Decoding
 
 
 def _finished(entry: Sample | Future | _InWorker, workers: int, decode: DecodeOptions | None,
