@@ -240,6 +240,7 @@ def nsfw_filter(
     review_samples: Annotated[int, Field(ge=0)] = 0,
     take_over_output: bool = False,
     decode_mode: Literal["exact", "reduced"] = "exact",
+    allow_cpu: bool = False,
 ) -> dict:
     """Score every image of a WebDataset with LAION's CLIP-based NSFW detector and keep the safe ones.
 
@@ -267,6 +268,7 @@ def nsfw_filter(
         review_samples: When above 0, end the run by writing review/review.html under output_path (score histogram and this many thumbnails across score bands, denser around score_threshold, blurred at nsfw_score >= 0.5) for calibrating the threshold.
         take_over_output: Replace the outputs of an earlier run over other inputs in output_path (otherwise refused).
         decode_mode: exact decodes every pixel, so embeddings equal open_clip's own preprocess + encode_image; reduced decodes large JPEGs at 1/2-1/8 scale (never below the model's input size), several times faster to decode, embeddings within a cosine of about 0.9998. Part of the embedding identity.
+        allow_cpu: With task_runner ray, embed on a Ray that has no GPU at all (CLIP on CPUs, much slower); otherwise such a run is refused. A Ray with GPUs always runs embedding on GPU nodes; the threads runner uses the CPU when this machine has no GPU either way.
     """
     settings = validate_settings(dict(locals()), FilterSettings)
     logger = get_run_logger()
@@ -280,7 +282,8 @@ def nsfw_filter(
     with ThreadPoolExecutor(max_workers=16) as pool:
         lookups = list(pool.map(lambda p: look_up_partition(run.embed, p.shard_urls), run.partitions))
     logger.info("%d of %d partitions already in the embedding store", sum(lookup.complete for lookup in lookups), len(lookups))
-    with open_task_runner(settings.task_runner, settings.ray_address, settings.max_workers, run.embed.num_gpus_per_worker) as runner:
+    with open_task_runner(settings.task_runner, settings.ray_address, settings.max_workers, run.embed.num_gpus_per_worker,
+                          embeds=True, allow_cpu=settings.allow_cpu) as runner:
         results = run_partitions(runner, run, lookups, submission_window(settings.max_workers, run.embed.num_gpus_per_worker))
 
     clean_partitions_beyond(run.output_path, len(run.partitions), run.storage_options)
