@@ -1,9 +1,14 @@
 """Everything a filter run decides before any work starts, checked up front.
 
 `plan_filter_run` lists and partitions the shards, checks that the output is apart from them, finds the
-CLIP weights and the NSFW head offline, checks that they fit each other, fixes the identities that name
-the run's embeddings and outputs, and finally claims the output for these inputs (tasks/io/ownership.py).
+CLIP weights and the NSFW head, checks that they fit each other, fixes the identities that name the run's
+embeddings and outputs, and finally claims the output for these inputs (tasks/io/ownership.py).
 Every mistake a user can make here fails in seconds with one sentence, before a GPU is touched.
+
+Weights are local paths (or tags under model_dir), or object-store URLs read with the run's storage
+options (tasks/models/remote_weights.py): a URL is resolved here to its SHA-256, and the stages carry the
+URL and that digest, so each machine that runs a task fetches and verifies its own copy once.
+
 
 The plan is two kinds of value. The stages (`EmbedStage`, `FilterStage`) carry the run's resolved
 settings, each once, and never the partitions: they are what a task receives beside its own partition,
@@ -20,6 +25,7 @@ from typing import Any, Protocol
 
 from tasks.errors import UserError
 from tasks.models.clip_resolve import ClipWeights, clip_identity, resolve_clip, weights_fingerprint
+from tasks.models.remote_weights import is_remote, local_weights, resolve_weights
 from tasks.io.locations import default_cache_path, default_model_dir, nsfw_weights_path, refuse_output_file, resolve_url_credentials
 from tasks.models.nsfw import NSFWHead, load_nsfw_head
 from tasks.io.ownership import claim_output, input_owner, refuse_overlap
@@ -78,13 +84,22 @@ class FilterStage:
     which embeds a shard again when its entry turns out unusable)."""
 
     embedding: EmbedStage
-    nsfw_weights: str
-    head_fingerprint: str
+    head_location: str  # the NSFW head as given: a local path, or a URL without credentials
+    head_fingerprint: str  # its SHA-256
     output_path: str
     score_threshold: float
     images_per_tar: int
     verbose: bool = False
     storage_options: dict = field(default_factory=dict, hash=False, compare=False, repr=False)
+
+    @property
+    def nsfw_weights(self) -> str:
+        """The head's file on this machine: the path as given, or for a URL this machine's verified copy
+        (downloaded on first use here, then checked once per process)."""
+        if is_remote(self.head_location):
+            return str(local_weights(self.head_location, self.head_fingerprint, self.storage_options))
+        return self.head_location
+
 
 
 @dataclass(frozen=True)
@@ -109,10 +124,10 @@ class FilterRun:
         weights = self.embed.clip_weights
         return {
             "clip_model": weights.model_name,
-            "clip_pretrained": weights.pretrained_tag or os.path.basename(weights.checkpoint_path),
+            "clip_pretrained": weights.pretrained_tag or _file_name(weights.checkpoint_url or weights.checkpoint_path),
             "clip_weights_sha256": weights.weights_fingerprint,
             "embedding_identity": self.embed.embedding_identity,
-            "nsfw_head": os.path.basename(self.filter.nsfw_weights),
+            "nsfw_head": _file_name(self.filter.head_location),
             "nsfw_head_sha256": self.filter.head_fingerprint,
         }
 
@@ -136,6 +151,20 @@ def small_partitions_advice(partitions: int, input_bytes: int | None) -> str | N
     )
 
 
+def _file_name(location: str) -> str:
+    """The last path segment of a path or URL (what the summary names a weight file by)."""
+    return location.rstrip("/").rsplit("/", 1)[-1] if is_remote(location) else os.path.basename(location)
+
+
+def load_planned_head(location: str, storage_options: dict[str, Any]) -> tuple[NSFWHead, str]:
+    """The NSFW head at a local path or URL (fetched once per machine), and its SHA-256; UserError when it is not one."""
+    if is_remote(location):
+        resolved = resolve_weights(location, storage_options)
+        return cached_nsfw_head(str(resolved.path)), resolved.sha256
+    head = cached_nsfw_head(location)  # first: a missing or foreign file is one sentence
+    return head, weights_fingerprint(location)
+
+
 @functools.lru_cache(maxsize=4)
 def cached_nsfw_head(path: str) -> NSFWHead:
     """The head, loaded once per process (it is shared read-only by the threads of a worker)."""
@@ -156,8 +185,14 @@ def plan_filter_run(
     """
     model_dir = settings.model_dir or default_model_dir()
     # URL credentials move into the storage options here: nothing the run holds, writes or prints carries them.
-    file_paths, output_path, cache_path, storage_options = resolve_url_credentials(
-        settings.file_paths, settings.output_path, settings.cache_path or default_cache_path(), storage_options=storage_options
+    # Weights URLs are read with the same storage options as the shards.
+    file_paths, output_path, cache_path, clip_pretrained, nsfw_weights, storage_options = resolve_url_credentials(
+        settings.file_paths,
+        settings.output_path,
+        settings.cache_path or default_cache_path(),
+        settings.clip_pretrained,
+        settings.nsfw_weights,
+        storage_options=storage_options,
     )
     refuse_output_file(output_path, storage_options)
     output_path = normalise_output_path(output_path)
@@ -170,9 +205,9 @@ def plan_filter_run(
     partitions = tuple(partition_shards(shard_urls, settings.files_per_partition, shard_sizes=list(shard_sizes.values()), blocksize=blocksize))
     sizes_known = all(size is not None for size in shard_sizes.values())
     refuse_overlap(output_path, file_paths, shard_urls, file_extensions, storage_options)
-    clip_weights = resolve_clip(settings.clip_model, settings.clip_pretrained, model_dir)
-    head_path = str(settings.nsfw_weights or nsfw_weights_path(model_dir, clip_weights.model_name))
-    head = cached_nsfw_head(head_path)
+    clip_weights = resolve_clip(settings.clip_model, clip_pretrained, model_dir, storage_options)
+    head_location = str(nsfw_weights or nsfw_weights_path(model_dir, clip_weights.model_name))
+    head, head_fingerprint = load_planned_head(head_location, storage_options)
     head.check_dimension(clip_weights.embedding_dim, f"embeddings of CLIP {clip_weights.model_name}")
     decode = decode or DecodeOptions.for_model(clip_weights.image_size, settings.decode_mode)
     # Last, once everything else is valid: the output is claimed before any task writes to it.
@@ -190,8 +225,8 @@ def plan_filter_run(
     )
     scoring = FilterStage(
         embedding=embed,
-        nsfw_weights=head_path,
-        head_fingerprint=weights_fingerprint(head_path),
+        head_location=head_location,
+        head_fingerprint=head_fingerprint,
         output_path=output_path,
         score_threshold=float(settings.score_threshold),
         images_per_tar=int(settings.images_per_tar),

@@ -30,6 +30,8 @@ from PIL import Image
 
 from tasks.models.clip_resolve import ClipWeights, clip_identity, identity_record, read_model_config, weights_fingerprint
 from tasks.errors import UserError
+from tasks.io.locations import redacted
+from tasks.models.remote_weights import local_weights
 from tasks.io.prefetch import close_iterator, prefetched
 from tasks.io.read import DecodeOptions, Sample, iter_batches
 from tasks.stop import raise_if_stopped
@@ -64,14 +66,24 @@ def select_device(preferred: str | torch.device | None = None) -> torch.device:
 
 
 def build_clip_model(weights: ClipWeights, device: torch.device) -> tuple[torch.nn.Module, object]:
-    """The open_clip model (eval, on `device`, fp32 weights) and its inference transform."""
+    """The open_clip model (eval, on `device`, fp32 weights) and its inference transform.
+
+    The checkpoint is `weights.checkpoint_path`, checked against its fingerprint, or for weights resolved
+    from a URL this machine's verified copy of it (`tasks.models.remote_weights.local_weights`).
+    """
     import open_clip
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    if not Path(weights.checkpoint_path).is_file():
-        raise UserError(f"CLIP checkpoint {weights.checkpoint_path} no longer exists; restore it or resolve the weights again.")
-    if weights_fingerprint(weights.checkpoint_path) != weights.weights_fingerprint:
-        raise UserError(f"CLIP checkpoint {weights.checkpoint_path} changed since it was resolved; start the run again.")
+    if weights.checkpoint_url:
+        # Weights given as a URL: this machine's verified copy, downloaded here once when the machine lacks it.
+        checkpoint = str(local_weights(weights.checkpoint_url, weights.weights_fingerprint, weights.storage_options))
+        shown = redacted(weights.checkpoint_url)
+    else:
+        checkpoint = shown = weights.checkpoint_path
+        if not Path(checkpoint).is_file():
+            raise UserError(f"CLIP checkpoint {checkpoint} no longer exists; restore it or resolve the weights again.")
+        if weights_fingerprint(checkpoint) != weights.weights_fingerprint:
+            raise UserError(f"CLIP checkpoint {checkpoint} changed since it was resolved; start the run again.")
     if weights.config_path and open_clip.get_model_config(weights.model_name) != read_model_config(Path(weights.config_path)):
         # open_clip's documented way to use a model-config file: register it under its file stem.
         open_clip.add_model_config(weights.config_path)
@@ -84,7 +96,7 @@ def build_clip_model(weights: ClipWeights, device: torch.device) -> tuple[torch.
     try:
         model = open_clip.create_model(
             weights.model_name,
-            pretrained=weights.checkpoint_path,
+            pretrained=checkpoint,
             force_quick_gelu=weights.quick_gelu,
             force_preprocess_cfg={key: value for key, value in preprocess_cfg.items() if key != "size"},
             device=device,
@@ -96,7 +108,7 @@ def build_clip_model(weights: ClipWeights, device: torch.device) -> tuple[torch.
             if "TorchScript" in str(error)
             else "pass the checkpoint made for this model config"
         )
-        raise UserError(f"CLIP checkpoint {weights.checkpoint_path} does not load into {weights.model_name} ({reason}); {hint}.") from None
+        raise UserError(f"CLIP checkpoint {shown} does not load into {weights.model_name} ({reason}); {hint}.") from None
     model.eval().requires_grad_(False)
     built_preprocess = {key: list(value) if isinstance(value, tuple) else value for key, value in model.visual.preprocess_cfg.items()}
     if isinstance(built_preprocess.get("size"), int):
