@@ -5,7 +5,7 @@ every entry's footer records what the identity covers (pretrained tag, weights S
 decoding). So the identity of a dataset's embeddings is, in order of preference:
 
 1. `embedding_identity` given explicitly (a filter run's summary.json records it under models);
-2. computed from the CLIP weights when they are on this machine (exactly as the filter flow does);
+2. computed from the CLIP weights when they are on this machine or at a URL (exactly as the filter flow does);
 3. found in the store: the identities of `clip_model` whose entries record `clip_pretrained` as their
    pretrained tag (or weights SHA-256; any weights when it is a checkpoint path not on this machine) and
    hold an entry for the dataset's first shard; exactly one must remain.
@@ -58,7 +58,7 @@ def find_embedding_identity(
     if embedding_identity:
         return embedding_identity
     try:
-        weights = resolve_clip(clip_model, clip_pretrained, model_dir)
+        weights = resolve_clip(clip_model, clip_pretrained, model_dir, storage_options)  # a checkpoint URL is read like the shards
         return clip_identity(weights, DecodeOptions.for_model(weights.image_size, decode_mode).identity())
     except UserError:
         pass  # no weights here: look the identity up in the store

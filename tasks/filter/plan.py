@@ -9,7 +9,6 @@ Weights are local paths (or tags under model_dir), or object-store URLs read wit
 options (tasks/models/remote_weights.py): a URL is resolved here to its SHA-256, and the stages carry the
 URL and that digest, so each machine that runs a task fetches and verifies its own copy once.
 
-
 The plan is two kinds of value. The stages (`EmbedStage`, `FilterStage`) carry the run's resolved
 settings, each once, and never the partitions: they are what a task receives beside its own partition,
 so a task's inputs stay the same size however many partitions the run has. `FilterRun.partitions` is the
@@ -99,7 +98,6 @@ class FilterStage:
         if is_remote(self.head_location):
             return str(local_weights(self.head_location, self.head_fingerprint, self.storage_options))
         return self.head_location
-
 
 
 @dataclass(frozen=True)

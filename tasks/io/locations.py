@@ -1,4 +1,4 @@
-"""Where things live by default: model weights and the embedding store.
+"""Where things live by default: model weights, the local copies of weights given as URLs, and the embedding store.
 
 One place for these defaults; the flow's parameter model and the CLI read them from here. Also where
 credentials written into URLs go: `resolve_url_credentials` moves them into storage options at planning,
@@ -18,6 +18,7 @@ from tasks.errors import UserError
 MODEL_DIR_ENV = "NSFW_CURATOR_MODEL_DIR"
 CACHE_PATH_ENV = "NSFW_CURATOR_CACHE_PATH"
 FINGERPRINT_CACHE_ENV = "NSFW_CURATOR_FINGERPRINT_CACHE"
+WEIGHTS_CACHE_ENV = "NSFW_CURATOR_WEIGHTS_CACHE"
 
 
 def default_model_dir() -> str:
@@ -37,6 +38,15 @@ def default_fingerprint_cache_dir() -> Path:
     if explicit:
         return Path(explicit)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nsfw-curator" / "fingerprints"
+
+
+def default_weights_cache_dir() -> Path:
+    """`$NSFW_CURATOR_WEIGHTS_CACHE`, else `$XDG_CACHE_HOME/nsfw-curator/weights` (`~/.cache/...`): this machine's
+    copies of weights given as URLs, one file per weight named by its SHA-256 (tasks/models/remote_weights.py)."""
+    explicit = os.environ.get(WEIGHTS_CACHE_ENV)
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nsfw-curator" / "weights"
 
 
 def clip_weights_dir(model_dir: str | os.PathLike, clip_model: str) -> Path:

@@ -6,12 +6,17 @@ every shard hits) from this module alone. Construction and batched embedding liv
 
 - `clip_model`: an open_clip model name (`ViT-L-14`) or a path to an open_clip model-config JSON whose
   file stem is the model name.
-- `clip_pretrained`: a checkpoint path (`.safetensors`, `.bin`, `.pt`, `.pth`) or a pretrained tag found
-  at `{model_dir}/clip/{clip_model}/{tag}.{safetensors,bin,pt}` (see `tasks.io.locations`). A tag open_clip
+- `clip_pretrained`: a checkpoint path (`.safetensors`, `.bin`, `.pt`, `.pth`), a checkpoint URL
+  (`s3://...`, any fsspec URL, same suffixes), or a pretrained tag found at
+  `{model_dir}/clip/{clip_model}/{tag}.{safetensors,bin,pt}` (see `tasks.io.locations`). A tag open_clip
   knows also brings open_clip's preprocessing and QuickGELU setting for it (the `openai` weights were
   trained with QuickGELU; open_clip's `ViT-L-14` config alone would only warn about the mismatch).
 
-Nothing here downloads anything; `nsfw-curator models fetch` (`tasks.models.fetch`) does.
+Tags and paths are resolved offline. A URL is resolved through `tasks.models.remote_weights`: its SHA-256
+is learned (downloading into the local weights cache at most once per machine and object version), and
+`ClipWeights` carries the URL and that digest so any worker gets its own verified copy. The fingerprint
+is the file's SHA-256 either way, so the same bytes name the same embeddings from a path or a URL.
+Pretrained tags are never downloaded here; `nsfw-curator models fetch` (`tasks.models.fetch`) does that.
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ import json
 import os
 import re
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from tasks.errors import UserError
-from tasks.io.locations import clip_weights_dir, default_fingerprint_cache_dir
+from tasks.io.locations import clip_weights_dir, default_fingerprint_cache_dir, redacted, resolve_url_credentials
+from tasks.models.remote_weights import is_remote, resolve_weights, url_suffix
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # Order in which a tag's files are looked up in the model directory: safetensors first (no pickle).
@@ -36,6 +43,8 @@ TAG_SUFFIXES = (".safetensors", ".bin", ".pt")
 IDENTITY_VERSION = 1
 _PREPROCESS_TAG_KEYS = ("mode", "mean", "std", "interpolation", "resize_mode", "fill_color")
 _HASH_CHUNK_BYTES = 8 << 20
+# ClipWeights fields that say where the weights are, not what they are: left out of the identity record.
+_NOT_IDENTITY_FIELDS = ("config_path", "checkpoint_path", "checkpoint_url", "storage_options")
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,9 @@ class ClipWeights:
 
     `model_config` and `preprocess` are canonical JSON strings (the dataclass stays hashable); `preprocess`
     describes open_clip's inference transform for the model, `weights_fingerprint` is the checkpoint's SHA-256.
+    For weights given as a URL, `checkpoint_url` is that URL (without credentials), `checkpoint_path` the
+    copy on the resolving machine, and `storage_options` what a worker needs to fetch its own copy (never
+    shown, compared or recorded).
     """
 
     model_name: str
@@ -56,6 +68,8 @@ class ClipWeights:
     quick_gelu: bool
     model_config: str
     preprocess: str
+    checkpoint_url: str | None = None
+    storage_options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False, repr=False)
 
     @property
     def preprocess_cfg(self) -> dict:
@@ -205,8 +219,26 @@ def _preprocess_description(image_size: tuple[int, int], tag_cfg: dict) -> tuple
     return cfg, repr(transform)
 
 
-def resolve_clip(clip_model: str = "ViT-L-14", clip_pretrained: str = "openai", model_dir: str | os.PathLike | None = None) -> ClipWeights:
-    """Find the model config and checkpoint offline and fingerprint them; raises UserError with a remedy."""
+def _remote_checkpoint(clip_pretrained: str, storage_options: dict[str, Any] | None) -> tuple[str, str, str, dict[str, Any]]:
+    """(local copy, SHA-256, clean URL, storage options) of a checkpoint given as a URL."""
+    url, options = resolve_url_credentials(clip_pretrained, storage_options=storage_options)
+    if url_suffix(url) not in CHECKPOINT_SUFFIXES:
+        raise UserError(f"CLIP checkpoint {redacted(url)} is not a .safetensors, .bin, .pt or .pth file; pass the URL of one of those.")
+    resolved = resolve_weights(url, options)
+    return str(resolved.path), resolved.sha256, resolved.url, options
+
+
+def resolve_clip(
+    clip_model: str = "ViT-L-14",
+    clip_pretrained: str = "openai",
+    model_dir: str | os.PathLike | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> ClipWeights:
+    """Find the model config and checkpoint and fingerprint them; raises UserError with a remedy.
+
+    Offline for tags and paths; a checkpoint URL is read with `storage_options` (the run's), downloaded only
+    when this machine holds no verified copy of that version of the object.
+    """
     import open_clip
 
     if model_dir is None:
@@ -214,7 +246,14 @@ def resolve_clip(clip_model: str = "ViT-L-14", clip_pretrained: str = "openai", 
 
         model_dir = default_model_dir()
     model_name, config_path, config = _model_name_and_config(str(clip_model))
-    checkpoint_path, tag = _checkpoint_path(model_name, str(clip_pretrained), model_dir)
+    checkpoint_url: str | None = None
+    options: dict[str, Any] = {}
+    if is_remote(str(clip_pretrained)):
+        checkpoint, fingerprint, checkpoint_url, options = _remote_checkpoint(str(clip_pretrained), storage_options)
+        tag = None
+    else:
+        checkpoint_path, tag = _checkpoint_path(model_name, str(clip_pretrained), model_dir)
+        checkpoint, fingerprint = str(checkpoint_path), weights_fingerprint(checkpoint_path)
     tag_cfg = open_clip.get_pretrained_cfg(model_name, tag) if tag else {}
     config = copy.deepcopy(config)
     quick_gelu = bool(config.get("quick_gelu", False) or tag_cfg.get("quick_gelu", False))
@@ -225,14 +264,16 @@ def resolve_clip(clip_model: str = "ViT-L-14", clip_pretrained: str = "openai", 
     return ClipWeights(
         model_name=model_name,
         config_path=str(config_path) if config_path else None,
-        checkpoint_path=str(checkpoint_path),
+        checkpoint_path=checkpoint,
         pretrained_tag=tag,
-        weights_fingerprint=weights_fingerprint(checkpoint_path),
+        weights_fingerprint=fingerprint,
         embedding_dim=int(config["embed_dim"]),
         image_size=image_size,
         quick_gelu=quick_gelu,
         model_config=_canonical_json(config),
         preprocess=_canonical_json({"cfg": preprocess_cfg, "transform": transform_repr}),
+        checkpoint_url=checkpoint_url,
+        storage_options=options,
     )
 
 
@@ -265,7 +306,8 @@ def safe_name(name: str) -> str:
 
 def identity_record(weights: ClipWeights, decode_identity: str) -> dict[str, str]:
     """What an identity covers, in readable form, for the store's file metadata."""
-    record = {key: value for key, value in asdict(weights).items() if key not in ("config_path", "checkpoint_path")}
+    # Where the weights came from is not what they are (and storage options may hold credentials).
+    record = {item.name: getattr(weights, item.name) for item in fields(weights) if item.name not in _NOT_IDENTITY_FIELDS}
     record["image_size"] = list(weights.image_size)
     record["decode"] = decode_identity
     return record
