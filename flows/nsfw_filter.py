@@ -7,7 +7,6 @@ tasks here only add retries, caching, GPU slots and logging around them.
 from __future__ import annotations
 
 import queue
-from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Literal, Optional, Union
 
 from prefect import flow, get_run_logger, task
@@ -17,14 +16,16 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import Field
 
 from flows.parameters import settings_model, validate_settings
-from flows.run_names import filter_run_name, partition_task_run_name
+from flows.run_names import dataset_name, filter_run_name, partition_task_run_name
 from flows.progress import ProgressReport
 from flows.gpu_limits import hold_gpu
-from flows.prefect_cache import EMBEDDING_CACHE, STORAGE_RETRIES, embedding_result_storage, StoreLookup, look_up_partition, shard_reembedder
+from flows.prefect_cache import EMBEDDING_CACHE, STORAGE_RETRIES, embedding_result_storage, shard_reembedder
 from flows.runners import default_max_workers, gpu_remote_options, open_task_runner
 from tasks.models.embed import embed_partition
 from tasks.errors import UserError
+from tasks.filter.reading import PartitionRead, read_partition
 from tasks.filter.stage import clean_partitions_beyond, filter_partition
+from tasks.io.spool import remove_copies, remove_run_folder
 from tasks.io.partition import Partition
 from flows.artifacts import publish_location, publish_review_artifacts
 from tasks.review.sheet import write_review_sheet
@@ -56,6 +57,35 @@ def storage_options_from_secret(block_name: str | None) -> dict:
     return value
 
 
+def _dataset_task_run_name(parameters: dict[str, Any]) -> str:
+    return f"partition-{dataset_name(parameters['settings'].file_paths)}"
+
+
+@task(
+    name="partition-shards",
+    task_run_name=_dataset_task_run_name,
+    **STORAGE_RETRIES,  # listing is the first request of a run: a storage hiccup there is retried like any other
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+def partition_shards_task(settings: Any) -> FilterRun:
+    """List the shards, group them into partitions and resolve the run's stages (tasks/filter/plan.py)."""
+    return _plan(settings)
+
+
+@task(
+    name="read-partition",
+    task_run_name=partition_task_run_name("read"),
+    **STORAGE_RETRIES,
+    cache_policy=NO_CACHE,  # asks the store and the output afresh each run
+    persist_result=False,
+)
+def read_partition_task(partition: Partition, stage: FilterStage) -> PartitionRead:
+    """Fingerprint the partition's shards, look them up in the store, check its earlier outputs and copy
+    the remote shards it must read to this machine's disk (tasks/filter/reading.py)."""
+    return read_partition(partition, stage)
+
+
 @task(
     name="embed-partition",
     task_run_name=partition_task_run_name("embed"),
@@ -63,11 +93,11 @@ def storage_options_from_secret(block_name: str | None) -> dict:
     **EMBEDDING_CACHE,  # cache records are data only (entry URLs as JSON), checked when read back
     tags=["gpu"],
 )
-def embed_partition_task(partition: Partition, shard_fingerprints: tuple[str, ...], shards_in_store: tuple[bool, ...], stage: EmbedStage) -> list[str]:
+def embed_partition_task(partition: Partition, read: PartitionRead, stage: EmbedStage) -> list[str]:
     """Store entries for the partition's shards, running CLIP only for the shards the store misses.
 
-    `shard_fingerprints` and `shards_in_store` come from the flow's one lookup per shard; the fingerprints
-    name the entries and make the cache key, the hash of the entry URLs.
+    `read` is what the partition's read task found: the fingerprints name the entries and make the cache
+    key (the hash of the entry URLs); its local copies are read instead of storage where they are usable.
     """
     logger = get_run_logger()
     with hold_gpu(stage.num_gpus_per_worker) as device:
@@ -80,9 +110,10 @@ def embed_partition_task(partition: Partition, shard_fingerprints: tuple[str, ..
             model_inference_batch_size=stage.model_inference_batch_size,
             storage_options=stage.storage_options,
             device=device,
-            shard_fingerprints=shard_fingerprints,
+            shard_fingerprints=read.lookup.shard_fingerprints,
             # A retry asks the store again: the failed attempt may have written some of the missing entries.
-            shards_in_store=shards_in_store if is_first_attempt() else None,
+            shards_in_store=read.lookup.shards_in_store if is_first_attempt() else None,
+            local_copies=read.copies_here(),
         )
     if stage.verbose:
         logger.info("partition %d: %d store entries on %s", partition.index, len(entry_urls), device)
@@ -96,17 +127,20 @@ def embed_partition_task(partition: Partition, shard_fingerprints: tuple[str, ..
     cache_policy=NO_CACHE,  # idempotent through its manifest; nothing for Prefect to hash or store
     persist_result=False,
 )
-def filter_partition_task(partition: Partition, shard_fingerprints: tuple[str, ...], entry_urls: list[str], stage: FilterStage) -> PartitionResult:
+def filter_partition_task(partition: Partition, read: PartitionRead, entry_urls: list[str], stage: FilterStage) -> PartitionResult:
     """Score the partition's embeddings (the entries its embedding task returned) and write its scores, filtered shards and manifest."""
     logger = get_run_logger()
-    return filter_partition(
+    result = filter_partition(
         partition,
         stage,
         entry_urls,
-        shard_fingerprints,
+        read.lookup.shard_fingerprints,
         log=logger.info if stage.verbose else None,
         reembed_shard=shard_reembedder(stage.embedding),  # an entry found unusable while scoring is embedded again, not a failure
+        read=read,
     )
+    remove_copies(read.local_copies)  # the partition is written: its copies are read no more
+    return result
 
 
 def is_first_attempt() -> bool:
@@ -117,14 +151,19 @@ def is_first_attempt() -> bool:
     return context is None or context.task_run.run_count <= 1
 
 
-def embed_parameters(run: FilterRun, partition: Partition, lookup: StoreLookup) -> dict[str, Any]:
-    """What an embedding task receives: its partition, what the flow's store lookup found for it and the stage settings, never the run's other partitions."""
-    return {"partition": partition, "shard_fingerprints": lookup.shard_fingerprints, "shards_in_store": lookup.shards_in_store, "stage": run.embed}
+def read_parameters(run: FilterRun, partition: Partition) -> dict[str, Any]:
+    """What a read task receives: its partition and the filter stage's settings."""
+    return {"partition": partition, "stage": run.filter}
 
 
-def filter_parameters(run: FilterRun, partition: Partition, shard_fingerprints: tuple[str, ...], entry_urls: Any) -> dict[str, Any]:
-    """What a filter task receives: its partition, what its embedding task returned and the stage settings."""
-    return {"partition": partition, "shard_fingerprints": shard_fingerprints, "entry_urls": entry_urls, "stage": run.filter}
+def embed_parameters(run: FilterRun, partition: Partition, read: PartitionRead) -> dict[str, Any]:
+    """What an embedding task receives: its partition, what its read task found and the stage settings, never the run's other partitions."""
+    return {"partition": partition, "read": read, "stage": run.embed}
+
+
+def filter_parameters(run: FilterRun, partition: Partition, read: PartitionRead, entry_urls: Any) -> dict[str, Any]:
+    """What a filter task receives: its partition, what its read and embedding tasks returned and the stage settings."""
+    return {"partition": partition, "read": read, "entry_urls": entry_urls, "stage": run.filter}
 
 
 def submission_window(max_workers: int | None, num_gpus_per_worker: float) -> int:
@@ -132,12 +171,12 @@ def submission_window(max_workers: int | None, num_gpus_per_worker: float) -> in
     return 4 * (max_workers or default_max_workers(num_gpus_per_worker))
 
 
-def run_partitions(runner: Any, run: FilterRun, lookups: list[StoreLookup], window: int) -> list[PartitionResult]:
-    """Embed then filter every partition with at most `window` tasks in flight; the manifests' contents in partition order.
+def run_partitions(runner: Any, run: FilterRun, window: int) -> list[PartitionResult]:
+    """Read, embed, then filter every partition with at most `window` tasks in flight; the manifests' contents in partition order.
 
-    A filter task is submitted once its partition is embedded, so no worker sits blocked on an upstream
-    task. A failed partition does not stop the others; the run then fails with the first failure's own error.
-    Progress (flows/progress.py) is reported as each partition's outputs are written.
+    Each task is submitted once the one before it in its partition has finished, so no worker sits blocked
+    on an upstream task. A failed partition does not stop the others; the run then fails with the first
+    failure's own error. Progress (flows/progress.py) is reported as each partition's outputs are written.
     """
     logger = get_run_logger()
     progress = ProgressReport(len(run.partitions))
@@ -145,50 +184,54 @@ def run_partitions(runner: Any, run: FilterRun, lookups: list[StoreLookup], wind
     # A partition missing from the store is (re)computed even if Prefect remembers an old result for it.
     embed_again = embed.with_options(refresh_cache=True)
     finished: queue.SimpleQueue[PrefectFuture] = queue.SimpleQueue()
-    embedding: dict[PrefectFuture, int] = {}
-    filtering: set[PrefectFuture] = set()
+    in_flight: dict[PrefectFuture, tuple[str, int]] = {}  # future -> (stage, partition index)
+    reads: dict[int, PartitionRead] = {}
     results: list[PartitionResult] = []
-    not_embedded: list[PrefectFuture] = []
-    not_filtered: list[PrefectFuture] = []
+    failed: dict[str, list[PrefectFuture]] = {"read": [], "embed": [], "filter": []}
+    in_store = 0
     upcoming = iter(run.partitions)
     exhausted = False
+
+    def submit(stage: str, index: int, task: Any, parameters: dict[str, Any]) -> None:
+        future = runner.submit(task, parameters)
+        in_flight[future] = (stage, index)
+        future.add_done_callback(finished.put)
+
     while True:
-        while not exhausted and len(embedding) + len(filtering) < window:
+        while not exhausted and len(in_flight) < window:
             partition = next(upcoming, None)
             if partition is None:
                 exhausted = True
                 break
-            lookup = lookups[partition.index]
-            with gpu_remote_options(runner, run.embed.num_gpus_per_worker):
-                future = runner.submit(embed if lookup.complete else embed_again, embed_parameters(run, partition, lookup))
-            embedding[future] = partition.index
-            future.add_done_callback(finished.put)
-        if not embedding and not filtering:
+            submit("read", partition.index, read_partition_task, read_parameters(run, partition))
+        if not in_flight:
             break
         future = finished.get()
         future.wait()  # the final state, not what the API last recorded
-        if future in embedding:
-            partition = run.partitions[embedding.pop(future)]
-            if future.state.is_completed():
-                written = runner.submit(filter_partition_task, filter_parameters(run, partition, lookups[partition.index].shard_fingerprints, future))
-                filtering.add(written)
-                written.add_done_callback(finished.put)
-            else:
-                not_embedded.append(future)
+        stage, index = in_flight.pop(future)
+        partition = run.partitions[index]
+        if not future.state.is_completed():
+            failed[stage].append(future)
+            reads.pop(index, None)
+        elif stage == "read":
+            read = reads[index] = future.result()
+            in_store += read.lookup.complete
+            with gpu_remote_options(runner, run.embed.num_gpus_per_worker):
+                submit("embed", index, embed if read.lookup.complete else embed_again, embed_parameters(run, partition, read))
+        elif stage == "embed":
+            submit("filter", index, filter_partition_task, filter_parameters(run, partition, reads[index], future))
         else:
-            filtering.discard(future)
-            if future.state.is_completed():
-                results.append(future.result())
-                progress.partition_done(results[-1].samples)
-            else:
-                not_filtered.append(future)
+            reads.pop(index)
+            results.append(future.result())
+            progress.partition_done(results[-1].samples)
     progress.finish()
-    if not_embedded:
-        logger.error("%d of %d partitions could not be embedded", len(not_embedded), len(run.partitions))
-        not_embedded[0].result()
-    if not_filtered:
-        logger.error("%d of %d partitions could not be scored and written", len(not_filtered), len(run.partitions))
-        not_filtered[0].result()
+    logger.info("%d of %d partitions were already in the embedding store", in_store, len(run.partitions))
+    for stage, what in (("read", "read"), ("embed", "embedded"), ("filter", "scored and written")):
+        if failed[stage]:
+            logger.error("%d of %d partitions could not be %s", len(failed[stage]), len(run.partitions), what)
+    for stage in ("read", "embed", "filter"):
+        if failed[stage]:
+            failed[stage][0].result()
     return sorted(results, key=lambda result: result.partition_index)
 
 
@@ -272,19 +315,18 @@ def nsfw_filter(
     """
     settings = validate_settings(dict(locals()), FilterSettings)
     logger = get_run_logger()
-    run = _plan(settings)
+    run = partition_shards_task(settings)
     logger.info("%d shards in %d partitions; embeddings %s", sum(len(p.shard_urls) for p in run.partitions), len(run.partitions), run.embed.embedding_identity)
     advice = small_partitions_advice(len(run.partitions), run.input_bytes)
     if advice:
         logger.warning(advice)
 
-    # Each shard is fingerprinted and looked up in the store once per run, here; tasks get the fingerprints.
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        lookups = list(pool.map(lambda p: look_up_partition(run.embed, p.shard_urls), run.partitions))
-    logger.info("%d of %d partitions already in the embedding store", sum(lookup.complete for lookup in lookups), len(lookups))
-    with open_task_runner(settings.task_runner, settings.ray_address, settings.max_workers, run.embed.num_gpus_per_worker,
-                          embeds=True, allow_cpu=settings.allow_cpu) as runner:
-        results = run_partitions(runner, run, lookups, submission_window(settings.max_workers, run.embed.num_gpus_per_worker))
+    try:
+        with open_task_runner(settings.task_runner, settings.ray_address, settings.max_workers, run.embed.num_gpus_per_worker,
+                              embeds=True, allow_cpu=settings.allow_cpu) as runner:
+            results = run_partitions(runner, run, submission_window(settings.max_workers, run.embed.num_gpus_per_worker))
+    finally:
+        remove_run_folder(run.filter.spool_folder)  # copies of partitions that failed, or were stopped
 
     clean_partitions_beyond(run.output_path, len(run.partitions), run.storage_options)
     remove_leftover_temp_files(run.output_path, run.storage_options)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import anyio.to_thread
@@ -35,9 +34,8 @@ from pydantic import Field, PrivateAttr
 from flows.gpu_limits import hold_gpu
 from tasks.io.atomic import write_bytes_atomic
 from tasks.models.embed import embed_shard, load_clip_embedder
-from tasks.errors import UserError
+from tasks.errors import StorageUnavailable, UserError
 from tasks.filter.plan import EmbedStage
-from tasks.store.entries import shard_fingerprint
 
 RESULTS_FOLDER = "_prefect_results"
 ENTRY_URLS_SERIALIZER_TYPE = "nsfw-curator-entry-urls"
@@ -55,30 +53,9 @@ def embedding_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     """The hash of the partition's entry URLs, built from the fingerprints the flow computed (no storage request)."""
     stage: EmbedStage = parameters["stage"]
     shard_urls = parameters["partition"].shard_urls
-    entry_urls = [stage.store.entry_url(stage.embedding_identity, url, fp) for url, fp in zip(shard_urls, parameters["shard_fingerprints"], strict=True)]
+    fingerprints = parameters["read"].lookup.shard_fingerprints
+    entry_urls = [stage.store.entry_url(stage.embedding_identity, url, fp) for url, fp in zip(shard_urls, fingerprints, strict=True)]
     return CACHE_KEY_PREFIX + hashlib.sha256("\n".join(entry_urls).encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class StoreLookup:
-    """A partition's shards as the flow found them, once per run: their fingerprints and which have a readable entry."""
-
-    shard_fingerprints: tuple[str, ...]
-    shards_in_store: tuple[bool, ...]
-
-    @property
-    def complete(self) -> bool:
-        return all(self.shards_in_store)
-
-
-def look_up_partition(stage: EmbedStage, shard_urls: tuple[str, ...]) -> StoreLookup:
-    """Fingerprint each shard and ask the store for its entry: the only time a run asks either question."""
-    fingerprints = tuple(shard_fingerprint(url, stage.storage_options) for url in shard_urls)
-    present = tuple(
-        stage.store.has(stage.embedding_identity, url, fingerprint, embedding_dim=stage.clip_weights.embedding_dim)
-        for url, fingerprint in zip(shard_urls, fingerprints)
-    )
-    return StoreLookup(fingerprints, present)
 
 
 def shard_reembedder(stage: EmbedStage) -> Callable[[str], str]:
@@ -239,9 +216,12 @@ def embedding_result_storage(stage: EmbedStage) -> WritableFileSystem:
 
 
 def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry storage hiccups; a UserError (missing weights, bad input) is final and fails fast."""
+    """Retry storage hiccups; a UserError (missing weights, bad input) is final and fails fast, except
+    StorageUnavailable (a listing that could not reach its storage), which may pass."""
     try:
         state.result()
+    except StorageUnavailable:
+        return True
     except UserError:
         return False
     except Exception:  # noqa: BLE001 - anything else may be transient

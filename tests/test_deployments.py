@@ -380,7 +380,10 @@ def test_ui_shows_named_tasks_progress_and_histogram(deployed, tmp_path_factory)
     server = deployed.server
     shots = tmp_path_factory.mktemp("ui-run")
     run_page = f"{server.url}/runs/flow-run/{run['id']}"
-    assert "embed-p00000-part-000000" in chromium(run_page, shots, "--dump-dom")  # the run page names its task runs
+    run_dom = chromium(run_page, shots, "--dump-dom")
+    # The run page names its task runs: the card's four kinds, the partitions' by partition and first shard.
+    for name in ("partition-in", "read-p00000-part-000000", "embed-p00000-part-000000", "filter-p00000-part-000000"):
+        assert name in run_dom, f"{name} is not on the run page"
     artifacts = {a["key"]: a for a in server.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}, "sort": "CREATED_DESC", "limit": 200})[::-1]}
     histogram_page = f"{server.url}/artifacts/artifact/{artifacts['nsfw-filter-histogram']['id']}"
     histogram = chromium(histogram_page, shots, "--dump-dom")

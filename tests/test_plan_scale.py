@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.nsfw_filter import embed_parameters, filter_parameters, preflight
-from flows.prefect_cache import look_up_partition
+from flows.nsfw_filter import embed_parameters, filter_parameters, preflight, read_parameters
+from tasks.filter.reading import read_partition
 from tests.support.tars import shard_of_good_samples, tar_bytes
 
 
@@ -35,15 +35,16 @@ def plan_of(root: Path, shards: int, tiny_clip_768, laion_dir: Path, **parameter
     )
 
 
-def first_task_inputs(run) -> tuple[bytes, bytes]:
-    """The pickled parameters the flow submits for partition 0's embedding and filter tasks."""
+def first_task_inputs(run) -> tuple[bytes, bytes, bytes]:
+    """The pickled parameters the flow submits for partition 0's read, embedding and filter tasks."""
     partition = run.partitions[0]
-    lookup = look_up_partition(run.embed, partition.shard_urls)
-    fingerprints = lookup.shard_fingerprints
+    read = read_partition(partition, run.filter)
+    fingerprints = read.lookup.shard_fingerprints
     entry_urls = [run.embed.store.entry_url(run.embed.embedding_identity, url, fp) for url, fp in zip(partition.shard_urls, fingerprints)]
-    embed = pickle.dumps(embed_parameters(run, partition, lookup))
-    scoring = pickle.dumps(filter_parameters(run, partition, fingerprints, entry_urls))
-    return embed, scoring
+    reading = pickle.dumps(read_parameters(run, partition))
+    embed = pickle.dumps(embed_parameters(run, partition, read))
+    scoring = pickle.dumps(filter_parameters(run, partition, read, entry_urls))
+    return reading, embed, scoring
 
 
 def test_task_inputs_do_not_grow_with_the_number_of_partitions(tmp_path, tiny_clip_768, laion_dir):
@@ -51,14 +52,13 @@ def test_task_inputs_do_not_grow_with_the_number_of_partitions(tmp_path, tiny_cl
     large = plan_of(tmp_path / "large", 5_000, tiny_clip_768, laion_dir)
     assert len(small.partitions) == 5 and len(large.partitions) == 5_000
 
-    small_embed, small_filter = first_task_inputs(small)
-    large_embed, large_filter = first_task_inputs(large)
+    small_inputs = first_task_inputs(small)
+    large_inputs = first_task_inputs(large)
     # Same partition, paths differing only in the run's folder name ("small" vs "large"): a few bytes apart.
-    assert abs(len(large_embed) - len(small_embed)) < 300, (len(small_embed), len(large_embed))
-    assert abs(len(large_filter) - len(small_filter)) < 300, (len(small_filter), len(large_filter))
-    for other in (large.partitions[1], large.partitions[-1]):
-        assert other.shard_urls[0].encode() not in large_embed
-        assert other.shard_urls[0].encode() not in large_filter
+    for small_task, large_task in zip(small_inputs, large_inputs):
+        assert abs(len(large_task) - len(small_task)) < 300, (len(small_task), len(large_task))
+        for other in (large.partitions[1], large.partitions[-1]):
+            assert other.shard_urls[0].encode() not in large_task
 
 
 def test_blocksize_sizes_partitions_and_small_partitions_get_advice(tmp_path, tiny_clip_768, laion_dir):

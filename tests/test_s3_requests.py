@@ -42,12 +42,13 @@ def test_requests_per_partition_are_the_same_at_3_and_9_partitions(s3_endpoint, 
         listings = [path for _, path in per_partition if "?list-type" in path]
         assert all(path.endswith((".parquet%2F", ".json%2F", ".tar%2F")) for path in listings), listings
         assert sum(fixed.values()) < 40, fixed
-    # Cold: each shard is read twice (embedding, then copying its members), its entry written once and read once.
+    # Cold: each shard's bytes are read from storage once (the read task copies it; embedding and filtering read
+    # the copy), its entry written once and read once.
     cold_per_partition, _, _ = per_partition_and_fixed(small_cold, large_cold, 3, 9)
-    assert cold_per_partition[("GET", "/BUCKET/in/part-N.tar")] == 2
+    assert cold_per_partition[("GET", "/BUCKET/in/part-N.tar")] == 1
     entry_writes = [count for (method, path), count in cold_per_partition.items() if method == "PUT" and path.startswith("/BUCKET/cache/tiny-clip-H/part-N-etag-")]
     assert entry_writes == [1], cold_per_partition
-    # Asked once whether the entry exists (the flow's lookup), and once more by the read that scores it.
+    # Asked once whether the entry exists (the read task's lookup), and once more by the read that scores it.
     entry_heads = [count for (method, path), count in cold_per_partition.items() if method == "HEAD" and path.startswith("/BUCKET/cache/tiny-clip-H/part-N-etag-")]
     assert entry_heads == [2], cold_per_partition
     # Warm: no shard is read and no entry written; Prefect's record of each embedding task is read instead.

@@ -30,6 +30,7 @@ from tasks.models.nsfw import NSFWHead, load_nsfw_head
 from tasks.io.ownership import claim_output, input_owner, refuse_overlap
 from tasks.io.partition import Partition, list_shard_sizes, parse_blocksize, partition_shards
 from tasks.io.read import DecodeOptions
+from tasks.io.spool import run_spool_folder
 from tasks.store.entries import EmbeddingStore
 
 
@@ -57,6 +58,8 @@ class FilterSettingsLike(Protocol):
     verbose: bool
     take_over_output: bool
     decode_mode: str
+    task_runner: str
+    ray_address: str | None
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,9 @@ class FilterStage:
     images_per_tar: int
     verbose: bool = False
     storage_options: dict = field(default_factory=dict, hash=False, compare=False, repr=False)
+    # This run's folder for local copies of remote shards (tasks/io/spool.py); None when tasks may run on
+    # other machines (a Ray cluster), whose copies nobody would read or remove.
+    spool_folder: str | None = None
 
     @property
     def nsfw_weights(self) -> str:
@@ -230,6 +236,8 @@ def plan_filter_run(
         images_per_tar=int(settings.images_per_tar),
         verbose=bool(settings.verbose),
         storage_options=storage_options,
+        # Every task of a threads run, or of a Ray started here, runs on this machine and sees its disk.
+        spool_folder=run_spool_folder() if settings.task_runner == "threads" or not settings.ray_address else None,
     )
     input_bytes = sum(shard_sizes.values()) if sizes_known else None
     return FilterRun(partitions=partitions, embed=embed, filter=scoring, input_bytes=input_bytes)

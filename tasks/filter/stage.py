@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from tasks.io.write import (
     scores_url,
     write_filtered_partition,
 )
+
+if TYPE_CHECKING:
+    from tasks.filter.reading import PartitionRead  # imports this module: the read stage comes before filtering
 
 
 def settings_identity(
@@ -78,6 +81,7 @@ def _scored_shard(
     storage_options: dict | None,
     reembed_shard: Callable[[str], object] | None = None,
     fingerprint: str | None = None,
+    local_copy: str | None = None,
 ) -> Iterator[tuple[object, float, str | None]]:
     """(sample, nsfw_score, error) for every sample of the shard, in order, from its validated store entry.
 
@@ -129,7 +133,7 @@ def _scored_shard(
     stored = read_entry()
     keys, nsfw_score, errors = scored(stored if stored is not None else embed_again())
     streamed_keys: list[str | None] = []
-    for row, sample in enumerate(iter_samples(shard_url, decode=None, storage_options=storage_options)):
+    for row, sample in enumerate(iter_samples(shard_url, decode=None, storage_options=storage_options, local_copy=local_copy)):
         if row >= len(keys) or sample.key != keys[row]:
             keys, nsfw_score, errors = entry_matching([*streamed_keys, sample.key])
         yield sample, float(nsfw_score[row]), errors[row] or sample.error
@@ -148,12 +152,15 @@ def filter_partition(
     shard_fingerprints: Sequence[str] | None = None,
     log: Callable[[str], None] | None = None,
     reembed_shard: Callable[[str], object] | None = None,
+    read: PartitionRead | None = None,
 ) -> PartitionResult:
     """Score and write one partition (or return its completed manifest); the manifest is the commit point.
 
     `entry_urls` are the partition's store entries as the embedding stage returned them, in shard order;
     `shard_fingerprints` the shards' fingerprints (computed here when not given).
     `reembed_shard(shard_url)` rewrites a shard's store entry; it is called for an entry found unusable here.
+    `read` is what the partition's read task found (tasks/filter/reading.py): its earlier manifest, whether
+    its outputs are complete, and local copies of its shards to read instead of storage.
     """
     storage_options = stage.storage_options
     embedding = stage.embedding
@@ -168,17 +175,22 @@ def filter_partition(
     head = cached_nsfw_head(stage.nsfw_weights)
     output_path = stage.output_path
     identity_of_settings = settings_identity(fingerprints, identity, stage.head_fingerprint, stage.score_threshold, stage.images_per_tar)
-    earlier = read_manifest(output_path, partition.index, storage_options)  # before writing: it names what to replace
-    done = completed_partition(output_path, earlier, partition, identity_of_settings, storage_options)
+    if read is not None:
+        earlier, done = read.earlier, read.earlier if read.outputs_complete else None
+        local_copies = read.copies_here()
+    else:
+        earlier = read_manifest(output_path, partition.index, storage_options)  # before writing: it names what to replace
+        done = completed_partition(output_path, earlier, partition, identity_of_settings, storage_options)
+        local_copies = (None,) * len(partition.shard_urls)
     if done is not None:
         if log:
             log(f"partition {partition.index} already complete; kept")
         return done
 
     def scored_samples() -> Iterator[tuple[object, float, str | None]]:
-        for shard_url, fingerprint in zip(partition.shard_urls, fingerprints):
+        for shard_url, fingerprint, local_copy in zip(partition.shard_urls, fingerprints, local_copies):
             yield from _scored_shard(
-                shard_url, identity, store, head, embedding.model_inference_batch_size, storage_options, reembed_shard, fingerprint
+                shard_url, identity, store, head, embedding.model_inference_batch_size, storage_options, reembed_shard, fingerprint, local_copy
             )
             if log:
                 log(f"scored {shard_url}")

@@ -25,7 +25,7 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from tasks.errors import UserError
+from tasks.errors import StorageUnavailable, UserError
 from tasks.io.locations import redacted, scrubbed
 
 # Most URLs file_paths may name (brace patterns expanded): beyond, the per-name work and memory outgrow a listing.
@@ -183,7 +183,7 @@ def _listing_error(url: str, exc: BaseException) -> UserError:
         reason = scrubbed(str(exc).strip() or "not found", url)
         return UserError(f"Cannot list {redacted(url)}: {reason}; check the bucket or directory name.")
     reason = scrubbed(str(exc).strip().splitlines()[0], url) if str(exc).strip() else type(exc).__name__
-    return UserError(
+    return StorageUnavailable(
         f"Cannot list {redacted(url)} ({type(exc).__name__}: {reason}); check the storage endpoint, network and credentials in the environment."
     )
 

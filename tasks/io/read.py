@@ -13,8 +13,8 @@ only that sample an error (one sentence) and reading goes on with the next sampl
 - a sample's members hold at most `ReadLimits.sample_bytes` (each member counted with its 512-byte tar
   header); members past the limit are skipped unread, so a zip bomb costs time, never memory;
 - an image is checked from its header before any pixel is decoded: at most `DecodeOptions.max_pixels`
-  pixels and a longer side at most `DecodeOptions.max_aspect_ratio` times the shorter (open_clip resizes
-  the shorter side to the model's input size, so a 1x100000 image would become 224 x 22,400,000);
+  pixels; any aspect ratio is scored (the model's transform resizes only what its centre crop keeps,
+  tasks/models/bounded_transform.py, so a 1x100000 banner never becomes 224 x 22,400,000 pixels);
 - a JPEG holds at most `MAX_JPEG_SCANS` scans and `MAX_JPEG_SEGMENTS` marker segments, counted by walking its
   markers before any pixel is decoded (each scan re-walks the whole image, so a "scan bomb" of thousands of
   tiny scans would decode for hours);
@@ -38,7 +38,7 @@ import re
 import tarfile
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -82,10 +82,6 @@ DEFAULT_SAMPLE_BYTES = 256 << 20
 # Raw plus decoded bytes of one batch: far above ordinary batches (100 photos hold ~50 MB), so only huge
 # samples make batches smaller than task_batch_size.
 DEFAULT_BATCH_BYTES = 512 << 20
-# Open_clip resizes an image's shorter side to the model's input size S, so the resized image has
-# ratio x S^2 pixels: 100:1 keeps it under 15 MB at 224 px (34 MB at 336 px) and admits banners,
-# panoramas and long screenshots.
-DEFAULT_MAX_ASPECT_RATIO = 100.0
 # Encoders write about 10 scans (libjpeg's progressive script), and no real one comes near a few hundred;
 # every scan re-walks the image's coefficients, so the decode time grows with the count (djpeg's -maxscans).
 MAX_JPEG_SCANS = 256
@@ -157,16 +153,12 @@ class DecodeOptions:
     """How images are decoded; `identity()` names every setting that changes the decoded pixels."""
 
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit (width x height before any reduction)
-    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO  # longer side / shorter side; bounds what resizing makes
     reduced_jpeg_size: int | None = None  # JPEGs decode at 1/2, 1/4 or 1/8 scale keeping both sides >= this; None = every pixel
     decode_deadline_s: float = DEFAULT_DECODE_DEADLINE_S  # per image in a worker process (see the module docstring)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1:
             raise UserError(f"max_pixels must be a positive whole number of pixels, not {self.max_pixels!r}.")
-        ratio = self.max_aspect_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 1 <= ratio < float("inf"):
-            raise UserError(f"max_aspect_ratio must be a finite number of at least 1, not {ratio!r}.")
         size = self.reduced_jpeg_size
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise UserError(f"reduced_jpeg_size must be a positive number of pixels or None, not {size!r}.")
@@ -329,9 +321,15 @@ def _open_shard(shard_url: str, storage_options: dict | None):
     # Anything else (5xx, timeouts, dropped connections) may be transient: it propagates so the task retries.
 
 
-def _iter_raw_samples(shard_url: str, storage_options: dict | None = None, limits: ReadLimits = ReadLimits()) -> Iterator[Sample]:
-    """Samples with raw members and structural errors only (no decoding), streaming the tar."""
-    with _open_shard(shard_url, storage_options) as fileobj:
+def _iter_raw_samples(
+    shard_url: str, storage_options: dict | None = None, limits: ReadLimits = ReadLimits(), local_copy: str | None = None
+) -> Iterator[Sample]:
+    """Samples with raw members and structural errors only (no decoding), streaming the tar.
+
+    `local_copy` is a verified copy of the shard on this machine's disk (tasks/io/spool.py), read instead of
+    storage; the samples are still the shard's (`shard_url` names them and their errors).
+    """
+    with open(local_copy, "rb") if local_copy is not None else _open_shard(shard_url, storage_options) as fileobj:
         yield from _samples_from_tar(fileobj, shard_url, limits)
 
 
@@ -495,8 +493,6 @@ def _open_image(data: bytes, name: str, options: DecodeOptions) -> Image.Image |
             return f"image {name!r} is {width}x{height} pixels, over the limit of {options.max_pixels} (possible decompression bomb)"
         if min(width, height) < 1:
             return f"image {name!r} is {width}x{height} pixels, so it has no pixels to score"
-        if max(width, height) > options.max_aspect_ratio * min(width, height):
-            return f"image {name!r} is {width}x{height} pixels, one side over {options.max_aspect_ratio:g} times the other (the limit for resizing it)"
         reduced = options.reduced_jpeg_size
         if reduced is not None and image.format in _JPEG_FORMATS and min(width, height) >= 2 * reduced:
             image.draft(None, (reduced, reduced))  # libjpeg DCT scaling: both sides stay >= reduced
@@ -673,7 +669,12 @@ def decode_sample(sample: Sample, options: DecodeOptions) -> Sample:
 
 
 def _held_bytes(sample: Sample, opened: Image.Image | None) -> int:
-    """Upper bound of the bytes a sample holds: raw members, plus (when it is decoded) the RGB image and parsed text."""
+    """Upper bound of the bytes a sample holds: raw members, plus (when it is decoded) the RGB image and parsed text.
+
+    The model's transform adds nothing per sample here: whatever the aspect ratio, its resize makes at most
+    100 x the crop's pixels, or only the crop from the source region it depends on (tasks/models/bounded_transform.py),
+    and that lives only while one worker transforms the sample; the caller counts the model input it leaves.
+    """
     held = 0
     for extension, data in sample.members.items():
         held += len(data)
@@ -700,9 +701,11 @@ def iter_samples(
     decode: DecodeOptions | None = DecodeOptions(),
     storage_options: dict | None = None,
     limits: ReadLimits = ReadLimits(),
+    local_copy: str | None = None,
 ) -> Iterator[Sample]:
-    """Every sample of one shard, in tar order; `decode=None` yields raw members only (no image decoding)."""
-    for sample in _iter_raw_samples(shard_url, storage_options, limits):
+    """Every sample of one shard, in tar order; `decode=None` yields raw members only (no image decoding).
+    `local_copy`: the shard's verified copy on this machine, read instead of storage."""
+    for sample in _iter_raw_samples(shard_url, storage_options, limits, local_copy):
         yield sample if decode is None else decode_sample(sample, decode)
 
 
@@ -723,8 +726,11 @@ def iter_batches(
     limits: ReadLimits = ReadLimits(),
     transform: Callable[[Image.Image], object] | None = None,
     worker_processes: bool = True,
+    local_copies: Mapping[str, str] | None = None,
 ) -> Iterator[list[Sample]]:
     """Batches of `task_batch_size` samples from the shards in order (a batch may span shards).
+
+    `local_copies` maps a shard URL to its verified copy on this machine (read instead of storage).
 
     A background thread streams the tars, checks each image's header and hands the decoding to a pool
     of `threads` workers (default: the CPUs this process may use); up to `prefetch` batches wait ready
@@ -759,7 +765,7 @@ def iter_batches(
         batch: list[Sample | Future | _InWorker] = []
         batch_bytes = 0
         for shard_url in shard_urls:
-            for sample in _iter_raw_samples(shard_url, storage_options, limits):
+            for sample in _iter_raw_samples(shard_url, storage_options, limits, (local_copies or {}).get(shard_url)):
                 if in_processes is not None:
                     # the worker checks the header, and the decoded image lives and dies there: this process holds
                     # the raw members and the model input only

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +74,8 @@ def build_clip_model(weights: ClipWeights, device: torch.device) -> tuple[torch.
     import open_clip
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
+    from tasks.models.bounded_transform import BoundedTransform
+
     if weights.checkpoint_url:
         # Weights given as a URL: this machine's verified copy, downloaded here once when the machine lacks it.
         checkpoint = str(local_weights(weights.checkpoint_url, weights.weights_fingerprint, weights.storage_options))
@@ -114,7 +116,8 @@ def build_clip_model(weights: ClipWeights, device: torch.device) -> tuple[torch.
     if isinstance(built_preprocess.get("size"), int):
         built_preprocess["size"] = [built_preprocess["size"]] * 2
     assert built_preprocess == preprocess_cfg, f"open_clip built preprocessing {built_preprocess}, identity says {preprocess_cfg}"
-    return model, image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
+    # open_clip's own transform, resizing only what its centre crop keeps, so banners of any aspect ratio fit in memory
+    return model, BoundedTransform(image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False))
 
 
 class ClipEmbedder:
@@ -279,6 +282,7 @@ def feed_model_batches(
     pin_memory: bool = False,
     threads: int | None = None,
     worker_processes: bool = True,
+    local_copies: Mapping[str, str] | None = None,
 ) -> Iterator[ModelBatch]:
     """The host pipeline: tars -> (decode + `transform` in a pool of `threads` workers) -> model batches.
 
@@ -291,7 +295,7 @@ def feed_model_batches(
 
     def assemble() -> Iterator[ModelBatch]:
         samples = iter_batches(shard_urls, task_batch_size, decode=decode_options, storage_options=storage_options, threads=threads,
-                               transform=transform, worker_processes=worker_processes)
+                               transform=transform, worker_processes=worker_processes, local_copies=local_copies)
         rows: list[tuple[str | None, str | None]] = []
         inputs: list[torch.Tensor] = []
         try:
@@ -331,10 +335,12 @@ def embed_shard(
     storage_options: dict | None = None,
     fingerprint: str | None = None,
     threads: int | None = None,
+    local_copy: str | None = None,
 ) -> str:
     """Embed every decodable image of one shard and write its store entry; returns the entry URL.
 
-    `fingerprint` is the shard's `shard_fingerprint` when the caller already has it (one request fewer on S3).
+    `fingerprint` is the shard's `shard_fingerprint` when the caller already has it (one request fewer on S3);
+    `local_copy` the shard's verified copy on this machine (tasks/io/spool.py), read instead of storage.
 
     One row per sample, including samples that failed to decode (null embedding, `error` set) and
     shard-level damage (key None). Images are released as soon as they are preprocessed.
@@ -345,7 +351,8 @@ def embed_shard(
     errors: list[str | None] = []
     embedded_rows: list[np.ndarray] = []
     pin_memory = embedder.device.type == "cuda"
-    batches = feed_model_batches([shard_url], embedder.transform, embedder.batch_size, decode_options, task_batch_size, storage_options, pin_memory, threads)
+    batches = feed_model_batches([shard_url], embedder.transform, embedder.batch_size, decode_options, task_batch_size, storage_options, pin_memory, threads,
+                                 local_copies={shard_url: local_copy} if local_copy is not None else None)
     with closing(batches):
         for batch, batch_embeddings in embedder.embed_model_batches(batches):
             full = np.full((len(batch.rows), embedder.embedding_dim), np.nan, dtype=np.float32)
@@ -380,12 +387,14 @@ def embed_partition(
     device: str | torch.device | None = None,
     shard_fingerprints: Sequence[str] | None = None,
     shards_in_store: Sequence[bool] | None = None,
+    local_copies: Sequence[str | None] | None = None,
 ) -> list[str]:
     """Entry URLs for a partition's shards; embeds (loading CLIP only then) the shards the store misses.
 
     `shard_fingerprints`, when given, are the shards' fingerprints already computed by the caller (in order);
     `shards_in_store`, when given, is what the caller's own store lookup found for each shard, so the store
-    is not asked again (whoever reads an entry validates it and re-embeds an unusable one).
+    is not asked again (whoever reads an entry validates it and re-embeds an unusable one); `local_copies`,
+    when given, the shards' verified copies on this machine (None: read from storage).
     """
     identity = clip_identity(weights, decode_options.identity())
     entry_urls = []
@@ -398,5 +407,6 @@ def embed_partition(
             continue
         if embedder is None:
             embedder = load_clip_embedder(weights, device, model_inference_batch_size)
-        entry_urls.append(embed_shard(shard_url, embedder, store, decode_options, task_batch_size, storage_options, fingerprint))
+        local_copy = local_copies[index] if local_copies is not None else None
+        entry_urls.append(embed_shard(shard_url, embedder, store, decode_options, task_batch_size, storage_options, fingerprint, local_copy=local_copy))
     return entry_urls

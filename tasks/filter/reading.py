@@ -1,0 +1,74 @@
+"""The read stage of a partition: what its embedding and filter tasks need to know before they start.
+
+For each shard, once per run: its content fingerprint (names its store entry), whether the store holds a
+readable entry for it, and, when the partition's outputs must be written, a copy of a remote shard on this
+machine's disk (tasks/io/spool.py) that the embedding and filter tasks read instead of storage, so a cold
+run reads each shard's bytes from storage once. The partition's earlier manifest is read here too: when
+its outputs are already complete for these shards and settings, nothing is copied and the filter task
+keeps them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tasks.filter.plan import EmbedStage, FilterStage
+from tasks.filter.stage import completed_partition, settings_identity
+from tasks.io.partition import Partition
+from tasks.io.spool import LocalCopy, copy_shard, is_remote
+from tasks.io.write import PartitionResult, read_manifest
+from tasks.stop import raise_if_stopped
+from tasks.store.entries import shard_fingerprint
+
+
+@dataclass(frozen=True)
+class StoreLookup:
+    """A partition's shards as the run found them, once: their fingerprints and which have a readable entry."""
+
+    shard_fingerprints: tuple[str, ...]
+    shards_in_store: tuple[bool, ...]
+
+    @property
+    def complete(self) -> bool:
+        return all(self.shards_in_store)
+
+
+def look_up_partition(stage: EmbedStage, shard_urls: tuple[str, ...]) -> StoreLookup:
+    """Fingerprint each shard and ask the store for its entry: the only time a run asks either question."""
+    fingerprints = tuple(shard_fingerprint(url, stage.storage_options) for url in shard_urls)
+    present = tuple(
+        stage.store.has(stage.embedding_identity, url, fingerprint, embedding_dim=stage.clip_weights.embedding_dim)
+        for url, fingerprint in zip(shard_urls, fingerprints)
+    )
+    return StoreLookup(fingerprints, present)
+
+
+@dataclass(frozen=True)
+class PartitionRead:
+    """What a partition's read task found (small values: a few strings and flags per shard)."""
+
+    lookup: StoreLookup
+    local_copies: tuple[LocalCopy | None, ...]  # per shard: its copy on the reading machine, or None (read from storage)
+    earlier: PartitionResult | None  # the partition's manifest from an earlier attempt or run
+    outputs_complete: bool  # `earlier` describes complete outputs for these shards and settings: nothing to write
+
+    def copies_here(self) -> tuple[str | None, ...]:
+        """The copies' paths where they are usable on this machine (None elsewhere, or where there is none)."""
+        return tuple(copy.path if copy is not None and copy.usable() else None for copy in self.local_copies)
+
+
+def read_partition(partition: Partition, stage: FilterStage) -> PartitionRead:
+    """Fingerprint and look up the partition's shards, check its earlier outputs and copy what must be read."""
+    embedding = stage.embedding
+    lookup = look_up_partition(embedding, partition.shard_urls)
+    identity_of_settings = settings_identity(
+        list(lookup.shard_fingerprints), embedding.embedding_identity, stage.head_fingerprint, stage.score_threshold, stage.images_per_tar
+    )
+    earlier = read_manifest(stage.output_path, partition.index, stage.storage_options)
+    complete = completed_partition(stage.output_path, earlier, partition, identity_of_settings, stage.storage_options) is not None
+    copies: list[LocalCopy | None] = []
+    for shard_url, fingerprint in zip(partition.shard_urls, lookup.shard_fingerprints):
+        raise_if_stopped()
+        wanted = not complete and stage.spool_folder is not None and is_remote(shard_url, stage.storage_options)
+        copies.append(copy_shard(shard_url, fingerprint, stage.spool_folder, stage.storage_options) if wanted else None)
+    return PartitionRead(lookup, tuple(copies), earlier, complete)

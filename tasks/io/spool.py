@@ -1,0 +1,108 @@
+"""Local copies of remote shards, so a cold run reads each shard's bytes from storage once.
+
+A partition's read task downloads each remote shard it must process (one GET) into the run's spool folder
+on this machine's disk; the embedding task decodes from that copy and the filter task copies members from
+it, then removes it. Local shards are never copied (reading them twice costs no storage request).
+
+- A copy is named by the shard's URL and content fingerprint (`{sha256(url)[:32]}-{fingerprint}.tar`), written
+  under a temp name and renamed once complete, and used only when its size is the one recorded when it was
+  downloaded: a task on another machine, a removed copy or a truncated one reads from storage instead.
+- Disk is bounded: a shard is copied only while the folder's disk keeps `SPOOL_RESERVE_BYTES` (or
+  `SPOOL_RESERVE_SHARE` of the disk, the larger) free after it. A full disk costs a second read, never data.
+- The folder belongs to one run (`run_spool_folder`) and is removed when the run ends, copies left by failed
+  partitions included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+
+from fsspec.implementations.local import LocalFileSystem
+
+from tasks.io.atomic import filesystem
+
+SPOOL_DIR_ENV = "NSFW_CURATOR_SPOOL_DIR"
+# Free disk a copy must leave behind: other programs (and this run's outputs on local disk) need room too.
+SPOOL_RESERVE_BYTES = 2 << 30
+SPOOL_RESERVE_SHARE = 0.05
+# Below this much free disk after a failed copy, the disk is taken to have filled up.
+_NEARLY_FULL_BYTES = 8 << 20
+
+
+@dataclass(frozen=True)
+class LocalCopy:
+    """A shard's copy on the disk of the machine that read it."""
+
+    path: str
+    size: int
+
+    def usable(self) -> bool:
+        """True on the machine holding the complete copy (a task elsewhere reads from storage)."""
+        try:
+            return os.path.getsize(self.path) == self.size
+        except OSError:
+            return False
+
+
+def spool_root() -> str:
+    """`$NSFW_CURATOR_SPOOL_DIR`, else `{tmp}/nsfw-curator-spool`."""
+    return os.environ.get(SPOOL_DIR_ENV) or os.path.join(tempfile.gettempdir(), "nsfw-curator-spool")
+
+
+def run_spool_folder() -> str:
+    """A new folder name for one run's copies (created when the first copy is made)."""
+    return os.path.join(spool_root(), f"run-{uuid.uuid4().hex}")
+
+
+def is_remote(shard_url: str, storage_options: dict | None) -> bool:
+    """Whether reading the shard is a storage request (anything but this machine's own files)."""
+    return not isinstance(filesystem(shard_url, storage_options)[0], LocalFileSystem)
+
+
+def _room_for(folder: str, size: int) -> bool:
+    usage = shutil.disk_usage(folder)
+    return usage.free - size >= max(SPOOL_RESERVE_BYTES, int(SPOOL_RESERVE_SHARE * usage.total))
+
+
+def copy_shard(shard_url: str, fingerprint: str, folder: str, storage_options: dict | None) -> LocalCopy | None:
+    """The shard downloaded whole into `folder` (one GET), or None when the disk has no room for it."""
+    fs, path = filesystem(shard_url, storage_options)
+    os.makedirs(folder, exist_ok=True)
+    size = fs.size(path)
+    if size is None or not _room_for(folder, int(size)):
+        return None
+    name = f"{hashlib.sha256(shard_url.encode()).hexdigest()[:32]}-{fingerprint}.tar"
+    final = os.path.join(folder, name)
+    partial = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+    try:
+        fs.get_file(path, partial)  # one streamed GET on object stores
+        os.replace(partial, final)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        if shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES:
+            return None  # the disk filled up meanwhile: read from storage instead
+        raise
+    copied = os.path.getsize(final)
+    if copied != size:
+        os.remove(final)
+        raise OSError(f"{copied} of {size} bytes copied")  # the shard changed while it was read: the task retries
+    return LocalCopy(final, copied)
+
+
+def remove_copies(copies: tuple[LocalCopy | None, ...]) -> None:
+    for copy in copies:
+        if copy is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(copy.path)
+
+
+def remove_run_folder(folder: str | None) -> None:
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
