@@ -30,7 +30,7 @@ from tasks.stop import request_stop
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # Flow parameters that hold storage URLs (which may carry `user:password@`).
-URL_PARAMETERS = frozenset({"file_paths", "output_path", "cache_path", "filter_output_path"})
+URL_PARAMETERS = frozenset({"file_paths", "output_path", "cache_path", "filter_output_path", "clip_pretrained", "nsfw_weights"})
 # After an interrupt, at most this long for Prefect to record the crash and shut down before the process ends itself.
 EXIT_GRACE_S = 20.0
 

@@ -80,7 +80,7 @@ def embed_missing_task(
     decode_mode: str = DEFAULT_DECODE_MODE,
 ) -> str:
     """Embed shards the store lacks, exactly as the filter flow would (same identity); returns the identity."""
-    weights = resolve_clip(clip_model, clip_pretrained, model_dir)
+    weights = resolve_clip(clip_model, clip_pretrained, model_dir, storage_options)  # a checkpoint URL is read like the shards
     decode = DecodeOptions.for_model(weights.image_size, decode_mode)
     with hold_gpu(1.0) as device:
         embed_partition(shard_urls, weights, store, decode, storage_options=storage_options, device=device)
@@ -168,7 +168,7 @@ def _inputs_and_output(settings: Any, storage_options: dict) -> tuple[str, list[
 
 def _without_url_credentials(settings: Any) -> tuple[Any, dict]:
     """Settings whose URLs carry no credentials, and the storage options holding them (tasks/io/locations.py)."""
-    names = ("file_paths", "output_path", "cache_path", "filter_output_path")
+    names = ("file_paths", "output_path", "cache_path", "filter_output_path", "clip_pretrained")
     *urls, storage_options = resolve_url_credentials(
         *(getattr(settings, name) for name in names), storage_options=storage_options_from_secret(settings.storage_options_secret)
     )

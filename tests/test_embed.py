@@ -569,7 +569,10 @@ def test_fetch_keeps_what_is_present_and_valid(tmp_path, laion_dir):
 
     assert fetch_models(tmp_path) == [checkpoint, head]
     assert {path: path.stat().st_mtime_ns for path in before} == before
-    assert (tmp_path / "clip" / "ViT-L-14" / "openai.safetensors.sha256").is_file()
+    from tasks.models.clip_resolve import fingerprint_record_path
+
+    assert fingerprint_record_path(checkpoint.resolve()).is_file()  # hashed now, recorded in the user's cache
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["openai.safetensors"]  # nothing beside the model
     # What fetch put there is exactly what the offline resolution finds.
     assert resolve_clip("ViT-L-14", "openai", tmp_path).checkpoint_path == str(checkpoint)
 

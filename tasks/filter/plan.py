@@ -149,7 +149,7 @@ def small_partitions_advice(partitions: int, input_bytes: int | None) -> str | N
         return None
     mean_mb = input_bytes / partitions / 1e6
     return (
-        f"{partitions:,} partitions of {mean_mb:.1f} MB on average: each partition costs two task runs of orchestration, "
+        f"{partitions:,} partitions of {mean_mb:.1f} MB on average: each partition costs three task runs of orchestration, "
         f"so partitions this small spend much of the run on bookkeeping; pass blocksize='{SUGGESTED_BLOCKSIZE}' "
         f"(or a larger files_per_partition) to group shards."
     )
