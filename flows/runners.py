@@ -21,7 +21,9 @@ import os
 import sys
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import urlsplit
 
+from prefect.logging import get_logger
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from tasks.errors import UserError
@@ -39,8 +41,14 @@ PACKAGE_EXCLUDES = ["__pycache__/", "*.pyc", "*.pyo", ".pytest_cache/"]
 _LOCAL_RAY_ADDRESS = "local"
 
 
+# GPUs of the cluster an open Ray runner connected to, read once when it connected (None: no runner open).
+_connected_cluster_gpus: float | None = None
+
+
 def ray_cluster_gpus() -> float:
-    """GPUs the connected Ray cluster declares, over all its nodes (0 when none)."""
+    """GPUs the connected Ray cluster declares, over all its nodes (0 when none); as read on connecting while a runner is open."""
+    if _connected_cluster_gpus is not None:
+        return _connected_cluster_gpus
     import ray
 
     return float(ray.cluster_resources().get("GPU", 0.0))
@@ -132,6 +140,33 @@ def refuse_cpu_only_ray(ray_address: str | None) -> None:
     )
 
 
+def api_unreachable_warning(api_url: str | None) -> str | None:
+    """A warning when the run's Prefect API listens on loopback only but Ray nodes run on other hosts (their task runs could not report)."""
+    import ray
+    from ray.util import get_node_ip_address
+
+    host = urlsplit(api_url).hostname if api_url else None
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    here = get_node_ip_address()
+    elsewhere = sorted({node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")} - {here, "127.0.0.1"})
+    if not elsewhere:
+        return None
+    return (f"the run reports to the Prefect API at {api_url}, which only this machine reaches, but Ray nodes run on {', '.join(elsewhere[:3])}: "
+            "start a Prefect server they reach and set PREFECT_API_URL to it for the flow process.")
+
+
+def _warn(message: str) -> None:
+    """To the flow run's log (the UI) inside a run, else to this module's logger."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        get_run_logger().warning(message)
+    except MissingContextError:
+        get_logger(__name__).warning(message)
+
+
 @contextlib.contextmanager
 def _reporting_to(api_url: str | None) -> Iterator[None]:
     """PREFECT_API_URL = the run's API in this process's settings, which prefect-ray sends with every task to its worker."""
@@ -155,16 +190,25 @@ def open_task_runner(
     api_url = flow_api_url() if kind == "ray" else None
     runner = ray_task_runner(ray_address, api_url) if kind == "ray" else ThreadPoolTaskRunner(max_workers=max_workers or default_max_workers(num_gpus_per_worker))
     clear_stop()
+    global _connected_cluster_gpus
     with _reporting_to(api_url), runner:
-        if kind == "ray" and embeds and not allow_cpu and ray_cluster_gpus() == 0:
-            refuse_cpu_only_ray(ray_address)
         try:
+            if kind == "ray":
+                # One question to the cluster per run, not one per submitted task; the refusal and every GPU request follow it.
+                _connected_cluster_gpus = ray_cluster_gpus()
+                if embeds and not allow_cpu and _connected_cluster_gpus == 0:
+                    refuse_cpu_only_ray(ray_address)
+                warning = api_unreachable_warning(api_url)
+                if warning:
+                    _warn(warning)
             yield runner
         except BaseException as interrupt:
             if not isinstance(interrupt, (Exception, GeneratorExit)):
                 # Ctrl-C or SIGTERM: running tasks stop at their next batch instead of being waited for.
                 request_stop()
             raise
+        finally:
+            _connected_cluster_gpus = None
 
 
 @contextlib.contextmanager
