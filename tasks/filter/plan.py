@@ -137,7 +137,7 @@ class FilterRun:
 
 
 # Below this mean size per partition, a run of many partitions spends a noticeable share of its time on
-# orchestration: each partition costs two task runs, about 50 ms of CPU (benchmarks/bench_scale.py).
+# orchestration: each partition costs three task runs (read, embed, filter), about 50 ms of CPU for the two before the read task (benchmarks/bench_scale.py).
 SMALL_PARTITION_BYTES = 64 << 20
 SMALL_PARTITION_RUN = 100  # partitions; fewer cost seconds of overhead in all, not worth a warning
 SUGGESTED_BLOCKSIZE = "512MB"
