@@ -20,7 +20,6 @@ from PIL import Image
 
 from tasks.models.bounded_transform import NAIVE_RESIZE_MAX_RATIO, BoundedTransform, _pass_order_rule
 from tests.support.tars import Member, encode, good_sample_members, write_tar
-from tests.support.tiny_clip import open_clip_reference
 from tests.test_hostile_samples import run_limited
 
 PARITY_COSINE = 0.99999
@@ -168,20 +167,19 @@ def test_banners_are_scored_as_open_clip_scores_them_under_a_memory_limit(tmp_pa
     embeddings = np.array([embedding for *_, embedding in rows], dtype=np.float32)
 
     photo = Image.open(io.BytesIO(good_sample_members("photo")[0].data)).convert("RGB")
-    reference = open_clip_reference(config_path, checkpoint_path, [photo, banners["wide"], banners["tall"]])
-    reference_model = _open_clip_model(config_path, checkpoint_path)
-    thread = BoundedTransform(image_transform_v2(PreprocessCfg(**reference_model.visual.preprocess_cfg), is_train=False))
-    model_input = column_reference(thread, banners["thread"]).unsqueeze(0)
+    model, preprocess = _open_clip_model(config_path, checkpoint_path)  # open_clip's own, as open_clip_reference builds it
+    thread = BoundedTransform(preprocess)
+    model_inputs = [preprocess(photo), preprocess(banners["wide"]), preprocess(banners["tall"]), column_reference(thread, banners["thread"])]
     with torch.no_grad():
-        thread_reference = torch.nn.functional.normalize(reference_model.encode_image(model_input), dim=-1).numpy()
-    reference = np.concatenate([reference, thread_reference])
+        reference = torch.nn.functional.normalize(torch.cat([model.encode_image(x.unsqueeze(0)) for x in model_inputs]), dim=-1).numpy()
     cosines = (embeddings * reference).sum(axis=1) / (np.linalg.norm(embeddings, axis=1) * np.linalg.norm(reference, axis=1))
     assert cosines.min() >= PARITY_COSINE, cosines
 
 
 def _open_clip_model(config_path, checkpoint_path):
+    """open_clip's model (eval) and inference preprocess for the tiny model's files."""
     import open_clip
 
     open_clip.add_model_config(config_path)
-    model, _, _ = open_clip.create_model_and_transforms(config_path.stem, pretrained=str(checkpoint_path))
-    return model.eval()
+    model, _, preprocess = open_clip.create_model_and_transforms(config_path.stem, pretrained=str(checkpoint_path))
+    return model.eval(), preprocess
