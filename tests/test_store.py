@@ -420,3 +420,18 @@ def test_missing_bucket_is_one_clear_sentence(s3_endpoint, tmp_path):
     table, _ = sample_table(shard)
     with pytest.raises(UserError, match="no-such-bucket-for-tests.*credentials"):
         store.write(IDENTITY, shard, table)
+
+
+def test_an_entry_holding_a_retired_aspect_ratio_refusal_is_stale_and_others_stay_hits(tmp_path):
+    """Earlier versions refused banners past 100:1 and stored that error; such an entry is embedded again, once."""
+    shard = write_shard(tmp_path / "data" / "00001.tar")
+    fresh_shard = write_shard(tmp_path / "data" / "00002.tar", b"other bytes")
+    store = EmbeddingStore(tmp_path / "cache")
+    embeddings = unit_rows(3)
+    refused = "image 'banner.png' is 4000x20 pixels, one side over 100 times the other (the limit for resizing it)"
+    store.write(IDENTITY, shard, embedding_table(["a", "banner", "c"], shard, embeddings, [None, refused, None]))
+    store.write(IDENTITY, fresh_shard, embedding_table(["a", "b", "c"], fresh_shard, embeddings, [None, "image 'b.jpg' is truncated", None]))
+    # The footer is sound (has() is footer-only); whoever reads the rows finds it stale and embeds the shard again.
+    with pytest.warns(UserWarning, match="refused by a check this version no longer makes"):
+        assert store.read(IDENTITY, shard) is None
+    assert store.read(IDENTITY, fresh_shard) is not None

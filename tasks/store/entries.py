@@ -59,6 +59,7 @@ from fsspec.implementations.local import LocalFileSystem
 from tasks.io.atomic import write_bytes_atomic
 from tasks.models.clip_resolve import safe_name
 from tasks.errors import UserError
+from tasks.store.retired_errors import first_retired_error
 
 METADATA_KEY = b"nsfw_curator"
 ENTRY_FORMAT_VERSION = 1
@@ -292,6 +293,9 @@ def _validate_rows(table: pa.Table) -> str | None:
     keyless = np.flatnonzero(~has_key & ~has_error)
     if len(keyless):
         return f"row {int(keyless[0])} has no key and no error"
+    if first_retired_error(table.column("error").drop_null().to_pylist()) is not None:
+        # Stale, not corrupt: embedded again once, and the new entry scores that sample (tasks/store/retired_errors.py).
+        return "a sample was refused by a check this version no longer makes (a banner's aspect ratio)"
     rows = embedding_matrix(table)[has_embedding].astype(np.float64)
     finite = np.isfinite(rows).all(axis=1)
     if not finite.all():
