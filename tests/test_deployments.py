@@ -206,9 +206,10 @@ def test_ui_run_on_a_worker_writes_outputs_and_starts_dedup(deployed, tmp_path, 
     assert max(end for _, end in first_uses) <= min(start for start, _ in second_uses)  # never the GPU at once
     deployed.finished_runs["filter"] = run
 
-    # Task runs named by partition and first shard, in the order the flow submitted them.
+    # The card's four task kinds: the listing named by the dataset, the rest by partition and first shard.
     task_runs = server.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}, "sort": "EXPECTED_START_TIME_ASC"})
-    assert sorted(t["name"] for t in task_runs) == sorted(f"{stage}-p{i:05d}-part-{i:06d}" for stage in ("embed", "filter") for i in range(3))
+    expected_names = ["partition-in", *(f"{stage}-p{i:05d}-part-{i:06d}" for stage in ("read", "embed", "filter") for i in range(3))]
+    assert sorted(t["name"] for t in task_runs) == sorted(expected_names)
     # Progress reached 100%; the throughput table, the counts and the histogram are there; no link a browser refuses.
     artifacts = server.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200})
     progress = [a for a in artifacts if a["type"] == "progress"]
