@@ -51,6 +51,7 @@ from tasks.dedup.io import (
 from tasks.store.entries import shard_fingerprint
 from tasks.models.embed import embed_partition
 from tasks.errors import UserError
+from tasks.stop import clear_stop
 from tasks.io.locations import default_cache_path, resolve_url_credentials
 from tasks.io.ownership import claim_output, input_owner, refuse_overlap, settle_owner
 from tasks.io.partition import list_shards
@@ -233,6 +234,7 @@ def image_dedup(
         decode_mode: The decode_mode the embeddings were made with (exact or reduced, as given to nsfw-filter).
     """
     settings = validate_settings(dict(locals()), DedupSettings)
+    clear_stop()  # a stop of an earlier run in this process (a notebook) is not this run's
     logger = get_run_logger()
     settings, storage_options = _without_url_credentials(settings)
     output_path, shard_urls = _inputs_and_output(settings, storage_options)

@@ -212,7 +212,9 @@ def run_partitions(runner: Any, run: FilterRun, window: int) -> list[PartitionRe
         partition = run.partitions[index]
         if not future.state.is_completed():
             failed[stage].append(future)
-            reads.pop(index, None)
+            failed_read = reads.pop(index, None)
+            if failed_read is not None:
+                remove_copies(failed_read.local_copies)  # nothing will read them: free the disk now
         elif stage == "read":
             read = reads[index] = future.result()
             in_store += read.lookup.complete

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,6 +33,7 @@ from tasks.stop import clear_stop, request_stop
 
 # Settings of this project that Ray worker processes must see as the driver does.
 _FORWARDED_ENV_PREFIX = "NSFW_CURATOR_"
+_SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD", re.IGNORECASE)
 # The project's packages, shipped to Ray workers: this file's folder and its sibling.
 PROJECT_PACKAGES = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "tasks")
 # Never uploaded with them (gitignore patterns, relative to each package folder).
@@ -99,8 +101,11 @@ def flow_api_url() -> str | None:
 
 
 def forwarded_env(api_url: str | None) -> dict[str, str]:
-    """The environment every Ray worker gets: this process's NSFW_CURATOR_* settings and the run's Prefect API."""
-    env_vars = {name: value for name, value in os.environ.items() if name.startswith(_FORWARDED_ENV_PREFIX)}
+    """The environment every Ray worker gets: this process's NSFW_CURATOR_* settings and the run's Prefect API.
+
+    Secrets are not forwarded: a runtime_env is shown by Ray's dashboard and job API, so the store's signing
+    key (NSFW_CURATOR_STORE_KEY) must be in each node's own environment."""
+    env_vars = {name: value for name, value in os.environ.items() if name.startswith(_FORWARDED_ENV_PREFIX) and not _SECRET_NAME.search(name)}
     if api_url:
         env_vars["PREFECT_API_URL"] = api_url
     return env_vars

@@ -4,11 +4,13 @@ A partition's read task downloads each remote shard it must process (one GET) in
 on this machine's disk; the embedding task decodes from that copy and the filter task copies members from
 it, then removes it. Local shards are never copied (reading them twice costs no storage request).
 
-- A copy is named by the shard's URL and content fingerprint (`{sha256(url)[:32]}-{fingerprint}.tar`), written
-  under a temp name and renamed once complete, and used only when its size is the one recorded when it was
-  downloaded: a task on another machine, a removed copy or a truncated one reads from storage instead.
+- A copy is named by the shard's URL, content fingerprint and a random part, written under a temp name and
+  renamed once complete, in a folder only this user may enter (a shared /tmp's planted folder or link means
+  no copies), and used only when its size is the one recorded when it was downloaded: a task on another
+  machine, a removed copy or a truncated one reads from storage instead.
 - Disk is bounded: a shard is copied only while the folder's disk keeps `SPOOL_RESERVE_BYTES` (or
-  `SPOOL_RESERVE_SHARE` of the disk, the larger) free after it. A full disk costs a second read, never data.
+  `SPOOL_RESERVE_SHARE` of the disk, the larger) free after it and after the copies still downloading. A
+  disk without that room costs a second read, never a row.
 - The folder belongs to one run (`run_spool_folder`) and is removed when the run ends, copies left by failed
   partitions included.
 """
@@ -19,7 +21,9 @@ import contextlib
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
+import threading
 import uuid
 from dataclasses import dataclass
 
@@ -33,6 +37,9 @@ SPOOL_RESERVE_BYTES = 2 << 30
 SPOOL_RESERVE_SHARE = 0.05
 # Below this much free disk after a failed copy, the disk is taken to have filled up.
 _NEARLY_FULL_BYTES = 8 << 20
+# Bytes of copies this process is downloading right now (not yet seen by the disk's free space).
+_reserved_bytes = 0
+_reserved_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -51,8 +58,20 @@ class LocalCopy:
 
 
 def spool_root() -> str:
-    """`$NSFW_CURATOR_SPOOL_DIR`, else `{tmp}/nsfw-curator-spool`."""
-    return os.environ.get(SPOOL_DIR_ENV) or os.path.join(tempfile.gettempdir(), "nsfw-curator-spool")
+    """`$NSFW_CURATOR_SPOOL_DIR`, else `{tmp}/nsfw-curator-spool-{uid}` (one per user)."""
+    return os.environ.get(SPOOL_DIR_ENV) or os.path.join(tempfile.gettempdir(), f"nsfw-curator-spool-{os.geteuid()}")
+
+
+def _private_folder(folder: str) -> bool:
+    """Create `folder` (and its parent) for this user; False when either is a link, another user's or writable
+    by others (in a shared /tmp someone could plant a copy there), so nothing is copied."""
+    for path in (os.path.dirname(folder), folder):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+        info = os.lstat(path)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+            return False
+    return True
 
 
 def run_spool_folder() -> str:
@@ -73,13 +92,20 @@ def _room_for(folder: str, size: int) -> bool:
 def copy_shard(shard_url: str, fingerprint: str, folder: str, storage_options: dict | None) -> LocalCopy | None:
     """The shard downloaded whole into `folder` (one GET), or None when the disk has no room for it."""
     fs, path = filesystem(shard_url, storage_options)
-    os.makedirs(folder, exist_ok=True)
-    size = fs.size(path)
-    if size is None or not _room_for(folder, int(size)):
+    if not _private_folder(folder):
         return None
-    name = f"{hashlib.sha256(shard_url.encode()).hexdigest()[:32]}-{fingerprint}.tar"
+    fs.invalidate_cache(path)  # the size now, not a listing's from before the shard was rewritten
+    size = fs.size(path)
+    if size is None:
+        return None
+    with _reserved_lock:  # copies in flight count against the room they will take
+        global _reserved_bytes
+        if not _room_for(folder, int(size) + _reserved_bytes):
+            return None
+        _reserved_bytes += int(size)
+    name = f"{hashlib.sha256(shard_url.encode()).hexdigest()[:32]}-{fingerprint}-{uuid.uuid4().hex}.tar"
     final = os.path.join(folder, name)
-    partial = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+    partial = os.path.join(folder, f".{name}.tmp")
     try:
         fs.get_file(path, partial)  # one streamed GET on object stores
         os.replace(partial, final)
@@ -89,6 +115,9 @@ def copy_shard(shard_url: str, fingerprint: str, folder: str, storage_options: d
         if shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES:
             return None  # the disk filled up meanwhile: read from storage instead
         raise
+    finally:
+        with _reserved_lock:
+            _reserved_bytes -= int(size)
     copied = os.path.getsize(final)
     if copied != size:
         os.remove(final)
