@@ -102,12 +102,12 @@ def test_a_spool_folder_another_user_could_write_is_never_used(tmp_path, s3_buck
     shared = tmp_path / "shared-tmp"
     shared.mkdir()
     shared.chmod(0o777)  # as /tmp is: someone else may have made (and filled) the spool folder first
-    assert copy_shard(f"s3://{s3_bucket}/spool-check/x.tar", "etag-1", str(shared / "run-1"), None) is None
+    assert copy_shard(f"s3://{s3_bucket}/spool-check/x.tar", "etag-1", None, str(shared / "run-1"), None) is None
     linked = tmp_path / "linked"
     linked.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     (tmp_path / "elsewhere").mkdir()
-    assert copy_shard(f"s3://{s3_bucket}/spool-check/x.tar", "etag-1", str(linked / "run-1"), None) is None
+    assert copy_shard(f"s3://{s3_bucket}/spool-check/x.tar", "etag-1", None, str(linked / "run-1"), None) is None
     own = tmp_path / "own"
-    copy = copy_shard(f"s3://{s3_bucket}/spool-check/x.tar", "etag-1", str(own / "run-1"), None)
+    copy = copy_shard(f"s3://{s3_bucket}/spool-check/x.tar", "etag-1", None, str(own / "run-1"), None)
     assert copy is not None and copy.usable() and Path(copy.path).read_bytes() == b"x" * 2048
     assert (own / "run-1").stat().st_mode & 0o777 == 0o700

@@ -18,7 +18,7 @@ from tasks.io.partition import Partition
 from tasks.io.spool import LocalCopy, copy_shard, is_remote
 from tasks.io.write import PartitionResult, read_manifest
 from tasks.stop import raise_if_stopped
-from tasks.store.entries import shard_fingerprint
+from tasks.store.entries import shard_fingerprint_and_size
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class StoreLookup:
 
     shard_fingerprints: tuple[str, ...]
     shards_in_store: tuple[bool, ...]
+    shard_sizes: tuple[int | None, ...]  # bytes, from the same look as the fingerprint (None where storage does not say)
 
     @property
     def complete(self) -> bool:
@@ -35,12 +36,13 @@ class StoreLookup:
 
 def look_up_partition(stage: EmbedStage, shard_urls: tuple[str, ...]) -> StoreLookup:
     """Fingerprint each shard and ask the store for its entry: the only time a run asks either question."""
-    fingerprints = tuple(shard_fingerprint(url, stage.storage_options) for url in shard_urls)
+    looked = [shard_fingerprint_and_size(url, stage.storage_options) for url in shard_urls]
+    fingerprints = tuple(fingerprint for fingerprint, _ in looked)
     present = tuple(
         stage.store.has(stage.embedding_identity, url, fingerprint, embedding_dim=stage.clip_weights.embedding_dim)
         for url, fingerprint in zip(shard_urls, fingerprints)
     )
-    return StoreLookup(fingerprints, present)
+    return StoreLookup(fingerprints, present, tuple(size for _, size in looked))
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,8 @@ def read_partition(partition: Partition, stage: FilterStage) -> PartitionRead:
     earlier = read_manifest(stage.output_path, partition.index, stage.storage_options)
     complete = completed_partition(stage.output_path, earlier, partition, identity_of_settings, stage.storage_options) is not None
     copies: list[LocalCopy | None] = []
-    for shard_url, fingerprint in zip(partition.shard_urls, lookup.shard_fingerprints):
+    for shard_url, fingerprint, size in zip(partition.shard_urls, lookup.shard_fingerprints, lookup.shard_sizes):
         raise_if_stopped()
         wanted = not complete and stage.spool_folder is not None and is_remote(shard_url, stage.storage_options)
-        copies.append(copy_shard(shard_url, fingerprint, stage.spool_folder, stage.storage_options) if wanted else None)
+        copies.append(copy_shard(shard_url, fingerprint, size, stage.spool_folder, stage.storage_options) if wanted else None)
     return PartitionRead(lookup, tuple(copies), earlier, complete)

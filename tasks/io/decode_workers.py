@@ -286,7 +286,8 @@ class _DecodePool:
 
     def shutdown(self, wait: bool = True) -> None:
         self.closed.set()
-        self.executor.shutdown(wait=wait, cancel_futures=True)
+        # Never cancel this pool's futures (see `Decoding.cancel`): what is queued is a few batches at most.
+        self.executor.shutdown(wait=wait, cancel_futures=False)
 
 
 def _kill(pid: int) -> None:
@@ -354,9 +355,15 @@ class Decoding:
         return self.future is not None and self.future.done() and not _lost_with_its_pool(self.future)
 
     def cancel(self) -> None:
+        """Drop it: nobody waits for its result, and a pool that breaks later does not hand it on.
+
+        Its future is left to finish rather than cancelled. Python 3.11's process pool fails in its manager
+        thread when it breaks (a stop, a deadline or the OOM killer ends a worker) while a cancelled future is
+        still queued (fixed in 3.12): that thread's traceback is printed and the futures queued after the
+        cancelled one are never finished. What runs on instead is bounded by the reader's window (a few
+        batches), and a stop kills the workers anyway.
+        """
         self.cancelled = True
-        if self.future is not None:
-            self.future.cancel()
         if self.pool is not None:
             with self.pool.lock:
                 self.pool.decodings.pop(self.task, None)

@@ -758,7 +758,7 @@ def iter_batches(
     pool = ThreadPoolExecutor(workers, thread_name_prefix="decode") if decode is not None and in_processes is None else None
     # A transformed sample holds its model input (602 KB at 224 px in float32), often more than its image did.
     input_bytes = _transform_output_bytes(transform) if transform is not None and decode is not None else 0
-    # samples handed to worker processes and not yet done (kept by the reader thread), cancelled when reading stops early
+    # samples handed to worker processes and not yet done (kept by the reader thread), dropped when reading stops early
     pending: deque[_InWorker] = deque()
 
     def batches_of_pending_samples() -> Iterator[list[Sample | Future | _InWorker]]:

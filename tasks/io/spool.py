@@ -89,13 +89,17 @@ def _room_for(folder: str, size: int) -> bool:
     return usage.free - size >= max(SPOOL_RESERVE_BYTES, int(SPOOL_RESERVE_SHARE * usage.total))
 
 
-def copy_shard(shard_url: str, fingerprint: str, folder: str, storage_options: dict | None) -> LocalCopy | None:
-    """The shard downloaded whole into `folder` (one GET), or None when the disk has no room for it."""
+def copy_shard(shard_url: str, fingerprint: str, size: int | None, folder: str, storage_options: dict | None) -> LocalCopy | None:
+    """The shard downloaded whole into `folder` (one GET), or None when the disk has no room for it.
+
+    `size` is the shard's size from the look that fingerprinted it (None: asked here).
+    """
     fs, path = filesystem(shard_url, storage_options)
     if not _private_folder(folder):
         return None
-    fs.invalidate_cache(path)  # the size now, not a listing's from before the shard was rewritten
-    size = fs.size(path)
+    if size is None:
+        fs.invalidate_cache(path)  # the size now, not a listing's from before the shard was rewritten
+        size = fs.size(path)
     if size is None:
         return None
     with _reserved_lock:  # copies in flight count against the room they will take

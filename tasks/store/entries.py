@@ -151,29 +151,46 @@ def shard_fingerprint(shard_url: str, storage_options: dict | None = None) -> st
       re-uploading the same bytes with another part size is a false *miss*, never a false hit.
     - GCS: `gcs-md5-{md5}` or `gcs-crc32c-{crc}-{size}` (composite objects have only a CRC32C).
     """
+    return shard_fingerprint_and_size(shard_url, storage_options)[0]
+
+
+def shard_fingerprint_and_size(shard_url: str, storage_options: dict | None = None) -> tuple[str, int | None]:
+    """`shard_fingerprint` and the shard's size in bytes (None where the backend does not say), from one look.
+
+    On object stores that look is always one request for the object as it is now (HEAD on S3), never a
+    listing's memory of it: the name must describe the bytes that are read next, and a run makes the same
+    requests whichever thread, and so whichever cached client, asks.
+    """
     fs, path = _filesystem(shard_url, storage_options)
     protocols = _protocols(fs)
     try:
         if isinstance(fs, LocalFileSystem):
-            return f"md5-{_local_md5(path)}"
-        if protocols & {"s3", "s3a"}:
+            return f"md5-{_local_md5(path)}", os.stat(path).st_size
+        if protocols & {"s3", "s3a", "gs", "gcs"}:
+            fs.invalidate_cache(path)
             info = fs.info(path)
-            etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
-            if etag:
-                return safe_name(f"etag-{etag}-{info.get('size')}")
-        if protocols & {"gs", "gcs"}:
-            info = fs.info(path)
-            if info.get("md5Hash"):
-                return safe_name(f"gcs-md5-{_b64_to_hex(info['md5Hash'])}")
-            if info.get("crc32c"):
-                return safe_name(f"gcs-crc32c-{_b64_to_hex(info['crc32c'])}-{info.get('size')}")
-        return f"md5-{_stream_md5(fs.open(path, 'rb'))}"
+            size = _size_of(info)
+            if protocols & {"s3", "s3a"}:
+                etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+                if etag:
+                    return safe_name(f"etag-{etag}-{info.get('size')}"), size
+            else:
+                if info.get("md5Hash"):
+                    return safe_name(f"gcs-md5-{_b64_to_hex(info['md5Hash'])}"), size
+                if info.get("crc32c"):
+                    return safe_name(f"gcs-crc32c-{_b64_to_hex(info['crc32c'])}-{info.get('size')}"), size
+        return f"md5-{_stream_md5(fs.open(path, 'rb'))}", None
     except FileNotFoundError:
         raise UserError(f"shard {redact_url(shard_url)} does not exist; check file_paths.") from None
     except Exception as error:
         if _is_access_error(error):
             raise _storage_error(error, shard_url, "read shard") from None
         raise
+
+
+def _size_of(info: dict) -> int | None:
+    size = info.get("size")
+    return int(size) if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None
 
 
 def _b64_to_hex(value: str) -> str:
