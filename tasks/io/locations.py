@@ -1,8 +1,15 @@
-"""Where things live by default: model weights, the local copies of weights given as URLs, and the embedding store.
+"""Storage locations: the `Location` value, where things live by default, and the rules for URLs.
 
-One place for these defaults; the flow's parameter model and the CLI read them from here. Also where
-credentials written into URLs go: `resolve_url_credentials` moves them into storage options at planning,
-so every URL a run holds, writes or prints is clean.
+A `Location` is a clean URL or local path together with the fsspec storage options (credentials, endpoint)
+that reach it. The plan builds one for each place a run touches (the inputs, the store, the output, each
+weight file), once, from what the user passed; everything below the plan receives those values and asks
+them for their filesystem, so no function there takes storage options. Its `str` and `repr` are the
+clean URL: they never show credentials.
+
+The defaults (model weights, local copies of weights given as URLs, the embedding store) live here too;
+the flow's parameter model and the CLI read them from here. Credentials written into URLs go through
+`resolve_url_credentials`, which moves them into storage options at planning, so every URL a run holds,
+writes or prints is clean.
 """
 
 from __future__ import annotations
@@ -10,15 +17,118 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import unquote
 
 from tasks.errors import UserError
+
+if TYPE_CHECKING:
+    import fsspec
 
 MODEL_DIR_ENV = "NSFW_CURATOR_MODEL_DIR"
 CACHE_PATH_ENV = "NSFW_CURATOR_CACHE_PATH"
 FINGERPRINT_CACHE_ENV = "NSFW_CURATOR_FINGERPRINT_CACHE"
 WEIGHTS_CACHE_ENV = "NSFW_CURATOR_WEIGHTS_CACHE"
+
+
+class Location:
+    """A place in storage: its clean URL (or local path) and the storage options that reach it.
+
+    Immutable and small: it pickles with its options (a task on another machine needs them to read), and
+    it is compared and hashed by URL and options. `str()` and `repr()` give the URL only.
+    """
+
+    __slots__ = ("_url", "_options")
+
+    def __init__(self, url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> None:
+        url = os.fspath(url)
+        if not isinstance(url, str) or not url:
+            raise UserError(f"a storage location must be a non-empty path or URL, not {url!r}.")
+        if _USERINFO.match(url):
+            raise ValueError("a Location's URL carries no credentials: split them off with resolve_url_credentials first")
+        object.__setattr__(self, "_url", url)
+        object.__setattr__(self, "_options", dict(storage_options or {}))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("a Location is immutable")
+
+    @property
+    def url(self) -> str:
+        """The clean URL or path, as given (what names, identities and messages use)."""
+        return self._url
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """A copy of the fsspec options, for libraries that take them beside a URL (pyarrow, pandas)."""
+        return dict(self._options)
+
+    @property
+    def is_local(self) -> bool:
+        """Whether it is a path on this machine (a plain path or file://)."""
+        return "://" not in self._url or self._url.startswith(("file://", "local://"))
+
+    def filesystem(self) -> tuple["fsspec.AbstractFileSystem", str]:
+        """The fsspec filesystem and the protocol-less path; UserError for an unknown protocol or a missing backend.
+
+        fsspec keeps one filesystem instance per options, process and thread, so asking again is cheap.
+        """
+        from fsspec.core import url_to_fs
+
+        try:
+            return url_to_fs(self._url, **self._options)
+        except ValueError as exc:
+            if "Protocol not known" not in str(exc):
+                raise
+            protocol = self._url.split("://", 1)[0]
+            raise UserError(
+                f"{self._url} uses the unknown protocol '{protocol}://'; use a local path, file://, s3:// or another fsspec protocol."
+            ) from None
+        except ImportError as exc:
+            raise UserError(f"{self._url} needs a filesystem package that is not installed ({exc}); install it and retry.") from None
+
+    @property
+    def fs(self) -> "fsspec.AbstractFileSystem":
+        return self.filesystem()[0]
+
+    @property
+    def path(self) -> str:
+        return self.filesystem()[1]
+
+    def at(self, url: str | os.PathLike) -> "Location":
+        """Another URL reached with the same options (a shard found by listing this input, say)."""
+        return Location(url, self._options)
+
+    def join(self, *parts: str) -> "Location":
+        """The location `parts` below this one (`{url}/{part}/...`)."""
+        return Location("/".join([self._url.rstrip("/"), *parts]), self._options)
+
+    def __truediv__(self, part: str) -> "Location":
+        return self.join(part)
+
+    @property
+    def name(self) -> str:
+        """The last path segment."""
+        return self._url.rstrip("/").rsplit("/", 1)[-1]
+
+    def __str__(self) -> str:
+        return self._url
+
+    def __fspath__(self) -> str:
+        if not self.is_local:
+            raise TypeError(f"{self._url} is not a local path")
+        return self._url[len("file://"):] if self._url.startswith("file://") else self._url
+
+    def __repr__(self) -> str:
+        return f"Location({self._url!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Location) and self._url == other._url and self._options == other._options
+
+    def __hash__(self) -> int:
+        return hash(self._url)
+
+    def __reduce__(self) -> tuple:
+        return (Location, (self._url, self._options))
 
 
 def default_model_dir() -> str:
