@@ -103,12 +103,7 @@ def embed_partition_task(partition: Partition, read: PartitionRead, stage: Embed
     with hold_gpu(stage.num_gpus_per_worker) as device:
         entry_urls = embed_partition(
             partition.shard_urls,
-            stage.clip_weights,
-            stage.store,
-            stage.decode,
-            task_batch_size=stage.task_batch_size,
-            model_inference_batch_size=stage.model_inference_batch_size,
-            storage_options=stage.storage_options,
+            stage,
             device=device,
             shard_fingerprints=read.lookup.shard_fingerprints,
             # A retry asks the store again: the failed attempt may have written some of the missing entries.
@@ -330,14 +325,14 @@ def nsfw_filter(
     finally:
         remove_run_folder(run.filter.spool_folder)  # copies of partitions that failed, or were stopped
 
-    clean_partitions_beyond(run.output_path, len(run.partitions), run.storage_options)
-    remove_leftover_temp_files(run.output_path, run.storage_options)
+    clean_partitions_beyond(run.output, len(run.partitions))
+    remove_leftover_temp_files(run.output)
     summary = RunSummary.from_partitions(results, run.filter.score_threshold, run.models(), run.output_path)
-    summary_url = summary.write(run.storage_options)
+    summary_url = summary.write(run.output)
     publish_artifacts(summary, summary_url)
     if settings.review_samples > 0:
         # Opt-in threshold-calibration sheet (tasks/review/sheet.py); the run's outputs are complete before it starts.
-        sheet = write_review_sheet(run.output_path, n=settings.review_samples, storage_options=run.storage_options)
+        sheet = write_review_sheet(run.output, n=settings.review_samples)
         publish_review_artifacts(sheet)
         logger.info("review sheet with %d samples: %s", len(sheet.samples), sheet.sheet_url)
     logger.info("%d samples: %d passed, %d filtered, %d not scored", summary.samples, summary.passed, summary.filtered, summary.errors)

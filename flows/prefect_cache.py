@@ -25,7 +25,6 @@ import re
 from typing import Any, Callable, ClassVar
 
 import anyio.to_thread
-import fsspec
 import prefect
 from prefect.filesystems import WritableFileSystem
 from prefect.serializers import Serializer
@@ -33,6 +32,7 @@ from pydantic import Field, PrivateAttr
 
 from flows.gpu_limits import hold_gpu
 from tasks.io.atomic import write_bytes_atomic
+from tasks.io.locations import Location
 from tasks.models.embed import embed_shard, load_clip_embedder
 from tasks.errors import StorageUnavailable, UserError
 from tasks.filter.plan import EmbedStage
@@ -64,7 +64,7 @@ def shard_reembedder(stage: EmbedStage) -> Callable[[str], str]:
     def reembed(shard_url: str) -> str:
         with hold_gpu(stage.num_gpus_per_worker) as device:
             embedder = load_clip_embedder(stage.clip_weights, device, stage.model_inference_batch_size)
-            return embed_shard(shard_url, embedder, stage.store, stage.decode, stage.task_batch_size, stage.storage_options)
+            return embed_shard(stage.shard(shard_url), embedder, stage.store, stage.decode, stage.task_batch_size)
 
     return reembed
 
@@ -170,15 +170,18 @@ class EntryUrlsStorage(WritableFileSystem):
     _block_type_slug: ClassVar[str] = "nsfw-curator-embedding-records"
 
     basepath: str = Field(description="Folder or URL the embedding task's cache records live under.")
-    _storage_options: dict = PrivateAttr(default_factory=dict)
+    _location: Location | None = PrivateAttr(default=None)  # `basepath` with the run's storage options
 
     def _url(self, key: str) -> str:
         if not _CACHE_KEY.fullmatch(key):
             raise UntrustedRecordError("not an embedding cache key")
         return f"{self.basepath.rstrip('/')}/{key}"
 
+    def _at(self, url: str) -> Location:
+        return self._location.at(url) if self._location is not None else Location(url)
+
     def _read_checked(self, key: str) -> bytes:
-        fs, path = fsspec.core.url_to_fs(self._url(key), **self._storage_options)
+        fs, path = self._at(self._url(key)).filesystem()
         with fs.open(path, "rb") as handle:
             content = handle.read(_MAX_RECORD_BYTES + 1)
         block_id = getattr(self, "_block_document_id", None)
@@ -186,7 +189,7 @@ class EntryUrlsStorage(WritableFileSystem):
 
     def _write(self, key: str, content: bytes) -> str:
         url = self._url(key)
-        write_bytes_atomic(url, content, self._storage_options)
+        write_bytes_atomic(self._at(url), content)
         return key
 
     def read_path(self, path: str, _sync: bool | None = None) -> bytes:
@@ -205,13 +208,15 @@ class EntryUrlsStorage(WritableFileSystem):
 def embedding_result_storage(stage: EmbedStage) -> WritableFileSystem:
     """A saved `EntryUrlsStorage` block at `{cache_path}/_prefect_results` (Prefect wants result storage saved).
 
-    The saved block holds only the location; the run's storage options are set on this copy after saving.
+    The saved block holds only the URL; the store's location (with the run's storage options) is set on this
+    copy after saving.
     """
-    root = f"{stage.store.cache_path}/{RESULTS_FOLDER}"
+    results = stage.store.location / RESULTS_FOLDER
+    root = results.url
     block = EntryUrlsStorage(basepath=root)
     name = "nsfw-curator-records-" + hashlib.sha256(root.encode()).hexdigest()[:16]
     block.save(name, overwrite=True)
-    block._storage_options = dict(stage.storage_options)
+    block._location = results
     return block
 
 

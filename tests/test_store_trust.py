@@ -284,7 +284,7 @@ def test_filter_stage_embeds_again_when_an_entrys_keys_are_not_the_shards(tmp_pa
         store.write(identity, url, genuine)
 
     store.write(identity, shard, genuine)
-    expected = [(sample.key, score) for sample, score, _ in _scored_shard(shard, identity, store, head, 4, None, reembed)]
+    expected = [(sample.key, score) for sample, score, _ in _scored_shard(shard, identity, store, head, 4, reembed)]
     assert [key for key, _ in expected] == keys and not embedded
 
     forged = {
@@ -295,7 +295,7 @@ def test_filter_stage_embeds_again_when_an_entrys_keys_are_not_the_shards(tmp_pa
     for table in forged.values():
         store.write(identity, shard, table)
         with pytest.warns(CorruptEntryWarning, match="has key|the shard has 6 samples"):
-            got = [(sample.key, score) for sample, score, _ in _scored_shard(shard, identity, store, head, 4, None, reembed)]
+            got = [(sample.key, score) for sample, score, _ in _scored_shard(shard, identity, store, head, 4, reembed)]
         assert got == expected and embedded.pop() == shard
         assert store.read_table(identity, shard, embedding_dim=768, expected_keys=keys) is not None  # rewritten
 
@@ -303,9 +303,9 @@ def test_filter_stage_embeds_again_when_an_entrys_keys_are_not_the_shards(tmp_pa
     # changed during the run), the partition fails with that reason.
     store.write(identity, shard, forged["keys swapped"])
     with pytest.raises(RuntimeError, match="changed during the run"):
-        list(_scored_shard(shard, identity, store, head, 4, None, None))
+        list(_scored_shard(shard, identity, store, head, 4, None))
     with pytest.raises(RuntimeError, match="changed during the run"), pytest.warns(CorruptEntryWarning):
-        list(_scored_shard(shard, identity, store, head, 4, None, lambda url: store.write(identity, url, forged["a row dropped"])))
+        list(_scored_shard(shard, identity, store, head, 4, lambda url: store.write(identity, url, forged["a row dropped"])))
 
 
 def test_flow_with_a_store_key_rejects_well_formed_forgeries(tmp_path, tiny_clip_768, laion_dir, monkeypatch):

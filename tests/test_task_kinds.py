@@ -95,6 +95,7 @@ def test_without_room_on_disk_the_shard_is_read_from_storage_and_keeps_every_row
 def test_a_spool_folder_another_user_could_write_is_never_used(tmp_path, s3_bucket):
     import s3fs
 
+    from tasks.io.locations import Location
     from tasks.io.spool import copy_shard
 
     fs = s3fs.S3FileSystem()
@@ -102,12 +103,12 @@ def test_a_spool_folder_another_user_could_write_is_never_used(tmp_path, s3_buck
     shared = tmp_path / "shared-tmp"
     shared.mkdir()
     shared.chmod(0o777)  # as /tmp is: someone else may have made (and filled) the spool folder first
-    assert copy_shard(f"s3://{s3_bucket}/spool-check/x.tar", "etag-1", None, str(shared / "run-1"), None) is None
+    assert copy_shard(Location(f"s3://{s3_bucket}/spool-check/x.tar"), "etag-1", None, str(shared / "run-1")) is None
     linked = tmp_path / "linked"
     linked.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     (tmp_path / "elsewhere").mkdir()
-    assert copy_shard(f"s3://{s3_bucket}/spool-check/x.tar", "etag-1", None, str(linked / "run-1"), None) is None
+    assert copy_shard(Location(f"s3://{s3_bucket}/spool-check/x.tar"), "etag-1", None, str(linked / "run-1")) is None
     own = tmp_path / "own"
-    copy = copy_shard(f"s3://{s3_bucket}/spool-check/x.tar", "etag-1", None, str(own / "run-1"), None)
+    copy = copy_shard(Location(f"s3://{s3_bucket}/spool-check/x.tar"), "etag-1", None, str(own / "run-1"))
     assert copy is not None and copy.usable() and Path(copy.path).read_bytes() == b"x" * 2048
     assert (own / "run-1").stat().st_mode & 0o777 == 0o700

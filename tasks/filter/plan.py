@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tasks.errors import UserError
 from tasks.models.clip_resolve import ClipWeights, clip_identity, resolve_clip, weights_fingerprint
 from tasks.models.remote_weights import is_remote, local_weights, resolve_weights
-from tasks.io.locations import default_cache_path, default_model_dir, nsfw_weights_path, refuse_output_file, resolve_url_credentials
+from tasks.io.locations import Location, default_cache_path, default_model_dir, nsfw_weights_path, refuse_output_file, resolve_url_credentials
 from tasks.models.nsfw import NSFWHead, load_nsfw_head
 from tasks.io.ownership import claim_output, input_owner, refuse_overlap
 from tasks.io.partition import Partition, list_shard_sizes, parse_blocksize, partition_shards
@@ -69,15 +69,25 @@ class EmbedStage:
     clip_weights: ClipWeights
     decode: DecodeOptions
     embedding_identity: str
-    store: EmbeddingStore  # carries the storage options of the store and of the shards
+    store: EmbeddingStore
     task_batch_size: int
     model_inference_batch_size: int
     num_gpus_per_worker: float
     verbose: bool = False
+    # The input listing's location: every shard it lists is reached as `inputs.at(shard_url)` (one run, one set
+    # of storage options).
+    inputs: Location = Location(".")
 
-    @property
-    def storage_options(self) -> dict:
-        return self.store.storage_options
+    @classmethod
+    def of(cls, clip_weights: ClipWeights, store: EmbeddingStore, decode: DecodeOptions, task_batch_size: int = 100,
+           model_inference_batch_size: int = 32, inputs: Location = Location(".")) -> "EmbedStage":
+        """The stage for these weights and decode settings, its identity computed (for library callers and tests)."""
+        return cls(clip_weights, decode, clip_identity(clip_weights, decode.identity()), store, task_batch_size,
+                   model_inference_batch_size, num_gpus_per_worker=0.0, inputs=inputs)
+
+    def shard(self, shard_url: str) -> Location:
+        """Where a listed shard is read from."""
+        return self.inputs.at(shard_url)
 
 
 @dataclass(frozen=True)
@@ -86,24 +96,27 @@ class FilterStage:
     which embeds a shard again when its entry turns out unusable)."""
 
     embedding: EmbedStage
-    head_location: str  # the NSFW head as given: a local path, or a URL without credentials
+    head_location: Location  # the NSFW head as given: a local path, or a URL
     head_fingerprint: str  # its SHA-256
-    output_path: str
+    output: Location
     score_threshold: float
     images_per_tar: int
     verbose: bool = False
-    storage_options: dict = field(default_factory=dict, hash=False, compare=False, repr=False)
     # This run's folder for local copies of remote shards (tasks/io/spool.py); None when tasks may run on
     # other machines (a Ray cluster), whose copies nobody would read or remove.
     spool_folder: str | None = None
 
     @property
+    def output_path(self) -> str:
+        return self.output.url
+
+    @property
     def nsfw_weights(self) -> str:
         """The head's file on this machine: the path as given, or for a URL this machine's verified copy
         (downloaded on first use here, then checked once per process)."""
-        if is_remote(self.head_location):
-            return str(local_weights(self.head_location, self.head_fingerprint, self.storage_options))
-        return self.head_location
+        if is_remote(self.head_location.url):
+            return str(local_weights(self.head_location, self.head_fingerprint))
+        return self.head_location.url
 
 
 @dataclass(frozen=True)
@@ -116,12 +129,12 @@ class FilterRun:
     input_bytes: int | None = None  # the shards' total size, when the listing gave every size
 
     @property
-    def output_path(self) -> str:
-        return self.filter.output_path
+    def output(self) -> Location:
+        return self.filter.output
 
     @property
-    def storage_options(self) -> dict:
-        return self.filter.storage_options
+    def output_path(self) -> str:
+        return self.filter.output_path
 
     def models(self) -> dict[str, str]:
         """Model identities for the summary (names and fingerprints, never local secrets)."""
@@ -131,7 +144,7 @@ class FilterRun:
             "clip_pretrained": weights.pretrained_tag or _file_name(weights.checkpoint_url or weights.checkpoint_path),
             "clip_weights_sha256": weights.weights_fingerprint,
             "embedding_identity": self.embed.embedding_identity,
-            "nsfw_head": _file_name(self.filter.head_location),
+            "nsfw_head": _file_name(self.filter.head_location.url),
             "nsfw_head_sha256": self.filter.head_fingerprint,
         }
 
@@ -160,19 +173,25 @@ def _file_name(location: str) -> str:
     return location.rstrip("/").rsplit("/", 1)[-1] if is_remote(location) else os.path.basename(location)
 
 
-def load_planned_head(location: str, storage_options: dict[str, Any]) -> tuple[NSFWHead, str]:
+def load_planned_head(location: Location) -> tuple[NSFWHead, str]:
     """The NSFW head at a local path or URL (fetched once per machine), and its SHA-256; UserError when it is not one."""
-    if is_remote(location):
-        resolved = resolve_weights(location, storage_options)
+    if is_remote(location.url):
+        resolved = resolve_weights(location)
         return cached_nsfw_head(str(resolved.path)), resolved.sha256
-    head = cached_nsfw_head(location)  # first: a missing or foreign file is one sentence
-    return head, weights_fingerprint(location)
+    head = cached_nsfw_head(location.url)  # first: a missing or foreign file is one sentence
+    return head, weights_fingerprint(location.url)
 
 
 @functools.lru_cache(maxsize=4)
 def cached_nsfw_head(path: str) -> NSFWHead:
     """The head, loaded once per process (it is shared read-only by the threads of a worker)."""
     return load_nsfw_head(path, device="cpu")
+
+
+def input_location(file_paths: str | list[str], storage_options: dict[str, Any]) -> Location:
+    """The input listing's location: its first URL, with the run's storage options (which reach every shard)."""
+    first = file_paths if isinstance(file_paths, str) else next((str(path) for path in file_paths if path), "")
+    return Location(first or ".", storage_options)
 
 
 def normalise_output_path(url: str) -> str:
@@ -198,44 +217,48 @@ def plan_filter_run(
         settings.nsfw_weights,
         storage_options=storage_options,
     )
-    refuse_output_file(output_path, storage_options)
-    output_path = normalise_output_path(output_path)
+    # Each place the run touches, once, as a location carrying the run's storage options; nothing below takes them.
+    inputs = input_location(file_paths, storage_options)
+    refuse_output_file(Location(output_path, storage_options))
+    output = Location(normalise_output_path(output_path), storage_options)
+    output_path = output.url
     file_extensions = settings.file_extensions
-    shard_sizes = list_shard_sizes(file_paths, file_extensions, storage_options)
+    shard_sizes = list_shard_sizes(file_paths, file_extensions, inputs)
     shard_urls = list(shard_sizes)
     if settings.blocksize is not None and settings.files_per_partition != 1:
         raise UserError("files_per_partition and blocksize both size partitions; pass one of them.")
     blocksize = parse_blocksize(settings.blocksize) if settings.blocksize is not None else None
     partitions = tuple(partition_shards(shard_urls, settings.files_per_partition, shard_sizes=list(shard_sizes.values()), blocksize=blocksize))
     sizes_known = all(size is not None for size in shard_sizes.values())
-    refuse_overlap(output_path, file_paths, shard_urls, file_extensions, storage_options)
-    clip_weights = resolve_clip(settings.clip_model, clip_pretrained, model_dir, storage_options)
-    head_location = str(nsfw_weights or nsfw_weights_path(model_dir, clip_weights.model_name))
-    head, head_fingerprint = load_planned_head(head_location, storage_options)
+    refuse_overlap(output, file_paths, shard_urls, file_extensions, inputs)
+    clip_pretrained = Location(clip_pretrained, storage_options) if is_remote(str(clip_pretrained)) else clip_pretrained
+    clip_weights = resolve_clip(settings.clip_model, clip_pretrained, model_dir)
+    head_location = Location(str(nsfw_weights or nsfw_weights_path(model_dir, clip_weights.model_name)), storage_options)
+    head, head_fingerprint = load_planned_head(head_location)
     head.check_dimension(clip_weights.embedding_dim, f"embeddings of CLIP {clip_weights.model_name}")
     decode = decode or DecodeOptions.for_model(clip_weights.image_size, settings.decode_mode)
     # Last, once everything else is valid: the output is claimed before any task writes to it.
-    owner = input_owner(FILTER_FLOW, file_paths, file_extensions, shard_urls, len(partitions), storage_options)
-    claim_output(output_path, owner, settings.take_over_output, storage_options)
+    owner = input_owner(FILTER_FLOW, file_paths, file_extensions, shard_urls, len(partitions), inputs)
+    claim_output(output, owner, settings.take_over_output)
     embed = EmbedStage(
         clip_weights=clip_weights,
         decode=decode,
         embedding_identity=clip_identity(clip_weights, decode.identity()),
-        store=EmbeddingStore(cache_path, storage_options),
+        store=EmbeddingStore(Location(cache_path, storage_options)),
         task_batch_size=int(settings.task_batch_size),
         model_inference_batch_size=int(settings.model_inference_batch_size),
         num_gpus_per_worker=float(settings.num_gpus_per_worker),
         verbose=bool(settings.verbose),
+        inputs=inputs,
     )
     scoring = FilterStage(
         embedding=embed,
         head_location=head_location,
         head_fingerprint=head_fingerprint,
-        output_path=output_path,
+        output=output,
         score_threshold=float(settings.score_threshold),
         images_per_tar=int(settings.images_per_tar),
         verbose=bool(settings.verbose),
-        storage_options=storage_options,
         # Every task of a threads run, or of a Ray started here, runs on this machine and sees its disk.
         spool_folder=run_spool_folder() if settings.task_runner == "threads" or not settings.ray_address else None,
     )

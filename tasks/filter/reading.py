@@ -36,7 +36,7 @@ class StoreLookup:
 
 def look_up_partition(stage: EmbedStage, shard_urls: tuple[str, ...]) -> StoreLookup:
     """Fingerprint each shard and ask the store for its entry: the only time a run asks either question."""
-    looked = [shard_fingerprint_and_size(url, stage.storage_options) for url in shard_urls]
+    looked = [shard_fingerprint_and_size(stage.shard(url)) for url in shard_urls]
     fingerprints = tuple(fingerprint for fingerprint, _ in looked)
     present = tuple(
         stage.store.has(stage.embedding_identity, url, fingerprint, embedding_dim=stage.clip_weights.embedding_dim)
@@ -66,11 +66,12 @@ def read_partition(partition: Partition, stage: FilterStage) -> PartitionRead:
     identity_of_settings = settings_identity(
         list(lookup.shard_fingerprints), embedding.embedding_identity, stage.head_fingerprint, stage.score_threshold, stage.images_per_tar
     )
-    earlier = read_manifest(stage.output_path, partition.index, stage.storage_options)
-    complete = completed_partition(stage.output_path, earlier, partition, identity_of_settings, stage.storage_options) is not None
+    earlier = read_manifest(stage.output, partition.index)
+    complete = completed_partition(stage.output, earlier, partition, identity_of_settings) is not None
     copies: list[LocalCopy | None] = []
     for shard_url, fingerprint, size in zip(partition.shard_urls, lookup.shard_fingerprints, lookup.shard_sizes):
         raise_if_stopped()
-        wanted = not complete and stage.spool_folder is not None and is_remote(shard_url, stage.storage_options)
-        copies.append(copy_shard(shard_url, fingerprint, size, stage.spool_folder, stage.storage_options) if wanted else None)
+        shard = embedding.shard(shard_url)
+        wanted = not complete and stage.spool_folder is not None and is_remote(shard)
+        copies.append(copy_shard(shard, fingerprint, size, stage.spool_folder) if wanted else None)
     return PartitionRead(lookup, tuple(copies), earlier, complete)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
-from tasks.io.atomic import filesystem
+from tasks.io.locations import Location, LocationLike, as_location
 from tasks.models.nsfw import NSFWHead
 from tasks.io.partition import Partition
 from tasks.io.read import iter_samples
@@ -55,30 +55,28 @@ def settings_identity(
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def completed_partition(
-    output_path: str, manifest: PartitionResult | None, partition: Partition, identity_of_settings: str, storage_options: dict | None = None
-) -> PartitionResult | None:
+def completed_partition(output: Location, manifest: PartitionResult | None, partition: Partition, identity_of_settings: str) -> PartitionResult | None:
     """`manifest` (an earlier attempt's) when it has the same shards and settings, names this output's files
     for the partition and they all exist."""
     if manifest is None or manifest.partition_id != partition.partition_id or manifest.settings_identity != identity_of_settings:
         return None
+    output_path = output.url
     expected = [scores_url(output_path, partition.index)] + [output_shard_url(output_path, partition.index, n) for n in range(len(manifest.output_shards))]
     if [manifest.scores_file, *manifest.output_shards] != expected:
         return None
-    fs, _ = filesystem(output_path, storage_options)
+    fs = output.fs
     for url in expected:
-        if not fs.exists(filesystem(url, storage_options)[1]):
+        if not fs.exists(output.at(url).path):
             return None
     return manifest
 
 
 def _scored_shard(
-    shard_url: str,
+    shard: LocationLike,
     identity: str,
     store: EmbeddingStore,
     head: NSFWHead,
     batch_size: int,
-    storage_options: dict | None,
     reembed_shard: Callable[[str], object] | None = None,
     fingerprint: str | None = None,
     local_copy: str | None = None,
@@ -89,7 +87,9 @@ def _scored_shard(
     is embedded again, once, with `reembed_shard` when given, and scoring goes on from the fresh entry.
     `fingerprint` is the shard's fingerprint when the caller has it (computed here otherwise).
     """
-    fingerprint = fingerprint or shard_fingerprint(shard_url, storage_options)
+    shard = as_location(shard)
+    shard_url = shard.url
+    fingerprint = fingerprint or shard_fingerprint(shard)
     changed = f"{shard_url} no longer matches its cached embeddings; it changed during the run, run again"
     embedded_again = False
 
@@ -133,7 +133,7 @@ def _scored_shard(
     stored = read_entry()
     keys, nsfw_score, errors = scored(stored if stored is not None else embed_again())
     streamed_keys: list[str | None] = []
-    for row, sample in enumerate(iter_samples(shard_url, decode=None, storage_options=storage_options, local_copy=local_copy)):
+    for row, sample in enumerate(iter_samples(shard, decode=None, local_copy=local_copy)):
         if row >= len(keys) or sample.key != keys[row]:
             keys, nsfw_score, errors = entry_matching([*streamed_keys, sample.key])
         yield sample, float(nsfw_score[row]), errors[row] or sample.error
@@ -162,10 +162,9 @@ def filter_partition(
     `read` is what the partition's read task found (tasks/filter/reading.py): its earlier manifest, whether
     its outputs are complete, and local copies of its shards to read instead of storage.
     """
-    storage_options = stage.storage_options
     embedding = stage.embedding
     store, identity = embedding.store, embedding.embedding_identity
-    fingerprints = list(shard_fingerprints) if shard_fingerprints is not None else [shard_fingerprint(url, storage_options) for url in partition.shard_urls]
+    fingerprints = list(shard_fingerprints) if shard_fingerprints is not None else [shard_fingerprint(embedding.shard(url)) for url in partition.shard_urls]
     if len(entry_urls) != len(partition.shard_urls) or len(fingerprints) != len(partition.shard_urls):
         raise RuntimeError(f"partition {partition.index}: {len(entry_urls)} store entries for {len(partition.shard_urls)} shards")
     for shard_url, fingerprint, entry_url in zip(partition.shard_urls, fingerprints, entry_urls):
@@ -173,14 +172,14 @@ def filter_partition(
         if store.entry_url(identity, shard_url, fingerprint) != entry_url:
             raise RuntimeError(f"store entry {entry_url} is not the entry of {shard_url} for this run; run again")
     head = cached_nsfw_head(stage.nsfw_weights)
-    output_path = stage.output_path
+    output = stage.output
     identity_of_settings = settings_identity(fingerprints, identity, stage.head_fingerprint, stage.score_threshold, stage.images_per_tar)
     if read is not None:
         earlier, done = read.earlier, read.earlier if read.outputs_complete else None
         local_copies = read.copies_here()
     else:
-        earlier = read_manifest(output_path, partition.index, storage_options)  # before writing: it names what to replace
-        done = completed_partition(output_path, earlier, partition, identity_of_settings, storage_options)
+        earlier = read_manifest(output, partition.index)  # before writing: it names what to replace
+        done = completed_partition(output, earlier, partition, identity_of_settings)
         local_copies = (None,) * len(partition.shard_urls)
     if done is not None:
         if log:
@@ -190,13 +189,13 @@ def filter_partition(
     def scored_samples() -> Iterator[tuple[object, float, str | None]]:
         for shard_url, fingerprint, local_copy in zip(partition.shard_urls, fingerprints, local_copies):
             yield from _scored_shard(
-                shard_url, identity, store, head, embedding.model_inference_batch_size, storage_options, reembed_shard, fingerprint, local_copy
+                embedding.shard(shard_url), identity, store, head, embedding.model_inference_batch_size, reembed_shard, fingerprint, local_copy
             )
             if log:
                 log(f"scored {shard_url}")
 
     return write_filtered_partition(
-        output_path,
+        output,
         partition.index,
         partition.partition_id,
         partition.shard_urls,
@@ -204,12 +203,11 @@ def filter_partition(
         stage.score_threshold,
         stage.images_per_tar,
         identity_of_settings,
-        storage_options,
         earlier,
     )
 
 
-def clean_partitions_beyond(output_path: str, partition_count: int, storage_options: dict | None = None) -> list[str]:
+def clean_partitions_beyond(output: LocationLike, partition_count: int) -> list[str]:
     """Remove the outputs of partitions numbered `partition_count` and above that an earlier run over more
     shards (or a killed one) wrote here, up to the output's recorded partition mark, then lower the mark.
 
@@ -218,17 +216,18 @@ def clean_partitions_beyond(output_path: str, partition_count: int, storage_opti
     in `shards/`, `scores/` or `_manifests/` (one listing each, names matched exactly, no glob), so a
     planted mark of 10**9 costs nothing; a stop request ends the loop.
     """
-    fs, _ = filesystem(output_path, storage_options)
+    output = as_location(output)
+    fs = output.fs
     removed: list[str] = []
-    mark = earlier_partitions(output_path, storage_options)
-    for index in partitions_with_outputs(output_path, partition_count, mark, storage_options) if mark > partition_count else ():
+    mark = earlier_partitions(output)
+    for index in partitions_with_outputs(output, partition_count, mark) if mark > partition_count else ():
         raise_if_stopped()
-        manifest = read_manifest(output_path, index, storage_options)
-        removed += remove_stale_outputs(output_path, index, 0, manifest.output_shards if manifest else (), storage_options)
-        for url in (scores_url(output_path, index), manifest_url(output_path, index)):
-            path = filesystem(url, storage_options)[1]
+        manifest = read_manifest(output, index)
+        removed += remove_stale_outputs(output, index, 0, manifest.output_shards if manifest else ())
+        for url in (scores_url(output.url, index), manifest_url(output.url, index)):
+            path = output.at(url).path
             if fs.exists(path):
                 fs.rm(path)
                 removed.append(path)
-    settle_owner(output_path, partition_count, storage_options)
+    settle_owner(output, partition_count)
     return removed

@@ -17,17 +17,11 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from tasks.errors import UserError
-from tasks.io.locations import split_url_credentials
+from tasks.io.locations import Location
 
 OBJECT_STORE_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 # A full disk or quota is not transient: the write fails at once with one sentence instead of being retried.
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
-
-
-def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem and the protocol-less path for a URL or a local path."""
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    return fs, path
 
 
 def is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
@@ -36,9 +30,9 @@ def is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 @contextmanager
-def atomic_output(url: str, storage_options: dict | None = None) -> Iterator[BinaryIO]:
-    """Open `url` for writing; the file appears complete when the block exits, or not at all on error."""
-    fs, path = filesystem(url, storage_options)
+def atomic_output(location: Location) -> Iterator[BinaryIO]:
+    """Open `location` for writing; the file appears complete when the block exits, or not at all on error."""
+    fs, path = location.filesystem()
     if is_object_store(fs):
         with fs.open(path, "wb") as handle:
             yield handle
@@ -62,21 +56,20 @@ def atomic_output(url: str, storage_options: dict | None = None) -> Iterator[Bin
         except FileNotFoundError:
             pass
         if isinstance(error, OSError) and error.errno in _DISK_FULL:
-            shown = split_url_credentials(url)[0]
-            raise UserError(f"No space left to write {shown}; free space there or choose another location, then run again.") from None
+            raise UserError(f"No space left to write {location}; free space there or choose another location, then run again.") from None
         raise
 
 
-def write_bytes_atomic(url: str, data: bytes, storage_options: dict | None = None) -> None:
-    with atomic_output(url, storage_options) as handle:
+def write_bytes_atomic(location: Location, data: bytes) -> None:
+    with atomic_output(location) as handle:
         handle.write(data)
 
 
-def write_bytes_for_browser(url: str, data: bytes, content_type: str, storage_options: dict | None) -> None:
+def write_bytes_for_browser(location: Location, data: bytes, content_type: str) -> None:
     """Atomic write; on S3 with a Content-Type, so a browser shows the sheet instead of downloading it."""
-    fs, path = filesystem(url, storage_options)
+    fs, path = location.filesystem()
     if is_object_store(fs) and "s3" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
         fs.pipe_file(path, data, ContentType=content_type)
     else:
-        write_bytes_atomic(url, data, storage_options)
+        write_bytes_atomic(location, data)
 

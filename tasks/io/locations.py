@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Union
 from urllib.parse import unquote
 
 from tasks.errors import UserError
@@ -129,6 +129,21 @@ class Location:
 
     def __reduce__(self) -> tuple:
         return (Location, (self._url, self._options))
+
+
+LocationLike = Union[Location, str, os.PathLike]
+
+
+def as_location(value: LocationLike) -> Location:
+    """`value` as a Location: a Location as it is; a path or clean URL as one reached with the environment's
+    credentials (what tests and library callers pass)."""
+    return value if isinstance(value, Location) else Location(value)
+
+
+def safe_name(name: str) -> str:
+    """A file-name-safe form of a model or shard name (letters, digits, `.`, `_`, `-`)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
+    return cleaned or "unnamed"
 
 
 def default_model_dir() -> str:
@@ -258,23 +273,21 @@ def resolve_url_credentials(*values: Any, storage_options: dict[str, Any] | None
     return (*clean, merged)
 
 
-def refuse_output_file(output_path: str, storage_options: dict[str, Any] | None = None) -> None:
-    """UserError when `output_path` is an existing file: outputs need a directory or prefix (checked before any work)."""
-    from fsspec.core import url_to_fs
-
+def refuse_output_file(output: Location) -> None:
+    """UserError when the output is an existing file: outputs need a directory or prefix (checked before any work)."""
     try:
-        fs, path = url_to_fs(output_path, **(storage_options or {}))
+        fs, path = output.filesystem()
         is_file = fs.isfile(path)
     except Exception:  # noqa: BLE001 - an unreachable location is reported by the listing and writing steps
         return
     if is_file:
-        raise UserError(f"output_path {split_url_credentials(output_path)[0]} is an existing file; pass a directory or prefix for the outputs.")
+        raise UserError(f"output_path {output} is an existing file; pass a directory or prefix for the outputs.")
 
 
-def redacted(url: str) -> str:
-    """The URL without `user:password@`, for messages."""
-    match = _USERINFO.match(url) if isinstance(url, str) else None
-    return f"{match.group('scheme')}://{url[match.end():]}" if match else url
+def redacted(url: str | Location) -> str:
+    """The URL without any `user:password@` part, for messages and metadata (up to the last `@` before the path:
+    a secret may hold one)."""
+    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#]*@", r"\1", str(url))
 
 
 def scrubbed(text: str, url: str) -> str:

@@ -32,10 +32,10 @@ from typing import Sequence
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import glob_translate
 
-from tasks.io.atomic import filesystem, write_bytes_atomic
+from tasks.io.atomic import write_bytes_atomic
 from tasks.errors import UserError
+from tasks.io.locations import Location, LocationLike, as_location, redacted
 from tasks.io.partition import canonical_url, expand_file_paths, listed_roots
-from tasks.store.entries import redact_url
 
 OWNER_RECORD = "_owner.json"
 EARLIER_OUTPUTS = ("summary.json", "_manifests")  # what a run leaves in an output it owned
@@ -61,9 +61,11 @@ def _matches_under(pattern: str, folder: str) -> bool:
     return any(regex.match(posixpath.join(folder, name)) for name in _OUTPUT_EXAMPLES)
 
 
-def refuse_linked_folders(output_path: str, storage_options: dict | None = None, folders: Sequence[str] = WRITTEN_FOLDERS) -> None:
-    """UserError when a folder the run writes under a local `output_path` is a symbolic link (rule 3 above)."""
-    fs, root = filesystem(output_path, storage_options)
+def refuse_linked_folders(output: LocationLike, folders: Sequence[str] = WRITTEN_FOLDERS) -> None:
+    """UserError when a folder the run writes under a local output is a symbolic link (rule 3 above)."""
+    output = as_location(output)
+    output_path = output.url
+    fs, root = output.filesystem()
     if not isinstance(fs, LocalFileSystem):
         return  # object stores have no links
     real_root = os.path.realpath(root)
@@ -72,7 +74,7 @@ def refuse_linked_folders(output_path: str, storage_options: dict | None = None,
         if os.path.realpath(lexical) != lexical:
             linked = next(step for step in _steps(folder) if os.path.islink(os.path.join(real_root, step)))
             raise UserError(
-                f"{linked}/ under output_path {redact_url(output_path)} is a symbolic link (to {os.readlink(os.path.join(real_root, linked))}), "
+                f"{linked}/ under output_path {redacted(output_path)} is a symbolic link (to {os.readlink(os.path.join(real_root, linked))}), "
                 f"and the run writes and deletes files there; replace it with a real folder, or pass the folder you want as output_path."
             )
 
@@ -84,24 +86,26 @@ def _steps(folder: str) -> list[str]:
 
 
 def refuse_overlap(
-    output_path: str,
+    output_location: LocationLike,
     file_paths: str | Sequence[str],
     shard_urls: Sequence[str],
     file_extensions: Sequence[str] = (".tar",),
-    storage_options: dict | None = None,
-    also_listed: Sequence[tuple[str, str]] = (),
+    inputs: Location | None = None,
+    also_listed: Sequence[tuple[Location, str]] = (),
 ) -> None:
-    """UserError when `output_path` holds an input shard, or holds or lies inside what `file_paths` lists
-    (folders, prefixes, globs) or another folder the run lists (`also_listed`: (URL, parameter name)), or
-    when a folder the run writes under it is a symbolic link (`refuse_linked_folders`)."""
-    refuse_linked_folders(output_path, storage_options)
-    listed = [(root, "file_paths") for root in listed_roots(file_paths, shard_urls, file_extensions, storage_options)]
-    listed += [(canonical_url(url, storage_options), parameter) for url, parameter in also_listed]
-    output = canonical_url(output_path, storage_options)
-    shown = redact_url(output_path)
+    """UserError when the output holds an input shard, or holds or lies inside what `file_paths` lists
+    (folders, prefixes, globs; reached as `inputs`) or another folder the run lists (`also_listed`: (its
+    location, parameter name)), or when a folder the run writes under it is a symbolic link
+    (`refuse_linked_folders`)."""
+    output_location = as_location(output_location)
+    refuse_linked_folders(output_location)
+    listed = [(root, "file_paths") for root in listed_roots(file_paths, shard_urls, file_extensions, inputs)]
+    listed += [(canonical_url(location), parameter) for location, parameter in also_listed]
+    output = canonical_url(output_location)
+    shown = redacted(output_location.url)
     held = next((url for url in shard_urls if _holds(output, url)), None)
     if held is not None:
-        raise UserError(f"output_path {shown} holds input shards ({redact_url(held)}); write the outputs to another directory or prefix.")
+        raise UserError(f"output_path {shown} holds input shards ({redacted(held)}); write the outputs to another directory or prefix.")
     for root, parameter in listed:
         if re.search(r"[*?\[]", root):
             static = re.split(r"[*?\[]", root, maxsplit=1)[0].rpartition("/")[0] or "/"
@@ -110,10 +114,10 @@ def refuse_overlap(
         else:
             inside, holds = _holds(root, output), _holds(output, root)
         if holds:
-            raise UserError(f"output_path {shown} holds {redact_url(root)}, which {parameter} reads; write the outputs to another directory or prefix.")
+            raise UserError(f"output_path {shown} holds {redacted(root)}, which {parameter} reads; write the outputs to another directory or prefix.")
         if inside:
             raise UserError(
-                f"output_path {shown} is inside {redact_url(root)}, which {parameter} lists, so the outputs would be read "
+                f"output_path {shown} is inside {redacted(root)}, which {parameter} lists, so the outputs would be read "
                 f"as input; write them to another directory or prefix."
             )
 
@@ -163,17 +167,19 @@ def input_owner(
     file_extensions: Sequence[str],
     shard_urls: Sequence[str],
     partitions: int,
-    storage_options: dict | None = None,
+    inputs: Location | None = None,
 ) -> OutputOwner:
-    """The record a run over these inputs writes (`file_paths` as the user gave them, `shard_urls` as listed)."""
-    named = sorted({redact_url(canonical_url(url, storage_options)) for url in expand_file_paths(file_paths)})
+    """The record a run over these inputs writes (`file_paths` as the user gave them and reached as `inputs`,
+    `shard_urls` as listed)."""
+    reach = inputs if inputs is not None else Location(".")
+    named = sorted({redacted(canonical_url(reach.at(url))) for url in expand_file_paths(file_paths)})
     extensions = sorted({ext.lower().lstrip(".") for ext in file_extensions})
     return OutputOwner(
         flow=flow,
         file_paths_sha256=_sha256([*named, "", *extensions]),
-        shards_sha256=_sha256([redact_url(url) for url in shard_urls]),
+        shards_sha256=_sha256([redacted(url) for url in shard_urls]),
         shards=len(shard_urls),
-        first_shard=redact_url(shard_urls[0]) if shard_urls else "",
+        first_shard=redacted(shard_urls[0]) if shard_urls else "",
         partitions=partitions,
     )
 
@@ -182,9 +188,10 @@ def owner_url(output_path: str) -> str:
     return posixpath.join(output_path.rstrip("/"), OWNER_RECORD)
 
 
-def read_owner(output_path: str, storage_options: dict | None = None) -> OutputOwner | None:
+def read_owner(output: LocationLike) -> OutputOwner | None:
     """The output's record; None when there is none; ValueError when it is unreadable or not a record."""
-    fs, path = filesystem(owner_url(output_path), storage_options)
+    output = as_location(output)
+    fs, path = output.at(owner_url(output.url)).filesystem()
     try:
         with fs.open(path, "rb") as handle:
             data = handle.read()
@@ -196,9 +203,9 @@ def read_owner(output_path: str, storage_options: dict | None = None) -> OutputO
         raise ValueError(str(exc) or type(exc).__name__) from None
 
 
-def _manifest_partitions(output_path: str, storage_options: dict | None) -> int:
+def _manifest_partitions(output: Location) -> int:
     """1 + the highest partition number with a manifest (0 without): how far an unrecorded run's outputs go."""
-    fs, root = filesystem(output_path, storage_options)
+    fs, root = output.filesystem()
     folder = posixpath.join(root.rstrip("/"), "_manifests")
     try:
         names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(folder, detail=False)]
@@ -208,18 +215,19 @@ def _manifest_partitions(output_path: str, storage_options: dict | None) -> int:
     return max(numbers) + 1 if numbers else 0
 
 
-def claim_output(output_path: str, owner: OutputOwner, take_over: bool = False, storage_options: dict | None = None) -> OutputOwner:
+def claim_output(output: LocationLike, owner: OutputOwner, take_over: bool = False) -> OutputOwner:
     """Refuse an output owned by other inputs (unless `take_over`), then record `owner` as its owner.
 
     Returns the record written: `partitions` is the larger of this run's and the previous owner's, so a
     run that ends early still leaves the earlier partitions for the next run to clean.
     """
-    shown = redact_url(output_path)
-    fs, root = filesystem(output_path, storage_options)
+    output = as_location(output)
+    shown = redacted(output.url)
+    fs, root = output.filesystem()
     if fs.isfile(root):
         raise UserError(f"output_path {shown} is a file; pass a directory or prefix for the outputs.")
     try:
-        previous = read_owner(output_path, storage_options)
+        previous = read_owner(output)
         problem = None
     except ValueError as exc:
         previous, problem = None, f"has an unreadable {OWNER_RECORD} ({exc})"
@@ -233,31 +241,33 @@ def claim_output(output_path: str, owner: OutputOwner, take_over: bool = False, 
             f"output_path {shown} {problem}; write to another output_path, or pass take_over_output=True "
             f"(--take-over-output) to replace them."
         )
-    earlier = previous.partitions if previous is not None else _manifest_partitions(output_path, storage_options)
+    earlier = previous.partitions if previous is not None else _manifest_partitions(output)
     record = replace(owner, partitions=max(owner.partitions, earlier))
     if record != previous:
-        _write_owner(output_path, record, storage_options)
+        _write_owner(output, record)
     return record
 
 
-def _write_owner(output_path: str, record: OutputOwner, storage_options: dict | None) -> None:
-    write_bytes_atomic(owner_url(output_path), json.dumps(asdict(record), indent=2).encode(), storage_options)
+def _write_owner(output: Location, record: OutputOwner) -> None:
+    write_bytes_atomic(output.at(owner_url(output.url)), json.dumps(asdict(record), indent=2).encode())
 
 
-def settle_owner(output_path: str, partitions: int, storage_options: dict | None = None) -> None:
+def settle_owner(output: LocationLike, partitions: int) -> None:
     """After a run removed the partitions beyond its own: lower the record's partition mark to `partitions`."""
+    output = as_location(output)
     try:
-        record = read_owner(output_path, storage_options)
+        record = read_owner(output)
     except ValueError:
         return  # the next claim reports it
     if record is not None and record.partitions != partitions:
-        _write_owner(output_path, replace(record, partitions=partitions), storage_options)
+        _write_owner(output, replace(record, partitions=partitions))
 
 
-def earlier_partitions(output_path: str, storage_options: dict | None = None) -> int:
+def earlier_partitions(output: LocationLike) -> int:
     """The record's partition mark: partitions numbered below it may have outputs here (0 without a record)."""
+    output = as_location(output)
     try:
-        record = read_owner(output_path, storage_options)
+        record = read_owner(output)
     except ValueError:
-        return _manifest_partitions(output_path, storage_options)
-    return record.partitions if record is not None else _manifest_partitions(output_path, storage_options)
+        return _manifest_partitions(output)
+    return record.partitions if record is not None else _manifest_partitions(output)

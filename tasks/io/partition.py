@@ -22,11 +22,10 @@ from dataclasses import dataclass
 
 import braceexpand
 import fsspec
-from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from tasks.errors import StorageUnavailable, UserError
-from tasks.io.locations import redacted, scrubbed
+from tasks.io.locations import Location, redacted, scrubbed
 
 # Most URLs file_paths may name (brace patterns expanded): beyond, the per-name work and memory outgrow a listing.
 MAX_NAMED_URLS = 250_000
@@ -140,20 +139,6 @@ def _expression_count(expression: str) -> int:
     return sum(_pattern_count(item) for item in [*items, expression[start:]])
 
 
-def _filesystem(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
-    try:
-        return url_to_fs(url, **(storage_options or {}))
-    except ValueError as exc:
-        if "Protocol not known" not in str(exc):
-            raise
-        protocol = url.split("://", 1)[0]
-        raise UserError(
-            f"{redacted(url)} uses the unknown protocol '{protocol}://'; use a local path, file://, s3:// or another fsspec protocol."
-        ) from None
-    except ImportError as exc:
-        raise UserError(f"{redacted(url)} needs a filesystem package that is not installed ({exc}); install it and retry.") from None
-
-
 def _canonical_path(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """One spelling per file: `x.tar`, `./x.tar`, `dir//x.tar` and a symlink to it are the same local file;
     `s3://b/in//x.tar` and `s3://b/in/./x.tar` the same object."""
@@ -170,9 +155,9 @@ def _full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(_canonical_path(fs, path))
 
 
-def canonical_url(url: str, storage_options: dict | None = None) -> str:
-    """`url` in the spelling `list_shards` gives its shards (also for folders and paths that do not exist yet)."""
-    fs, path = _filesystem(url, storage_options)
+def canonical_url(location: Location | str) -> str:
+    """The location's URL in the spelling `list_shards` gives its shards (also for folders and paths that do not exist yet)."""
+    fs, path = (location if isinstance(location, Location) else Location(location)).filesystem()
     return _full_url(fs, path).rstrip("/") or "/"
 
 
@@ -197,9 +182,10 @@ def _size(info: dict) -> int | None:
     return int(size) if isinstance(size, int) and size >= 0 else None
 
 
-def _list_one(url: str, extensions: tuple[str, ...], storage_options: dict | None) -> dict[str, int | None]:
+def _list_one(location: Location, extensions: tuple[str, ...]) -> dict[str, int | None]:
     """Shards named by one URL (a glob, a single shard, or everything under a directory/prefix), with their sizes."""
-    fs, path = _filesystem(url, storage_options)
+    url = location.url
+    fs, path = location.filesystem()
     path = _canonical_path(fs, path)
     try:
         # A long-lived process (a notebook) must see shards added since its last listing.
@@ -225,13 +211,14 @@ def _list_one(url: str, extensions: tuple[str, ...], storage_options: dict | Non
     return shards
 
 
-def _check_exist(urls: Iterable[str], storage_options: dict | None) -> dict[str, int | None]:
+def _check_exist(locations: Iterable[Location]) -> dict[str, int | None]:
     """Full URLs of explicitly named shards, checked with one listing per parent directory (and a
     per-shard check only for those the listing does not show, e.g. on HTTP)."""
     by_parent: dict[tuple[int, str], list[tuple[str, str]]] = {}
     filesystems: dict[int, fsspec.AbstractFileSystem] = {}
-    for url in urls:
-        fs, path = _filesystem(url, storage_options)
+    for location in locations:
+        url = location.url
+        fs, path = location.filesystem()
         path = _canonical_path(fs, path)
         filesystems[id(fs)] = fs
         by_parent.setdefault((id(fs), fs._parent(path)), []).append((url, path))
@@ -284,35 +271,40 @@ def _extensions(file_extensions: str | Sequence[str]) -> tuple[str, ...]:
 def list_shards(
     file_paths: str | os.PathLike | Sequence[str | os.PathLike],
     file_extensions: Sequence[str] = (".tar",),
-    storage_options: dict | None = None,
+    inputs: Location | None = None,
 ) -> list[str]:
     """Full shard URLs (`list_shard_sizes` without the sizes)."""
-    return list(list_shard_sizes(file_paths, file_extensions, storage_options))
+    return list(list_shard_sizes(file_paths, file_extensions, inputs))
+
+
+def _reach(inputs: Location | None) -> Location:
+    return inputs if inputs is not None else Location(".")
 
 
 def list_shard_sizes(
     file_paths: str | os.PathLike | Sequence[str | os.PathLike],
     file_extensions: Sequence[str] = (".tar",),
-    storage_options: dict | None = None,
+    inputs: Location | None = None,
 ) -> dict[str, int | None]:
     """Full shard URLs (`s3://bucket/x.tar`, or absolute local paths), deduplicated, in natural order, with
     their sizes in bytes as the listing gave them (None where a filesystem does not say; no extra request).
 
     A single URL is a shard, a glob, or a directory/prefix listed recursively. Several URLs (a list or
     brace notation) are shards when they end in one of `file_extensions` (checked to exist) and
-    directories/prefixes otherwise. Credentials and endpoints come from the environment (fsspec/s3fs
-    configuration); `storage_options` passes other filesystem options through.
+    directories/prefixes otherwise. Every URL is reached with the storage options of `inputs`, the input
+    listing's location (the plan's; None: the environment's credentials and fsspec configuration).
     """
     extensions = _extensions(file_extensions)
     urls = expand_file_paths(file_paths)
+    reach = _reach(inputs)
     if len(urls) == 1:
-        shards = _list_one(urls[0], extensions, storage_options)
+        shards = _list_one(reach.at(urls[0]), extensions)
     else:
-        explicit = [url for url in urls if not _GLOB_CHARS.search(url) and _has_extension(url, extensions)]
-        shards = _check_exist(explicit, storage_options)
+        explicit = [reach.at(url) for url in urls if not _GLOB_CHARS.search(url) and _has_extension(url, extensions)]
+        shards = _check_exist(explicit)
         for url in urls:
             if _GLOB_CHARS.search(url) or not _has_extension(url, extensions):
-                shards.update(_list_one(url, extensions, storage_options))
+                shards.update(_list_one(reach.at(url), extensions))
     return {url: shards[url] for url in sorted(shards, key=_natural_key)}
 
 
@@ -320,7 +312,7 @@ def listed_roots(
     file_paths: str | os.PathLike | Sequence[str | os.PathLike],
     shard_urls: Sequence[str],
     file_extensions: Sequence[str] = (".tar",),
-    storage_options: dict | None = None,
+    inputs: Location | None = None,
 ) -> list[str]:
     """What `list_shards` lists for `file_paths`, canonical: directories/prefixes and glob patterns (shards it
     names one by one are left out). A file appearing under one of these later is an input of the next run."""
@@ -328,7 +320,7 @@ def listed_roots(
     shards = set(shard_urls)
     roots = []
     for url in expand_file_paths(file_paths):
-        canonical = canonical_url(url, storage_options)
+        canonical = canonical_url(_reach(inputs).at(url))
         if _GLOB_CHARS.search(url) or not (_has_extension(url, extensions) and canonical in shards):
             roots.append(canonical)
     return roots

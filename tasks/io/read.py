@@ -50,7 +50,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tasks.errors import UserError
 from tasks.io import decode_workers
-from tasks.io.locations import redacted
+from tasks.io.locations import Location, LocationLike, as_location, redacted
 from tasks.io.prefetch import prefetched
 
 # Image formats by preference. As in webdataset's decoders, a member's format is the last component of its
@@ -299,10 +299,11 @@ class _TarEnd:
         return f"a tar header is corrupt ({_short(error)})"
 
 
-def _open_shard(shard_url: str, storage_options: dict | None):
+def _open_shard(shard: Location):
     """An fsspec file for the shard; one-sentence UserError when it can never be opened (missing, denied, bad URL)."""
+    shard_url = shard.url
     try:
-        fs, path = url_to_fs(shard_url, **(storage_options or {}))
+        fs, path = url_to_fs(shard_url, **shard.storage_options)
         if isinstance(fs, LocalFileSystem):
             return fs.open(path, "rb")
         return fs.open(path, "rb", block_size=_REMOTE_BLOCK_BYTES, cache_type="readahead")
@@ -321,16 +322,14 @@ def _open_shard(shard_url: str, storage_options: dict | None):
     # Anything else (5xx, timeouts, dropped connections) may be transient: it propagates so the task retries.
 
 
-def _iter_raw_samples(
-    shard_url: str, storage_options: dict | None = None, limits: ReadLimits = ReadLimits(), local_copy: str | None = None
-) -> Iterator[Sample]:
+def _iter_raw_samples(shard: Location, limits: ReadLimits = ReadLimits(), local_copy: str | None = None) -> Iterator[Sample]:
     """Samples with raw members and structural errors only (no decoding), streaming the tar.
 
     `local_copy` is a verified copy of the shard on this machine's disk (tasks/io/spool.py), read instead of
-    storage; the samples are still the shard's (`shard_url` names them and their errors).
+    storage; the samples are still the shard's (its URL names them and their errors).
     """
-    with open(local_copy, "rb") if local_copy is not None else _open_shard(shard_url, storage_options) as fileobj:
-        yield from _samples_from_tar(fileobj, shard_url, limits)
+    with open(local_copy, "rb") if local_copy is not None else _open_shard(shard) as fileobj:
+        yield from _samples_from_tar(fileobj, shard.url, limits)
 
 
 def _drain(data) -> None:
@@ -697,15 +696,14 @@ def _transform_output_bytes(transform: Callable[[Image.Image], object]) -> int:
 
 
 def iter_samples(
-    shard_url: str,
+    shard: LocationLike,
     decode: DecodeOptions | None = DecodeOptions(),
-    storage_options: dict | None = None,
     limits: ReadLimits = ReadLimits(),
     local_copy: str | None = None,
 ) -> Iterator[Sample]:
     """Every sample of one shard, in tar order; `decode=None` yields raw members only (no image decoding).
     `local_copy`: the shard's verified copy on this machine, read instead of storage."""
-    for sample in _iter_raw_samples(shard_url, storage_options, limits, local_copy):
+    for sample in _iter_raw_samples(as_location(shard), limits, local_copy):
         yield sample if decode is None else decode_sample(sample, decode)
 
 
@@ -717,10 +715,9 @@ def _default_threads() -> int:
 
 
 def iter_batches(
-    shard_urls: Sequence[str],
+    shards: Sequence[LocationLike] | LocationLike,
     task_batch_size: int = 100,
     decode: DecodeOptions | None = DecodeOptions(),
-    storage_options: dict | None = None,
     threads: int | None = None,
     prefetch: int = 2,
     limits: ReadLimits = ReadLimits(),
@@ -747,8 +744,7 @@ def iter_batches(
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise UserError(f"threads must be a whole number of at least 1 or None, not {threads!r}.")
     assert isinstance(prefetch, int) and prefetch >= 1, "prefetch counts batches and must be >= 1"
-    if isinstance(shard_urls, str):
-        shard_urls = [shard_urls]
+    shard_locations = [as_location(shards)] if isinstance(shards, (str, Location, os.PathLike)) else [as_location(shard) for shard in shards]
     workers = threads or _default_threads()
     in_processes = None
     if decode is not None and transform is not None and worker_processes and workers > 1:
@@ -764,8 +760,8 @@ def iter_batches(
     def batches_of_pending_samples() -> Iterator[list[Sample | Future | _InWorker]]:
         batch: list[Sample | Future | _InWorker] = []
         batch_bytes = 0
-        for shard_url in shard_urls:
-            for sample in _iter_raw_samples(shard_url, storage_options, limits, (local_copies or {}).get(shard_url)):
+        for shard in shard_locations:
+            for sample in _iter_raw_samples(shard, limits, (local_copies or {}).get(shard.url)):
                 if in_processes is not None:
                     # the worker checks the header, and the decoded image lives and dies there: this process holds
                     # the raw members and the model input only

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from fsspec.implementations.local import LocalFileSystem
 
-from tasks.io.atomic import filesystem
+from tasks.io.locations import Location
 
 SPOOL_DIR_ENV = "NSFW_CURATOR_SPOOL_DIR"
 # Free disk a copy must leave behind: other programs (and this run's outputs on local disk) need room too.
@@ -79,9 +79,9 @@ def run_spool_folder() -> str:
     return os.path.join(spool_root(), f"run-{uuid.uuid4().hex}")
 
 
-def is_remote(shard_url: str, storage_options: dict | None) -> bool:
+def is_remote(shard: Location) -> bool:
     """Whether reading the shard is a storage request (anything but this machine's own files)."""
-    return not isinstance(filesystem(shard_url, storage_options)[0], LocalFileSystem)
+    return not isinstance(shard.fs, LocalFileSystem)
 
 
 def _room_for(folder: str, size: int) -> bool:
@@ -89,12 +89,13 @@ def _room_for(folder: str, size: int) -> bool:
     return usage.free - size >= max(SPOOL_RESERVE_BYTES, int(SPOOL_RESERVE_SHARE * usage.total))
 
 
-def copy_shard(shard_url: str, fingerprint: str, size: int | None, folder: str, storage_options: dict | None) -> LocalCopy | None:
+def copy_shard(shard: Location, fingerprint: str, size: int | None, folder: str) -> LocalCopy | None:
     """The shard downloaded whole into `folder` (one GET), or None when the disk has no room for it.
 
     `size` is the shard's size from the look that fingerprinted it (None: asked here).
     """
-    fs, path = filesystem(shard_url, storage_options)
+    shard_url = shard.url
+    fs, path = shard.filesystem()
     if not _private_folder(folder):
         return None
     if size is None:

@@ -28,7 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.io.atomic import atomic_output, filesystem, is_object_store, write_bytes_atomic
+from tasks.io.atomic import atomic_output, is_object_store, write_bytes_atomic
+from tasks.io.locations import Location, LocationLike, as_location
 from tasks.io.read import image_extension, image_members
 from tasks.stop import raise_if_stopped
 
@@ -103,20 +104,19 @@ def _tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
 class FilteredShardWriter:
     """Streams passed samples into `shards/part-{partition}-{n}.tar`, `images_per_tar` samples per file."""
 
-    def __init__(self, output_path: str, partition_index: int, images_per_tar: int, storage_options: dict | None = None) -> None:
+    def __init__(self, output: LocationLike, partition_index: int, images_per_tar: int) -> None:
         assert images_per_tar >= 1
-        self.output_path = output_path
+        self.output = as_location(output)
         self.partition_index = partition_index
         self.images_per_tar = images_per_tar
-        self.storage_options = storage_options
         self.written: list[str] = []
         self._context = None
         self._tar: tarfile.TarFile | None = None
         self._in_current = 0
 
     def _open_next(self) -> None:
-        url = output_shard_url(self.output_path, self.partition_index, len(self.written))
-        self._context = atomic_output(url, self.storage_options)
+        url = output_shard_url(self.output.url, self.partition_index, len(self.written))
+        self._context = atomic_output(self.output.at(url))
         handle = self._context.__enter__()
         self._tar = tarfile.open(fileobj=handle, mode="w", format=tarfile.PAX_FORMAT)
         self.written.append(url)
@@ -198,23 +198,22 @@ class PartitionResult:
         return result
 
 
-def write_scores(url: str, rows: dict[str, list], storage_options: dict | None = None) -> None:
+def write_scores(location: LocationLike, rows: dict[str, list]) -> None:
     table = pa.table(rows, schema=SCORES_SCHEMA)
-    with atomic_output(url, storage_options) as handle:
+    with atomic_output(as_location(location)) as handle:
         pq.write_table(table, handle)
 
 
-def remove_stale_outputs(
-    output_path: str, partition_index: int, written: int, earlier: Iterable[str] = (), storage_options: dict | None = None
-) -> list[str]:
+def remove_stale_outputs(output: LocationLike, partition_index: int, written: int, earlier: Iterable[str] = ()) -> list[str]:
     """Delete this partition's output tars numbered `written` and above: those `earlier` (the previous
     manifest's `output_shards`) names, and the consecutive ones a killed attempt left after them."""
-    fs, _ = filesystem(output_path, storage_options)
-    fs.invalidate_cache(filesystem(join_url(output_path, "shards"), storage_options)[1])
+    output = as_location(output)
+    fs = output.fs
+    fs.invalidate_cache(output.at(join_url(output.url, "shards")).path)
     removed: list[str] = []
 
     def remove(number: int) -> bool:
-        path = filesystem(output_shard_url(output_path, partition_index, number), storage_options)[1]
+        path = output.at(output_shard_url(output.url, partition_index, number)).path
         if not fs.exists(path):
             return False
         fs.rm(path)
@@ -240,11 +239,11 @@ OUTPUT_NAMES = {
 }
 
 
-def partitions_with_outputs(output_path: str, low: int, high: int, storage_options: dict | None = None) -> list[int]:
-    """Partition numbers in [low, high) that have a file of this project's names under `output_path`
+def partitions_with_outputs(output: LocationLike, low: int, high: int) -> list[int]:
+    """Partition numbers in [low, high) that have a file of this project's names under `output`
     (`shards/`, `scores/`, `_manifests/`), from one listing of each folder: the work is bounded by the
     files that exist, never by `high` (a recorded partition mark is read back from storage)."""
-    fs, root = filesystem(output_path, storage_options)
+    fs, root = as_location(output).filesystem()
     found: set[int] = set()
     for folder in ("shards", "scores", "_manifests"):
         name = re.compile(rf"^part-(\d{{6}})(?:-\d{{4,}}\.tar|\.parquet|\.json)$")
@@ -262,10 +261,10 @@ def partitions_with_outputs(output_path: str, low: int, high: int, storage_optio
     return sorted(found)
 
 
-def remove_leftover_temp_files(output_path: str, storage_options: dict | None = None) -> list[str]:
+def remove_leftover_temp_files(output: LocationLike) -> list[str]:
     """Delete the temp files killed writers of this project's output names left on local disk (object
     stores never show partial objects); any other file, hidden or `.tmp` or not, stays."""
-    fs, root = filesystem(output_path, storage_options)
+    fs, root = as_location(output).filesystem()
     if is_object_store(fs):
         return []
     removed: list[str] = []
@@ -282,9 +281,10 @@ def remove_leftover_temp_files(output_path: str, storage_options: dict | None = 
     return removed
 
 
-def read_manifest(output_path: str, partition_index: int, storage_options: dict | None = None) -> PartitionResult | None:
+def read_manifest(output: LocationLike, partition_index: int) -> PartitionResult | None:
     """The partition's manifest, validated; None when there is none or it is not a valid manifest (redone)."""
-    fs, path = filesystem(manifest_url(output_path, partition_index), storage_options)
+    output = as_location(output)
+    fs, path = output.at(manifest_url(output.url, partition_index)).filesystem()
     try:
         with fs.open(path, "rb") as handle:
             return PartitionResult.from_json(handle.read().decode())
@@ -294,14 +294,15 @@ def read_manifest(output_path: str, partition_index: int, storage_options: dict 
         return None  # unreadable manifest: the partition is redone
 
 
-def write_manifest(output_path: str, result: PartitionResult, storage_options: dict | None = None) -> str:
-    url = manifest_url(output_path, result.partition_index)
-    write_bytes_atomic(url, json.dumps(asdict(result), indent=2).encode(), storage_options)
+def write_manifest(output: LocationLike, result: PartitionResult) -> str:
+    output = as_location(output)
+    url = manifest_url(output.url, result.partition_index)
+    write_bytes_atomic(output.at(url), json.dumps(asdict(result), indent=2).encode())
     return url
 
 
 def write_filtered_partition(
-    output_path: str,
+    output: LocationLike,
     partition_index: int,
     partition_id: str,
     shard_urls: Sequence[str],
@@ -309,7 +310,6 @@ def write_filtered_partition(
     score_threshold: float,
     images_per_tar: int,
     settings_identity: str = "",
-    storage_options: dict | None = None,
     earlier: PartitionResult | None = None,
 ) -> PartitionResult:
     """Write one partition's outputs from (raw sample, nsfw_score, error) triples in input order.
@@ -318,8 +318,9 @@ def write_filtered_partition(
     manifest (read before writing): the tars it names that this attempt does not rewrite are removed.
     Returns the manifest's content after the manifest is written (the partition's commit point).
     """
+    output = as_location(output)
     columns: dict[str, list[Any]] = {name: [] for name in SCORES_SCHEMA.names}
-    with FilteredShardWriter(output_path, partition_index, images_per_tar, storage_options) as writer:
+    with FilteredShardWriter(output, partition_index, images_per_tar) as writer:
         for sample, nsfw_score, error in scored_samples:
             scored = error is None and sample.key is not None and bool(np.isfinite(nsfw_score))
             passed = scored and bool(nsfw_score < score_threshold)
@@ -333,9 +334,9 @@ def write_filtered_partition(
             columns["error"].append(error if error is not None or scored else "not scored")
             columns["output_shard"].append(writer.add(sample) if passed else None)
     output_shards = writer.written
-    score_file = scores_url(output_path, partition_index)
-    write_scores(score_file, columns, storage_options)
-    remove_stale_outputs(output_path, partition_index, len(output_shards), earlier.output_shards if earlier else (), storage_options)
+    score_file = scores_url(output.url, partition_index)
+    write_scores(output.at(score_file), columns)
+    remove_stale_outputs(output, partition_index, len(output_shards), earlier.output_shards if earlier else ())
     nsfw_scores = np.array([np.nan if s is None else s for s in columns["nsfw_score"]], dtype=np.float32)
     passed_count = int(sum(columns["passed"]))
     error_count = int(sum(e is not None for e in columns["error"]))
@@ -352,7 +353,7 @@ def write_filtered_partition(
         output_shards=output_shards,
         settings_identity=settings_identity,
     )
-    write_manifest(output_path, result, storage_options)
+    write_manifest(output, result)
     return result
 
 
@@ -393,9 +394,12 @@ class RunSummary:
             output_shards=[url for r in results for url in r.output_shards],
         )
 
-    def write(self, storage_options: dict | None = None) -> str:
-        url = join_url(self.output_path, "summary.json")
-        write_bytes_atomic(url, json.dumps(asdict(self), indent=2).encode(), storage_options)
+    def write(self, output: LocationLike | None = None) -> str:
+        """Write `summary.json` under `output` (the run's output location; default: `output_path`, reached with
+        the environment's credentials)."""
+        output = as_location(output if output is not None else self.output_path)
+        url = join_url(output.url, "summary.json")
+        write_bytes_atomic(output.at(url), json.dumps(asdict(self), indent=2).encode())
         return url
 
     def histogram_markdown(self) -> str:

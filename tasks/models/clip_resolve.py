@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import UserError
-from tasks.io.locations import clip_weights_dir, default_fingerprint_cache_dir, redacted, resolve_url_credentials
+from tasks.io.locations import Location, clip_weights_dir, default_fingerprint_cache_dir, redacted, resolve_url_credentials, safe_name
 from tasks.models.remote_weights import is_remote, resolve_weights, url_suffix
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -44,7 +44,7 @@ IDENTITY_VERSION = 1
 _PREPROCESS_TAG_KEYS = ("mode", "mean", "std", "interpolation", "resize_mode", "fill_color")
 _HASH_CHUNK_BYTES = 8 << 20
 # ClipWeights fields that say where the weights are, not what they are: left out of the identity record.
-_NOT_IDENTITY_FIELDS = ("config_path", "checkpoint_path", "checkpoint_url", "storage_options")
+_NOT_IDENTITY_FIELDS = ("config_path", "checkpoint_path", "checkpoint_location")
 
 
 @dataclass(frozen=True)
@@ -53,9 +53,8 @@ class ClipWeights:
 
     `model_config` and `preprocess` are canonical JSON strings (the dataclass stays hashable); `preprocess`
     describes open_clip's inference transform for the model, `weights_fingerprint` is the checkpoint's SHA-256.
-    For weights given as a URL, `checkpoint_url` is that URL (without credentials), `checkpoint_path` the
-    copy on the resolving machine, and `storage_options` what a worker needs to fetch its own copy (never
-    shown, compared or recorded).
+    For weights given as a URL, `checkpoint_location` is where they are (a worker fetches its own copy from
+    it; its credentials are never shown or recorded) and `checkpoint_path` the copy on the resolving machine.
     """
 
     model_name: str
@@ -68,8 +67,12 @@ class ClipWeights:
     quick_gelu: bool
     model_config: str
     preprocess: str
-    checkpoint_url: str | None = None
-    storage_options: dict[str, Any] = field(default_factory=dict, hash=False, compare=False, repr=False)
+    checkpoint_location: Location | None = None
+
+    @property
+    def checkpoint_url(self) -> str | None:
+        """The checkpoint's URL (without credentials) when it was given as one."""
+        return self.checkpoint_location.url if self.checkpoint_location is not None else None
 
     @property
     def preprocess_cfg(self) -> dict:
@@ -219,25 +222,25 @@ def _preprocess_description(image_size: tuple[int, int], tag_cfg: dict) -> tuple
     return cfg, repr(transform)
 
 
-def _remote_checkpoint(clip_pretrained: str, storage_options: dict[str, Any] | None) -> tuple[str, str, str, dict[str, Any]]:
-    """(local copy, SHA-256, clean URL, storage options) of a checkpoint given as a URL."""
-    url, options = resolve_url_credentials(clip_pretrained, storage_options=storage_options)
-    if url_suffix(url) not in CHECKPOINT_SUFFIXES:
-        raise UserError(f"CLIP checkpoint {redacted(url)} is not a .safetensors, .bin, .pt or .pth file; pass the URL of one of those.")
-    resolved = resolve_weights(url, options)
-    return str(resolved.path), resolved.sha256, resolved.url, options
+def _remote_checkpoint(location: Location) -> tuple[str, str]:
+    """(local copy, SHA-256) of a checkpoint given as a URL."""
+    if url_suffix(location.url) not in CHECKPOINT_SUFFIXES:
+        raise UserError(f"CLIP checkpoint {location} is not a .safetensors, .bin, .pt or .pth file; pass the URL of one of those.")
+    resolved = resolve_weights(location)
+    return str(resolved.path), resolved.sha256
 
 
 def resolve_clip(
     clip_model: str = "ViT-L-14",
-    clip_pretrained: str = "openai",
+    clip_pretrained: str | Location = "openai",
     model_dir: str | os.PathLike | None = None,
-    storage_options: dict[str, Any] | None = None,
 ) -> ClipWeights:
     """Find the model config and checkpoint and fingerprint them; raises UserError with a remedy.
 
-    Offline for tags and paths; a checkpoint URL is read with `storage_options` (the run's), downloaded only
-    when this machine holds no verified copy of that version of the object.
+    `clip_pretrained` is a tag, a local path, or the Location of a checkpoint URL (the plan's, carrying the
+    run's storage options; a URL string is reached with the environment's credentials and those written
+    into it). Offline for tags and paths; a checkpoint URL is downloaded only when this machine holds no
+    verified copy of that version of the object.
     """
     import open_clip
 
@@ -246,10 +249,10 @@ def resolve_clip(
 
         model_dir = default_model_dir()
     model_name, config_path, config = _model_name_and_config(str(clip_model))
-    checkpoint_url: str | None = None
-    options: dict[str, Any] = {}
-    if is_remote(str(clip_pretrained)):
-        checkpoint, fingerprint, checkpoint_url, options = _remote_checkpoint(str(clip_pretrained), storage_options)
+    location: Location | None = None
+    if isinstance(clip_pretrained, Location) or is_remote(str(clip_pretrained)):
+        location = clip_pretrained if isinstance(clip_pretrained, Location) else Location(*resolve_url_credentials(clip_pretrained))
+        checkpoint, fingerprint = _remote_checkpoint(location)
         tag = None
     else:
         checkpoint_path, tag = _checkpoint_path(model_name, str(clip_pretrained), model_dir)
@@ -272,8 +275,7 @@ def resolve_clip(
         quick_gelu=quick_gelu,
         model_config=_canonical_json(config),
         preprocess=_canonical_json({"cfg": preprocess_cfg, "transform": transform_repr}),
-        checkpoint_url=checkpoint_url,
-        storage_options=options,
+        checkpoint_location=location,
     )
 
 
@@ -296,12 +298,6 @@ def clip_identity(weights: ClipWeights, decode_identity: str) -> str:
         ).encode()
     ).hexdigest()[:32]
     return f"{safe_name(weights.model_name)}-{digest}"
-
-
-def safe_name(name: str) -> str:
-    """A file-name-safe form of a model or shard name (letters, digits, `.`, `_`, `-`)."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
-    return cleaned or "unnamed"
 
 
 def identity_record(weights: ClipWeights, decode_identity: str) -> dict[str, str]:

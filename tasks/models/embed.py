@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,12 +31,15 @@ from PIL import Image
 
 from tasks.models.clip_resolve import ClipWeights, clip_identity, identity_record, read_model_config, weights_fingerprint
 from tasks.errors import UserError
-from tasks.io.locations import redacted
+from tasks.io.locations import LocationLike, as_location, redacted
 from tasks.models.remote_weights import local_weights
 from tasks.io.prefetch import close_iterator, prefetched
 from tasks.io.read import DecodeOptions, Sample, iter_batches
 from tasks.stop import raise_if_stopped
 from tasks.store.entries import EmbeddingStore, embedding_table, shard_fingerprint
+
+if TYPE_CHECKING:
+    from tasks.filter.plan import EmbedStage
 
 _PREFETCH_BATCHES = 2
 # Autocast dtypes on CUDA by name; the CPU always runs float32 (the parity tests' setting).
@@ -78,7 +82,7 @@ def build_clip_model(weights: ClipWeights, device: torch.device) -> tuple[torch.
 
     if weights.checkpoint_url:
         # Weights given as a URL: this machine's verified copy, downloaded here once when the machine lacks it.
-        checkpoint = str(local_weights(weights.checkpoint_url, weights.weights_fingerprint, weights.storage_options))
+        checkpoint = str(local_weights(weights.checkpoint_location, weights.weights_fingerprint))
         shown = redacted(weights.checkpoint_url)
     else:
         checkpoint = shown = weights.checkpoint_path
@@ -273,12 +277,11 @@ class ModelBatch:
 
 
 def feed_model_batches(
-    shard_urls: Sequence[str],
+    shards: Sequence[LocationLike],
     transform,
     batch_size: int,
     decode_options: DecodeOptions,
     task_batch_size: int = 100,
-    storage_options: dict | None = None,
     pin_memory: bool = False,
     threads: int | None = None,
     worker_processes: bool = True,
@@ -294,7 +297,7 @@ def feed_model_batches(
     """
 
     def assemble() -> Iterator[ModelBatch]:
-        samples = iter_batches(shard_urls, task_batch_size, decode=decode_options, storage_options=storage_options, threads=threads,
+        samples = iter_batches(shards, task_batch_size, decode=decode_options, threads=threads,
                                transform=transform, worker_processes=worker_processes, local_copies=local_copies)
         rows: list[tuple[str | None, str | None]] = []
         inputs: list[torch.Tensor] = []
@@ -327,12 +330,11 @@ def _stacked(inputs: list[torch.Tensor], pin_memory: bool) -> torch.Tensor:
 
 
 def embed_shard(
-    shard_url: str,
+    shard: LocationLike,
     embedder: ClipEmbedder,
     store: EmbeddingStore,
     decode_options: DecodeOptions,
     task_batch_size: int = 100,
-    storage_options: dict | None = None,
     fingerprint: str | None = None,
     threads: int | None = None,
     local_copy: str | None = None,
@@ -345,13 +347,15 @@ def embed_shard(
     One row per sample, including samples that failed to decode (null embedding, `error` set) and
     shard-level damage (key None). Images are released as soon as they are preprocessed.
     """
-    fingerprint = fingerprint or shard_fingerprint(shard_url, storage_options)
+    shard = as_location(shard)
+    shard_url = shard.url
+    fingerprint = fingerprint or shard_fingerprint(shard)
     identity = clip_identity(embedder.weights, decode_options.identity())
     keys: list[str | None] = []
     errors: list[str | None] = []
     embedded_rows: list[np.ndarray] = []
     pin_memory = embedder.device.type == "cuda"
-    batches = feed_model_batches([shard_url], embedder.transform, embedder.batch_size, decode_options, task_batch_size, storage_options, pin_memory, threads,
+    batches = feed_model_batches([shard], embedder.transform, embedder.batch_size, decode_options, task_batch_size, pin_memory, threads,
                                  local_copies={shard_url: local_copy} if local_copy is not None else None)
     with closing(batches):
         for batch, batch_embeddings in embedder.embed_model_batches(batches):
@@ -378,35 +382,32 @@ def _error_of(sample: Sample) -> str | None:
 
 def embed_partition(
     shard_urls: Sequence[str],
-    weights: ClipWeights,
-    store: EmbeddingStore,
-    decode_options: DecodeOptions,
-    task_batch_size: int = 100,
-    model_inference_batch_size: int = 32,
-    storage_options: dict | None = None,
+    stage: "EmbedStage",
     device: str | torch.device | None = None,
     shard_fingerprints: Sequence[str] | None = None,
     shards_in_store: Sequence[bool] | None = None,
     local_copies: Sequence[str | None] | None = None,
 ) -> list[str]:
-    """Entry URLs for a partition's shards; embeds (loading CLIP only then) the shards the store misses.
+    """Entry URLs for a partition's shards (reached as `stage.shard(url)`); embeds (loading CLIP only then) the
+    shards the store misses, with the stage's weights, decoding, store and batch sizes.
 
     `shard_fingerprints`, when given, are the shards' fingerprints already computed by the caller (in order);
     `shards_in_store`, when given, is what the caller's own store lookup found for each shard, so the store
     is not asked again (whoever reads an entry validates it and re-embeds an unusable one); `local_copies`,
     when given, the shards' verified copies on this machine (None: read from storage).
     """
-    identity = clip_identity(weights, decode_options.identity())
+    weights, store, identity = stage.clip_weights, stage.store, stage.embedding_identity
     entry_urls = []
     embedder: ClipEmbedder | None = None
     for index, shard_url in enumerate(shard_urls):
         raise_if_stopped()
-        fingerprint = shard_fingerprints[index] if shard_fingerprints is not None else shard_fingerprint(shard_url, storage_options)
+        shard = stage.shard(shard_url)
+        fingerprint = shard_fingerprints[index] if shard_fingerprints is not None else shard_fingerprint(shard)
         if shards_in_store[index] if shards_in_store is not None else store.has(identity, shard_url, fingerprint, embedding_dim=weights.embedding_dim):
             entry_urls.append(store.entry_url(identity, shard_url, fingerprint))
             continue
         if embedder is None:
-            embedder = load_clip_embedder(weights, device, model_inference_batch_size)
+            embedder = load_clip_embedder(weights, device, stage.model_inference_batch_size)
         local_copy = local_copies[index] if local_copies is not None else None
-        entry_urls.append(embed_shard(shard_url, embedder, store, decode_options, task_batch_size, storage_options, fingerprint, local_copy=local_copy))
+        entry_urls.append(embed_shard(shard, embedder, store, stage.decode, stage.task_batch_size, fingerprint, local_copy=local_copy))
     return entry_urls

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import UserError
-from tasks.io.locations import default_weights_cache_dir, redacted, resolve_url_credentials, scrubbed
+from tasks.io.locations import Location, LocationLike, as_location, default_weights_cache_dir, redacted, scrubbed
 
 _CHUNK_BYTES = 8 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -151,11 +151,12 @@ def _locked(cache_dir: Path, name: str) -> Iterator[None]:
 # Downloads
 
 
-def _filesystem(url: str, storage_options: dict[str, Any]):
+def _filesystem(location: Location):
     from fsspec.core import url_to_fs
 
+    url = location.url
     try:
-        return url_to_fs(url, **storage_options)
+        return url_to_fs(url, **location.storage_options)
     except (ValueError, ImportError) as error:
         raise UserError(f"weights {redacted(url)} cannot be opened ({scrubbed(str(error), url)}); use s3://, gs:// or another fsspec URL whose package is installed.") from None
 
@@ -215,20 +216,16 @@ def _temp_path(cache_dir: Path, key: str) -> Path:
     return tmp_dir / f"{key}.{os.getpid()}.{threading.get_ident()}.part"
 
 
-def _clean(url: str, storage_options: dict[str, Any] | None) -> tuple[str, dict[str, Any]]:
-    clean_url, options = resolve_url_credentials(url, storage_options=storage_options)
-    return clean_url, options
-
-
-def local_weights(url: str, sha256: str, storage_options: dict[str, Any] | None = None) -> Path:
-    """The verified local copy of the object at `url` whose SHA-256 is `sha256`, downloaded when this machine lacks it.
+def local_weights(weights: LocationLike, sha256: str) -> Path:
+    """The verified local copy of the object at `weights` whose SHA-256 is `sha256`, downloaded when this machine lacks it.
 
     Raises UserError (naming the URL without credentials) when the object's bytes do not hash to `sha256`;
     nothing is kept then.
     """
     if not _SHA256.fullmatch(sha256 or ""):
         raise ValueError(f"{sha256!r} is not a SHA-256 hex digest")
-    url, options = _clean(url, storage_options)
+    location = as_location(weights)
+    url = location.url
     cache_dir = default_weights_cache_dir()
     final_path = cache_dir / f"{sha256}{url_suffix(url)}"
     if _holds(final_path, sha256):
@@ -236,7 +233,7 @@ def local_weights(url: str, sha256: str, storage_options: dict[str, Any] | None 
     with _locked(cache_dir, sha256):
         if _holds(final_path, sha256):  # another task on this machine downloaded it meanwhile
             return final_path
-        fs, remote_path = _filesystem(url, options)
+        fs, remote_path = _filesystem(location)
         tmp_path = _temp_path(cache_dir, sha256)
         digest = _download(fs, remote_path, url, tmp_path, planning=False)
         if digest != sha256:
@@ -292,15 +289,16 @@ def _write_record(cache_dir: Path, url: str, version: dict[str, str], sha256: st
             tmp_path.unlink()
 
 
-def resolve_weights(url: str, storage_options: dict[str, Any] | None = None) -> ResolvedWeights:
+def resolve_weights(weights: LocationLike) -> ResolvedWeights:
     """The object's SHA-256 and verified local copy, downloading only when no record names this version of it.
 
     For planning: every failure, unreachable storage included, is one sentence (UserError).
     """
-    url, options = _clean(url, storage_options)
+    location = as_location(weights)
+    url = location.url
     cache_dir = default_weights_cache_dir()
     suffix = url_suffix(url)
-    fs, remote_path = _filesystem(url, options)
+    fs, remote_path = _filesystem(location)
     with contextlib.suppress(Exception):  # a long-lived process must see the object as it is now, not as listed before
         fs.invalidate_cache(remote_path)
     try:
@@ -312,13 +310,13 @@ def resolve_weights(url: str, storage_options: dict[str, Any] | None = None) -> 
     version = _object_version(info)
     recorded = _recorded_sha256(cache_dir, url, version)
     if recorded is not None:
-        path = local_weights(url, recorded, options)  # verified (or fetched again) against the recorded digest
+        path = local_weights(location, recorded)  # verified (or fetched again) against the recorded digest
         return ResolvedWeights(url, recorded, path)
     url_key = hashlib.sha256(url.encode()).hexdigest()[:32]
     with _locked(cache_dir, url_key):
         recorded = _recorded_sha256(cache_dir, url, version)  # another process on this machine resolved it meanwhile
         if recorded is not None:
-            return ResolvedWeights(url, recorded, local_weights(url, recorded, options))
+            return ResolvedWeights(url, recorded, local_weights(location, recorded))
         tmp_path = _temp_path(cache_dir, url_key)
         digest = _download(fs, remote_path, url, tmp_path, planning=True)
         final_path = cache_dir / f"{digest}{suffix}"

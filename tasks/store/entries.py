@@ -33,8 +33,8 @@ Without a key, an entry that passes all of this but holds other vectors than the
 sign flipped) is not detected.
 
 Credentials are never passed here explicitly: fsspec/s3fs find them in the environment, `~/.aws`, the
-fsspec config, or `storage_options` built by the flow (e.g. from a Prefect block). This module never logs
-`storage_options` and strips `user:password@` from any URL it prints.
+fsspec config, or the store's `Location` built by the plan (e.g. from a Prefect block). This module never
+shows storage options and strips `user:password@` from any URL it prints.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from tasks.io.atomic import write_bytes_atomic
-from tasks.models.clip_resolve import safe_name
+from tasks.io.locations import Location, LocationLike, as_location, redacted, safe_name
 from tasks.errors import UserError
 from tasks.store.retired_errors import first_retired_error
 
@@ -79,16 +79,11 @@ class CorruptEntryWarning(UserWarning):
     """An embedding store entry could not be read or failed validation; it counts as a miss and will be rewritten."""
 
 
-def redact_url(url: str) -> str:
-    """The URL without any `user:password@` part, for messages and metadata."""
-    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/?#]*@", r"\1", str(url))  # up to the last @: a secret may hold one
-
-
-def _filesystem(url: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
+def _filesystem(location: Location) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
-        return fsspec.core.url_to_fs(url, **(storage_options or {}))
+        return location.filesystem()
     except (ImportError, ValueError) as error:
-        raise UserError(f"cannot open {redact_url(url)} ({error}); install the fsspec backend for its protocol or fix the URL.") from None
+        raise UserError(f"cannot open {location} ({error}); install the fsspec backend for its protocol or fix the URL.") from None
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
@@ -99,7 +94,7 @@ def _storage_error(error: Exception, url: str, what: str) -> UserError:
     """One sentence for an access problem (credentials, permissions, missing bucket)."""
     reason = type(error).__name__ if not str(error) else str(error).splitlines()[0][:200]
     return UserError(
-        f"cannot {what} {redact_url(url)} ({reason}); check that it exists and that credentials are set "
+        f"cannot {what} {redacted(url)} ({reason}); check that it exists and that credentials are set "
         f"(environment, ~/.aws or fsspec config, or the flow's storage block)."
     )
 
@@ -140,7 +135,7 @@ def _stream_md5(handle) -> str:
     return hasher.hexdigest()
 
 
-def shard_fingerprint(shard_url: str, storage_options: dict | None = None) -> str:
+def shard_fingerprint(shard: LocationLike) -> str:
     """A file-name-safe name for the shard's bytes; equal bytes give an equal name wherever the shard is read.
 
     - local disk and any backend without a content checksum (http, sftp, ...): `md5-{hex}`, the MD5 of the
@@ -151,17 +146,19 @@ def shard_fingerprint(shard_url: str, storage_options: dict | None = None) -> st
       re-uploading the same bytes with another part size is a false *miss*, never a false hit.
     - GCS: `gcs-md5-{md5}` or `gcs-crc32c-{crc}-{size}` (composite objects have only a CRC32C).
     """
-    return shard_fingerprint_and_size(shard_url, storage_options)[0]
+    return shard_fingerprint_and_size(shard)[0]
 
 
-def shard_fingerprint_and_size(shard_url: str, storage_options: dict | None = None) -> tuple[str, int | None]:
+def shard_fingerprint_and_size(shard: LocationLike) -> tuple[str, int | None]:
     """`shard_fingerprint` and the shard's size in bytes (None where the backend does not say), from one look.
 
     On object stores that look is always one request for the object as it is now (HEAD on S3), never a
     listing's memory of it: the name must describe the bytes that are read next, and a run makes the same
     requests whichever thread, and so whichever cached client, asks.
     """
-    fs, path = _filesystem(shard_url, storage_options)
+    shard = as_location(shard)
+    shard_url = shard.url
+    fs, path = _filesystem(shard)
     protocols = _protocols(fs)
     try:
         if isinstance(fs, LocalFileSystem):
@@ -181,7 +178,7 @@ def shard_fingerprint_and_size(shard_url: str, storage_options: dict | None = No
                     return safe_name(f"gcs-crc32c-{_b64_to_hex(info['crc32c'])}-{info.get('size')}"), size
         return f"md5-{_stream_md5(fs.open(path, 'rb'))}", None
     except FileNotFoundError:
-        raise UserError(f"shard {redact_url(shard_url)} does not exist; check file_paths.") from None
+        raise UserError(f"shard {redacted(shard_url)} does not exist; check file_paths.") from None
     except Exception as error:
         if _is_access_error(error):
             raise _storage_error(error, shard_url, "read shard") from None
@@ -201,7 +198,7 @@ def _b64_to_hex(value: str) -> str:
 
 def shard_name(shard_url: str) -> str:
     """The shard's file name without its tar suffix, made file-name-safe (`.../00012.tar` -> `00012`)."""
-    name = PurePosixPath(redact_url(shard_url).split("?", 1)[0].rstrip("/")).name
+    name = PurePosixPath(redacted(shard_url).split("?", 1)[0].rstrip("/")).name
     for suffix in SHARD_SUFFIXES:
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
@@ -241,7 +238,7 @@ def embedding_table(
     return pa.table(
         {
             "key": pa.array(list(keys), type=pa.string()),
-            "shard": pa.array([redact_url(shard_url)] * len(keys), type=pa.string()),
+            "shard": pa.array([redacted(shard_url)] * len(keys), type=pa.string()),
             "embedding": embedding_column,
             "error": pa.array(list(errors), type=pa.string()),
         }
@@ -367,25 +364,29 @@ def keys_mismatch(entry_keys: Sequence[str | None], shard_keys: Sequence[str | N
 
 
 class EmbeddingStore:
-    """Entries under `cache_path` (a local directory or any fsspec URL such as `s3://bucket/prefix`)."""
+    """Entries under a location (a local directory or any fsspec URL such as `s3://bucket/prefix`)."""
 
-    def __init__(self, cache_path: str | os.PathLike, storage_options: dict | None = None) -> None:
-        cache_path = str(cache_path)
+    def __init__(self, location: LocationLike) -> None:
+        location = as_location(location)
+        cache_path = location.url
         if "://" not in cache_path:
             cache_path = os.path.abspath(os.path.expanduser(cache_path))
-        self.cache_path = cache_path.rstrip("/")
-        self.storage_options = dict(storage_options or {})
-        self._fs, self._root = _filesystem(self.cache_path, self.storage_options)
+        self.location = location.at(cache_path.rstrip("/"))
+        self._fs, self._root = _filesystem(self.location)
+
+    @property
+    def cache_path(self) -> str:
+        """The store's clean URL (entries' URLs start with it)."""
+        return self.location.url
 
     def __repr__(self) -> str:
-        # storage_options may hold credentials: never shown.
-        return f"EmbeddingStore({redact_url(self.cache_path)!r})"
+        return f"EmbeddingStore({self.cache_path!r})"  # a Location's URL holds no credentials
 
     def __reduce__(self):
-        return (EmbeddingStore, (self.cache_path, self.storage_options))
+        return (EmbeddingStore, (self.location,))
 
     def _fingerprint(self, shard_url: str, fingerprint: str | None) -> str:
-        return fingerprint if fingerprint is not None else shard_fingerprint(shard_url, self.storage_options)
+        return fingerprint if fingerprint is not None else shard_fingerprint(self.location.at(shard_url))
 
     def _relative(self, identity: str, shard_url: str, fingerprint: str) -> str:
         # Checked, not asserted: an identity may come from a user (image-dedup --embedding-identity), and a path
@@ -399,7 +400,7 @@ class EmbeddingStore:
     def entry_url(self, identity: str, shard_url: str, shard_fingerprint: str | None = None) -> str:
         """Where the entry for this shard and identity lives (computes the shard fingerprint if not given).
 
-        Pass `shard_fingerprint` when the shards need other storage options than the store.
+        Pass `shard_fingerprint` when the shards are reached with other storage options than the store.
         """
         return f"{self.cache_path}/{self._relative(identity, shard_url, self._fingerprint(shard_url, shard_fingerprint))}"
 
@@ -408,7 +409,7 @@ class EmbeddingStore:
 
     def _warn_corrupt(self, url: str, reason: str) -> None:
         warnings.warn(
-            f"embedding store entry {redact_url(url)} is unreadable or invalid ({reason}); counting it as a miss, it will be rewritten.",
+            f"embedding store entry {redacted(url)} is unreadable or invalid ({reason}); counting it as a miss, it will be rewritten.",
             CorruptEntryWarning,
             stacklevel=3,
         )
@@ -478,7 +479,7 @@ class EmbeddingStore:
             self._warn_corrupt(url, reason)
             return None
         # Same bytes may live at another URL: report the shard the caller asked about.
-        return table.set_column(table.schema.get_field_index("shard"), "shard", pa.array([redact_url(shard_url)] * table.num_rows, pa.string()))
+        return table.set_column(table.schema.get_field_index("shard"), "shard", pa.array([redacted(shard_url)] * table.num_rows, pa.string()))
 
     def read(
         self, identity: str, shard_url: str, shard_fingerprint: str | None = None, embedding_dim: int | None = None
@@ -509,7 +510,7 @@ class EmbeddingStore:
         record.update(
             format=ENTRY_FORMAT_VERSION,
             identity=identity,
-            shard_url=redact_url(shard_url),
+            shard_url=redacted(shard_url),
             shard_fingerprint=fingerprint,
             rows=table.num_rows,
             embedding_dim=embedding_type.list_size,
@@ -522,7 +523,7 @@ class EmbeddingStore:
         pq.write_table(table, buffer, write_page_checksum=True)
         url = self.entry_url(identity, shard_url, fingerprint)
         try:
-            write_bytes_atomic(url, buffer.getvalue().to_pybytes(), self.storage_options)
+            write_bytes_atomic(self.location.at(url), buffer.getvalue().to_pybytes())
         except Exception as error:
             # On an object store a FileNotFoundError on write means the bucket is missing.
             if _is_access_error(error) or isinstance(error, FileNotFoundError):
@@ -531,16 +532,12 @@ class EmbeddingStore:
         return url
 
 
-def partition_embedding_identity(
-    shard_urls: Iterable[str],
-    identity: str,
-    store: EmbeddingStore,
-    storage_options: dict | None = None,
-) -> str:
+def partition_embedding_identity(shard_urls: Iterable[str], identity: str, store: EmbeddingStore, shards: LocationLike | None = None) -> str:
     """A cache key for a partition: the hash of its entries' URLs (store root, identity, each shard's content).
 
     Made for a Prefect cache policy (`cache_key_fn=lambda ctx, p: partition_embedding_identity(...)`):
     the same shards, model, weights, preprocessing and store give the same key, anything else another.
     """
-    entry_urls = [store.entry_url(identity, url, shard_fingerprint(url, storage_options)) for url in shard_urls]
+    reach = as_location(shards) if shards is not None else store.location
+    entry_urls = [store.entry_url(identity, url, shard_fingerprint(reach.at(url))) for url in shard_urls]
     return hashlib.sha256("\n".join(entry_urls).encode()).hexdigest()
