@@ -49,10 +49,9 @@ def plain_loop(input_dir: Path, root: Path, config_path: Path, checkpoint_path: 
     embed, scoring = run.embed, run.filter
     results = []
     for partition in run.partitions:
-        entry_urls = embed_partition(partition.shard_urls, embed.clip_weights, embed.store, embed.decode, embed.task_batch_size,
-                                     embed.model_inference_batch_size)
+        entry_urls = embed_partition(partition.shard_urls, embed)
         results.append(filter_partition(partition, scoring, entry_urls))
-    RunSummary.from_partitions(results, scoring.score_threshold, run.models(), run.output_path).write()
+    RunSummary.from_partitions(results, scoring.score_threshold, run.models(), run.output_path).write(run.output)
 
 
 def flow_run(input_dir: Path, root: Path, config_path: Path, checkpoint_path: Path, head: Path = HEAD) -> None:

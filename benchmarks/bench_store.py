@@ -36,13 +36,14 @@ def child(config_path: str, checkpoint_path: str, cache_path: str, shard_urls: l
         import s3fs  # noqa: F401 - fsspec would import it on first use
 
     from tasks.models.clip_resolve import resolve_clip
+    from tasks.filter.plan import EmbedStage
     from tasks.models.embed import embed_partition
     from tasks.io.read import DecodeOptions
     from tasks.store.entries import EmbeddingStore
 
     imported = time.perf_counter()
     weights = resolve_clip(config_path, checkpoint_path)
-    entry_urls = embed_partition(shard_urls, weights, EmbeddingStore(cache_path), DecodeOptions(), device="cpu")
+    entry_urls = embed_partition(shard_urls, EmbedStage.of(weights, EmbeddingStore(cache_path), DecodeOptions()), device="cpu")
     done = time.perf_counter()
     print(json.dumps({"seconds": done - imported, "import_seconds": imported - start, "entries": len(entry_urls)}))
 

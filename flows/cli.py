@@ -239,10 +239,11 @@ def _add_review(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_review(args: argparse.Namespace) -> int:
+    from tasks.io.locations import Location, resolve_url_credentials
     from tasks.review.sheet import write_review_sheet
 
     sheet = write_review_sheet(
-        args.output_path, n=args.n, around=args.around, blur_above=args.blur_above, blur=not args.no_blur, seed=args.seed
+        Location(*resolve_url_credentials(args.output_path)), n=args.n, around=args.around, blur_above=args.blur_above, blur=not args.no_blur, seed=args.seed
     )
     unavailable = sum(sample.thumbnail is None for sample in sheet.samples)
     print(f"{len(sheet.samples)} samples ({unavailable} without image) of {sheet.overview.scored} scored -> {sheet.sheet_url}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Literal, Optional, Union
 
 from prefect import flow, get_run_logger, task
@@ -44,20 +44,22 @@ from tasks.dedup.io import (
     passed_samples,
     removed_samples,
     remove_stale_copies,
+    shard_location,
     write_dedup_summary,
     write_deduplicated_copy,
     write_frame,
 )
 from tasks.store.entries import shard_fingerprint
 from tasks.models.embed import embed_partition
+from tasks.models.remote_weights import is_remote
 from tasks.errors import UserError
 from tasks.stop import clear_stop
-from tasks.io.locations import default_cache_path, resolve_url_credentials
+from tasks.io.locations import Location, default_cache_path, redacted, resolve_url_credentials
 from tasks.io.ownership import claim_output, input_owner, refuse_overlap, settle_owner
 from tasks.io.partition import list_shards
 from tasks.io.read import DEFAULT_DECODE_MODE, DecodeOptions
-from tasks.filter.plan import normalise_output_path
-from tasks.store.entries import EmbeddingStore, redact_url
+from tasks.filter.plan import EmbedStage, input_location, normalise_output_path
+from tasks.store.entries import EmbeddingStore
 from tasks.io.write import join_url, remove_leftover_temp_files
 
 DEDUP_FLOW = "image-dedup"
@@ -65,26 +67,37 @@ DEDUP_FLOW = "image-dedup"
 _UNITS_IN_FLIGHT = 2
 
 
+@dataclass(frozen=True)
+class DedupLocations:
+    """Every place a run touches, built once from the user's parameters with the run's storage options."""
+
+    inputs: Location  # the input listing's: every listed shard is reached as `inputs.at(shard_url)`
+    output: Location
+    cache: Location  # the embedding store
+    filter_output: Location | None  # the nsfw-filter run whose kept samples a copy is restricted to
+    clip_pretrained: Union[str, Location]  # a tag or local path, or the Location of a checkpoint URL
+
+
 @task(name="load-embeddings", **STORAGE_RETRIES, persist_result=False)
-def load_embeddings_task(store: EmbeddingStore, identity: str, shard_urls: list[str], storage_options: dict):
-    return load_embeddings(store, identity, shard_urls, storage_options)
+def load_embeddings_task(store: EmbeddingStore, identity: str, shard_urls: list[str], inputs: Location):
+    return load_embeddings(store, identity, shard_urls, inputs)
 
 
 @task(name="embed-missing", **STORAGE_RETRIES, persist_result=False, tags=["gpu"])
 def embed_missing_task(
     shard_urls: list[str],
     clip_model: str,
-    clip_pretrained: str,
+    clip_pretrained: Union[str, Location],
     model_dir: Optional[str],
     store: EmbeddingStore,
-    storage_options: dict,
+    inputs: Location,
     decode_mode: str = DEFAULT_DECODE_MODE,
 ) -> str:
     """Embed shards the store lacks, exactly as the filter flow would (same identity); returns the identity."""
-    weights = resolve_clip(clip_model, clip_pretrained, model_dir, storage_options)  # a checkpoint URL is read like the shards
+    weights = resolve_clip(clip_model, clip_pretrained, model_dir)  # a checkpoint URL is read like the shards
     decode = DecodeOptions.for_model(weights.image_size, decode_mode)
     with hold_gpu(1.0) as device:
-        embed_partition(shard_urls, weights, store, decode, storage_options=storage_options, device=device)
+        embed_partition(shard_urls, EmbedStage.of(weights, store, decode, inputs=inputs), device=device)
     return clip_identity(weights, decode.identity())
 
 
@@ -93,32 +106,33 @@ def find_duplicates_task(stored, similarity_threshold: float, method: str):
     return deduplicate(stored.embeddings, stored.key, stored.shard, similarity_threshold=similarity_threshold, method=method)
 
 
+def _output_file(output: Location, name: str) -> Location:
+    return output.at(join_url(output.url, name))
+
+
 @task(name="write-dedup-outputs", **STORAGE_RETRIES, persist_result=False)
-def write_outputs_task(result, output_path: str, storage_options: dict) -> dict[str, str]:
-    return {
-        name: write_frame(join_url(output_path, f"{name}.parquet"), getattr(result, name), storage_options)
-        for name in ("duplicates", "kept", "skipped")
-    }
+def write_outputs_task(result, output: Location) -> dict[str, str]:
+    return {name: write_frame(_output_file(output, f"{name}.parquet"), getattr(result, name)) for name in ("duplicates", "kept", "skipped")}
 
 
 @task(name="train-centroids", **STORAGE_RETRIES, persist_result=False)
-def train_centroids_task(store: EmbeddingStore, layout: BucketLayout, storage_options: dict) -> str:
-    return train_centroids(store, layout, storage_options)
+def train_centroids_task(store: EmbeddingStore, layout: BucketLayout) -> str:
+    return train_centroids(store, layout)
 
 
 @task(name="assign-unit", **STORAGE_RETRIES, persist_result=False)
-def assign_unit_task(store: EmbeddingStore, layout: BucketLayout, unit: int, storage_options: dict) -> str:
-    return assign_unit(store, layout, unit, storage_options)
+def assign_unit_task(store: EmbeddingStore, layout: BucketLayout, unit: int) -> str:
+    return assign_unit(store, layout, unit)
 
 
 @task(name="search-bucket", **STORAGE_RETRIES, persist_result=False)
-def search_bucket_task(layout: BucketLayout, bucket: int, storage_options: dict) -> str:
-    return search_bucket(layout, bucket, storage_options)
+def search_bucket_task(layout: BucketLayout, bucket: int) -> str:
+    return search_bucket(layout, bucket)
 
 
 @task(name="resolve-groups", **STORAGE_RETRIES, persist_result=False)
-def resolve_task(store: EmbeddingStore, layout: BucketLayout, output_path: str, storage_options: dict) -> OutOfCoreResult:
-    return resolve(store, layout, output_path, storage_options)
+def resolve_task(store: EmbeddingStore, layout: BucketLayout, output: Location) -> OutOfCoreResult:
+    return resolve(store, layout, output)
 
 
 def _run_all(runner, task_function, parameters: list[dict], in_flight: int) -> None:
@@ -134,52 +148,61 @@ def _run_all(runner, task_function, parameters: list[dict], in_flight: int) -> N
         future.result()
 
 
-def search_out_of_core(store: EmbeddingStore, layout: BucketLayout, output_path: str, settings: Any, storage_options: dict) -> OutOfCoreResult:
+def search_out_of_core(store: EmbeddingStore, layout: BucketLayout, output: Location, settings: Any) -> OutOfCoreResult:
     """Centroids, then units into buckets, then buckets searched, each a task; work already done is kept."""
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    train_centroids_task(store, layout, storage_options)
+    train_centroids_task(store, layout)
     seconds["centroids"] = time.perf_counter() - started
     # On one machine two units at a time (one reads and writes while the other computes), then one bucket
     # at a time (each uses every core, and memory stays one bucket's); Ray spreads them over its workers.
     on_ray = settings.task_runner == "ray"
     with open_task_runner(settings.task_runner, settings.ray_address, _UNITS_IN_FLIGHT, 0.0) as runner:
-        units = [unit for unit in range(len(layout.units)) if not unit_done(layout, unit, storage_options)]
-        _run_all(runner, assign_unit_task, [dict(store=store, layout=layout, unit=unit, storage_options=storage_options) for unit in units],
+        units = [unit for unit in range(len(layout.units)) if not unit_done(layout, unit)]
+        _run_all(runner, assign_unit_task, [dict(store=store, layout=layout, unit=unit) for unit in units],
                  len(units) if on_ray else _UNITS_IN_FLIGHT)
         seconds["assign"] = time.perf_counter() - started - sum(seconds.values())
-        buckets = [bucket for bucket in range(layout.num_buckets) if not links_done(layout, bucket, storage_options)]
-        _run_all(runner, search_bucket_task, [dict(layout=layout, bucket=bucket, storage_options=storage_options) for bucket in buckets],
+        buckets = [bucket for bucket in range(layout.num_buckets) if not links_done(layout, bucket)]
+        _run_all(runner, search_bucket_task, [dict(layout=layout, bucket=bucket) for bucket in buckets],
                  len(buckets) if on_ray else 1)
         seconds["search"] = time.perf_counter() - started - sum(seconds.values())
-    outcome = resolve_task(store, layout, output_path, storage_options)
+    outcome = resolve_task(store, layout, output)
     seconds["resolve"] = time.perf_counter() - started - sum(seconds.values())
     seconds["total"] = time.perf_counter() - started
     return dataclasses.replace(outcome, stats=dataclasses.replace(outcome.stats, seconds=seconds))
 
 
-def _inputs_and_output(settings: Any, storage_options: dict) -> tuple[str, list[str]]:
-    """The output path and the listed shards, once the output is known to be apart from every input."""
-    output_path = normalise_output_path(settings.output_path)
-    shard_urls = list_shards(settings.file_paths, settings.file_extensions, storage_options)
-    filter_scores = [(join_url(settings.filter_output_path, "scores"), "filter_output_path")] if settings.filter_output_path else []
-    refuse_overlap(output_path, settings.file_paths, shard_urls, settings.file_extensions, storage_options, filter_scores)
-    return output_path, shard_urls
+def _listed_shards(settings: Any, places: DedupLocations) -> list[str]:
+    """The listed shards, once the output is known to be apart from every input."""
+    shard_urls = list_shards(settings.file_paths, settings.file_extensions, places.inputs)
+    filter_output = places.filter_output
+    filter_scores = [(filter_output.at(join_url(filter_output.url, "scores")), "filter_output_path")] if filter_output is not None else []
+    refuse_overlap(places.output, settings.file_paths, shard_urls, settings.file_extensions, places.inputs, filter_scores)
+    return shard_urls
 
 
-def _without_url_credentials(settings: Any) -> tuple[Any, dict]:
-    """Settings whose URLs carry no credentials, and the storage options holding them (tasks/io/locations.py)."""
+def _locations(settings: Any) -> tuple[Any, DedupLocations]:
+    """Settings whose URLs carry no credentials (tasks/io/locations.py), and the run's locations: the one place
+    the storage options (the Secret block's, and those the URLs carried) are read; nothing below takes them."""
     names = ("file_paths", "output_path", "cache_path", "filter_output_path", "clip_pretrained")
     *urls, storage_options = resolve_url_credentials(
         *(getattr(settings, name) for name in names), storage_options=storage_options_from_secret(settings.storage_options_secret)
     )
-    return settings.model_copy(update=dict(zip(names, urls))), storage_options
+    settings = settings.model_copy(update=dict(zip(names, urls)))
+    clip_pretrained = settings.clip_pretrained
+    return settings, DedupLocations(
+        inputs=input_location(settings.file_paths, storage_options),
+        output=Location(normalise_output_path(settings.output_path), storage_options),
+        cache=Location(settings.cache_path or default_cache_path(), storage_options),
+        filter_output=Location(settings.filter_output_path, storage_options) if settings.filter_output_path else None,
+        clip_pretrained=Location(clip_pretrained, storage_options) if is_remote(clip_pretrained) else clip_pretrained,
+    )
 
 
 def preflight(parameters: dict[str, Any]) -> None:
     """Check parameters, inputs and output outside Prefect (the CLI's fast, traceback-free check); raises UserError."""
-    settings, storage_options = _without_url_credentials(validate_settings(parameters, DedupSettings))
-    _inputs_and_output(settings, storage_options)
+    settings, places = _locations(validate_settings(parameters, DedupSettings))
+    _listed_shards(settings, places)
 
 
 # The signature's ranges reach the deployment's schema (the UI form and the API refuse bad values); the first line
@@ -236,67 +259,68 @@ def image_dedup(
     settings = validate_settings(dict(locals()), DedupSettings)
     clear_stop()  # a stop of an earlier run in this process (a notebook) is not this run's
     logger = get_run_logger()
-    settings, storage_options = _without_url_credentials(settings)
-    output_path, shard_urls = _inputs_and_output(settings, storage_options)
-    store = EmbeddingStore(settings.cache_path or default_cache_path(), storage_options)
+    settings, places = _locations(settings)
+    shard_urls = _listed_shards(settings, places)
+    output, inputs = places.output, places.inputs
+    store = EmbeddingStore(places.cache)
 
     missing: list[str] = []
     try:
-        identity = find_embedding_identity(store, shard_urls, settings.clip_model, settings.clip_pretrained, settings.model_dir,
-                                           settings.embedding_identity, storage_options, settings.decode_mode)
-        missing = missing_shards(store, identity, shard_urls, storage_options)
+        identity = find_embedding_identity(store, shard_urls, settings.clip_model, places.clip_pretrained, settings.model_dir,
+                                           settings.embedding_identity, settings.decode_mode, inputs=inputs)
+        missing = missing_shards(store, identity, shard_urls, inputs)
     except UserError:
         if not settings.embed_missing:
             raise
         missing = list(shard_urls)
     if missing:
         if not settings.embed_missing:
-            listed = ", ".join(redact_url(url) for url in missing[:5]) + (" ..." if len(missing) > 5 else "")
+            listed = ", ".join(redacted(url) for url in missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise UserError(
                 f"{len(missing)} of {len(shard_urls)} shards have no embeddings in the store ({listed}); fill the store with "
-                f"`nsfw-curator filter --file-paths ... --cache-path {redact_url(store.cache_path)}` or pass --embed-missing."
+                f"`nsfw-curator filter --file-paths ... --cache-path {redacted(store.cache_path)}` or pass --embed-missing."
             )
     # Claimed once the inputs are known to be usable, before anything is written.
     copies = len(shard_urls) if settings.write_dataset else 0
-    owner = input_owner(DEDUP_FLOW, settings.file_paths, settings.file_extensions, shard_urls, copies, storage_options)
-    copy_mark = claim_output(output_path, owner, settings.take_over_output, storage_options).partitions
-    earlier = earlier_copies(output_path, storage_options)  # read before this run rewrites summary.json
+    owner = input_owner(DEDUP_FLOW, settings.file_paths, settings.file_extensions, shard_urls, copies, inputs)
+    copy_mark = claim_output(output, owner, settings.take_over_output).partitions
+    earlier = earlier_copies(output)  # read before this run rewrites summary.json
     if missing:
         logger.info("embedding %d shards missing from the store", len(missing))
         identity = embed_missing_task(
-            missing, settings.clip_model, settings.clip_pretrained, settings.model_dir, store, storage_options, settings.decode_mode
+            missing, settings.clip_model, places.clip_pretrained, settings.model_dir, store, inputs, settings.decode_mode
         )
 
     chosen, sizes, fingerprints = settings.method, None, []
     if chosen in ("auto", "out-of-core"):
-        fingerprints = [shard_fingerprint(url, storage_options) for url in shard_urls]
+        fingerprints = [shard_fingerprint(shard_location(inputs, url)) for url in shard_urls]
         sizes = entry_sizes(store, identity, shard_urls, fingerprints)
         limit = settings.in_memory_max_rows if settings.in_memory_max_rows is not None else default_in_memory_max_rows(sizes.dim)
         if chosen == "auto" and sum(sizes.rows) > limit:
             chosen = "out-of-core"
     if chosen == "out-of-core":
         assert sizes is not None
-        layout = plan_layout(join_url(output_path, WORK_FOLDER), identity, shard_urls, fingerprints, sizes,
+        layout = plan_layout(_output_file(output, WORK_FOLDER), identity, shard_urls, fingerprints, sizes,
                              similarity_threshold=settings.similarity_threshold, bucket_rows=settings.bucket_rows)
         logger.info("%d embeddings of %d shards from %s: out-of-core search in %d buckets", sum(sizes.rows), len(shard_urls), identity, layout.num_buckets)
-        outcome = search_out_of_core(store, layout, output_path, settings, storage_options)
+        outcome = search_out_of_core(store, layout, output, settings)
         duplicates, skipped, kept_rows, stats = outcome.duplicates, outcome.skipped, outcome.kept_rows, outcome.stats
-        files = {"duplicates": write_frame(join_url(output_path, "duplicates.parquet"), duplicates, storage_options),
+        files = {"duplicates": write_frame(_output_file(output, "duplicates.parquet"), duplicates),
                  "kept": outcome.kept_url,
-                 "skipped": write_frame(join_url(output_path, "skipped.parquet"), skipped, storage_options)}
+                 "skipped": write_frame(_output_file(output, "skipped.parquet"), skipped)}
     else:
-        stored = load_embeddings_task(store, identity, shard_urls, storage_options)
+        stored = load_embeddings_task(store, identity, shard_urls, inputs)
         logger.info("%d embeddings of %d shards from %s", len(stored.key), len(shard_urls), identity)
         result = find_duplicates_task(stored, settings.similarity_threshold, chosen)
         del stored
-        files = write_outputs_task(result, output_path, storage_options)
+        files = write_outputs_task(result, output)
         duplicates, skipped, kept_rows, stats = result.duplicates, result.skipped, len(result.kept), result.stats
     copied: list[str] = []
     if settings.write_dataset:
-        passed = passed_samples(settings.filter_output_path, storage_options) if settings.filter_output_path else None
-        copied = write_deduplicated_copy(shard_urls, removed_samples(duplicates, skipped), output_path, settings.images_per_tar,
-                                         storage_options, passed=passed)
-    remove_stale_copies(output_path, copied, earlier, copies, copy_mark, storage_options)
+        passed = passed_samples(places.filter_output) if places.filter_output is not None else None
+        copied = write_deduplicated_copy(shard_urls, removed_samples(duplicates, skipped), output, settings.images_per_tar,
+                                         passed=passed, inputs=inputs)
+    remove_stale_copies(output, copied, earlier, copies, copy_mark)
     summary: dict[str, Any] = {
         "embedding_identity": identity,
         "shards": len(shard_urls),
@@ -304,11 +328,11 @@ def image_dedup(
         "files": files,
         "deduplicated_shards": copied,
     }
-    write_dedup_summary(output_path, summary, storage_options)
+    write_dedup_summary(output, summary)
     if chosen == "out-of-core":
-        remove_work(layout, storage_options)
-    settle_owner(output_path, copies, storage_options)
-    remove_leftover_temp_files(output_path, storage_options)
+        remove_work(layout)
+    settle_owner(output, copies)
+    remove_leftover_temp_files(output)
     create_table_artifact(
         key="image-dedup-counts",
         table=[
@@ -321,7 +345,7 @@ def image_dedup(
         description=f"image-dedup at cosine similarity >= {stats.similarity_threshold} ({stats.method} search)",
     )
     logger.info("%d duplicates in %d groups among %d images (%s search)", stats.duplicates, stats.groups, stats.compared_rows, stats.method)
-    return {"summary": join_url(output_path, "summary.json"), "duplicates": stats.duplicates, "groups": stats.groups, "kept": kept_rows}
+    return {"summary": join_url(output.url, "summary.json"), "duplicates": stats.duplicates, "groups": stats.groups, "kept": kept_rows}
 
 
 # The flow's parameters as a model (types, ranges and defaults from the signature above), for checks outside Prefect.

@@ -37,6 +37,7 @@ from tests.support.transforms import KillingTransform, RefusingTransform
 from tests.support.tiny_clip import make_tiny_clip, open_clip_reference, save_clip_checkpoint, tiny_clip_config
 
 from tasks.models.clip_resolve import clip_identity, resolve_clip, weights_fingerprint
+from tasks.filter.plan import EmbedStage
 from tasks.models.embed import ClipEmbedder, embed_partition, embed_shard, feed_model_batches, load_clip_embedder, select_device, unload_clip_models
 from tasks.errors import UserError
 from tasks.io.read import DecodeOptions, iter_samples
@@ -477,10 +478,10 @@ def test_all_hits_never_load_clip(tmp_path, tiny_768):
     shards = [str(write_tar(tmp_path / f"{i:05d}.tar", shard_of_good_samples([f"k{i}a", f"k{i}b"]))) for i in range(3)]
     weights = resolve_clip(str(config_path), str(checkpoint))
     store = EmbeddingStore(tmp_path / "cache")
-    cold = embed_partition(shards, weights, store, NO_REDUCTION, task_batch_size=2, device="cpu")
+    cold = embed_partition(shards, EmbedStage.of(weights, store, NO_REDUCTION, task_batch_size=2), device="cpu")
     unload_clip_models()
     checkpoint.unlink()  # building the model would now fail
-    warm = embed_partition(shards, weights, store, NO_REDUCTION, task_batch_size=2, device="cpu")
+    warm = embed_partition(shards, EmbedStage.of(weights, store, NO_REDUCTION, task_batch_size=2), device="cpu")
     assert warm == cold
     identity = clip_identity(weights, NO_REDUCTION.identity())
     key = partition_embedding_identity(shards, identity, store)
@@ -489,13 +490,13 @@ def test_all_hits_never_load_clip(tmp_path, tiny_768):
     write_tar(shards[1], shard_of_good_samples(["changed"]))
     assert partition_embedding_identity(shards, identity, store) != key
     with pytest.raises(UserError, match="own.safetensors no longer exists"):
-        embed_partition(shards, weights, store, NO_REDUCTION, device="cpu")
+        embed_partition(shards, EmbedStage.of(weights, store, NO_REDUCTION), device="cpu")
 
 
 def test_decode_settings_content_and_weights_changes_miss(tmp_path, tiny_768, bad_case_shard):
     weights = resolve_clip(str(tiny_768[0]), str(tiny_768[1]))
     store = EmbeddingStore(tmp_path / "cache")
-    embed_partition([bad_case_shard], weights, store, NO_REDUCTION, device="cpu")
+    embed_partition([bad_case_shard], EmbedStage.of(weights, store, NO_REDUCTION), device="cpu")
     assert store.has(clip_identity(weights, NO_REDUCTION.identity()), bad_case_shard)
     assert not store.has(clip_identity(weights, DecodeOptions.for_model(weights.image_size, "reduced").identity()), bad_case_shard)
     _, reseeded = make_tiny_clip(tmp_path / "reseeded", seed=5)
@@ -520,7 +521,7 @@ HITS_IN_ANOTHER_PROCESS = textwrap.dedent(
 def test_another_process_hits_the_same_entry(tmp_path, tiny_768, bad_case_shard):
     store = EmbeddingStore(tmp_path / "cache")
     weights = resolve_clip(str(tiny_768[0]), str(tiny_768[1]))
-    [url] = embed_partition([bad_case_shard], weights, store, NO_REDUCTION, device="cpu")
+    [url] = embed_partition([bad_case_shard], EmbedStage.of(weights, store, NO_REDUCTION), device="cpu")
     result = subprocess.run(
         [sys.executable, "-c", HITS_IN_ANOTHER_PROCESS, str(tiny_768[0]), str(tiny_768[1]), str(tmp_path / "cache"), bad_case_shard],
         cwd=REPO_ROOT,
@@ -542,7 +543,7 @@ def test_stage_reads_and_writes_s3(s3_bucket, tmp_path, tiny_768):
     fs.pipe_file(shard, tar_bytes(shard_of_good_samples(["x", "y", "z"])))
     weights = resolve_clip(str(tiny_768[0]), str(tiny_768[1]))
     store = EmbeddingStore(f"s3://{s3_bucket}/cache")
-    [url] = embed_partition([shard], weights, store, NO_REDUCTION, device="cpu")
+    [url] = embed_partition([shard], EmbedStage.of(weights, store, NO_REDUCTION), device="cpu")
     assert url.startswith(f"s3://{s3_bucket}/cache/tiny-clip-") and fs.exists(url)
     frame = store.read(clip_identity(weights, NO_REDUCTION.identity()), shard)
     assert frame["key"].tolist() == ["x", "y", "z"] and frame["error"].isna().all()

@@ -7,6 +7,7 @@ import hashlib
 import fsspec
 import pytest
 
+from tasks.io.locations import Location
 from tasks.errors import UserError
 from tests.support.s3 import NO_RETRIES
 from tasks.io.partition import Partition, list_shard_sizes, list_shards, parse_blocksize, partition_shards
@@ -121,7 +122,7 @@ def test_s3_prefix_brace_and_listing_errors(s3_bucket):
 
 def test_unreachable_endpoint_is_one_sentence_naming_the_url(unreachable_s3):
     with pytest.raises(UserError, match=r"^Cannot list s3://bucket/data \(EndpointConnectionError: .*\); check the storage endpoint"):
-        list_shards("s3://bucket/data", storage_options=NO_RETRIES)
+        list_shards("s3://bucket/data", inputs=Location("s3://bucket/data", NO_RETRIES))
 
 
 def test_partitions_group_consecutive_shards_with_stable_ids():
@@ -147,7 +148,7 @@ def test_files_per_partition_must_be_a_positive_whole_number(bad):
 
 def test_unreachable_endpoint_with_a_list_of_shards(unreachable_s3):
     with pytest.raises(UserError, match=r"^Cannot list s3://bucket/a-0\.tar \(EndpointConnectionError: "):
-        list_shards("s3://bucket/a-{0..3}.tar", storage_options=NO_RETRIES)
+        list_shards("s3://bucket/a-{0..3}.tar", inputs=Location("s3://bucket", NO_RETRIES))
 
 
 def test_one_shard_spelled_many_ways_is_listed_once(tmp_path, monkeypatch):

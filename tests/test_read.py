@@ -33,6 +33,7 @@ from tests.support.tars import (
     write_tar,
     write_tar_with_holes,
 )
+from tasks.io.locations import Location
 from tasks.errors import UserError
 from tests.support.s3 import NO_RETRIES
 from tasks.io.read import MAX_JSON_DEPTH, MAX_JSON_NUMBER_CHARS, DecodeOptions, ReadLimits, Sample, image_extension, iter_batches, iter_samples
@@ -340,7 +341,7 @@ def test_unreachable_s3_endpoint_propagates_so_the_task_retries(unreachable_s3):
     # Listing reports an unreachable endpoint in one sentence before any work starts; during a run a connection
     # error may be transient, so the reader lets it through and the task's retry policy handles it.
     with pytest.raises(Exception) as raised:
-        list(iter_samples("s3://bucket/a.tar", storage_options=NO_RETRIES))
+        list(iter_samples(Location("s3://bucket/a.tar", NO_RETRIES)))
     assert not isinstance(raised.value, UserError)
     assert "EndpointConnectionError" in type(raised.value).__name__ or "Connect" in str(raised.value)
 

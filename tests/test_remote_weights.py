@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tasks.errors import UserError
+from tasks.io.locations import Location
 from tests.test_flow_filter import build_dataset, read_scores, run_filter, tar_members
 
 ACCESS_KEY = "AKIDWEIGHTSTEST"
@@ -133,13 +134,14 @@ def test_filter_flow_with_weights_from_s3_equals_local_paths_and_downloads_once(
 
 SECOND_PROCESS = """
 import json, sys, torch
+from tasks.io.locations import Location
 from tasks.filter.plan import load_planned_head
 from tasks.models.clip_resolve import resolve_clip
 from tasks.models.embed import build_clip_model
 config, clip_url, head_url = sys.argv[1:]
 weights = resolve_clip(config, clip_url)
 build_clip_model(weights, torch.device("cpu"))
-head, head_sha256 = load_planned_head(head_url, {})
+head, head_sha256 = load_planned_head(Location(head_url))
 print(json.dumps({"clip": weights.weights_fingerprint, "head": head_sha256, "path": weights.checkpoint_path}))
 """
 
@@ -149,7 +151,7 @@ def test_a_second_process_downloads_nothing_and_a_tampered_copy_is_never_used(s3
     from tasks.models.clip_resolve import resolve_clip
 
     weights = resolve_clip(str(uploaded["config"]), uploaded["clip_url"])
-    load_planned_head(uploaded["head_url"], {})
+    load_planned_head(Location(uploaded["head_url"]))
     clip_sha256, head_sha256 = sha256_of(uploaded["checkpoint"]), sha256_of(uploaded["head"])
     assert weights.weights_fingerprint == clip_sha256 and weights.checkpoint_url == uploaded["clip_url"]
     files = cached_files(weights_cache)
@@ -193,7 +195,7 @@ def test_object_changed_after_planning_fails_on_the_worker_in_one_sentence(tmp_p
     secret_clip_url = uploaded["clip_url"].replace("s3://", f"s3://{ACCESS_KEY}:{SECRET}@")
     weights = resolve_clip(str(uploaded["config"]), secret_clip_url)
     assert weights.checkpoint_url == uploaded["clip_url"] and SECRET not in repr(weights)
-    _, head_sha256 = load_planned_head(uploaded["head_url"], {})
+    _, head_sha256 = load_planned_head(Location(uploaded["head_url"]))
     # Both objects change under the same URLs, then a task runs on a machine without a copy.
     _, other_checkpoint = make_tiny_clip(tmp_path / "other", embed_dim=768, seed=1)
     fs = s3fs.S3FileSystem()

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tasks.io.locations import Location, redacted
 from tasks.errors import UserError
 from tasks.store.entries import (
     NON_FINITE_REASON,
@@ -28,7 +29,6 @@ from tasks.store.entries import (
     embedding_matrix,
     embedding_table,
     partition_embedding_identity,
-    redact_url,
     shard_fingerprint,
 )
 
@@ -359,11 +359,11 @@ def test_partition_identity_follows_shards_identity_and_store(tmp_path):
 
 
 def test_credentials_never_shown():
-    store = EmbeddingStore("s3://bucket/prefix", storage_options={"key": "AKIASECRET", "secret": "hunter2"})
+    store = EmbeddingStore(Location("s3://bucket/prefix", {"key": "AKIASECRET", "secret": "hunter2"}))
     assert "AKIASECRET" not in repr(store) and "hunter2" not in repr(store)
-    assert redact_url("s3://user:hunter2@bucket/x.tar") == "s3://bucket/x.tar"
-    assert redact_url("https://user:pw@host/a.tar") == "https://host/a.tar"
-    assert redact_url("s3://user:p@ss@bucket/x@y.tar") == "s3://bucket/x@y.tar"  # an unencoded @ in the secret
+    assert redacted("s3://user:hunter2@bucket/x.tar") == "s3://bucket/x.tar"
+    assert redacted("https://user:pw@host/a.tar") == "https://host/a.tar"
+    assert redacted("s3://user:p@ss@bucket/x@y.tar") == "s3://bucket/x@y.tar"  # an unencoded @ in the secret
 
 
 # --- S3 through moto's server -------------------------------------------------------------------

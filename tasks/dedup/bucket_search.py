@@ -72,18 +72,18 @@ def _links_record(url: str, parquet, layout: BucketLayout) -> dict | None:
     return record if record is not None and record.get("format") == LINKS_FORMAT else None
 
 
-def links_done(layout: BucketLayout, bucket: int, storage_options: dict | None = None) -> bool:
+def links_done(layout: BucketLayout, bucket: int) -> bool:
     url = layout.links_url(bucket)
-    return _links_record(url, open_parquet(url, storage_options), layout) is not None
+    return _links_record(url, open_parquet(layout.at(url)), layout) is not None
 
 
-def search_bucket(layout: BucketLayout, bucket: int, storage_options: dict | None = None, *, block_entries: int = DEFAULT_BLOCK_ENTRIES) -> str:
+def search_bucket(layout: BucketLayout, bucket: int, *, block_entries: int = DEFAULT_BLOCK_ENTRIES) -> str:
     """Search the bucket and write its links (kept when already written for this layout)."""
     url = layout.links_url(bucket)
-    if links_done(layout, bucket, storage_options):
+    if links_done(layout, bucket):
         return url
-    offsets = unit_offsets(layout, storage_options)
-    rows = read_bucket(layout, bucket, offsets, storage_options)
+    offsets = unit_offsets(layout)
+    rows = read_bucket(layout, bucket, offsets)
     counters = SearchCounters()
     num_rows = rows.positions.shape[0]
     plan = plan_search(max(num_rows, 1), layout.dim, similarity_threshold=layout.similarity_threshold, method="exact",
@@ -140,13 +140,13 @@ def search_bucket(layout: BucketLayout, bucket: int, storage_options: dict | Non
         "link": pa.array(np.minimum(first, second)),
         "kind": pa.array(np.r_[np.full(link_first.shape[0], LINK, np.int8), np.full(doubt_first.shape[0], DOUBT, np.int8)]),
     })
-    return _write_table(url, _with_record(table, record), storage_options)
+    return _write_table(layout.at(url), _with_record(table, record))
 
 
-def read_links(layout: BucketLayout, bucket: int, num_positions: int, storage_options: dict | None = None) -> BucketLinks:
+def read_links(layout: BucketLayout, bucket: int, num_positions: int) -> BucketLinks:
     """The bucket's links and doubts, validated (their similarities are the resolution's to check)."""
     url = layout.links_url(bucket)
-    parquet = open_parquet(url, storage_options)
+    parquet = open_parquet(layout.at(url))
     record = _links_record(url, parquet, layout)
     if record is None:
         raise _damaged(url, "missing or written for another run")

@@ -33,9 +33,10 @@ from tasks.dedup.clusters import SAMPLES_PER_CENTROID, _nearest, _residual_block
 from tasks.dedup.compute import all_cpu_threads
 from tasks.dedup.search import MATMUL_DTYPES, row_validity
 from tasks.errors import UserError
-from tasks.io.atomic import atomic_output, filesystem
+from tasks.io.atomic import atomic_output
+from tasks.io.locations import Location, redacted
 from tasks.io.write import join_url
-from tasks.store.entries import NORM_TOLERANCE, EmbeddingStore, embedding_matrix, redact_url
+from tasks.store.entries import NORM_TOLERANCE, EmbeddingStore, embedding_matrix
 
 LAYOUT_KEY = b"nsfw_curator_buckets"
 # Skip codes of keys-*.parquet: 0 compared, 1 missing or non-finite, 2 all zeros (as tasks/dedup/search.py).
@@ -53,7 +54,7 @@ BUCKET_ROW_DTYPE = "<f2"
 class BucketLayout:
     """Everything that fixes a run's buckets; its fingerprint names the run's work folder contents."""
 
-    work_url: str
+    work: Location  # the run's work folder, with the storage options that reach it
     identity: str
     shard_urls: tuple[str, ...]  # sorted: the canonical shard order
     shard_fingerprints: tuple[str, ...]
@@ -71,10 +72,18 @@ class BucketLayout:
     def fingerprint(self) -> str:
         found = self.__dict__.get("_fingerprint")  # every file read checks it: computed once (the shard list is long)
         if found is None:
-            fields = {name: value for name, value in asdict(self).items() if name != "work_url"}
+            fields = {name: value for name, value in asdict(self).items() if name != "work"}
             found = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
             object.__setattr__(self, "_fingerprint", found)
         return found
+
+    @property
+    def work_url(self) -> str:
+        return self.work.url
+
+    def at(self, url: str) -> Location:
+        """A file of the work folder (one of the URLs below), reached as the work folder is."""
+        return self.work.at(url)
 
     def centroids_url(self) -> str:
         return join_url(self.work_url, "centroids.parquet")
@@ -140,21 +149,21 @@ def _with_record(table: pa.Table, record: dict) -> pa.Table:
     return table.replace_schema_metadata({LAYOUT_KEY: json.dumps(record, sort_keys=True)})
 
 
-def _write_table(url: str, table: pa.Table, storage_options: dict | None, row_groups: list[pa.Table] | None = None) -> str:
+def _write_table(location: Location, table: pa.Table, row_groups: list[pa.Table] | None = None) -> str:
     # embeddings neither compress nor repeat: compressing and dictionary-encoding them only costs time
     options = dict(compression="none", use_dictionary=False)
-    with atomic_output(url, storage_options) as handle:
+    with atomic_output(location) as handle:
         if row_groups is None:
             pq.write_table(table, handle, **options)
         else:
             with pq.ParquetWriter(handle, table.schema, **options) as writer:
                 for group in row_groups:
                     writer.write_table(group.replace_schema_metadata(table.schema.metadata), row_group_size=max(1, group.num_rows))
-    return url
+    return location.url
 
 
 def _damaged(url: str, why: str) -> UserError:
-    return UserError(f"the bucket file {redact_url(url)} is damaged ({why}); delete it and run again to rebuild it.")
+    return UserError(f"the bucket file {redacted(url)} is damaged ({why}); delete it and run again to rebuild it.")
 
 
 def _record_of(url: str, schema: pa.Schema, layout: BucketLayout) -> dict | None:
@@ -168,9 +177,10 @@ def _record_of(url: str, schema: pa.Schema, layout: BucketLayout) -> dict | None
     return record if record.get("layout") == layout.fingerprint() else None
 
 
-def open_parquet(url: str, storage_options: dict | None) -> pq.ParquetFile | None:
-    """The Parquet file at `url` (footer read), or None when there is none."""
-    fs, path = filesystem(url, storage_options)
+def open_parquet(location: Location) -> pq.ParquetFile | None:
+    """The Parquet file at `location` (footer read), or None when there is none."""
+    url = location.url
+    fs, path = location.filesystem()
     try:
         handle = fs.open(path, "rb")
     except FileNotFoundError:
@@ -220,7 +230,7 @@ def shard_rows(store: EmbeddingStore, layout: BucketLayout, shard: int) -> tuple
     url = layout.shard_urls[shard]
     table = store.read_table(layout.identity, url, layout.shard_fingerprints[shard], embedding_dim=layout.dim)
     if table is None:
-        raise UserError(f"the store entry for {redact_url(url)} disappeared or is unreadable; run the flow again to re-embed it.")
+        raise UserError(f"the store entry for {redacted(url)} disappeared or is unreadable; run the flow again to re-embed it.")
     keys = table.column("key").to_pylist()
     keyed = np.array([key is not None for key in keys], dtype=bool)
     matrix = embedding_matrix(table)[keyed]
@@ -243,9 +253,9 @@ def _screen_block(embeddings: np.ndarray, inverse_norm: np.ndarray, dtype: torch
 # Centroids
 
 
-def train_centroids(store: EmbeddingStore, layout: BucketLayout, storage_options: dict | None = None) -> str:
+def train_centroids(store: EmbeddingStore, layout: BucketLayout) -> str:
     """Train the centroids on the rows of randomly chosen shards (seeded) and write them; kept when already written."""
-    if read_centroids(layout, storage_options) is not None:
+    if read_centroids(layout) is not None:
         return layout.centroids_url()
     generator = torch.Generator().manual_seed(layout.seed)
     wanted = layout.num_clusters * SAMPLES_PER_CENTROID
@@ -278,13 +288,13 @@ def train_centroids(store: EmbeddingStore, layout: BucketLayout, storage_options
         pa.table({"centroid": _embedding_column(torch.cat([direction[None], basis, padded]).numpy())}),
         {"layout": layout.fingerprint()},
     )
-    return _write_table(layout.centroids_url(), table, storage_options)
+    return _write_table(layout.at(layout.centroids_url()), table)
 
 
-def read_centroids(layout: BucketLayout, storage_options: dict | None = None) -> Centroids | None:
+def read_centroids(layout: BucketLayout) -> Centroids | None:
     """The layout's centroids (direction first), validated; None when not written for this layout."""
     url = layout.centroids_url()
-    parquet = open_parquet(url, storage_options)
+    parquet = open_parquet(layout.at(url))
     if parquet is None or _record_of(url, parquet.schema_arrow, layout) is None:
         return None
     table = parquet.read()
@@ -308,19 +318,19 @@ def read_centroids(layout: BucketLayout, storage_options: dict | None = None) ->
 # Units
 
 
-def unit_done(layout: BucketLayout, unit: int, storage_options: dict | None = None) -> bool:
+def unit_done(layout: BucketLayout, unit: int) -> bool:
     """Whether the unit's two files exist and were written for this layout (the unit file is written last)."""
-    parquet = open_parquet(layout.unit_url(unit), storage_options)
+    parquet = open_parquet(layout.at(layout.unit_url(unit)))
     return parquet is not None and _record_of(layout.unit_url(unit), parquet.schema_arrow, layout) is not None
 
 
-def assign_unit(store: EmbeddingStore, layout: BucketLayout, unit: int, storage_options: dict | None = None) -> str:
+def assign_unit(store: EmbeddingStore, layout: BucketLayout, unit: int) -> str:
     """Read the unit's shards, assign each valid row to its nearest clusters, write its keys and bucket rows."""
-    if unit_done(layout, unit, storage_options):
+    if unit_done(layout, unit):
         return layout.unit_url(unit)
-    found = read_centroids(layout, storage_options)
+    found = read_centroids(layout)
     if found is None:
-        raise UserError(f"{redact_url(layout.centroids_url())} is missing; run the dedup flow again to train the centroids.")
+        raise UserError(f"{redacted(layout.centroids_url())} is missing; run the dedup flow again to train the centroids.")
     dtype = layout.torch_dtype()
     direction = found.direction
     start, stop = layout.units[unit]
@@ -346,7 +356,7 @@ def assign_unit(store: EmbeddingStore, layout: BucketLayout, unit: int, storage_
     record = {"layout": layout.fingerprint(), "unit": unit, "valid_rows": valid_rows}
     keys = pa.concat_tables(key_parts) if key_parts else pa.table({"shard": pa.array([], pa.int32()), "key": pa.array([], pa.string()),
                                                                     "reason": pa.array([], pa.int8())})
-    _write_table(layout.keys_url(unit), _with_record(keys, record), storage_options)
+    _write_table(layout.at(layout.keys_url(unit)), _with_record(keys, record))
 
     # one entry per (row, cluster), grouped by bucket then cluster, rows ascending inside a cluster
     flat_cluster = clusters.reshape(-1)
@@ -367,34 +377,34 @@ def assign_unit(store: EmbeddingStore, layout: BucketLayout, unit: int, storage_
     schema_table = pa.table({"position": pa.array([], pa.int64()), "cluster": pa.array([], pa.int32()),
                              "embedding": _embedding_column(np.zeros((0, layout.dim), BUCKET_ROW_DTYPE), BUCKET_ROW_DTYPE)})
     record["row_groups"] = {str(key): value for key, value in row_group_of.items()}
-    return _write_table(layout.unit_url(unit), _with_record(schema_table, record), storage_options, row_groups=groups)
+    return _write_table(layout.at(layout.unit_url(unit)), _with_record(schema_table, record), row_groups=groups)
 
 
-def _unit_file(layout: BucketLayout, unit: int, storage_options: dict | None) -> tuple[str, pq.ParquetFile, dict]:
+def _unit_file(layout: BucketLayout, unit: int) -> tuple[str, pq.ParquetFile, dict]:
     """The unit file's URL, footer and layout record; UserError when it is missing or of another run."""
     url = layout.unit_url(unit)
-    parquet = open_parquet(url, storage_options)
+    parquet = open_parquet(layout.at(url))
     record = None if parquet is None else _record_of(url, parquet.schema_arrow, layout)
     if parquet is None or record is None:
-        raise UserError(f"{redact_url(url)} is missing; run the dedup flow again to assign its rows.")
+        raise UserError(f"{redacted(url)} is missing; run the dedup flow again to assign its rows.")
     return url, parquet, record
 
 
-def unit_valid_rows(layout: BucketLayout, unit: int, storage_options: dict | None = None) -> int:
-    url, _, record = _unit_file(layout, unit, storage_options)
+def unit_valid_rows(layout: BucketLayout, unit: int) -> int:
+    url, _, record = _unit_file(layout, unit)
     valid_rows = record.get("valid_rows")
     if not isinstance(valid_rows, int) or valid_rows < 0:
         raise _damaged(url, "valid_rows is not a count")
     return valid_rows
 
 
-def unit_offsets(layout: BucketLayout, storage_options: dict | None = None) -> np.ndarray:
+def unit_offsets(layout: BucketLayout) -> np.ndarray:
     """Canonical position of each unit's first valid row, and the total at the end ([units + 1])."""
-    counts = [unit_valid_rows(layout, unit, storage_options) for unit in range(len(layout.units))]
+    counts = [unit_valid_rows(layout, unit) for unit in range(len(layout.units))]
     return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
 
 
-def read_bucket(layout: BucketLayout, bucket: int, offsets: np.ndarray, storage_options: dict | None = None) -> BucketRows:
+def read_bucket(layout: BucketLayout, bucket: int, offsets: np.ndarray) -> BucketRows:
     """The bucket's rows from every unit file: distinct rows by position and each of its clusters' members.
 
     Positions and clusters are read first, then each unit's embeddings straight into the bucket's array,
@@ -402,7 +412,7 @@ def read_bucket(layout: BucketLayout, bucket: int, offsets: np.ndarray, storage_
     """
     positions, clusters, parts = [], [], []
     for unit in range(len(layout.units)):
-        url, parquet, record = _unit_file(layout, unit, storage_options)
+        url, parquet, record = _unit_file(layout, unit)
         row_groups = record.get("row_groups")
         if not isinstance(row_groups, dict):
             raise _damaged(url, "no row-group map")

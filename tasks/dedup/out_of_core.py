@@ -41,9 +41,10 @@ from tasks.dedup.compute import UnionFind, all_cpu_threads, cosine_rows, paralle
 from tasks.dedup.groups import DUPLICATE_COLUMNS, SKIPPED_COLUMNS, DedupStats, _survivors
 from tasks.dedup.search import DEFAULT_CLUSTERS_PER_POINT, MISSING_REASON, ZERO_REASON, check_threshold, choose_matmul_dtype, row_validity
 from tasks.errors import UserError
-from tasks.io.atomic import atomic_output, filesystem
+from tasks.io.atomic import atomic_output
+from tasks.io.locations import Location, LocationLike, as_location, redacted
 from tasks.io.write import join_url
-from tasks.store.entries import METADATA_KEY, EmbeddingStore, redact_url
+from tasks.store.entries import METADATA_KEY, EmbeddingStore
 
 WORK_FOLDER = "_buckets"
 DEFAULT_BUCKET_ROWS = 250_000
@@ -89,13 +90,13 @@ def entry_sizes(store: EmbeddingStore, identity: str, shard_urls: list[str], fin
     rows, dims = [], set()
     for url, fingerprint in zip(shard_urls, fingerprints):
         entry = store.entry_url(identity, url, fingerprint)
-        fs, path = filesystem(entry, store.storage_options)
+        fs, path = store.location.at(entry).filesystem()
         with fs.open(path, "rb") as handle:
             parquet = pq.ParquetFile(handle)
             try:
                 dims.add(int(json.loads(parquet.schema_arrow.metadata[METADATA_KEY])["embedding_dim"]))
             except (KeyError, TypeError, ValueError) as error:
-                raise UserError(f"the store entry {redact_url(entry)} has no readable embedding_dim; run the filter flow again to rewrite it.") from error
+                raise UserError(f"the store entry {redacted(entry)} has no readable embedding_dim; run the filter flow again to rewrite it.") from error
             rows.append(int(parquet.metadata.num_rows))
     if len(dims) > 1:
         raise UserError(f"the store entries of these shards have embeddings of several dimensions ({sorted(dims)}); pass one model's embeddings.")
@@ -110,7 +111,7 @@ def default_in_memory_max_rows(dim: int, memory_bytes: int | None = None) -> int
 
 
 def plan_layout(
-    work_url: str,
+    work: LocationLike,
     identity: str,
     shard_urls: list[str],
     fingerprints: list[str],
@@ -123,7 +124,7 @@ def plan_layout(
     num_clusters: int | None = None,
     seed: int = 0,
 ) -> BucketLayout:
-    """The buckets of a run over `shard_urls` (any order; the layout sorts them)."""
+    """The buckets of a run over `shard_urls` (any order; the layout sorts them), its files under `work`."""
     if bucket_rows < 2:
         raise UserError(f"bucket_rows must be at least 2, got {bucket_rows!r}; the default is {DEFAULT_BUCKET_ROWS}.")
     order = sorted(range(len(shard_urls)), key=shard_urls.__getitem__)
@@ -132,7 +133,7 @@ def plan_layout(
     clusters = num_clusters or default_num_clusters(total, clusters_per_point)
     per_point = min(clusters_per_point, clusters)
     return BucketLayout(
-        work_url=work_url,
+        work=as_location(work),
         identity=identity,
         shard_urls=tuple(shard_urls[index] for index in order),
         shard_fingerprints=tuple(fingerprints[index] for index in order),
@@ -215,7 +216,7 @@ def _copy_store_rows(store: EmbeddingStore, layout: BucketLayout, offsets: np.nd
                 position += embeddings.shape[0]
             if position != offsets[unit + 1]:
                 raise UserError(f"the store entries of unit {unit} changed since its rows were assigned; delete "
-                                f"{redact_url(layout.work_url)} and run again.")
+                                f"{redacted(layout.work_url)} and run again.")
     return shard_keys
 
 
@@ -229,17 +230,17 @@ def _strings(values) -> pd.Series:
     return pd.Series(np.asarray(values, dtype=object), dtype="str")
 
 
-def resolve(store: EmbeddingStore, layout: BucketLayout, output_path: str, storage_options: dict | None = None) -> OutOfCoreResult:
+def resolve(store: EmbeddingStore, layout: BucketLayout, output: Location) -> OutOfCoreResult:
     """Groups across all buckets (links and doubts verified on the store's rows), their survivors, and
     `kept.parquet` (written here, unit by unit); keys from the store entries."""
     started = time.perf_counter()
-    offsets = unit_offsets(layout, storage_options)
+    offsets = unit_offsets(layout)
     num_positions = int(offsets[-1])
     totals = {"comparisons": 0, "candidates": 0, "verified": 0, "largest_leaf": 0, "split_clusters": 0}
     link_parts: list[np.ndarray] = []
     doubt_parts: list[np.ndarray] = []
     for bucket in range(layout.num_buckets):
-        links = read_links(layout, bucket, num_positions, storage_options)
+        links = read_links(layout, bucket, num_positions)
         link_parts.append(np.stack([links.link_first, links.link_second], axis=1))
         doubt_parts.append(np.stack([links.doubt_first, links.doubt_second], axis=1))
         for name in totals:
@@ -271,7 +272,7 @@ def resolve(store: EmbeddingStore, layout: BucketLayout, output_path: str, stora
     del slot
     refused = int((~confirmed).sum())
     if refused:
-        warnings.warn(f"{refused} of {link.shape[0]} links in {redact_url(join_url(layout.work_url, 'links'))} failed their exact check on "
+        warnings.warn(f"{refused} of {link.shape[0]} links in {redacted(join_url(layout.work_url, 'links'))} failed their exact check on "
                       f"the store's rows and joined nothing; a links file there was changed or is damaged.", RefusedLinksWarning, stacklevel=2)
     groups = int(np.unique(roots[survivor]).shape[0]) if survivor.shape[0] else 0
     del roots
@@ -282,10 +283,10 @@ def resolve(store: EmbeddingStore, layout: BucketLayout, output_path: str, stora
     all_shards = np.repeat(np.arange(len(shard_keys), dtype=np.int32), [len(keys.compared) for keys in shard_keys])
     is_duplicate = np.zeros(num_positions, dtype=bool)
     is_duplicate[duplicate] = True
-    kept_url = join_url(output_path, "kept.parquet")
+    kept_url = join_url(output.url, "kept.parquet")
     kept_schema = pa.schema([("key", pa.string()), ("shard", pa.string())])
     kept_rows = 0
-    with atomic_output(kept_url, storage_options) as handle, pq.ParquetWriter(handle, kept_schema) as kept_writer:
+    with atomic_output(output.at(kept_url)) as handle, pq.ParquetWriter(handle, kept_schema) as kept_writer:
         for unit in range(len(layout.units)):
             kept = np.flatnonzero(~is_duplicate[offsets[unit] : offsets[unit + 1]]) + offsets[unit]
             kept_writer.write_table(pa.table({"key": all_keys.take(pa.array(kept)),
@@ -324,9 +325,9 @@ def resolve(store: EmbeddingStore, layout: BucketLayout, output_path: str, stora
     return OutOfCoreResult(duplicates=duplicates, skipped=skipped, kept_rows=kept_rows, kept_url=kept_url, stats=stats)
 
 
-def remove_work(layout: BucketLayout, storage_options: dict | None = None) -> None:
+def remove_work(layout: BucketLayout) -> None:
     """Delete the run's bucket files once its outputs are written."""
-    fs, path = filesystem(layout.work_url, storage_options)
+    fs, path = layout.work.filesystem()
     try:
         fs.rm(path, recursive=True)
     except FileNotFoundError:

@@ -2,13 +2,13 @@
 
 Contract:
 
-- `resolve_weights(url, storage_options)` runs once per run, at planning: it learns the SHA-256 of the object
+- `resolve_weights(location)` runs once per run, at planning: it learns the SHA-256 of the object
   at `url` and leaves a verified copy in the local weights cache (`default_weights_cache_dir()`). The first
   time, the object is downloaded and hashed while streaming; a small record keyed by the URL and the object's
   version as the filesystem's `info` reports it (ETag / generation / version id, size, modification time)
   maps it to its digest, so a later process on this machine asks the store one metadata question and
   downloads nothing. The plan then carries the URL and the digest, never the bytes.
-- `local_weights(url, sha256, storage_options)` runs on any machine (a task on a Ray worker): it returns the
+- `local_weights(location, sha256)` runs on any machine (a task on a Ray worker): it returns the
   cached `{sha256}{suffix}` file, downloading it first when this machine lacks it. A download is written to
   a temporary file, hashed while streaming, compared with `sha256` and only then renamed into place, so a
   file named by a digest always holds those bytes; an object whose bytes differ (it changed after planning)

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tasks.errors import UserError
-from tasks.io.atomic import filesystem
+from tasks.io.locations import LocationLike, as_location
 from tasks.io.write import HISTOGRAM_BINS, join_url
 from tasks.review.records import ReviewSample, ScoreOverview
 
@@ -31,10 +31,12 @@ _SCORE_COLUMNS = ["key", "shard", "nsfw_score"]
 _READ_BATCH_ROWS = 65_536
 
 
-def read_run_summary(output_path: str, storage_options: dict | None = None) -> dict:
-    """The run's summary.json; UserError when `output_path` is not a finished filter run."""
+def read_run_summary(output: LocationLike) -> dict:
+    """The run's summary.json; UserError when the output is not a finished filter run."""
+    output = as_location(output)
+    output_path = output.url
     url = join_url(output_path, "summary.json")
-    fs, path = filesystem(url, storage_options)
+    fs, path = output.at(url).filesystem()
     try:
         with fs.open(path, "rb") as handle:
             summary = json.loads(handle.read().decode())
@@ -52,9 +54,10 @@ def run_scores_urls(output_path: str, summary: dict) -> list[str]:
     return [join_url(output_path, "scores", posixpath.basename(url)) for url in summary["scores_files"]]
 
 
-def _iter_score_batches(scores_urls: Sequence[str], storage_options: dict | None) -> Iterator[pa.RecordBatch]:
-    for url in scores_urls:
-        fs, path = filesystem(url, storage_options)
+def _iter_score_batches(scores_files: Sequence[LocationLike]) -> Iterator[pa.RecordBatch]:
+    for scores_file in map(as_location, scores_files):
+        url = scores_file.url
+        fs, path = scores_file.filesystem()
         try:
             handle = fs.open(path, "rb")
         except FileNotFoundError:
@@ -77,7 +80,7 @@ def score_bands(nsfw_score: np.ndarray, bin_edges: np.ndarray) -> np.ndarray:
 
 
 def scan_scores(
-    scores_urls: Sequence[str], per_band: int, score_threshold: float, around: float, seed: int, storage_options: dict | None = None
+    scores_files: Sequence[LocationLike], per_band: int, score_threshold: float, around: float, seed: int
 ) -> tuple[ScoreOverview, pd.DataFrame]:
     """Count the scores and keep, per band, the `per_band` scored rows with the lowest seeded hash.
 
@@ -91,7 +94,7 @@ def scan_scores(
     hash_key = _seed_hash_key(seed)
     kept = pd.DataFrame({"key": pd.Series(dtype=object), "shard": pd.Series(dtype=object), "nsfw_score": pd.Series(dtype=np.float32),
                          "band": pd.Series(dtype=np.int64), "priority": pd.Series(dtype=np.uint64)})
-    for batch in _iter_score_batches(scores_urls, storage_options):
+    for batch in _iter_score_batches(scores_files):
         samples += batch.num_rows
         scored = batch.filter(pc.is_valid(batch.column("nsfw_score")))
         if scored.num_rows == 0:

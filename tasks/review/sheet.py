@@ -19,6 +19,7 @@ import os
 
 from tasks.errors import UserError
 from tasks.io.atomic import write_bytes_for_browser
+from tasks.io.locations import LocationLike, as_location
 from tasks.io.ownership import refuse_linked_folders
 from tasks.io.write import join_url
 from tasks.review.records import ReviewSheet
@@ -42,15 +43,14 @@ def _normalise(url: str) -> str:
 
 
 def write_review_sheet(
-    output_path: str,
+    output: LocationLike,
     n: int = DEFAULT_REVIEW_SAMPLES,
     around: float | None = None,
     blur_above: float = DEFAULT_BLUR_ABOVE,
     blur: bool = True,
     seed: int = 0,
-    storage_options: dict | None = None,
 ) -> ReviewSheet:
-    """Write `{output_path}/review/review.html` for a finished filter run; returns what was written.
+    """Write `{output}/review/review.html` for a finished filter run; returns what was written.
 
     `n` samples are drawn from the scored rows, stratified over score bands with extra density around
     `around` (default: the run's score_threshold); thumbnails of samples with nsfw_score >= blur_above
@@ -64,19 +64,22 @@ def write_review_sheet(
         raise UserError(f"around must be an nsfw_score between 0 and 1, not {around!r}.")
     if not 0.0 <= blur_above <= 1.0:
         raise UserError(f"blur_above must be an nsfw_score between 0 and 1, not {blur_above!r}; use --no-blur to turn blurring off.")
-    output_path = _normalise(output_path)
-    refuse_linked_folders(output_path, storage_options, (REVIEW_DIR, f"{REVIEW_DIR}/{THUMBS_DIR}"))  # stale thumbnails are deleted there
-    summary = read_run_summary(output_path, storage_options)
+    output = as_location(output)
+    output = output.at(_normalise(output.url))
+    output_path = output.url
+    refuse_linked_folders(output, (REVIEW_DIR, f"{REVIEW_DIR}/{THUMBS_DIR}"))  # stale thumbnails are deleted there
+    summary = read_run_summary(output)
     score_threshold = float(summary["score_threshold"])
     around = score_threshold if around is None else float(around)
-    overview, kept = scan_scores(run_scores_urls(output_path, summary), n, score_threshold, around, seed, storage_options)
+    overview, kept = scan_scores([output.at(url) for url in run_scores_urls(output_path, summary)], n, score_threshold, around, seed)
     samples, quotas = choose_review_samples(kept, overview, n)
     for sample in samples:
         sample.blurred = blur and sample.nsfw_score >= blur_above
-    review_url = join_url(output_path, REVIEW_DIR)
-    fetch_thumbnails(list(enumerate(samples)), review_url, storage_options)
+    review = output / REVIEW_DIR
+    review_url = review.url
+    fetch_thumbnails(list(enumerate(samples)), review)
     histogram_url = join_url(review_url, HISTOGRAM_NAME)
-    write_bytes_for_browser(histogram_url, render_histogram_png(overview), "image/png", storage_options)
+    write_bytes_for_browser(review.at(histogram_url), render_histogram_png(overview), "image/png")
     sheet = ReviewSheet(
         output_path=output_path,
         sheet_url=join_url(review_url, SHEET_NAME),
@@ -88,6 +91,6 @@ def write_review_sheet(
         blur_above=blur_above if blur else None,
         quotas=quotas.astype(int).tolist(),
     )
-    write_bytes_for_browser(sheet.sheet_url, render_sheet_html(sheet, summary).encode(), "text/html; charset=utf-8", storage_options)
-    remove_stale_thumbnails(review_url, [s.thumbnail for s in samples if s.thumbnail], storage_options)
+    write_bytes_for_browser(review.at(sheet.sheet_url), render_sheet_html(sheet, summary).encode(), "text/html; charset=utf-8")
+    remove_stale_thumbnails(review, [s.thumbnail for s in samples if s.thumbnail])
     return sheet

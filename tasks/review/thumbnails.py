@@ -13,7 +13,8 @@ from typing import Sequence
 from PIL import Image, ImageFilter
 
 from tasks.errors import UserError
-from tasks.io.atomic import filesystem, write_bytes_for_browser
+from tasks.io.atomic import write_bytes_for_browser
+from tasks.io.locations import Location
 from tasks.io.read import DecodeOptions, decode_sample, iter_samples
 from tasks.io.write import join_url
 from tasks.review.records import ReviewSample
@@ -47,10 +48,10 @@ def _jpeg_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def fetch_thumbnails(
-    samples: Sequence[tuple[int, ReviewSample]], review_url: str, storage_options: dict | None = None
-) -> None:
-    """Stream each shard holding chosen samples until all of them are found; write their thumbnails (in place)."""
+def fetch_thumbnails(samples: Sequence[tuple[int, ReviewSample]], review: Location) -> None:
+    """Stream each shard holding chosen samples until all of them are found; write their thumbnails (in place)
+    under `review`. Shards are reached with the review location's storage options (the run's)."""
+    review_url = review.url
     by_shard: dict[str, dict[str, tuple[int, ReviewSample]]] = defaultdict(dict)
     for index, sample in samples:
         by_shard[sample.shard][sample.key] = (index, sample)
@@ -59,7 +60,7 @@ def fetch_thumbnails(
     def fetch_shard(shard_url: str) -> None:
         wanted = dict(by_shard[shard_url])
         try:
-            with closing(iter_samples(shard_url, decode=None, storage_options=storage_options)) as raw_samples:
+            with closing(iter_samples(review.at(shard_url), decode=None)) as raw_samples:
                 for raw in raw_samples:
                     if raw.key not in wanted or raw.error is not None:
                         continue
@@ -70,7 +71,7 @@ def fetch_thumbnails(
                     else:
                         sample.caption = decoded.caption
                         name = thumbnail_name(index, sample)
-                        write_bytes_for_browser(join_url(review_url, name), _jpeg_bytes(make_thumbnail(decoded.image, sample.blurred)), "image/jpeg", storage_options)
+                        write_bytes_for_browser(review.at(join_url(review_url, name)), _jpeg_bytes(make_thumbnail(decoded.image, sample.blurred)), "image/jpeg")
                         sample.thumbnail = name
                     if not wanted:
                         break  # the rest of the shard holds nothing to show
@@ -85,9 +86,9 @@ def fetch_thumbnails(
         list(pool.map(fetch_shard, sorted(by_shard)))
 
 
-def remove_stale_thumbnails(review_url: str, keep: Sequence[str], storage_options: dict | None = None) -> list[str]:
-    """Delete thumbnails under `review_url` that the current sheet does not show."""
-    fs, root = filesystem(review_url, storage_options)
+def remove_stale_thumbnails(review: Location, keep: Sequence[str]) -> list[str]:
+    """Delete thumbnails under `review` that the current sheet does not show."""
+    fs, root = review.filesystem()
     fs.invalidate_cache()
     keep_paths = {posixpath.join(root.rstrip("/"), name) for name in keep}
     stale = [path for path in fs.glob(posixpath.join(root.rstrip("/"), THUMBS_DIR, "*.jpg")) if path not in keep_paths]

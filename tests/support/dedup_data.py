@@ -121,17 +121,17 @@ def planted_duplicates(
     return PlantedDuplicates(embeddings=embeddings, group=group, key=key, shard=shard)
 
 
-def write_planted_store(
-    data: PlantedDuplicates, shards_dir: str, store, identity: str, storage_options: dict | None = None, *, members: bool = True
-) -> list[str]:
-    """Write `data` as a dataset and its embedding-store entries: one tar per shard name (a tiny image and a
-    caption per key, or with `members=False` one small member naming the shard) and its entry of every
-    row's embedding. Returns the shard URLs."""
+def write_planted_store(data: PlantedDuplicates, shards_dir, store, identity: str, *, members: bool = True) -> list[str]:
+    """Write `data` as a dataset under `shards_dir` (a path, URL or Location) and its embedding-store entries:
+    one tar per shard name (a tiny image and a caption per key, or with `members=False` one small member
+    naming the shard) and its entry of every row's embedding. Returns the shard URLs."""
     from tasks.io.atomic import write_bytes_atomic
+    from tasks.io.locations import as_location
     from tasks.store.entries import embedding_table
     from tests.support.tars import Member, drawn_image, encode, tar_bytes
 
     image = encode(drawn_image(16, 16, seed=0), "JPEG")
+    shards = as_location(shards_dir)
 
     order = np.argsort(data.shard, kind="stable")
     names = data.shard[order]
@@ -140,13 +140,13 @@ def write_planted_store(
     urls = []
     for start, end in zip(starts, ends):
         rows = order[start:end]
-        url = f"{shards_dir.rstrip('/')}/{names[start]}"
+        url = f"{shards.url.rstrip('/')}/{names[start]}"
         keys = [str(key) for key in data.key[rows]]
         if members:
             entries = [member for key in keys for member in (Member(f"{key}.jpg", image), Member(f"{key}.txt", f"caption of {key}".encode()))]
         else:
             entries = [Member("shard.txt", url.encode())]
-        write_bytes_atomic(url, tar_bytes(entries), storage_options)
+        write_bytes_atomic(shards.at(url), tar_bytes(entries))
         store.write(identity, url, embedding_table(keys, url, data.embeddings[rows], [None] * len(keys)))
         urls.append(url)
     return urls
