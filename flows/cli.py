@@ -26,6 +26,7 @@ from flows import use_prefect_defaults
 from flows.parameters import REQUIRED, FlowSignature, read_flow_signature, without_range
 from tasks.errors import UserError
 from tasks.io.locations import default_model_dir, hold_url_credentials, nsfw_weights_path
+from tasks.models.weights_present import refuse_missing_head, refuse_missing_weights
 from tasks.stop import request_stop
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -52,12 +53,13 @@ def _add_score_embeddings(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_score_embeddings(args: argparse.Namespace) -> int:
+    weights = args.nsfw_weights or nsfw_weights_path(args.model_dir, args.clip_model)
+    refuse_missing_head(str(weights))  # at once, before torch takes seconds to import
     import torch
 
     from tasks.models.nsfw import load_nsfw_head
     from tasks.filter.score_file import score_embedding_file
 
-    weights = args.nsfw_weights or nsfw_weights_path(args.model_dir, args.clip_model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device} was asked for but torch sees no CUDA GPU; use --device cpu or run on a GPU machine.")
@@ -179,10 +181,13 @@ class RunFailed(Exception):
     """A flow run was created and failed; its message is the cause's own sentence."""
 
 
-def _flow_command(module: str, flow_name: str, preflight: str | None = None) -> Callable[[argparse.ArgumentParser], None]:
+def _flow_command(
+    module: str, flow_name: str, preflight: str | None = None, early_check: Callable[[dict[str, Any]], None] | None = None
+) -> Callable[[argparse.ArgumentParser], None]:
     """A subcommand running a flow: one option per flow parameter, an optional preflight that checks user input first.
 
     The options come from the flow's source (flows/parameters.py): Prefect and torch are imported only to run it.
+    `early_check` gets the flow's keyword arguments before that import, for mistakes found without them.
     """
 
     def load():
@@ -192,11 +197,13 @@ def _flow_command(module: str, flow_name: str, preflight: str | None = None) -> 
         return getattr(loaded, flow_name), getattr(loaded, preflight) if preflight else None
 
     def run(args: argparse.Namespace) -> int:
-        flow, check = load()
         kwargs = flow_arguments(args, read_flow_signature(module, flow_name))
         # Credentials in URLs stay in this process: Prefect stores flow-run parameters, so they are taken out here
         # and the run's planning finds them again (tasks/io/locations.py).
         kwargs = {name: hold_url_credentials(value) if name in URL_PARAMETERS else value for name, value in kwargs.items()}
+        if early_check is not None:
+            early_check(kwargs)  # answers in a fraction of a second, before Prefect and torch take seconds to import
+        flow, check = load()
         if check is not None:
             check(kwargs)  # user mistakes end here with one sentence, before a flow run is created
         try:
@@ -216,7 +223,11 @@ def _flow_command(module: str, flow_name: str, preflight: str | None = None) -> 
     return add
 
 
-_add_filter = _flow_command("flows.nsfw_filter", "nsfw_filter", "preflight")
+def _refuse_missing_filter_weights(kwargs: dict[str, Any]) -> None:
+    refuse_missing_weights(kwargs["clip_model"], kwargs["clip_pretrained"], kwargs["model_dir"], kwargs["nsfw_weights"])
+
+
+_add_filter = _flow_command("flows.nsfw_filter", "nsfw_filter", "preflight", _refuse_missing_filter_weights)
 _add_dedup = _flow_command("flows.dedup", "image_dedup", "preflight")
 
 

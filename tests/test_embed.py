@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,13 +39,22 @@ from tests.support.tiny_clip import make_tiny_clip, open_clip_reference, save_cl
 
 from tasks.models.clip_resolve import clip_identity, resolve_clip, weights_fingerprint
 from tasks.filter.plan import EmbedStage
-from tasks.models.embed import ClipEmbedder, embed_partition, embed_shard, feed_model_batches, load_clip_embedder, select_device, unload_clip_models
+from tasks.models.embed import (
+    ClipEmbedder,
+    embed_partition,
+    embed_shard,
+    feed_model_batches,
+    load_clip_embedder,
+    select_device,
+    unload_clip_models,
+)
 from tasks.errors import UserError
 from tasks.io.read import DecodeOptions, iter_samples
 from tasks.store.entries import EmbeddingStore, embedding_matrix, partition_embedding_identity
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARITY_COSINE = 0.99999
+NO_REDUCTION = DecodeOptions(reduced_jpeg_size=None)
 
 
 def random_images(count: int, seed: int = 0) -> list[Image.Image]:
@@ -63,6 +73,20 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
+def png_shard(path: Path, images: list[Image.Image]) -> str:
+    """A shard holding `images` as lossless PNGs, one sample each, keys in order."""
+    return str(write_tar(path, [Member(f"{index:04d}.png", encode(image, "PNG")) for index, image in enumerate(images)]))
+
+
+def flow_embeddings(weights, images: list[Image.Image], folder: Path, batch_size: int = 32) -> np.ndarray:
+    """The embeddings the flow's embedding stage (`embed_partition`) stores for `images`, in their order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shard = png_shard(folder / "images.tar", images)
+    store = EmbeddingStore(folder / "cache")
+    embed_partition([shard], EmbedStage.of(weights, store, NO_REDUCTION, model_inference_batch_size=batch_size), device="cpu")
+    return embedding_matrix(store.read_table(clip_identity(weights, NO_REDUCTION.identity()), shard))
+
+
 @pytest.fixture(scope="module")
 def tiny_768(tmp_path_factory):
     return make_tiny_clip(tmp_path_factory.mktemp("tiny768"), embed_dim=768)
@@ -73,8 +97,7 @@ def test_embeddings_equal_open_clip(tmp_path, embed_dim, checkpoint_format):
     config_path, checkpoint_path = make_tiny_clip(tmp_path, embed_dim=embed_dim, checkpoint_format=checkpoint_format, name=f"tiny-{embed_dim}")
     images = random_images(11)
     weights = resolve_clip(str(config_path), str(checkpoint_path), tmp_path)
-    embedder = load_clip_embedder(weights, "cpu", batch_size=4)
-    embeddings = embedder.embed(images)
+    embeddings = flow_embeddings(weights, images, tmp_path / "flow", batch_size=4)
 
     assert embeddings.dtype == np.float32 and embeddings.shape == (11, embed_dim)
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
@@ -90,55 +113,63 @@ def test_quick_gelu_from_config_matches_open_clip(tmp_path):
     weights = resolve_clip(str(config_path), str(checkpoint_path), tmp_path)
     assert weights.quick_gelu
     images = random_images(5)
-    embeddings = load_clip_embedder(weights, "cpu").embed(images)
+    embeddings = flow_embeddings(weights, images, tmp_path / "flow")
     assert cosines(embeddings, open_clip_reference(config_path, checkpoint_path, images)).min() >= PARITY_COSINE
 
 
-def test_batch_size_does_not_change_embeddings(tiny_768):
+def test_batch_size_does_not_change_embeddings(tmp_path, tiny_768):
     weights = resolve_clip(str(tiny_768[0]), str(tiny_768[1]))
     images = random_images(9)
-    one_by_one = load_clip_embedder(weights, "cpu", batch_size=1).embed(images)
-    batched = load_clip_embedder(weights, "cpu", batch_size=7).embed(images)
+    one_by_one = flow_embeddings(weights, images, tmp_path / "one", batch_size=1)
+    batched = flow_embeddings(weights, images, tmp_path / "seven", batch_size=7)
     assert cosines(one_by_one, batched).min() >= PARITY_COSINE
 
 
-def test_embed_batches_keeps_order_and_empty_batches(tiny_768):
+def test_model_batches_keep_order_and_a_batch_without_images(tmp_path, tiny_768):
     weights = resolve_clip(str(tiny_768[0]), str(tiny_768[1]))
-    embedder = load_clip_embedder(weights, "cpu", batch_size=3)
+    embedder = load_clip_embedder(weights, "cpu", batch_size=4)
     images = random_images(8)
-    outputs = list(embedder.embed_batches([images[:5], [], images[5:]]))
-    assert [o.shape for o in outputs] == [(5, 768), (0, 768), (3, 768)]
-    assert cosines(np.concatenate(outputs), embedder.embed(images)).min() >= PARITY_COSINE
+    members = [Member(f"{index:04d}.png", encode(image, "PNG")) for index, image in enumerate(images)]
+    # undecodable samples inside a model batch and, at the end, a model batch of nothing but them
+    members[5:5] = [Member("0005b.png", b"not an image")]
+    members += [Member("0009.png", b"not an image"), Member("0010.png", b"not an image either")]
+    shard = str(write_tar(tmp_path / "mixed.tar", members))
+    batches = feed_model_batches([shard], embedder.transform, embedder.batch_size, NO_REDUCTION, task_batch_size=3)
+    outputs = [embeddings for _, embeddings in embedder.embed_model_batches(batches)]
+    assert [o.shape for o in outputs] == [(4, 768), (4, 768), (0, 768)]
+    assert cosines(np.concatenate(outputs), open_clip_reference(tiny_768[0], tiny_768[1], images)).min() >= PARITY_COSINE
 
 
-def test_embed_batches_reports_input_errors_and_stops_early(tiny_768):
+def test_model_batches_report_input_errors_and_stop_early(tmp_path, tiny_768):
     embedder = load_clip_embedder(resolve_clip(str(tiny_768[0]), str(tiny_768[1])), "cpu", batch_size=2)
+    shard = png_shard(tmp_path / "images.tar", random_images(60))
+    first_batch = next(iter(feed_model_batches([shard], embedder.transform, embedder.batch_size, NO_REDUCTION)))
 
     def failing():
-        yield random_images(2)
+        yield first_batch
         raise OSError("shard went away")
 
-    stream = embedder.embed_batches(failing())
-    assert next(stream).shape == (2, 768)
+    stream = embedder.embed_model_batches(failing())
+    assert next(stream)[1].shape == (2, 768)
     with pytest.raises(OSError, match="shard went away"):
         next(stream)
 
-    pulled = []
-    source_closed = []
+    transformed = []
 
-    def endless():
-        try:
-            while True:
-                pulled.append(1)
-                yield random_images(2)
-        finally:
-            source_closed.append(len(pulled))
+    def counting_transform(image):
+        transformed.append(1)
+        return embedder.transform(image)
 
-    stream = embedder.embed_batches(endless())
-    next(stream)
-    stream.close()  # the preprocessing thread stops instead of reading forever, and closes its source
-    assert source_closed == [len(pulled)]  # closed once, by the time close() returned; nothing pulled after
-    assert len(pulled) <= 5  # bounded read-ahead: two model batches of preprocessing plus the batch being read
+    batches = feed_model_batches([shard], counting_transform, embedder.batch_size, NO_REDUCTION, task_batch_size=2, threads=1,
+                                 worker_processes=False)
+    next(embedder.embed_model_batches(batches))
+    batches.close()  # as embed_shard does: the reading and stacking threads stop instead of reading the whole shard
+    read_by_close = len(transformed)
+    time.sleep(0.5)
+    assert len(transformed) == read_by_close  # nothing read after close() returned
+    # bounded read-ahead: about four model batches (one filled, two waiting, one embedded) and the reader's
+    # (prefetch + 2) reading batches, far from the shard's 60 images
+    assert read_by_close <= 20
 
 
 def test_model_is_loaded_once_per_process(tiny_768):
@@ -162,7 +193,7 @@ def test_pretrained_tag_resolves_from_model_dir_layout(tmp_path):
     # safetensors is preferred when both exist.
     safetensors_checkpoint = save_clip_checkpoint(json.loads(config_path.read_text()), weights_dir / "mytag.safetensors", seed=3)
     assert resolve_clip(str(config_path), "mytag", model_dir).checkpoint_path == str(safetensors_checkpoint.resolve())
-    embeddings = load_clip_embedder(resolve_clip(str(config_path), "mytag", model_dir), "cpu").embed(random_images(2))
+    embeddings = flow_embeddings(resolve_clip(str(config_path), "mytag", model_dir), random_images(2), tmp_path / "flow")
     assert embeddings.shape == (2, 768)
 
 
@@ -322,8 +353,6 @@ def test_identity_changes_with_weights_model_preprocessing_and_decoding(tmp_path
 
 
 # --- The shard stage: reader -> embedder -> store -----------------------------------------------
-
-NO_REDUCTION = DecodeOptions(reduced_jpeg_size=None)
 
 
 @pytest.fixture(scope="module")

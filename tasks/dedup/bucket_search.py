@@ -38,9 +38,9 @@ from tasks.dedup.buckets import (
     read_bucket,
     unit_offsets,
 )
-from tasks.dedup.clusters import _SPLIT_FACTOR, _split
+from tasks.dedup.clusters import SPLIT_FACTOR, split_cluster
 from tasks.dedup.compute import UnionFind, all_cpu_threads
-from tasks.dedup.search import DEFAULT_BLOCK_ENTRIES, RowSource, SearchCounters, _Screen, _screen_sets, plan_search, row_validity, screen_margin
+from tasks.dedup.search import DEFAULT_BLOCK_ENTRIES, BlockScreen, RowSource, SearchCounters, plan_search, row_validity, screen_margin, screen_sets
 
 LINK, DOUBT = 0, 1
 # What a links file's rows mean, in its record: files of another meaning are searched again.
@@ -103,13 +103,13 @@ def search_bucket(layout: BucketLayout, bucket: int, *, block_entries: int = DEF
     with all_cpu_threads():
         leaves: list[np.ndarray] = []
         for cluster, members in zip(rows.clusters, rows.members):
-            if members.shape[0] > _SPLIT_FACTOR * target:
+            if members.shape[0] > SPLIT_FACTOR * target:
                 counters.split_clusters += 1
-                leaves.extend(_split(source.screen_rows, members, target, layout.clusters_per_point, layout.seed, (int(cluster),)))
+                leaves.extend(split_cluster(source.screen_rows, members, target, layout.clusters_per_point, layout.seed, (int(cluster),)))
             elif members.shape[0] >= 2:
                 leaves.append(members)
-        screen = _Screen(plan, block_entries, links_only=True)
-        for block in _screen_sets(source, leaves, screen, counters):
+        screen = BlockScreen(plan, block_entries, links_only=True)
+        for block in screen_sets(source, leaves, screen, counters):
             counters.candidates += int(block.first.shape[0])
             certain = block.screen_similarity >= certain_threshold
             for first, second in ((block.linked_first, block.linked_second), (block.first[certain], block.second[certain])):

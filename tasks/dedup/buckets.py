@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from tasks.dedup.clusters import SAMPLES_PER_CENTROID, _nearest, _residual_block, mean_direction, residuals, spherical_kmeans
+from tasks.dedup.clusters import SAMPLES_PER_CENTROID, mean_direction, nearest_centroids, residual_block, residuals, spherical_kmeans
 from tasks.dedup.compute import all_cpu_threads
 from tasks.dedup.search import MATMUL_DTYPES, row_validity
 from tasks.errors import UserError
@@ -109,7 +109,7 @@ class Centroids:
 
     def nearest(self, residual_rows: torch.Tensor, count: int) -> torch.Tensor:
         """Indices [n, count] of the nearest centroids of unit residual rows (by cosine, once projected)."""
-        return _nearest(project(residual_rows, self.basis), self.centroids.to(residual_rows.dtype), count)[0]
+        return nearest_centroids(project(residual_rows, self.basis), self.centroids.to(residual_rows.dtype), count)[0]
 
 
 def principal_basis(rows: torch.Tensor, count: int) -> torch.Tensor:
@@ -349,7 +349,7 @@ def assign_unit(store: EmbeddingStore, layout: BucketLayout, unit: int) -> str:
         with all_cpu_threads():
             for block in range(0, valid.shape[0], _ASSIGN_ROWS):
                 chosen = valid[block : block + _ASSIGN_ROWS]
-                residual = _residual_block(_screen_block(embeddings[chosen], inverse_norm[chosen], dtype), direction)
+                residual = residual_block(_screen_block(embeddings[chosen], inverse_norm[chosen], dtype), direction)
                 nearest.append(found.nearest(residual, layout.clusters_per_point).numpy())
     embeddings = np.concatenate(rows) if rows else np.zeros((0, layout.dim), BUCKET_ROW_DTYPE)
     clusters = np.concatenate(nearest) if nearest else np.zeros((0, layout.clusters_per_point), np.int64)

@@ -8,7 +8,7 @@ rows being clustered, re-normalised. Embeddings share a common direction (CLIP's
 a topic's around its centre); on raw rows a centroid averaging more rows leans further towards that
 direction and so attracts ever more rows, while on residuals centroids compete on what tells rows apart.
 
-A cluster holding more than `_SPLIT_FACTOR` times the mean membership (a dense topic, a flood of
+A cluster holding more than `SPLIT_FACTOR` times the mean membership (a dense topic, a flood of
 near-copies) is clustered again on its own residuals, up to `_MAX_SPLIT_DEPTH` levels. A split that
 would not reduce the pairs to compare (near-copies have no residual structure) is abandoned and the
 cluster is searched whole.
@@ -30,7 +30,8 @@ SAMPLES_PER_CENTROID = 40
 KMEANS_ITERATIONS = 10
 # Fewer rows than this per cluster would make clustering pointless overhead.
 MIN_ROWS_PER_CLUSTER = 16
-_SPLIT_FACTOR = 4
+# A cluster above this many times the mean membership is clustered again (`split_cluster`).
+SPLIT_FACTOR = 4
 _MAX_SPLIT_DEPTH = 3
 # A split is kept only if it leaves at most this fraction of the cluster's pairs to compare.
 _SPLIT_MAX_PAIR_FRACTION = 0.5
@@ -71,7 +72,8 @@ def mean_direction(rows: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(total, dim=0)
 
 
-def _residual_block(rows: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+def residual_block(rows: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """`residuals` of one block of rows, computed in float32 and returned in the rows' dtype."""
     block = rows.float()
     block -= (block @ direction)[:, None] * direction[None, :]
     return torch.nn.functional.normalize(block, dim=1).to(rows.dtype)
@@ -81,13 +83,13 @@ def residuals(rows: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     """`rows` without their component along unit `direction`, re-normalised, in the rows' dtype."""
     result = torch.empty_like(rows)
     starts = list(range(0, rows.shape[0], _GATHER_ROWS))
-    blocks = parallel_map(lambda start: _residual_block(rows[start : start + _GATHER_ROWS], direction), starts, rows.device)
+    blocks = parallel_map(lambda start: residual_block(rows[start : start + _GATHER_ROWS], direction), starts, rows.device)
     for start, block in zip(starts, blocks):
         result[start : start + _GATHER_ROWS] = block
     return result
 
 
-def _nearest(rows: torch.Tensor, centroids: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_centroids(rows: torch.Tensor, centroids: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices [n, count] of each row's nearest centroids (by cosine) and the similarity to the nearest."""
     best = (rows @ centroids.T).topk(count, dim=1)
     return best.indices, best.values[:, 0].float()
@@ -115,7 +117,7 @@ def spherical_kmeans(
     labels = None
     for _ in range(iterations):
         centroids_matmul = centroids.to(sample.dtype)
-        parts = list(parallel_map(lambda start: _nearest(sample[start : start + block], centroids_matmul, 1), starts, device))
+        parts = list(parallel_map(lambda start: nearest_centroids(sample[start : start + block], centroids_matmul, 1), starts, device))
         new_labels = torch.cat([indices[:, 0] for indices, _ in parts])
         if labels is not None and torch.equal(new_labels, labels):
             break
@@ -138,7 +140,7 @@ def assign(
     centroids_matmul = centroids.to(dtype)
 
     def nearest(start: int) -> np.ndarray:
-        return _nearest(residual_rows(start, start + block), centroids_matmul, count)[0].cpu().numpy()
+        return nearest_centroids(residual_rows(start, start + block), centroids_matmul, count)[0].cpu().numpy()
 
     parts = list(parallel_map(nearest, range(0, num_rows, block), centroids.device))
     return np.concatenate(parts) if parts else np.zeros((0, count), dtype=np.int64)
@@ -165,7 +167,7 @@ def _sample(num_rows: int, num_clusters: int, generator: torch.Generator) -> np.
     return np.sort(torch.randperm(num_rows, generator=generator)[:size].numpy())
 
 
-def _split(
+def split_cluster(
     rows_of: RowsOf, positions: np.ndarray, target: int, clusters_per_point: int, seed: int, path: tuple[int, ...]
 ) -> list[np.ndarray]:
     """Leaves of a cluster too large to search whole: k-means on its residuals, recursively."""
@@ -189,8 +191,8 @@ def _split(
     for cluster in np.flatnonzero(sizes >= 2):
         # members are ascending indices into ascending positions, so leaves stay ascending
         leaf = positions[members[offsets[cluster] : offsets[cluster + 1]]]
-        if leaf.shape[0] > _SPLIT_FACTOR * target and len(path) < _MAX_SPLIT_DEPTH:
-            leaves.extend(_split(rows_of, leaf, target, clusters_per_point, seed, (*path, int(cluster))))
+        if leaf.shape[0] > SPLIT_FACTOR * target and len(path) < _MAX_SPLIT_DEPTH:
+            leaves.extend(split_cluster(rows_of, leaf, target, clusters_per_point, seed, (*path, int(cluster))))
         else:
             leaves.append(leaf)
     return leaves
@@ -205,7 +207,7 @@ def split_into_leaves(rows_of: RowsOf, num_rows: int, num_clusters: int, cluster
     dtype = sample_rows.dtype
     del sample_rows
     assignment = assign(
-        lambda start, stop: _residual_block(rows_of(slice(start, stop)), direction), num_rows, centroids, clusters_per_point, dtype
+        lambda start, stop: residual_block(rows_of(slice(start, stop)), direction), num_rows, centroids, clusters_per_point, dtype
     )
     members, offsets = cluster_members(assignment, num_clusters)
     del assignment
@@ -215,9 +217,9 @@ def split_into_leaves(rows_of: RowsOf, num_rows: int, num_clusters: int, cluster
     split_clusters = 0
     for cluster in np.flatnonzero(sizes >= 2):
         positions = members[offsets[cluster] : offsets[cluster + 1]]
-        if positions.shape[0] > _SPLIT_FACTOR * target:
+        if positions.shape[0] > SPLIT_FACTOR * target:
             split_clusters += 1
-            leaves.extend(_split(rows_of, positions, target, clusters_per_point, seed, (int(cluster),)))
+            leaves.extend(split_cluster(rows_of, positions, target, clusters_per_point, seed, (int(cluster),)))
         else:
             leaves.append(positions)
     return ClusterLeaves(leaves=leaves, num_clusters=num_clusters, split_clusters=split_clusters)

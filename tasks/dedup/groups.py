@@ -183,7 +183,7 @@ def _choose_survivor_of_large_group(source: RowSource, positions: np.ndarray) ->
     return survivor, similarity
 
 
-def _survivors(source: RowSource, roots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def group_survivors(source: RowSource, roots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Canonical positions of every duplicate, of its survivor, and their similarity (in position order)."""
     group_size = np.bincount(roots, minlength=roots.shape[0])
     members = np.flatnonzero(group_size[roots] >= 2)
@@ -269,7 +269,7 @@ def deduplicate(
     with all_cpu_threads():
         roots, pairs_found = _search_components(source, counters, int(block_entries), seed, include_pairs)
         grouped = time.perf_counter()
-        duplicate, survivor, duplicate_similarity = _survivors(source, roots)
+        duplicate, survivor, duplicate_similarity = group_survivors(source, roots)
         counters.add_seconds("groups", time.perf_counter() - grouped)
 
     duplicate_rows, survivor_rows = valid_rows[duplicate], valid_rows[survivor]

@@ -8,7 +8,7 @@ A run is planned from the store entries' footers alone (`plan_layout`), searched
 - every link and every doubt is decided by its exact float64 similarity on those rows, as in the in-memory
   search (groups.py `_verified`), and those that pass are joined in one union-find over canonical
   positions (int64 per compared row), so groups spanning buckets become one;
-- the survivor rule is the in-memory one (groups.py `_survivors`), run on the scratch rows;
+- the survivor rule is the in-memory one (groups.py `group_survivors`), run on the scratch rows;
 - `kept.parquet` is written unit by unit; only the keys of compared rows (Arrow strings, a few bytes
   each) and the duplicates are held.
 
@@ -38,7 +38,7 @@ from tasks.dedup.bucket_search import read_links
 from tasks.dedup.buckets import PROJECTION_DIM, BucketLayout, num_buckets_for, plan_units, shard_rows, unit_offsets
 from tasks.dedup.clusters import default_num_clusters
 from tasks.dedup.compute import UnionFind, all_cpu_threads, cosine_rows, parallel_map
-from tasks.dedup.groups import DUPLICATE_COLUMNS, SKIPPED_COLUMNS, DedupStats, _survivors
+from tasks.dedup.groups import DUPLICATE_COLUMNS, SKIPPED_COLUMNS, DedupStats, group_survivors
 from tasks.dedup.search import DEFAULT_CLUSTERS_PER_POINT, MISSING_REASON, ZERO_REASON, check_threshold, choose_matmul_dtype, row_validity
 from tasks.errors import UserError
 from tasks.io.atomic import atomic_output
@@ -268,7 +268,7 @@ def resolve(store: EmbeddingStore, layout: BucketLayout, output: Location) -> Ou
             totals["verified"] = int(doubt.shape[0])
             roots = components.roots()
             del components
-            duplicate, survivor, similarity = _survivors(rows, roots)
+            duplicate, survivor, similarity = group_survivors(rows, roots)
     del slot
     refused = int((~confirmed).sum())
     if refused:

@@ -320,7 +320,7 @@ def _representable_at_most(value: float, dtype: torch.dtype) -> float:
     return rounded.item()
 
 
-class _Screen:
+class BlockScreen:
     """Screens row blocks of one set of rows and hands the candidates on as canonical positions."""
 
     def __init__(self, plan: SearchPlan, block_entries: int, links_only: bool) -> None:
@@ -369,8 +369,8 @@ class _Screen:
         return [block for block in found if block is not None]
 
 
-def _screen_sets(
-    source: RowSource, sets: list[np.ndarray], screen: _Screen, counters: SearchCounters
+def screen_sets(
+    source: RowSource, sets: list[np.ndarray], screen: BlockScreen, counters: SearchCounters
 ) -> Iterator[CandidateBlock]:
     """Candidates among all pairs within each set of (ascending) canonical positions."""
     sizes = np.array([positions.shape[0] for positions in sets], dtype=np.int64)
@@ -411,12 +411,12 @@ def iter_candidates(
     if len(source) < 2:
         return
     plan = source.plan
-    screen = _Screen(plan, block_entries, links_only)
+    screen = BlockScreen(plan, block_entries, links_only)
     if plan.method == "exact":
-        yield from _screen_sets(source, [np.arange(len(source), dtype=np.int64)], screen, counters)
+        yield from screen_sets(source, [np.arange(len(source), dtype=np.int64)], screen, counters)
         return
     started = time.perf_counter()
     leaves = split_into_leaves(source.screen_rows, len(source), plan.num_clusters, plan.clusters_per_point, seed=seed)
     counters.split_clusters = leaves.split_clusters
     counters.add_seconds("partition", time.perf_counter() - started)
-    yield from _screen_sets(source, leaves.leaves, screen, counters)
+    yield from screen_sets(source, leaves.leaves, screen, counters)

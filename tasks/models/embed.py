@@ -9,7 +9,7 @@ Batches of `batch_size` images run under `torch.inference_mode`. For shards (`em
 worker pool decodes each image and applies open_clip's transform to it (`feed_model_batches`), so the
 host side scales with cores, and a background thread stacks the results into model batches two ahead of
 inference; on CUDA the batch is stacked in pinned memory, copied with `non_blocking=True` and run under
-fp16 (or bf16) autocast. `embed_batches` (images already in memory) preprocesses in one background thread.
+fp16 (or bf16) autocast.
 `ClipEmbedder.times` says where an embedder's time went: waiting for model-ready input, or in the model.
 """
 
@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from tasks.models.clip_resolve import ClipWeights, clip_identity, identity_record, read_model_config, weights_fingerprint
 from tasks.errors import UserError
@@ -125,7 +124,7 @@ def build_clip_model(weights: ClipWeights, device: torch.device) -> tuple[torch.
 
 
 class ClipEmbedder:
-    """A loaded CLIP image tower. `embed(images)` -> float32 [N, D], L2-normalised."""
+    """A loaded CLIP image tower: `embed_model_batches` turns model-ready batches into float32 [N, D] embeddings, L2-normalised."""
 
     def __init__(
         self, weights: ClipWeights, model: torch.nn.Module, transform, device: torch.device, batch_size: int = 32, autocast: str = "fp16"
@@ -146,11 +145,6 @@ class ClipEmbedder:
     @property
     def precision(self) -> str:
         return f"{self.autocast}-autocast" if self.device.type == "cuda" else "fp32"
-
-    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """open_clip's transform on each image, stacked [N, 3, H, W]; pinned when the model is on CUDA."""
-        pixels = torch.stack([self.transform(image) for image in images])
-        return pixels.pin_memory() if self.device.type == "cuda" else pixels
 
     @torch.inference_mode()
     def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
@@ -188,54 +182,6 @@ class ClipEmbedder:
             times.images += len(batch.pixels)
             times.batches += 1
             yield batch, embeddings
-
-    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """Embeddings of `images`, float32 [N, D], L2-normalised, in batches of `batch_size`."""
-        return next(self.embed_batches([images]))
-
-    def embed_batches(self, image_batches: Iterable[Sequence[Image.Image]]) -> Iterator[np.ndarray]:
-        """One float32 [len(batch), D] array per input batch, in order.
-
-        A background thread pulls the input batches and preprocesses them `batch_size` images at a
-        time, up to two model batches ahead of inference; it keeps no image once it is preprocessed.
-        """
-        def chunks() -> Iterator[_Chunk]:
-            batches = iter(image_batches)
-            try:
-                for images in batches:
-                    images = list(images)
-                    if not images:
-                        yield _Chunk(None, last=True)
-                    for start in range(0, len(images), self.batch_size):
-                        yield _Chunk(self.preprocess(images[start : start + self.batch_size]), last=start + self.batch_size >= len(images))
-                    del images
-            finally:
-                close_iterator(batches)
-
-        times = self.times
-        with closing(prefetched(chunks(), _PREFETCH_BATCHES, "clip-preprocess")) as ready:
-            parts: list[np.ndarray] = []
-            while True:
-                waited = time.perf_counter()
-                item = next(ready, None)
-                started = time.perf_counter()
-                times.input_wait_s += started - waited
-                if item is None:
-                    break
-                if item.pixels is not None:
-                    parts.append(self.embed_pixels(item.pixels))
-                    times.model_s += time.perf_counter() - started
-                    times.images += len(item.pixels)
-                    times.batches += 1
-                if item.last:
-                    yield np.concatenate(parts) if parts else np.zeros((0, self.embedding_dim), np.float32)
-                    parts = []
-
-
-@dataclass
-class _Chunk:
-    pixels: torch.Tensor | None
-    last: bool
 
 
 _model_lock = threading.Lock()
