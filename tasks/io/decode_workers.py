@@ -17,12 +17,12 @@ metadata and error.
 - A worker that dies (a decoder crash, the kernel's OOM killer) costs only the sample it was decoding:
   every sample it took down with it is decoded again alone in a fresh pool, and the one that kills that
   pool too gets the error `CRASH_REASON`.
-- Decoding one image is bounded in time: a worker has `DecodeOptions.decode_deadline_s` (tasks/io/read.py)
+- Decoding one image is bounded in time: a worker has `DecodeOptions.decode_deadline_s` (tasks/io/decode.py)
   to check, decode and transform a sample. Each worker writes what it decodes and until when into memory
   shared with its pool, whose watchdog thread looks every `_WATCH_INTERVAL_S` and kills a worker past its
   deadline: that sample gets `DEADLINE_REASON`, the pool is replaced, and every other sample the pool lost
   (not at fault) is decoded again in the new one. Threads cannot be killed, so decoding in threads has no
-  deadline (the header limits of tasks/io/read.py, the JPEG scan count among them, still apply there).
+  deadline (the header limits of tasks/io/decode.py, the JPEG scan count among them, still apply there).
 - Workers die with their parent: on Linux the forkserver and every worker ask the kernel for SIGKILL when
   their parent ends (PR_SET_PDEATHSIG), so after Ctrl-C, SIGTERM or `kill -9` no decoder is left running,
   and multiprocessing's resource tracker ends as well once they are gone (it exits when its pipe closes).
@@ -55,6 +55,8 @@ from typing import Callable
 
 import numpy as np
 
+from tasks.io.decode import DecodeOptions, decode_and_transform, open_sample_image
+from tasks.io.samples import Sample
 from tasks.stop import on_stop, raise_if_stopped
 
 CRASH_REASON = "the image decoder's process died while decoding image {name!r} (a decoder crash or out of memory)"
@@ -169,18 +171,16 @@ def _transform_of(transform: WorkerTransform) -> Callable:
     return found
 
 
-def decode_in_worker(task: int, key: str, shard: str, members: dict[str, bytes], options, transform: WorkerTransform) -> WorkerResult:
+def decode_in_worker(task: int, key: str, shard: str, members: dict[str, bytes], options: DecodeOptions, transform: WorkerTransform) -> WorkerResult:
     """In a worker: the sample's image checked, decoded and transformed, as `iter_batches` does in a thread, within its deadline."""
-    from tasks.io.read import Sample, _decode_and_transform, _open_sample_image
-
     if _slots is not None:
         _slots[_slot_base + _SLOT_TASK] = task  # the task first: the watchdog reads the deadline as this task's
         _slots[_slot_base + _SLOT_DEADLINE] = time.monotonic() + options.decode_deadline_s
     try:
         sample = Sample(key=key, shard=shard, members=members)
-        opened = _open_sample_image(sample, options)
+        opened = open_sample_image(sample, options)
         if opened is not None:
-            _decode_and_transform(sample, opened, _transform_of(transform))
+            decode_and_transform(sample, opened, _transform_of(transform))
     finally:
         if _slots is not None:
             _slots[_slot_base + _SLOT_DEADLINE] = 0.0
@@ -230,7 +230,7 @@ def _context() -> multiprocessing.context.BaseContext:
     """`forkserver`, its server importing what the workers need and this process already uses, so each worker
     starts without importing them and shares their pages."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__, "tasks.io.read", *(name for name in _PRELOAD if name in sys.modules)])
+    context.set_forkserver_preload([__name__, "tasks.io.decode", *(name for name in _PRELOAD if name in sys.modules)])
     return context
 
 
@@ -315,7 +315,7 @@ def _lost_with_its_pool(future: Future) -> bool:
 class Decoding:
     """One sample being decoded by the worker processes: its current future and what resubmitting it takes."""
 
-    def __init__(self, workers: int, key: str, shard: str, members: dict[str, bytes], options, transform: WorkerTransform) -> None:
+    def __init__(self, workers: int, key: str, shard: str, members: dict[str, bytes], options: DecodeOptions, transform: WorkerTransform) -> None:
         self.task = next(_task_ids)
         self.workers = workers
         self.arguments = (key, shard, members, options, transform)
@@ -396,17 +396,17 @@ def workers_can_load(workers: int, transform: WorkerTransform) -> bool:
     return _loadable[key]
 
 
-def submit(workers: int, key: str, shard: str, members: dict[str, bytes], options, transform: WorkerTransform) -> Decoding:
+def submit(workers: int, key: str, shard: str, members: dict[str, bytes], options: DecodeOptions, transform: WorkerTransform) -> Decoding:
     decoding = Decoding(workers, key, shard, members, options, transform)
     decoding.start(decode_pool(workers))
     return decoding
 
 
-def _over_deadline(options, image_name: str) -> WorkerResult:
+def _over_deadline(options: DecodeOptions, image_name: str) -> WorkerResult:
     return WorkerResult(None, False, None, None, DEADLINE_REASON.format(name=image_name, seconds=options.decode_deadline_s))
 
 
-def result_of(decoding: Decoding, workers: int, key: str, shard: str, members: dict[str, bytes], options, transform: WorkerTransform,
+def result_of(decoding: Decoding, workers: int, key: str, shard: str, members: dict[str, bytes], options: DecodeOptions, transform: WorkerTransform,
               image_name: str) -> WorkerResult:
     """The decoding's result: the deadline's error when its worker was killed for it; decoded again in the new pool
     when another sample's deadline ended the pool; decoded alone when its worker died (see the module docstring)."""

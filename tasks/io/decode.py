@@ -1,0 +1,208 @@
+"""Decode a sample: its image checked from the header, then its pixels as RGB, its caption and metadata.
+
+Decoding is two steps so the cheap one can run where the batch is assembled: `open_sample_image` reads only
+the header and refuses what is over the limits (`DecodeOptions.max_pixels`, the JPEG scan count of
+tasks/io/jpeg_scans.py) before any pixel is decoded; `finish_decoding` decodes the pixels (RGB, EXIF orientation
+applied, see `to_rgb`), the caption and the bounded JSON metadata (tasks/io/metadata.py). `decode_and_transform`
+is a worker's whole job: both steps and the model's transform, the image then dropped. Every refusal is that
+sample's one-sentence `error`; nothing here raises for a sample's content.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from tasks.errors import UserError
+from tasks.io.jpeg_scans import JPEG_SIGNATURE, jpeg_scans_reason
+from tasks.io.metadata import parse_metadata
+from tasks.io.samples import Sample, fail, image_extension, member_of_format
+
+# Pillow formats allowed to open an image member (JPEG includes MPO); content decides, so a PNG named .jpg decodes.
+_PILLOW_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+_JPEG_FORMATS = ("JPEG", "MPO")
+
+# Pillow's own default decompression-bomb threshold (about 89.5 megapixels, e.g. 9459 x 9459).
+DEFAULT_MAX_PIXELS = 89_478_485
+# How a run decodes images (the flows' `decode_mode`), each name one `DecodeOptions.for_model` setting:
+# - exact: every pixel decoded, so embeddings are open_clip's own `encode_image(preprocess(image))` (default);
+# - reduced: JPEGs of at least twice the model's input size decode at 1/2, 1/4 or 1/8 scale by libjpeg's DCT
+#   scaling, keeping both sides >= REDUCED_JPEG_SIZE (never below the model's input size): decode +
+#   transform several times faster, embeddings within a small cosine distance (README, "Decoding").
+DECODE_MODES = ("exact", "reduced")
+DEFAULT_DECODE_MODE = "exact"
+# From benchmarks/bench_read.py on 1024-2048 px JPEGs: decode 2x and decode + open_clip transform 3-4x
+# faster, pixels after the 224 px transform within 1/255 on average; >= 256 also suits 240/256 px models.
+REDUCED_JPEG_SIZE = 256
+# Seconds one image may take to be checked, decoded and transformed in a worker process: on one core an
+# 89-megapixel progressive photo decodes in 1.6 s, and a scan bomb that large at the scan limit in 25 s.
+DEFAULT_DECODE_DEADLINE_S = 60.0
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How images are decoded; `identity()` names every setting that changes the decoded pixels."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit (width x height before any reduction)
+    reduced_jpeg_size: int | None = None  # JPEGs decode at 1/2, 1/4 or 1/8 scale keeping both sides >= this; None = every pixel
+    decode_deadline_s: float = DEFAULT_DECODE_DEADLINE_S  # per image in a worker process (tasks/io/decode_workers.py)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1:
+            raise UserError(f"max_pixels must be a positive whole number of pixels, not {self.max_pixels!r}.")
+        size = self.reduced_jpeg_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise UserError(f"reduced_jpeg_size must be a positive number of pixels or None, not {size!r}.")
+        deadline = self.decode_deadline_s
+        if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not 0 < deadline < float("inf"):
+            raise UserError(f"decode_deadline_s must be a positive, finite number of seconds, not {deadline!r}.")
+
+    @classmethod
+    def for_model(cls, image_size: Sequence[int], decode_mode: str = DEFAULT_DECODE_MODE) -> "DecodeOptions":
+        """The setting of a `DECODE_MODES` name for a model's input size (reduced decoding never below it: no upscaling at 336 px)."""
+        if decode_mode == "exact":
+            return cls(reduced_jpeg_size=None)
+        if decode_mode == "reduced":
+            return cls(reduced_jpeg_size=max(REDUCED_JPEG_SIZE, *image_size))
+        raise UserError(f"decode_mode must be one of {', '.join(DECODE_MODES)}, not {decode_mode!r}.")
+
+    def identity(self) -> str:
+        # The size, scan and time limits only decide which images are refused, never their pixels, so they are not part of it.
+        reduced = "off" if self.reduced_jpeg_size is None else str(self.reduced_jpeg_size)
+        return f"decode-v2:rgb,exif-orientation,alpha-over-white,first-frame,16bit-msb,jpeg-reduced-min-side={reduced}"
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The image as 8-bit RGB: 16-bit values by their most significant bits, transparency over white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # Pillow clips 16-bit values at 255 when converting; keep the 8 most significant bits instead
+        # (in the image's own integer type: widening to int64 would hold 4 copies of an 89 MP image).
+        pixels = np.asarray(image)
+        if image.mode == "I":
+            pixels = np.clip(pixels, 0, 65535)
+        return Image.fromarray((pixels >> 8).astype(np.uint8), "L").convert("RGB")
+    if image.has_transparency_data:
+        # Transparent pixels become white, as img2dataset did for the images LAION's detector was built on.
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        background.alpha_composite(image.convert("RGBA"))
+        return background.convert("RGB")
+    return image.convert("RGB")
+
+
+def _sniffed_format(data: bytes) -> str | None:
+    """Pillow's name for an image format we do not decode (header only), or None when unknown."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.format
+    except Exception:  # noqa: BLE001 - anything unidentifiable is "corrupt or not an image"
+        return None
+
+
+def _corrupt_reason(exc: Exception, name: str) -> str:
+    if isinstance(exc, OSError):
+        if "truncated" in str(exc) or "broken data stream" in str(exc):
+            return f"image {name!r} is truncated"
+        return f"image {name!r} is corrupt ({exc})"
+    return f"image {name!r} is corrupt ({type(exc).__name__}: {exc})"
+
+
+def _open_image(data: bytes, name: str, options: DecodeOptions) -> Image.Image | str:
+    """The image with only its header read, checked against the size limits (JPEG draft scale set), or why it is refused."""
+    try:
+        image = Image.open(io.BytesIO(data), formats=_PILLOW_FORMATS)
+    except Image.DecompressionBombError as exc:
+        # Pillow refuses outright above twice its own limit, before our max_pixels is consulted.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{found.group(1)} pixels" if found else "too many pixels"
+        return f"image {name!r} has {size}, over Pillow's hard limit (possible decompression bomb)"
+    except UnidentifiedImageError:
+        sniffed = _sniffed_format(data)
+        if sniffed:
+            return f"image {name!r} is in the unsupported format {sniffed}"
+        return f"image {name!r} is corrupt or not an image"
+    except Exception as exc:  # noqa: BLE001 - malformed headers raise many exception types in Pillow
+        return _corrupt_reason(exc, name)
+    try:
+        width, height = image.size
+        if width * height > options.max_pixels:
+            return f"image {name!r} is {width}x{height} pixels, over the limit of {options.max_pixels} (possible decompression bomb)"
+        if min(width, height) < 1:
+            return f"image {name!r} is {width}x{height} pixels, so it has no pixels to score"
+        reduced = options.reduced_jpeg_size
+        if reduced is not None and image.format in _JPEG_FORMATS and min(width, height) >= 2 * reduced:
+            image.draft(None, (reduced, reduced))  # libjpeg DCT scaling: both sides stay >= reduced
+        return image
+    except Exception as exc:  # noqa: BLE001 - see above
+        return _corrupt_reason(exc, name)
+
+
+def _load_image(image: Image.Image, name: str) -> Image.Image | str:
+    """The opened image's pixels as RGB, EXIF orientation applied, or why they cannot be decoded."""
+    try:
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)
+        return to_rgb(image)
+    except Exception as exc:  # noqa: BLE001 - see _open_image
+        return _corrupt_reason(exc, name)
+
+
+def open_sample_image(sample: Sample, options: DecodeOptions) -> Image.Image | None:
+    """First step of decoding (header only, cheap): the sample's image checked against the limits, or None with the error recorded."""
+    if sample.error is not None or sample.key is None:
+        return None
+    image_ext = image_extension(sample.members)
+    assert image_ext is not None, "samples without an image member carry an error"
+    data, name = sample.members[image_ext], sample.member_name(image_ext)
+    # Before Pillow reads the header: its own marker walk is slower, and it keeps every APPn and COM segment.
+    too_many = jpeg_scans_reason(data, name) if data[:3] == JPEG_SIGNATURE else None
+    if too_many is not None:
+        fail(sample, too_many)
+        return None
+    opened = _open_image(data, name, options)
+    if isinstance(opened, str):
+        fail(sample, opened)
+        return None
+    return opened
+
+
+def finish_decoding(sample: Sample, opened: Image.Image | None) -> Sample:
+    """Second step: caption, metadata and pixels of a sample whose image passed `open_sample_image`."""
+    if sample.error is not None or opened is None:
+        return sample
+    caption_ext = member_of_format(sample.members, "txt")
+    if caption_ext is not None:
+        sample.caption = sample.members[caption_ext].decode("utf-8", errors="replace")
+    metadata_ext = member_of_format(sample.members, "json")
+    if metadata_ext is not None:
+        metadata = parse_metadata(sample.members[metadata_ext], sample.member_name(metadata_ext))
+        if isinstance(metadata, str):
+            fail(sample, metadata)
+            return sample
+        sample.metadata = metadata
+    image_ext = image_extension(sample.members)
+    decoded = _load_image(opened, sample.member_name(image_ext))
+    if isinstance(decoded, str):
+        fail(sample, decoded)
+    else:
+        sample.image = decoded
+    return sample
+
+
+def decode_and_transform(sample: Sample, opened: Image.Image, transform: Callable[[Image.Image], object]) -> Sample:
+    """One worker's whole job for a sample: its pixels decoded, then turned into the model's input (the image is dropped)."""
+    finish_decoding(sample, opened)
+    if sample.image is not None:
+        image_ext = image_extension(sample.members)
+        try:
+            sample.model_input = transform(sample.image)
+        except Exception as exc:  # noqa: BLE001 - an image the model's transform refuses is that sample's error only
+            fail(sample, f"image {sample.member_name(image_ext)!r} could not be preprocessed for the model ({type(exc).__name__}: {exc})")
+        sample.image = None
+    return sample

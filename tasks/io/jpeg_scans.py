@@ -1,0 +1,62 @@
+"""Refuse a JPEG "scan bomb" before decoding: count its scans and marker segments by walking its markers.
+
+Each scan re-walks the whole image's coefficients, so thousands of tiny scans would decode for hours; a JPEG
+holds at most `MAX_JPEG_SCANS` scans and `MAX_JPEG_SEGMENTS` marker segments, counted without decoding.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Encoders write about 10 scans (libjpeg's progressive script), and no real one comes near a few hundred;
+# every scan re-walks the image's coefficients, so the decode time grows with the count (djpeg's -maxscans).
+MAX_JPEG_SCANS = 256
+# Marker segments walked to count the scans: a real JPEG has tens (APPn, tables per scan); this bounds the walk.
+MAX_JPEG_SEGMENTS = 65_536
+
+# The 0xFF that starts a marker after entropy-coded data (or garbage): not a stuffed 0xFF00, a fill byte 0xFFFF or a
+# restart marker (RSTn, part of a scan's data).
+_JPEG_MARKER_IN_DATA = re.compile(rb"\xff[^\x00\xff\xd0-\xd7]")
+# Markers without a length field: TEM and RST0-7 (SOI and EOI are handled apart).
+_JPEG_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})
+# What Pillow opens as a JPEG (or MPO), whatever the member's name: SOI and the start of a marker.
+JPEG_SIGNATURE = b"\xff\xd8\xff"
+
+
+def jpeg_scans_reason(data: bytes, name: str) -> str | None:
+    """Why a JPEG's first image (up to its EOI) holds too many scans or marker segments to decode, or None.
+
+    Walks the marker segments by their lengths, and each scan's entropy-coded data to the next marker, as
+    libjpeg reads them, without decoding; the walk stops at the first limit passed, so it is linear in the
+    file and at most MAX_JPEG_SEGMENTS steps.
+    """
+    scans = segments = 0
+    position = 2  # after SOI
+    while position + 1 < len(data):
+        if data[position] != 0xFF or data[position + 1] in (0x00, 0xFF):
+            found = _JPEG_MARKER_IN_DATA.search(data, position)  # fill bytes, or garbage libjpeg skips with a warning
+            if found is None:
+                return None
+            position = found.start()
+        marker = data[position + 1]
+        if marker in (0xD8, 0xD9):  # EOI (an MPO's further images are never decoded), or a second SOI libjpeg refuses
+            return None
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:
+            return f"image {name!r} has over {MAX_JPEG_SEGMENTS} JPEG marker segments, the limit for reading it"
+        if marker in _JPEG_STANDALONE_MARKERS:
+            position += 2
+            continue
+        length = int.from_bytes(data[position + 2 : position + 4], "big")
+        if length < 2:
+            return None  # malformed: libjpeg refuses it when decoding
+        position += 2 + length
+        if marker == 0xDA:  # SOS: a scan header, followed by its entropy-coded data up to the next marker
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                return f"image {name!r} has over {MAX_JPEG_SCANS} JPEG scans (possible scan bomb: each scan decodes the whole image again)"
+            found = _JPEG_MARKER_IN_DATA.search(data, position)
+            if found is None:
+                return None
+            position = found.start()
+    return None
