@@ -10,15 +10,47 @@ keeps them.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
 from tasks.filter.plan import EmbedStage, FilterStage
-from tasks.filter.stage import completed_partition, settings_identity
 from tasks.io.partition import Partition
 from tasks.io.spool import LocalCopy, copy_shard, is_remote
-from tasks.io.write import PartitionResult, read_manifest
+from tasks.io.locations import Location
+from tasks.io.write import PartitionResult, output_shard_url, read_manifest, scores_url
 from tasks.stop import raise_if_stopped
 from tasks.store.entries import shard_fingerprint_and_size
+
+
+def settings_identity(
+    shard_fingerprints: list[str], embedding_identity: str, head_fingerprint: str, score_threshold: float, images_per_tar: int
+) -> str:
+    """What makes a partition's outputs what they are: its shards' content and the run's settings."""
+    record = {
+        "shards": shard_fingerprints,
+        "embedding": embedding_identity,
+        "nsfw_head": head_fingerprint,
+        "score_threshold": float(score_threshold),
+        "images_per_tar": int(images_per_tar),
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def completed_partition(output: Location, manifest: PartitionResult | None, partition: Partition, identity_of_settings: str) -> PartitionResult | None:
+    """`manifest` (an earlier attempt's) when it has the same shards and settings, names this output's files
+    for the partition and they all exist."""
+    if manifest is None or manifest.partition_id != partition.partition_id or manifest.settings_identity != identity_of_settings:
+        return None
+    output_path = output.url
+    expected = [scores_url(output_path, partition.index)] + [output_shard_url(output_path, partition.index, n) for n in range(len(manifest.output_shards))]
+    if [manifest.scores_file, *manifest.output_shards] != expected:
+        return None
+    fs = output.fs
+    for url in expected:
+        if not fs.exists(output.at(url).path):
+            return None
+    return manifest
 
 
 @dataclass(frozen=True)

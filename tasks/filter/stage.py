@@ -12,13 +12,11 @@ fingerprints the shards again nor lists any folder.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from tasks.io.locations import Location, LocationLike, as_location
+from tasks.io.locations import LocationLike, as_location
 from tasks.models.nsfw import NSFWHead
 from tasks.io.partition import Partition
 from tasks.io.read import iter_samples
@@ -29,7 +27,6 @@ from tasks.stop import raise_if_stopped
 from tasks.io.write import (
     PartitionResult,
     manifest_url,
-    output_shard_url,
     partitions_with_outputs,
     read_manifest,
     remove_stale_outputs,
@@ -37,38 +34,7 @@ from tasks.io.write import (
     write_filtered_partition,
 )
 
-if TYPE_CHECKING:
-    from tasks.filter.reading import PartitionRead  # imports this module: the read stage comes before filtering
-
-
-def settings_identity(
-    shard_fingerprints: list[str], embedding_identity: str, head_fingerprint: str, score_threshold: float, images_per_tar: int
-) -> str:
-    """What makes a partition's outputs what they are: its shards' content and the run's settings."""
-    record = {
-        "shards": shard_fingerprints,
-        "embedding": embedding_identity,
-        "nsfw_head": head_fingerprint,
-        "score_threshold": float(score_threshold),
-        "images_per_tar": int(images_per_tar),
-    }
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def completed_partition(output: Location, manifest: PartitionResult | None, partition: Partition, identity_of_settings: str) -> PartitionResult | None:
-    """`manifest` (an earlier attempt's) when it has the same shards and settings, names this output's files
-    for the partition and they all exist."""
-    if manifest is None or manifest.partition_id != partition.partition_id or manifest.settings_identity != identity_of_settings:
-        return None
-    output_path = output.url
-    expected = [scores_url(output_path, partition.index)] + [output_shard_url(output_path, partition.index, n) for n in range(len(manifest.output_shards))]
-    if [manifest.scores_file, *manifest.output_shards] != expected:
-        return None
-    fs = output.fs
-    for url in expected:
-        if not fs.exists(output.at(url).path):
-            return None
-    return manifest
+from tasks.filter.reading import PartitionRead, completed_partition, settings_identity
 
 
 def _scored_shard(

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.io.atomic import atomic_output, is_object_store, write_bytes_atomic
-from tasks.io.locations import Location, LocationLike, as_location
+from tasks.io.locations import LocationLike, as_location
 from tasks.io.read import image_extension, image_members
 from tasks.stop import raise_if_stopped
 

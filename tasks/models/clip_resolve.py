@@ -28,12 +28,11 @@ import json
 import os
 import re
 import threading
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
 
 from tasks.errors import UserError
-from tasks.io.locations import Location, clip_weights_dir, default_fingerprint_cache_dir, redacted, resolve_url_credentials, safe_name
+from tasks.io.locations import Location, clip_weights_dir, default_fingerprint_cache_dir, resolve_url_credentials, safe_name
 from tasks.models.remote_weights import is_remote, resolve_weights, url_suffix
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

@@ -40,7 +40,6 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from tasks.errors import UserError
 from tasks.io.locations import Location, LocationLike, as_location, default_weights_cache_dir, redacted, scrubbed

@@ -43,7 +43,6 @@ import hashlib
 import hmac
 import json
 import os
-import re
 import threading
 import warnings
 from collections.abc import Iterable, Sequence
