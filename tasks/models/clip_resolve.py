@@ -121,7 +121,7 @@ def _model_name_and_config(clip_model: str) -> tuple[str, Path | None, dict]:
     return model_name, None, config
 
 
-def _checkpoint_path(model_name: str, clip_pretrained: str, model_dir: str | os.PathLike) -> tuple[Path, str | None]:
+def checkpoint_for_tag(model_name: str, clip_pretrained: str, model_dir: str | os.PathLike) -> tuple[Path, str | None]:
     """The checkpoint file and the pretrained tag (None when `clip_pretrained` is a path)."""
     candidate = Path(clip_pretrained).expanduser()
     if candidate.suffix.lower() in CHECKPOINT_SUFFIXES or os.sep in clip_pretrained or "/" in clip_pretrained:
@@ -254,7 +254,7 @@ def resolve_clip(
         checkpoint, fingerprint = _remote_checkpoint(location)
         tag = None
     else:
-        checkpoint_path, tag = _checkpoint_path(model_name, str(clip_pretrained), model_dir)
+        checkpoint_path, tag = checkpoint_for_tag(model_name, str(clip_pretrained), model_dir)
         checkpoint, fingerprint = str(checkpoint_path), weights_fingerprint(checkpoint_path)
     tag_cfg = open_clip.get_pretrained_cfg(model_name, tag) if tag else {}
     config = copy.deepcopy(config)

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from tasks.errors import UserError
+from tasks.models.weights_present import refuse_missing_head
 
 # Which CLIP image tower each head was trained on, by embedding dimension (for error messages).
 CLIP_MODEL_FOR_DIM = {768: "ViT-L-14", 512: "ViT-B-32"}
@@ -205,11 +206,7 @@ class NSFWHead(torch.nn.Module):
 def load_nsfw_head(path: str | Path, device: torch.device | str = "cpu") -> NSFWHead:
     """Load a head from a safetensors file (never pickle). Raises UserError with a remedy on bad files."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(
-            f"NSFW head weights not found at {path}; run `nsfw-curator models fetch --model-dir DIR` "
-            f"or pass --nsfw-weights with a safetensors file."
-        )
+    refuse_missing_head(str(path))
     header = _read_safetensors_header(path)
     metadata = header.get("__metadata__") or {}
     try:

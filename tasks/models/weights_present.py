@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tasks.errors import UserError
 from tasks.io.locations import default_model_dir, nsfw_weights_path
-from tasks.models.clip_resolve import _checkpoint_path, read_model_config
+from tasks.models.clip_resolve import checkpoint_for_tag, read_model_config
 from tasks.models.remote_weights import is_remote
 
 
@@ -31,15 +31,14 @@ def refuse_missing_weights(clip_model: str, clip_pretrained: str, model_dir: str
     if model_name is None:
         return
     if not is_remote(clip_pretrained):
-        _checkpoint_path(model_name, clip_pretrained, model_dir)  # raises the planner's sentence
+        checkpoint_for_tag(model_name, clip_pretrained, model_dir)  # raises the planner's sentence
     refuse_missing_head(str(nsfw_weights or nsfw_weights_path(model_dir, model_name)))
 
 
 def refuse_missing_head(head_location: str) -> None:
     """Raise the sentence of loading the NSFW head (tasks/models/nsfw.py) when its local file is not there."""
     if not is_remote(head_location) and not Path(head_location).is_file():
-        # load_nsfw_head's own sentence: that module needs torch to import
-        raise UserError(
+        raise UserError(  # also load_nsfw_head's sentence (tasks/models/nsfw.py asks here)
             f"NSFW head weights not found at {Path(head_location)}; run `nsfw-curator models fetch --model-dir DIR` "
             f"or pass --nsfw-weights with a safetensors file."
         )

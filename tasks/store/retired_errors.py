@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-# Whole sentences as the retired checks wrote them (tasks/io/read.py `_open_image` before banners were scored),
+# Whole sentences as the retired checks wrote them (the reader's image check, now tasks/io/decode.py, before banners were scored),
 # and as the reader shortened them to 160 characters for a long member name.
 RETIRED_ERRORS = (
     re.compile(r"image '.*' is \d+x\d+ pixels, one side over [0-9.e+]+ times the other \(the limit for resizing it\)"),
