@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.io.atomic import atomic_output
+from tasks.io.locations import Location, resolve_url_credentials
 from tasks.errors import UserError
 from tasks.models.nsfw import NSFWHead
 
@@ -106,7 +107,7 @@ def score_embedding_file(
             raise
         raise UserError(f"cannot read {input_path} ({type(error).__name__}); check that it exists and that storage credentials are set.") from None
     rows = 0
-    with source, atomic_output(output_path) as sink:
+    with source, atomic_output(Location(*resolve_url_credentials(output_path))) as sink:
         if suffix == ".npy":
             try:
                 embeddings = np.load(source, allow_pickle=False)

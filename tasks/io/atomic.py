@@ -17,7 +17,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from tasks.errors import UserError
-from tasks.io.locations import Location
+from tasks.io.locations import LocationLike, as_location
 
 OBJECT_STORE_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 # A full disk or quota is not transient: the write fails at once with one sentence instead of being retried.
@@ -30,8 +30,9 @@ def is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 @contextmanager
-def atomic_output(location: Location) -> Iterator[BinaryIO]:
+def atomic_output(location: LocationLike) -> Iterator[BinaryIO]:
     """Open `location` for writing; the file appears complete when the block exits, or not at all on error."""
+    location = as_location(location)
     fs, path = location.filesystem()
     if is_object_store(fs):
         with fs.open(path, "wb") as handle:
@@ -60,13 +61,14 @@ def atomic_output(location: Location) -> Iterator[BinaryIO]:
         raise
 
 
-def write_bytes_atomic(location: Location, data: bytes) -> None:
+def write_bytes_atomic(location: LocationLike, data: bytes) -> None:
     with atomic_output(location) as handle:
         handle.write(data)
 
 
-def write_bytes_for_browser(location: Location, data: bytes, content_type: str) -> None:
+def write_bytes_for_browser(location: LocationLike, data: bytes, content_type: str) -> None:
     """Atomic write; on S3 with a Content-Type, so a browser shows the sheet instead of downloading it."""
+    location = as_location(location)
     fs, path = location.filesystem()
     if is_object_store(fs) and "s3" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
         fs.pipe_file(path, data, ContentType=content_type)

@@ -40,7 +40,9 @@ class Location:
 
     __slots__ = ("_url", "_options")
 
-    def __init__(self, url: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, url: "str | os.PathLike | Location", storage_options: Mapping[str, Any] | None = None) -> None:
+        if isinstance(url, Location):  # the same place; its own options unless others are given
+            url, storage_options = url.url, url._options if storage_options is None else storage_options
         url = os.fspath(url)
         if not isinstance(url, str) or not url:
             raise UserError(f"a storage location must be a non-empty path or URL, not {url!r}.")
@@ -61,11 +63,6 @@ class Location:
     def storage_options(self) -> dict[str, Any]:
         """A copy of the fsspec options, for libraries that take them beside a URL (pyarrow, pandas)."""
         return dict(self._options)
-
-    @property
-    def is_local(self) -> bool:
-        """Whether it is a path on this machine (a plain path or file://)."""
-        return "://" not in self._url or self._url.startswith(("file://", "local://"))
 
     def filesystem(self) -> tuple["fsspec.AbstractFileSystem", str]:
         """The fsspec filesystem and the protocol-less path; UserError for an unknown protocol or a missing backend.
@@ -105,18 +102,8 @@ class Location:
     def __truediv__(self, part: str) -> "Location":
         return self.join(part)
 
-    @property
-    def name(self) -> str:
-        """The last path segment."""
-        return self._url.rstrip("/").rsplit("/", 1)[-1]
-
     def __str__(self) -> str:
         return self._url
-
-    def __fspath__(self) -> str:
-        if not self.is_local:
-            raise TypeError(f"{self._url} is not a local path")
-        return self._url[len("file://"):] if self._url.startswith("file://") else self._url
 
     def __repr__(self) -> str:
         return f"Location({self._url!r})"

@@ -7,7 +7,8 @@ through the same code where it can be imported without torch (tasks/models/clip_
 `refuse_missing_head` is the head's check alone (for `score-embeddings`).
 
 It raises only what the planner would raise for the same weights, and decides nothing it cannot decide
-alone: a model name this open_clip does not ship a config for, weights given as URLs, and files that exist
+alone (it runs before the flow's parameters are validated, so when a run has several mistakes, missing
+weights are the one reported first): a model name this open_clip does not ship a config for, weights given as URLs, and files that exist
 (whether they hold valid weights) are all left to the planner.
 """
 

@@ -80,7 +80,7 @@ class CorruptEntryWarning(UserWarning):
 
 def _filesystem(location: Location) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
-        return location.filesystem()
+        return fsspec.core.url_to_fs(location.url, **location.storage_options)  # this module's own sentence below
     except (ImportError, ValueError) as error:
         raise UserError(f"cannot open {location} ({error}); install the fsspec backend for its protocol or fix the URL.") from None
 
