@@ -30,6 +30,7 @@ import yaml
 from flows.gpu_limits import gpu_limit_name
 from flows.serve import DEDUP_DEPLOYMENT, FILTER_DEPLOYMENT, dedup_after_filter_trigger
 from tasks.models.gpu import GPU_JOURNAL_ENV, SIMULATED_GPUS_ENV
+from tests.support.filter_parameters import local_filter_parameters
 from tests.support.prefect_server import PrefectServer, prefect_server, wait_for
 from tests.support.tars import shard_of_good_samples, write_tar
 
@@ -175,18 +176,7 @@ def journal_intervals(journal: Path) -> dict[int, list[tuple[float, float]]]:
 def test_ui_run_on_a_worker_writes_outputs_and_starts_dedup(deployed, tmp_path, tiny_clip_768, laion_dir):
     server = deployed.server
     keys = build_dataset(tmp_path / "in")
-    config_path, checkpoint_path = tiny_clip_768
-    parameters = {
-        "file_paths": str(tmp_path / "in"),
-        "output_path": str(tmp_path / "out"),
-        "cache_path": str(tmp_path / "cache"),
-        "model_dir": str(tmp_path / "models"),
-        "clip_model": str(config_path),
-        "clip_pretrained": str(checkpoint_path),
-        "nsfw_weights": str(laion_dir / "vit_l_14.safetensors"),
-        "task_batch_size": 4,
-        "images_per_tar": 3,
-    }
+    parameters = local_filter_parameters(tmp_path, tiny_clip_768, laion_dir, images_per_tar=3)
     # What the UI's "Run > Custom run" form posts: a bad value is refused before any run exists.
     refused = server.client.post(f"/deployments/{deployed.filter_id}/create_flow_run", json={"parameters": {**parameters, "score_threshold": 1.5}})
     assert refused.status_code == 409 and "score_threshold" in refused.text and "1.5" in refused.text, refused.text
@@ -292,16 +282,7 @@ def test_serve_runs_both_flows_without_a_pool(deployed, tmp_path, tiny_clip_768,
     filter_deployment, dedup_deployment = wait_for(served, 120, "nsfw-curator serve to register its deployments", logs=server.logs())
     assert filter_deployment["work_pool_name"] is None and filter_deployment["global_concurrency_limit"]["limit"] == 1
     build_dataset(tmp_path / "in")
-    config_path, checkpoint_path = tiny_clip_768
-    parameters = {
-        "file_paths": str(tmp_path / "in"),
-        "output_path": str(tmp_path / "out"),
-        "cache_path": str(tmp_path / "cache"),
-        "clip_model": str(config_path),
-        "clip_pretrained": str(checkpoint_path),
-        "nsfw_weights": str(laion_dir / "vit_l_14.safetensors"),
-        "task_batch_size": 4,
-    }
+    parameters = local_filter_parameters(tmp_path, tiny_clip_768, laion_dir)
     created = server.post(f"/deployments/{filter_deployment['id']}/create_flow_run", {"parameters": parameters})
     wait_until_final(server, created["id"])
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["samples"] == 12

@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from flows.serve import dedup_after_filter_trigger
+from tests.support.filter_parameters import local_filter_parameters
 from tests.support.prefect_server import PrefectServer, prefect_server, wait_for
 from tests.support.tars import shard_of_good_samples, write_tar
 
@@ -169,17 +170,7 @@ def test_the_worker_without_a_checkout_runs_the_deployed_commit(second_host, tmp
     shard_keys = [[f"{s:03d}/{j:04d}" for j in range(3)] for s in range(2)]
     for s, keys in enumerate(shard_keys):
         write_tar(tmp_path / "in" / f"part-{s:06d}.tar", shard_of_good_samples(keys, size=(64, 48)))
-    config_path, checkpoint_path = tiny_clip_768
-    parameters = {
-        "file_paths": str(tmp_path / "in"),
-        "output_path": str(tmp_path / "out"),
-        "cache_path": str(tmp_path / "cache"),
-        "model_dir": str(tmp_path / "models"),
-        "clip_model": str(config_path),
-        "clip_pretrained": str(checkpoint_path),
-        "nsfw_weights": str(laion_dir / "vit_l_14.safetensors"),
-        "task_batch_size": 4,
-    }
+    parameters = local_filter_parameters(tmp_path, tiny_clip_768, laion_dir)
     # Only the filter run on this worker: the dedup run its completion would trigger is test_deployments.py's.
     [automation] = [a for a in server.post("/automations/filter", {}) if a["name"] == "image-dedup after nsfw-filter"]
     server.patch(f"/automations/{automation['id']}", {"enabled": False})
