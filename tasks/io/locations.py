@@ -127,6 +127,12 @@ def as_location(value: LocationLike) -> Location:
     return value if isinstance(value, Location) else Location(value)
 
 
+def object_size(info: dict) -> int | None:
+    """The size in bytes a filesystem's `info` (or listing entry) gives, or None where it gives none."""
+    size = info.get("size")
+    return int(size) if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None
+
+
 def safe_name(name: str) -> str:
     """A file-name-safe form of a model or shard name (letters, digits, `.`, `_`, `-`)."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")

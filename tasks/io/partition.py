@@ -25,7 +25,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from tasks.errors import StorageUnavailable, UserError
-from tasks.io.locations import Location, redacted, scrubbed
+from tasks.io.locations import Location, object_size, redacted, scrubbed
 
 # Most URLs file_paths may name (brace patterns expanded): beyond, the per-name work and memory outgrow a listing.
 MAX_NAMED_URLS = 250_000
@@ -177,11 +177,6 @@ def _has_extension(path: str, extensions: tuple[str, ...]) -> bool:
     return path.lower().endswith(extensions)
 
 
-def _size(info: dict) -> int | None:
-    size = info.get("size")
-    return int(size) if isinstance(size, int) and size >= 0 else None
-
-
 def _list_one(location: Location, extensions: tuple[str, ...]) -> dict[str, int | None]:
     """Shards named by one URL (a glob, a single shard, or everything under a directory/prefix), with their sizes."""
     url = location.url
@@ -192,12 +187,12 @@ def _list_one(location: Location, extensions: tuple[str, ...]) -> dict[str, int 
         glob_at = _GLOB_CHARS.search(path)
         fs.invalidate_cache(path[: glob_at.start()].rpartition("/")[0] if glob_at else path)
         if glob_at:
-            matches = {p: _size(info) for p, info in fs.glob(path, detail=True).items() if info.get("type") == "file"}
+            matches = {p: object_size(info) for p, info in fs.glob(path, detail=True).items() if info.get("type") == "file"}
             where = f"matches {redacted(url)}"
         elif _has_extension(path, extensions) and fs.isfile(path):
-            return {_full_url(fs, path): _size(fs.info(path))}
+            return {_full_url(fs, path): object_size(fs.info(path))}
         else:
-            matches = {p: _size(info) for p, info in fs.find(path, detail=True).items()}
+            matches = {p: object_size(info) for p, info in fs.find(path, detail=True).items()}
             where = f"was found under {redacted(url)}"
             if not matches and not fs.exists(path):
                 raise UserError(f"No shard found: {redacted(url)} does not exist; check file_paths.")
@@ -229,7 +224,7 @@ def _check_exist(locations: Iterable[Location]) -> dict[str, int | None]:
         reason = "no such file"
         try:
             fs.invalidate_cache(parent)
-            listed = {fs._strip_protocol(info["name"]).rstrip("/"): _size(info) for info in fs.ls(parent, detail=True)}
+            listed = {fs._strip_protocol(info["name"]).rstrip("/"): object_size(info) for info in fs.ls(parent, detail=True)}
         except FileNotFoundError as exc:
             listed, reason = {}, str(exc).strip() or reason
         except Exception:  # noqa: BLE001 - some filesystems cannot list; each shard is checked below
@@ -246,7 +241,7 @@ def _check_exist(locations: Iterable[Location]) -> dict[str, int | None]:
             except Exception as exc:  # noqa: BLE001 - see _list_one
                 raise _listing_error(url, exc) from None
             if info.get("type") == "file":
-                found[_full_url(fs, path)] = _size(info)
+                found[_full_url(fs, path)] = object_size(info)
             else:
                 missing.append((url, reason))
     if missing:

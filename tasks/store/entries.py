@@ -56,7 +56,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from tasks.io.atomic import write_bytes_atomic
-from tasks.io.locations import Location, LocationLike, as_location, redacted, safe_name
+from tasks.io.locations import Location, LocationLike, as_location, object_size, redacted, safe_name
 from tasks.errors import UserError
 from tasks.store.retired_errors import first_retired_error
 
@@ -165,7 +165,7 @@ def shard_fingerprint_and_size(shard: LocationLike) -> tuple[str, int | None]:
         if protocols & {"s3", "s3a", "gs", "gcs"}:
             fs.invalidate_cache(path)
             info = fs.info(path)
-            size = _size_of(info)
+            size = object_size(info)
             if protocols & {"s3", "s3a"}:
                 etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
                 if etag:
@@ -182,11 +182,6 @@ def shard_fingerprint_and_size(shard: LocationLike) -> tuple[str, int | None]:
         if _is_access_error(error):
             raise _storage_error(error, shard_url, "read shard") from None
         raise
-
-
-def _size_of(info: dict) -> int | None:
-    size = info.get("size")
-    return int(size) if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else None
 
 
 def _b64_to_hex(value: str) -> str:
