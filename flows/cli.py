@@ -22,6 +22,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from pydantic import BaseModel
+
 from flows import use_prefect_defaults
 from flows.parameters import REQUIRED, FlowSignature, read_flow_signature, without_range
 from tasks.errors import UserError
@@ -46,7 +48,11 @@ def _add_score_embeddings(parser: argparse.ArgumentParser) -> None:
     weights = parser.add_mutually_exclusive_group(required=True)
     weights.add_argument("--nsfw-weights", help="an NSFW-head safetensors file")
     weights.add_argument("--model-dir", help="the model directory; the head for --clip-model is read from it")
-    parser.add_argument("--clip-model", default="ViT-L-14", help="with --model-dir: which CLIP model the embeddings come from (default: ViT-L-14)")
+    parser.add_argument("--clip-model", default="ViT-L-14", help="which CLIP model the embeddings come from (default: ViT-L-14)")
+    parser.add_argument("--signals", default=None, help="signals to score besides nsfw, as the filter flow takes them (inline JSON, or a JSON/YAML file's path or URL)")
+    parser.add_argument("--policy", default=None, help="with --signals: add `filtered_by`, the first rule of this policy that drops each row (inline JSON or a file)")
+    parser.add_argument("--clip-pretrained", default="openai", help="for concepts signals: the CLIP checkpoint whose text tower encodes the concepts (default: openai)")
+    parser.add_argument("--cache-path", default=None, help="for concepts signals: the embedding store that keeps their text features (default: as the filter flow)")
     parser.add_argument("--model-inference-batch-size", type=int, default=32, help="rows scored per batch (default: 32)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.set_defaults(handler=_run_score_embeddings)
@@ -64,13 +70,31 @@ def _run_score_embeddings(args: argparse.Namespace) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device} was asked for but torch sees no CUDA GPU; use --device cpu or run on a GPU machine.")
     head = load_nsfw_head(weights, device=device)
+    signals = _score_file_signals(args, head.embedding_dim) if args.signals or args.policy else None
     with warnings.catch_warnings(record=True) as notes:
         warnings.simplefilter("always")
-        rows = score_embedding_file(args.input, args.output, head, batch_size=args.model_inference_batch_size, device=device)
+        rows = score_embedding_file(
+            args.input, args.output, head, batch_size=args.model_inference_batch_size, device=device, signals=signals, with_policy=args.policy is not None
+        )
     for note in notes:
         print(f"nsfw-curator: note: {note.message}", file=sys.stderr)
     print(f"scored {rows} embeddings -> {args.output}")
     return 0
+
+
+def _score_file_signals(args: argparse.Namespace, embedding_dim: int) -> Any:
+    """The signals and policy of a `score-embeddings` call, planned as a filter run plans them (tasks/signals/plan.py)."""
+    from tasks.io.locations import Location, default_cache_path, default_model_dir
+    from tasks.models.clip_resolve import resolve_clip
+    from tasks.signals.plan import parse_signals, plan_signals
+    from tasks.store.entries import EmbeddingStore
+
+    signals = structured_value(args.signals) if args.signals else None
+    needs_text = any(spec.kind == "concepts" for spec in parse_signals(signals, {}))
+    clip_weights = resolve_clip(args.clip_model, args.clip_pretrained, args.model_dir or default_model_dir()) if needs_text else None
+    store = EmbeddingStore(Location(args.cache_path or default_cache_path())) if needs_text else None
+    policy = structured_value(args.policy) if args.policy else None
+    return plan_signals(signals, policy, 0.5, embedding_dim, {}, clip_weights, store)
 
 
 def _add_models(parser: argparse.ArgumentParser) -> None:
@@ -115,6 +139,23 @@ def _is_list(annotation: Any) -> bool:
     return typing.get_origin(annotation) is list or any(typing.get_origin(a) is list for a in typing.get_args(annotation))
 
 
+def _is_structured(annotation: Any) -> bool:
+    """A parameter holding pydantic models (the policy, the signals): one option taking JSON or a file's path."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    return any(_is_structured(argument) for argument in typing.get_args(annotation))
+
+
+def structured_value(text: str) -> Any:
+    """Inline JSON (`{...}` or `[...]`) parsed, anything else kept as the path or URL of a JSON or YAML file."""
+    if text.lstrip()[:1] not in ("{", "["):
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError(f"the option's JSON does not parse ({error.msg} at character {error.pos}); fix it or pass a file's path.") from None
+
+
 def add_flow_arguments(parser: argparse.ArgumentParser, signature: FlowSignature) -> None:
     """One `--kebab-case` option per flow parameter, typed and documented from the flow's signature and docstring."""
     for parameter in signature.parameters:
@@ -131,6 +172,9 @@ def add_flow_arguments(parser: argparse.ArgumentParser, signature: FlowSignature
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(annotation) is typing.Literal:
             kwargs["choices"] = list(typing.get_args(annotation))
+        elif _is_structured(annotation):
+            kwargs["type"] = str
+            kwargs["help"] = help_text + " (inline JSON, or a JSON/YAML file's path or URL)"
         elif _is_list(annotation):
             kwargs["nargs"] = "+"
         else:
@@ -145,7 +189,9 @@ def flow_arguments(args: argparse.Namespace, signature: FlowSignature) -> dict[s
     for parameter in signature.parameters:
         value = getattr(args, parameter.name)
         annotation = parameter.annotation
-        if isinstance(value, list) and len(value) == 1 and typing.get_origin(annotation) is typing.Union and str in typing.get_args(annotation):
+        if isinstance(value, str) and _is_structured(annotation):
+            value = structured_value(value)
+        elif isinstance(value, list) and len(value) == 1 and typing.get_origin(annotation) is typing.Union and str in typing.get_args(annotation):
             value = value[0]
         values[parameter.name] = value
     return values

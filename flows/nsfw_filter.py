@@ -31,6 +31,7 @@ from flows.artifacts import publish_location, publish_review_artifacts
 from tasks.review.sheet import write_review_sheet
 from tasks.filter.plan import EmbedStage, FilterRun, FilterStage, plan_filter_run, small_partitions_advice
 from tasks.io.write import PartitionResult, RunSummary, remove_leftover_temp_files
+from tasks.signals.schema import Policy, SignalSpec
 
 
 def _plan(settings: Any) -> FilterRun:
@@ -233,21 +234,24 @@ def run_partitions(runner: Any, run: FilterRun, window: int) -> list[PartitionRe
 
 
 def publish_artifacts(summary: RunSummary, summary_url: str) -> None:
+    """Counts (per policy rule) and one histogram per signal, in the run's Artifacts tab; never an image or a key."""
     create_table_artifact(
         key="nsfw-filter-counts",
         table=[
             {"what": "samples", "count": summary.samples},
             {"what": "passed", "count": summary.passed},
-            {"what": "filtered (nsfw_score >= threshold)", "count": summary.filtered},
+            {"what": "filtered by the policy", "count": summary.filtered},
+            *({"what": f"filtered by {label}", "count": count} for label, count in summary.filtered_by.items()),
             {"what": "not scored (errors)", "count": summary.errors},
             {"what": "partitions", "count": summary.partitions},
         ],
-        description=f"nsfw-filter counts at score_threshold {summary.score_threshold}",
+        description="nsfw-filter counts, per rule of the policy",
     )
+    sections = [f"## {record['column']} histogram\n\n{summary.histogram_markdown(name)}\n" for name, record in summary.signals.items()]
     create_markdown_artifact(
         key="nsfw-filter-histogram",
-        markdown=f"## nsfw_score histogram\n\n{summary.histogram_markdown()}\n",
-        description="distribution of nsfw_score over all scored samples",
+        markdown="\n".join(sections) or f"## nsfw_score histogram\n\n{summary.histogram_markdown()}\n",
+        description="distribution of each signal's score over all scored samples, the policy's thresholds marked",
     )
     publish_location("nsfw-filter-summary", summary_url, "run summary (summary.json)")
     publish_location("nsfw-filter-outputs", summary.output_path, "filtered shards and scores")
@@ -270,6 +274,8 @@ def nsfw_filter(
     model_inference_batch_size: Annotated[int, Field(ge=1)] = 32,
     num_gpus_per_worker: Annotated[float, Field(gt=0, le=1)] = 0.25,
     score_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5,
+    signals: Optional[Union[list[SignalSpec], str]] = None,
+    policy: Optional[Union[Policy, str]] = None,
     cache_path: Optional[str] = None,
     images_per_tar: Annotated[int, Field(ge=1)] = 1000,
     verbose: bool = False,
@@ -297,7 +303,9 @@ def nsfw_filter(
         nsfw_weights: Path to an NSFW-head safetensors file; default model_dir/nsfw/{clip_model}.safetensors.
         model_inference_batch_size: Batch size for CLIP and for the NSFW head.
         num_gpus_per_worker: Fraction of one GPU an embedding task holds; at most floor(1/f) such tasks share a GPU.
-        score_threshold: Images with nsfw_score >= score_threshold are filtered out.
+        score_threshold: Images with nsfw_score >= score_threshold are filtered out (when no policy is given).
+        signals: Signals to score besides nsfw, from the same stored embedding: a list of {name, kind (aesthetic, prompts or concepts), weights} or a path/URL of a JSON or YAML file holding it. Each adds a {name}_score column (concepts: one per group).
+        policy: Which signals drop a sample: {"rules": [{"signal": "aesthetic", "below": 4.5}, {"signal": "nsfw", "at_least": 0.1, "when": [{"signal": "concepts_special", "matched": true}]}]}, or a path/URL of a JSON or YAML file holding it; default drops nsfw_score >= score_threshold. The scores' filtered_by names the first rule that dropped each sample.
         cache_path: Root of the embedding store (local directory or s3://...); default $NSFW_CURATOR_CACHE_PATH or ~/.cache/nsfw-curator/embeddings.
         images_per_tar: Samples per output shard.
         verbose: Log every partition's progress.
@@ -327,7 +335,9 @@ def nsfw_filter(
 
     clean_partitions_beyond(run.output, len(run.partitions))
     remove_leftover_temp_files(run.output)
-    summary = RunSummary.from_partitions(results, run.filter.score_threshold, run.models(), run.output_path)
+    summary = RunSummary.from_partitions(
+        results, run.filter.score_threshold, run.models(), run.output_path, run.filter.signals.scored(), run.filter.signals.policy.model_dump(mode="json")
+    )
     summary_url = summary.write(run.output)
     publish_artifacts(summary, summary_url)
     if settings.review_samples > 0:

@@ -9,7 +9,7 @@ REST API refuse out-of-range values before any worker starts; here it becomes
 - `read_flow_signature(module, function)`: the same parameters read from the module's source without
   importing it, so the command line's options and `--help` never import Prefect or torch.
 
-Imports only pydantic and the standard library.
+Imports only pydantic and the standard library (and the pydantic models of structured parameters).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Any, Callable
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from tasks.errors import UserError
+from tasks.signals.schema import Policy, SignalSpec
 
 REQUIRED = inspect.Parameter.empty
 # The names a flow's parameter annotations may use.
@@ -36,6 +37,8 @@ ANNOTATION_NAMES: dict[str, Any] = {
     "Optional": typing.Optional,
     "Union": typing.Union,
     "Field": Field,
+    "Policy": Policy,
+    "SignalSpec": SignalSpec,
 }
 
 

@@ -265,8 +265,10 @@ def test_flow_with_poisoned_entries_rescores_from_fresh_embeddings(tmp_path, tin
 
 
 def test_filter_stage_embeds_again_when_an_entrys_keys_are_not_the_shards(tmp_path, laion_dir):
-    from tasks.filter.stage import _scored_shard
+    from tasks.filter.stage import _scored_shard, shard_scores
     from tasks.models.nsfw import load_nsfw_head
+    from tasks.signals.plan import SignalPlan
+    from tasks.signals.scoring import SignalScorer
     from tests.support.tars import shard_of_good_samples, write_tar
     from tests.test_store import unit_rows
 
@@ -277,6 +279,11 @@ def test_filter_stage_embeds_again_when_an_entrys_keys_are_not_the_shards(tmp_pa
     rows = unit_rows(6, 1, dim=768)
     genuine = embedding_table(keys, shard, rows, [None] * 6)
     head = load_nsfw_head(str(laion_dir / "vit_l_14.safetensors"), device="cpu")
+    plan = SignalPlan()
+
+    def score_entry(table):
+        return shard_scores(table, head, SignalScorer(plan, 768), plan.policy, 4)
+
     embedded = []
 
     def reembed(url: str) -> None:  # what embedding the shard writes: its genuine rows
@@ -284,7 +291,7 @@ def test_filter_stage_embeds_again_when_an_entrys_keys_are_not_the_shards(tmp_pa
         store.write(identity, url, genuine)
 
     store.write(identity, shard, genuine)
-    expected = [(sample.key, score) for sample, score, _ in _scored_shard(shard, identity, store, head, 4, reembed)]
+    expected = [(sample.key, row.scores["nsfw_score"]) for sample, row in _scored_shard(shard, identity, store, score_entry, 768, reembed)]
     assert [key for key, _ in expected] == keys and not embedded
 
     forged = {
@@ -295,7 +302,7 @@ def test_filter_stage_embeds_again_when_an_entrys_keys_are_not_the_shards(tmp_pa
     for table in forged.values():
         store.write(identity, shard, table)
         with pytest.warns(CorruptEntryWarning, match="has key|the shard has 6 samples"):
-            got = [(sample.key, score) for sample, score, _ in _scored_shard(shard, identity, store, head, 4, reembed)]
+            got = [(sample.key, row.scores["nsfw_score"]) for sample, row in _scored_shard(shard, identity, store, score_entry, 768, reembed)]
         assert got == expected and embedded.pop() == shard
         assert store.read_table(identity, shard, embedding_dim=768, expected_keys=keys) is not None  # rewritten
 
@@ -303,9 +310,9 @@ def test_filter_stage_embeds_again_when_an_entrys_keys_are_not_the_shards(tmp_pa
     # changed during the run), the partition fails with that reason.
     store.write(identity, shard, forged["keys swapped"])
     with pytest.raises(RuntimeError, match="changed during the run"):
-        list(_scored_shard(shard, identity, store, head, 4, None))
+        list(_scored_shard(shard, identity, store, score_entry, 768, None))
     with pytest.raises(RuntimeError, match="changed during the run"), pytest.warns(CorruptEntryWarning):
-        list(_scored_shard(shard, identity, store, head, 4, lambda url: store.write(identity, url, forged["a row dropped"])))
+        list(_scored_shard(shard, identity, store, score_entry, 768, lambda url: store.write(identity, url, forged["a row dropped"])))
 
 
 def test_flow_with_a_store_key_rejects_well_formed_forgeries(tmp_path, tiny_clip_768, laion_dir, monkeypatch):

@@ -15,9 +15,13 @@ import pytest
 from tasks.io.write import (
     FilteredShardWriter,
     RunSummary,
+    ScoredRow,
     read_manifest,
     write_filtered_partition,
 )
+from tasks.signals.plan import SignalPlan
+from tasks.signals.schema import default_policy
+from tasks.signals.scoring import filtered_by
 
 
 @dataclass
@@ -25,6 +29,18 @@ class FakeSample:  # a plain record of the reader's shape; the code under test i
     key: str | None
     shard: str
     members: dict[str, bytes] = field(default_factory=dict)
+
+
+def write_nsfw(output, index, partition_id, shards, triples, threshold, images_per_tar, **kwargs):
+    """The writer fed (sample, nsfw_score, error) triples under the default policy (drop nsfw_score >= threshold)."""
+    policy = default_policy(threshold)
+
+    def rows():
+        for sample, score, error in triples:
+            verdict = filtered_by(policy, {"nsfw": np.array([score], dtype=np.float32)}, {}, 1)[0]
+            yield sample, ScoredRow({"nsfw_score": float(score)}, verdict, error)
+
+    return write_filtered_partition(output, index, partition_id, shards, rows(), SignalPlan(policy=policy).scored(), images_per_tar, **kwargs)
 
 
 def make_samples(n: int, shard: str = "in/a.tar") -> list[FakeSample]:
@@ -57,7 +73,7 @@ def test_partition_outputs_scores_and_manifest(tmp_path):
     scores = [0.1, 0.9, 0.5, 0.49999, float("nan"), 0.2, 0.0, 1.0, 0.3, 0.7, float("nan")]
     errors = [None, None, None, None, "image is truncated", None, None, None, None, None, "tar is truncated after 10 samples"]
     out = str(tmp_path / "out")
-    result = write_filtered_partition(out, 0, "pid", ["in/a.tar"], zip(samples, scores, errors), 0.5, 2)
+    result = write_nsfw(out, 0, "pid", ["in/a.tar"], zip(samples, scores, errors), 0.5, 2)
     table = pq.read_table(result.scores_file)
     assert table.schema.field("nsfw_score").type == pa.float32()
     frame = table.to_pydict()
@@ -76,9 +92,9 @@ def test_partition_outputs_scores_and_manifest(tmp_path):
 def test_rerun_with_fewer_outputs_removes_stale_shards(tmp_path):
     out = str(tmp_path / "out")
     samples = make_samples(6)
-    first = write_filtered_partition(out, 1, "p", ["a"], [(s, 0.0, None) for s in samples], 0.5, 2)
+    first = write_nsfw(out, 1, "p", ["a"], [(s, 0.0, None) for s in samples], 0.5, 2)
     assert len(first.output_shards) == 3
-    second = write_filtered_partition(out, 1, "p", ["a"], [(s, 0.0 if i < 2 else 0.9, None) for i, s in enumerate(samples)], 0.5, 2)
+    second = write_nsfw(out, 1, "p", ["a"], [(s, 0.0 if i < 2 else 0.9, None) for i, s in enumerate(samples)], 0.5, 2)
     assert len(second.output_shards) == 1
     assert sorted(p.name for p in (tmp_path / "out" / "shards").iterdir()) == ["part-000001-0000.tar"]
 
@@ -92,7 +108,7 @@ def test_failure_midway_leaves_no_partial_file_and_no_manifest(tmp_path):
         raise OSError("connection reset while reading the shard")
 
     with pytest.raises(OSError, match="connection reset"):
-        write_filtered_partition(str(out), 0, "p", ["a"], broken_samples(), 0.5, 2)
+        write_nsfw(str(out), 0, "p", ["a"], broken_samples(), 0.5, 2)
     assert read_manifest(str(out), 0) is None
     assert not list(out.rglob("*.tmp"))
     for path in out.rglob("*.tar"):  # completed shards are whole tars
@@ -101,8 +117,8 @@ def test_failure_midway_leaves_no_partial_file_and_no_manifest(tmp_path):
 
 def test_summary_and_histogram(tmp_path):
     out = str(tmp_path / "out")
-    r0 = write_filtered_partition(out, 0, "p0", ["a"], zip(make_samples(4), [0.05, 0.55, 0.95, 0.51], [None] * 4), 0.5, 10)
-    r1 = write_filtered_partition(out, 1, "p1", ["b"], zip(make_samples(2, "b"), [0.02, float("nan")], [None, "bad"]), 0.5, 10)
+    r0 = write_nsfw(out, 0, "p0", ["a"], zip(make_samples(4), [0.05, 0.55, 0.95, 0.51], [None] * 4), 0.5, 10)
+    r1 = write_nsfw(out, 1, "p1", ["b"], zip(make_samples(2, "b"), [0.02, float("nan")], [None, "bad"]), 0.5, 10)
     summary = RunSummary.from_partitions([r0, r1], 0.5, {"clip": "ViT-L-14"}, out)
     url = summary.write()
     with open(url) as fh:
@@ -116,7 +132,7 @@ def test_outputs_on_s3(s3_bucket):
     import s3fs
 
     out = f"s3://{s3_bucket}/run"
-    result = write_filtered_partition(out, 0, "p", ["a"], [(s, 0.1, None) for s in make_samples(5)], 0.5, 2)
+    result = write_nsfw(out, 0, "p", ["a"], [(s, 0.1, None) for s in make_samples(5)], 0.5, 2)
     fs = s3fs.S3FileSystem()
     fs.invalidate_cache()
     assert sorted(fs.ls(f"{s3_bucket}/run/shards")) == sorted(u[len("s3://"):] for u in result.output_shards)
@@ -153,9 +169,9 @@ def test_cleanup_touches_only_the_files_this_project_writes(tmp_path):
     for name in killed:
         (out / name).write_bytes(b"partial")
     samples = make_samples(6)
-    first = write_filtered_partition(str(out), 0, "p", ["a"], [(s, 0.0, None) for s in samples], 0.5, 2)
+    first = write_nsfw(str(out), 0, "p", ["a"], [(s, 0.0, None) for s in samples], 0.5, 2)
     assert len(first.output_shards) == 3
-    second = write_filtered_partition(str(out), 0, "p", ["a"], [(s, 0.9, None) for s in samples], 0.5, 2, earlier=first)
+    second = write_nsfw(str(out), 0, "p", ["a"], [(s, 0.9, None) for s in samples], 0.5, 2, earlier=first)
     assert second.output_shards == []
     removed = remove_leftover_temp_files(str(out))
     assert sorted(removed) == sorted(str(out / name) for name in killed)
@@ -166,14 +182,14 @@ def test_cleanup_touches_only_the_files_this_project_writes(tmp_path):
 def test_rerun_removes_tars_of_a_killed_attempt_without_a_manifest(tmp_path):
     out = str(tmp_path / "out")
     samples = make_samples(6)
-    completed = write_filtered_partition(out, 2, "p", ["a"], [(s, 0.0, None) for s in samples[:4]], 0.5, 2)
+    completed = write_nsfw(out, 2, "p", ["a"], [(s, 0.0, None) for s in samples[:4]], 0.5, 2)
     assert len(completed.output_shards) == 2
     # a killed attempt wrote five tars in sequence and died before its manifest
     with FilteredShardWriter(out, 2, images_per_tar=1) as writer:
         for sample in samples[:5]:
             writer.add(sample)
     assert read_manifest(out, 2) == completed
-    third = write_filtered_partition(out, 2, "p", ["a"], [(s, 0.0 if i == 0 else 0.9, None) for i, s in enumerate(samples)], 0.5, 2,
+    third = write_nsfw(out, 2, "p", ["a"], [(s, 0.0 if i == 0 else 0.9, None) for i, s in enumerate(samples)], 0.5, 2,
                                      earlier=completed)
     assert sorted(p.name for p in (tmp_path / "out" / "shards").iterdir()) == ["part-000002-0000.tar"]
     assert read_tar(third.output_shards[0]) == [(f"{samples[0].key}.{ext}", data) for ext, data in samples[0].members.items()]
@@ -181,7 +197,7 @@ def test_rerun_removes_tars_of_a_killed_attempt_without_a_manifest(tmp_path):
 
 def test_a_manifest_of_the_wrong_shape_is_no_manifest(tmp_path):
     out = tmp_path / "out"
-    result = write_filtered_partition(str(out), 0, "p", ["a"], [(s, 0.0, None) for s in make_samples(2)], 0.5, 2)
+    result = write_nsfw(str(out), 0, "p", ["a"], [(s, 0.0, None) for s in make_samples(2)], 0.5, 2)
     manifest = out / "_manifests" / "part-000000.json"
     good = json.loads(manifest.read_text())
     for bad in ({**good, "output_shards": "shards/part-000000-0000.tar"}, {**good, "samples": "2"}, {**good, "extra": 1}, [good], "[" * 100000):
@@ -194,9 +210,9 @@ def test_a_manifest_of_the_wrong_shape_is_no_manifest(tmp_path):
 def test_tars_the_previous_manifest_names_past_a_gap_are_removed(tmp_path):
     out = str(tmp_path / "out")
     samples = make_samples(4)
-    first = write_filtered_partition(out, 0, "p", ["a"], [(s, 0.0, None) for s in samples], 0.5, 1)
+    first = write_nsfw(out, 0, "p", ["a"], [(s, 0.0, None) for s in samples], 0.5, 1)
     (tmp_path / "out" / "shards" / "part-000000-0001.tar").unlink()  # a hole the sequence stops at
-    write_filtered_partition(out, 0, "p", ["a"], [(s, 0.0 if i == 0 else 0.9, None) for i, s in enumerate(samples)], 0.5, 1, earlier=first)
+    write_nsfw(out, 0, "p", ["a"], [(s, 0.0 if i == 0 else 0.9, None) for i, s in enumerate(samples)], 0.5, 1, earlier=first)
     assert sorted(p.name for p in (tmp_path / "out" / "shards").iterdir()) == ["part-000000-0000.tar"]
 
 
@@ -211,7 +227,7 @@ def test_a_sample_with_images_nobody_scored_never_passes(tmp_path):
         FakeSample("high", "in/a.tar", {"jpg": b"j", "png": b"p"}),
     ]
     scores = [0.1, 0.1, 0.2, 0.3, 0.9]
-    result = write_filtered_partition(str(tmp_path / "out"), 0, "pid", ["in/a.tar"], zip(samples, scores, [None] * 5), 0.5, 10)
+    result = write_nsfw(str(tmp_path / "out"), 0, "pid", ["in/a.tar"], zip(samples, scores, [None] * 5), 0.5, 10)
     frame = pq.read_table(result.scores_file).to_pydict()
     assert frame["passed"] == [True, False, False, False, False]
     assert frame["nsfw_score"] == pytest.approx(scores)

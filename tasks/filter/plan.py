@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tasks.errors import UserError
@@ -31,10 +31,12 @@ from tasks.io.ownership import claim_output, input_owner, refuse_overlap
 from tasks.io.partition import Partition, list_shard_sizes, parse_blocksize, partition_shards
 from tasks.io.read import DecodeOptions
 from tasks.io.spool import run_spool_folder
+from tasks.signals.plan import SignalPlan, plan_signals
 from tasks.store.entries import EmbeddingStore
 
 
 FILTER_FLOW = "nsfw-filter"
+DEFAULT_SCORE_THRESHOLD = 0.5  # the flow's default (flows/nsfw_filter.py); another value beside a policy is a mistake
 
 
 class FilterSettingsLike(Protocol):
@@ -53,6 +55,8 @@ class FilterSettingsLike(Protocol):
     model_inference_batch_size: int
     num_gpus_per_worker: float
     score_threshold: float
+    signals: Any  # list of signal specs, or a path/URL of a JSON or YAML file holding them (tasks/signals/schema.py)
+    policy: Any  # a Policy, or a path/URL of one; None: drop nsfw_score >= score_threshold
     cache_path: str | None
     images_per_tar: int
     verbose: bool
@@ -99,9 +103,10 @@ class FilterStage:
     head_location: Location  # the NSFW head as given: a local path, or a URL
     head_fingerprint: str  # its SHA-256
     output: Location
-    score_threshold: float
+    score_threshold: float  # the NSFW threshold the review sheet centres on (the policy decides what passes)
     images_per_tar: int
     verbose: bool = False
+    signals: SignalPlan = field(default_factory=SignalPlan)  # signals besides nsfw, and the policy
     # This run's folder for local copies of remote shards (tasks/io/spool.py); None when tasks may run on
     # other machines (a Ray cluster), whose copies nobody would read or remove.
     spool_folder: str | None = None
@@ -146,6 +151,10 @@ class FilterRun:
             "embedding_identity": self.embed.embedding_identity,
             "nsfw_head": _file_name(self.filter.head_location.url),
             "nsfw_head_sha256": self.filter.head_fingerprint,
+            **{
+                f"signal_{signal.name}": f"{signal.kind}: {_file_name(signal.location.url)}" for signal in self.filter.signals.signals
+            },
+            **{f"signal_{signal.name}_sha256": signal.sha256 for signal in self.filter.signals.signals},
         }
 
 
@@ -237,6 +246,12 @@ def plan_filter_run(
     head, head_fingerprint = load_planned_head(head_location)
     head.check_dimension(clip_weights.embedding_dim, f"embeddings of CLIP {clip_weights.model_name}")
     decode = decode or DecodeOptions.for_model(clip_weights.image_size, settings.decode_mode)
+    if settings.policy is not None and float(settings.score_threshold) != DEFAULT_SCORE_THRESHOLD:
+        raise UserError("score_threshold applies only when no policy is given; put the NSFW threshold in the policy's rules.")
+    store = EmbeddingStore(Location(cache_path, storage_options))
+    signals = plan_signals(
+        settings.signals, settings.policy, float(settings.score_threshold), clip_weights.embedding_dim, storage_options, clip_weights, store
+    )
     # Last, once everything else is valid: the output is claimed before any task writes to it.
     owner = input_owner(FILTER_FLOW, file_paths, file_extensions, shard_urls, len(partitions), inputs)
     claim_output(output, owner, settings.take_over_output)
@@ -244,7 +259,7 @@ def plan_filter_run(
         clip_weights=clip_weights,
         decode=decode,
         embedding_identity=clip_identity(clip_weights, decode.identity()),
-        store=EmbeddingStore(Location(cache_path, storage_options)),
+        store=store,
         task_batch_size=int(settings.task_batch_size),
         model_inference_batch_size=int(settings.model_inference_batch_size),
         num_gpus_per_worker=float(settings.num_gpus_per_worker),
@@ -259,6 +274,7 @@ def plan_filter_run(
         score_threshold=float(settings.score_threshold),
         images_per_tar=int(settings.images_per_tar),
         verbose=bool(settings.verbose),
+        signals=signals,
         # Every task of a threads run, or of a Ray started here, runs on this machine and sees its disk.
         spool_folder=run_spool_folder() if settings.task_runner == "threads" or not settings.ray_address else None,
     )

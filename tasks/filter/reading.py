@@ -24,14 +24,15 @@ from tasks.store.entries import shard_fingerprint_and_size
 
 
 def settings_identity(
-    shard_fingerprints: list[str], embedding_identity: str, head_fingerprint: str, score_threshold: float, images_per_tar: int
+    shard_fingerprints: list[str], embedding_identity: str, head_fingerprint: str, signals_fingerprint: str, images_per_tar: int
 ) -> str:
-    """What makes a partition's outputs what they are: its shards' content and the run's settings."""
+    """What makes a partition's outputs what they are: its shards' content and the run's settings (the signals'
+    weights and the policy among them: changing either redoes scoring and writing, never embedding)."""
     record = {
         "shards": shard_fingerprints,
         "embedding": embedding_identity,
         "nsfw_head": head_fingerprint,
-        "score_threshold": float(score_threshold),
+        "signals": signals_fingerprint,
         "images_per_tar": int(images_per_tar),
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:32]
@@ -96,7 +97,7 @@ def read_partition(partition: Partition, stage: FilterStage) -> PartitionRead:
     embedding = stage.embedding
     lookup = look_up_partition(embedding, partition.shard_urls)
     identity_of_settings = settings_identity(
-        list(lookup.shard_fingerprints), embedding.embedding_identity, stage.head_fingerprint, stage.score_threshold, stage.images_per_tar
+        list(lookup.shard_fingerprints), embedding.embedding_identity, stage.head_fingerprint, stage.signals.fingerprint(), stage.images_per_tar
     )
     earlier = read_manifest(stage.output, partition.index)
     complete = completed_partition(stage.output, earlier, partition, identity_of_settings) is not None

@@ -2,8 +2,9 @@
 
 Serves embeddings computed elsewhere, such as clip-retrieval's `img_emb/*.npy` or its Parquet output.
 Parquet input streams by record batch, so memory does not grow with the file; every input column is
-carried over and `nsfw_score` (float32, null when not scored) and `error` are added; an input that already
-has `nsfw_score` or `error` columns (an earlier output scored again) gets them replaced, with a warning.
+carried over and `nsfw_score` (float32, null when not scored), each configured signal's score (and matched concept)
+and `error` are added, plus `filtered_by` when a policy is given; an input that already has any of these columns
+(an earlier output scored again) gets them replaced, with a warning.
 Every input this cannot score (missing, unreadable, not numbers, wrong shape or dimension) and an output
 that is a directory are a UserError of one sentence, raised before anything is written.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import PurePosixPath
+from typing import Sequence
 
 import fsspec
 import numpy as np
@@ -22,9 +24,54 @@ from tasks.io.atomic import atomic_output
 from tasks.io.locations import Location, resolve_url_credentials
 from tasks.errors import UserError
 from tasks.models.nsfw import NSFWHead
+from tasks.signals.columns import NSFW
+from tasks.signals.plan import SignalPlan
+from tasks.signals.scoring import cached_scorer, filtered_by
 
 READ_ROWS = 65536
-OUTPUT_COLUMNS = ("nsfw_score", "error")
+
+
+def output_columns(signals: SignalPlan | None, with_policy: bool) -> tuple[str, ...]:
+    """The columns this adds (and replaces in an input that has them), in order."""
+    extra = [] if signals is None else [
+        column for signal in signals.scored() if signal.name != NSFW for column in (signal.score_column, signal.concept_column) if column
+    ]
+    return ("nsfw_score", *extra, "error", *(("filtered_by",) if with_policy else ()))
+
+
+def scored_columns(
+    matrix: np.ndarray, reasons: list[str | None], head: NSFWHead, signals: SignalPlan | None, with_policy: bool, batch_size: int, device: str | None
+) -> list[tuple[str, pa.Array]]:
+    """The added columns for embeddings [N, D] (`reasons` names the rows that are no embedding; updated in place)."""
+    result = head.score(matrix, batch_size=batch_size, device=device)
+    for row, reason in result.unscored.items():
+        reasons[row] = reasons[row] or reason
+    scores: dict[str, np.ndarray] = {NSFW: np.asarray(result.nsfw_score, dtype=np.float32)}
+    concepts: dict[str, list[str | None]] = {}
+    scorable = np.array([reason is None for reason in reasons], dtype=bool)
+    if signals is not None and signals.signals:
+        values = cached_scorer(signals, head.embedding_dim).score(matrix[scorable])
+        rows = np.flatnonzero(scorable).tolist()
+        for name, column in values.scores.items():
+            scores[name] = np.full(len(reasons), np.nan, dtype=np.float32)
+            scores[name][scorable] = column
+        for name, matched in values.concepts.items():
+            concepts[name] = [None] * len(reasons)
+            for row, concept in zip(rows, matched):
+                concepts[name][row] = concept
+    columns: list[tuple[str, pa.Array]] = []
+    for signal in signals.scored() if signals is not None else ():
+        if signal.name == NSFW:
+            continue
+        columns.append((signal.score_column, pa.array(scores[signal.name], type=pa.float32(), from_pandas=True)))
+        if signal.concept_column:
+            columns.append((signal.concept_column, pa.array(concepts[signal.name], type=pa.string())))
+    columns.insert(0, ("nsfw_score", pa.array(scores[NSFW], type=pa.float32(), from_pandas=True)))
+    columns.append(("error", pa.array(reasons, type=pa.string())))
+    if with_policy:
+        verdicts = filtered_by(signals.policy, scores, concepts, len(reasons))
+        columns.append(("filtered_by", pa.array([v if ok else None for v, ok in zip(verdicts, scorable)], type=pa.string())))
+    return columns
 
 
 def _is_access_error(error: BaseException) -> bool:
@@ -32,8 +79,8 @@ def _is_access_error(error: BaseException) -> bool:
     return isinstance(error, PermissionError) or bool(names & {"NoCredentialsError", "PartialCredentialsError", "ClientError"})
 
 
-def _without_output_columns(table: pa.Table) -> pa.Table:
-    replaced = [name for name in OUTPUT_COLUMNS if name in table.column_names]
+def _without_output_columns(table: pa.Table, output: Sequence[str]) -> pa.Table:
+    replaced = [name for name in output if name in table.column_names]
     return table.drop_columns(replaced) if replaced else table
 
 
@@ -73,15 +120,15 @@ def _check_parquet_dimension(column: pa.Array, head: NSFWHead, source: str) -> N
         head.check_dimension(int(lengths[0]), source)
 
 
-def _scored_batch(table: pa.RecordBatch | pa.Table, head: NSFWHead, batch_size: int, device: str | None) -> pa.Table:
+def _scored_batch(
+    table: pa.RecordBatch | pa.Table, head: NSFWHead, batch_size: int, device: str | None, signals: SignalPlan | None, with_policy: bool
+) -> pa.Table:
     matrix, reasons = embeddings_from_list_column(table.column("embedding"), head.embedding_dim)
-    result = head.score(matrix, batch_size=batch_size, device=device)
-    for row, reason in result.unscored.items():
-        reasons[row] = reasons[row] or reason
     out = pa.Table.from_batches([table]) if isinstance(table, pa.RecordBatch) else table
-    out = _without_output_columns(out)
-    out = out.append_column("nsfw_score", pa.array(result.nsfw_score, type=pa.float32(), from_pandas=True))
-    return out.append_column("error", pa.array(reasons, type=pa.string()))
+    out = _without_output_columns(out, output_columns(signals, with_policy))
+    for name, column in scored_columns(matrix, reasons, head, signals, with_policy, batch_size, device):
+        out = out.append_column(name, column)
+    return out
 
 
 def score_embedding_file(
@@ -90,8 +137,12 @@ def score_embedding_file(
     head: NSFWHead,
     batch_size: int = 32,
     device: str | None = None,
+    signals: SignalPlan | None = None,
+    with_policy: bool = False,
 ) -> int:
-    """Score every row of `input_path` and write Parquet to `output_path`; returns the number of rows."""
+    """Score every row of `input_path` with the NSFW head and `signals` (and their policy's `filtered_by` when
+    `with_policy`) and write Parquet to `output_path`; returns the number of rows."""
+    output = output_columns(signals, with_policy)
     suffix = PurePosixPath(input_path.split("?")[0]).suffix.lower()
     if suffix not in (".npy", ".parquet", ".pq"):
         raise UserError(f"{input_path} is neither .npy nor .parquet; pass embeddings as a [N, D] .npy or Parquet with an `embedding` column.")
@@ -118,15 +169,9 @@ def score_embedding_file(
             if embeddings.dtype.kind not in "fiu":
                 raise UserError(f"{input_path} holds {embeddings.dtype} values; embeddings must be real numbers (float32 or float16).")
             head.check_dimension(int(embeddings.shape[1]), f"the embeddings in {input_path}")
-            result = head.score(embeddings, batch_size=batch_size, device=device)
-            reasons = [result.unscored.get(i) for i in range(len(embeddings))]
-            table = pa.table(
-                {
-                    "row": pa.array(np.arange(len(embeddings), dtype=np.int64)),
-                    "nsfw_score": pa.array(result.nsfw_score, type=pa.float32(), from_pandas=True),
-                    "error": pa.array(reasons, type=pa.string()),
-                }
-            )
+            matrix = np.asarray(embeddings, dtype=np.float32)
+            added = scored_columns(matrix, [None] * len(matrix), head, signals, with_policy, batch_size, device)
+            table = pa.table({"row": pa.array(np.arange(len(embeddings), dtype=np.int64)), **dict(added)})
             pq.write_table(table, sink)
             return len(embeddings)
         try:
@@ -140,21 +185,23 @@ def score_embedding_file(
             value_type = embedding_type.value_type
             if not (pa.types.is_floating(value_type) or pa.types.is_integer(value_type)):
                 raise UserError(f"{input_path}'s `embedding` column holds lists of {value_type}; it must hold lists of floats.")
-        replaced = [name for name in OUTPUT_COLUMNS if name in parquet.schema_arrow.names]
+        replaced = [name for name in output if name in parquet.schema_arrow.names]
         if replaced:
             warnings.warn(f"{input_path} already has {' and '.join(replaced)}; the output replaces them with new values.", stacklevel=2)
         writer = None
         for batch in parquet.iter_batches(batch_size=READ_ROWS):
             if rows == 0:
                 _check_parquet_dimension(batch.column("embedding"), head, f"the embeddings in {input_path}")
-            scored = _scored_batch(batch, head, batch_size, device)
+            scored = _scored_batch(batch, head, batch_size, device, signals, with_policy)
             if writer is None:
                 writer = pq.ParquetWriter(sink, scored.schema)
             writer.write_table(scored)
             rows += batch.num_rows
         if writer is None:  # empty input: keep the schema
-            empty = _without_output_columns(parquet.schema_arrow.empty_table())
-            empty = empty.append_column("nsfw_score", pa.array([], pa.float32())).append_column("error", pa.array([], pa.string()))
+            empty = _without_output_columns(parquet.schema_arrow.empty_table(), output)
+            empty_matrix = np.zeros((0, head.embedding_dim), dtype=np.float32)
+            for name, column in scored_columns(empty_matrix, [], head, signals, with_policy, batch_size, device):
+                empty = empty.append_column(name, column)
             writer = pq.ParquetWriter(sink, empty.schema)
         writer.close()
     return rows

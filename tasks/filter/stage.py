@@ -24,8 +24,12 @@ from tasks.filter.plan import FilterStage, cached_nsfw_head
 from tasks.store.entries import EmbeddingStore, embedding_matrix, keys_mismatch, shard_fingerprint
 from tasks.io.ownership import earlier_partitions, settle_owner
 from tasks.stop import raise_if_stopped
+from tasks.signals.columns import NSFW
+from tasks.signals.schema import Policy
+from tasks.signals.scoring import SignalScorer, cached_scorer, filtered_by
 from tasks.io.write import (
     PartitionResult,
+    ScoredRow,
     manifest_url,
     partitions_with_outputs,
     read_manifest,
@@ -37,17 +41,58 @@ from tasks.io.write import (
 from tasks.filter.reading import PartitionRead, completed_partition, settings_identity
 
 
+def shard_scores(
+    table, head: NSFWHead, scorer: SignalScorer, policy: Policy, batch_size: int
+) -> tuple[list, list[ScoredRow]]:
+    """The keys of a validated store entry and each row's scores, policy verdict and error."""
+    keys = table.column("key").to_pylist()
+    errors = table.column("error").to_pylist()
+    embeddings = embedding_matrix(table)
+    valid = np.array([error is None for error in errors], dtype=bool)
+    rows = len(keys)
+    scores: dict[str, np.ndarray] = {NSFW: np.full(rows, np.nan, dtype=np.float32)}
+    concepts: dict[str, list[str | None]] = {}
+    if valid.any():
+        result = head.score(embeddings[valid], batch_size=batch_size)
+        valid_rows = np.flatnonzero(valid)
+        scores[NSFW][valid] = result.nsfw_score
+        for row, reason in result.unscored.items():
+            errors[valid_rows[row]] = reason
+        scorable = np.array([error is None for error in errors], dtype=bool)
+        values = scorer.score(embeddings[scorable])
+        for name, column in values.scores.items():
+            scores[name] = np.full(rows, np.nan, dtype=np.float32)
+            scores[name][scorable] = column
+        for name, matched in values.concepts.items():
+            concepts[name] = [None] * rows
+            for row, concept in zip(np.flatnonzero(scorable).tolist(), matched):
+                concepts[name][row] = concept
+    for signal in scorer.plan.scored():  # a shard with no scorable row still has every column
+        scores.setdefault(signal.name, np.full(rows, np.nan, dtype=np.float32))
+        if signal.concept_column:
+            concepts.setdefault(signal.name, [None] * rows)
+    verdicts = filtered_by(policy, scores, concepts, rows)
+    columns = [(signal.score_column, scores[signal.name]) for signal in scorer.plan.scored()]
+    concept_columns = [(signal.concept_column, concepts[signal.name]) for signal in scorer.plan.scored() if signal.concept_column]
+    scored_rows = []
+    for row in range(rows):
+        values = {column: float(value[row]) for column, value in columns}
+        values.update({column: matched[row] for column, matched in concept_columns})
+        scored_rows.append(ScoredRow(values, verdicts[row], errors[row]))
+    return keys, scored_rows
+
+
 def _scored_shard(
     shard: LocationLike,
     identity: str,
     store: EmbeddingStore,
-    head: NSFWHead,
-    batch_size: int,
+    score_entry: Callable[[object], tuple[list, list[ScoredRow]]],
+    embedding_dim: int,
     reembed_shard: Callable[[str], object] | None = None,
     fingerprint: str | None = None,
     local_copy: str | None = None,
-) -> Iterator[tuple[object, float, str | None]]:
-    """(sample, nsfw_score, error) for every sample of the shard, in order, from its validated store entry.
+) -> Iterator[tuple[object, ScoredRow]]:
+    """(sample, scored row) for every sample of the shard, in order, from its validated store entry.
 
     An entry that is missing, fails validation, or whose keys are not the shard's (checked while streaming)
     is embedded again, once, with `reembed_shard` when given, and scoring goes on from the fresh entry.
@@ -60,7 +105,7 @@ def _scored_shard(
     embedded_again = False
 
     def read_entry():
-        return store.read_table(identity, shard_url, fingerprint, embedding_dim=head.embedding_dim)
+        return store.read_table(identity, shard_url, fingerprint, embedding_dim=embedding_dim)
 
     def embed_again():
         nonlocal embedded_again
@@ -70,23 +115,12 @@ def _scored_shard(
         reembed_shard(shard_url)
         return read_entry()
 
-    def scored(table) -> tuple[list, np.ndarray, list]:
+    def scored(table) -> tuple[list, list[ScoredRow]]:
         if table is None:
             raise RuntimeError(f"the embedding store has no usable entry for {shard_url}; the embedding stage must run first")
-        keys = table.column("key").to_pylist()
-        errors = table.column("error").to_pylist()
-        embeddings = embedding_matrix(table)
-        valid = np.array([error is None for error in errors], dtype=bool)
-        nsfw_score = np.full(len(keys), np.nan, dtype=np.float32)
-        if valid.any():
-            result = head.score(embeddings[valid], batch_size=batch_size)
-            nsfw_score[valid] = result.nsfw_score
-            valid_rows = np.flatnonzero(valid)
-            for row, reason in result.unscored.items():
-                errors[valid_rows[row]] = reason
-        return keys, nsfw_score, errors
+        return score_entry(table)
 
-    def entry_matching(shard_keys: list) -> tuple[list, np.ndarray, list]:
+    def entry_matching(shard_keys: list) -> tuple[list, list[ScoredRow]]:
         """A fresh entry when the stored one's keys are not the shard's (a forged or stale entry)."""
         if embedded_again or reembed_shard is None:
             raise RuntimeError(changed)
@@ -97,16 +131,19 @@ def _scored_shard(
         return fresh
 
     stored = read_entry()
-    keys, nsfw_score, errors = scored(stored if stored is not None else embed_again())
+    keys, rows = scored(stored if stored is not None else embed_again())
     streamed_keys: list[str | None] = []
     for row, sample in enumerate(iter_samples(shard, decode=None, local_copy=local_copy)):
         if row >= len(keys) or sample.key != keys[row]:
-            keys, nsfw_score, errors = entry_matching([*streamed_keys, sample.key])
-        yield sample, float(nsfw_score[row]), errors[row] or sample.error
+            keys, rows = entry_matching([*streamed_keys, sample.key])
+        scored_row = rows[row]
+        if sample.error is not None and scored_row.error is None:
+            scored_row = ScoredRow(scored_row.scores, scored_row.filtered_by, sample.error)
+        yield sample, scored_row
         streamed_keys.append(sample.key)
     if len(streamed_keys) != len(keys):
         # Rows the shard does not have: what was written matches the shard; the entry is rewritten for next time.
-        keys, _, _ = entry_matching(streamed_keys)
+        keys, _ = entry_matching(streamed_keys)
         if len(keys) != len(streamed_keys):
             raise RuntimeError(changed)
 
@@ -138,8 +175,9 @@ def filter_partition(
         if store.entry_url(identity, shard_url, fingerprint) != entry_url:
             raise RuntimeError(f"store entry {entry_url} is not the entry of {shard_url} for this run; run again")
     head = cached_nsfw_head(stage.nsfw_weights)
+    scorer = cached_scorer(stage.signals, head.embedding_dim)
     output = stage.output
-    identity_of_settings = settings_identity(fingerprints, identity, stage.head_fingerprint, stage.score_threshold, stage.images_per_tar)
+    identity_of_settings = settings_identity(fingerprints, identity, stage.head_fingerprint, stage.signals.fingerprint(), stage.images_per_tar)
     if read is not None:
         earlier, done = read.earlier, read.earlier if read.outputs_complete else None
         local_copies = read.copies_here()
@@ -152,10 +190,13 @@ def filter_partition(
             log(f"partition {partition.index} already complete; kept")
         return done
 
-    def scored_samples() -> Iterator[tuple[object, float, str | None]]:
+    def score_entry(table) -> tuple[list, list[ScoredRow]]:
+        return shard_scores(table, head, scorer, stage.signals.policy, embedding.model_inference_batch_size)
+
+    def scored_samples() -> Iterator[tuple[object, ScoredRow]]:
         for shard_url, fingerprint, local_copy in zip(partition.shard_urls, fingerprints, local_copies):
             yield from _scored_shard(
-                embedding.shard(shard_url), identity, store, head, embedding.model_inference_batch_size, reembed_shard, fingerprint, local_copy
+                embedding.shard(shard_url), identity, store, score_entry, head.embedding_dim, reembed_shard, fingerprint, local_copy
             )
             if log:
                 log(f"scored {shard_url}")
@@ -166,7 +207,7 @@ def filter_partition(
         partition.partition_id,
         partition.shard_urls,
         scored_samples(),
-        stage.score_threshold,
+        stage.signals.scored(),
         stage.images_per_tar,
         identity_of_settings,
         earlier,

@@ -3,7 +3,8 @@
 Layout (one partition = `files_per_partition` input shards, named by its index in the run):
 
     shards/part-{partition:06d}-{n:04d}.tar   passed samples, `images_per_tar` per file, members byte for byte
-    scores/part-{partition:06d}.parquet       one row per input sample: key, shard, nsfw_score, passed, error, output_shard
+    scores/part-{partition:06d}.parquet       one row per input sample: key, shard, nsfw_score, each signal's score
+                                              (and matched concept), passed, filtered_by, error, output_shard
     _manifests/part-{partition:06d}.json      written last: the partition is complete when its manifest exists
     summary.json                              the run summary (counts, threshold, models, histogram)
     _owner.json                               which inputs own the output (tasks/io/ownership.py)
@@ -31,14 +32,17 @@ import pyarrow.parquet as pq
 from tasks.io.atomic import atomic_output, is_object_store, write_bytes_atomic
 from tasks.io.locations import LocationLike, as_location
 from tasks.io.read import image_extension, image_members
+from tasks.signals.columns import NSFW, ScoredSignal
 from tasks.stop import raise_if_stopped
 
+# The scores Parquet's columns; a run with extra signals has theirs after `nsfw_score` (`scores_schema`).
 SCORES_SCHEMA = pa.schema(
     [
         ("key", pa.string()),
         ("shard", pa.string()),
         ("nsfw_score", pa.float32()),
         ("passed", pa.bool_()),
+        ("filtered_by", pa.string()),
         ("error", pa.string()),
         ("output_shard", pa.string()),
     ]
@@ -162,11 +166,33 @@ class FilteredShardWriter:
             self.abort(exc)
 
 
-def score_histogram(nsfw_score: np.ndarray) -> list[int]:
-    """Counts of scored samples in `HISTOGRAM_BINS` equal bins over [0, 1] (NaN scores left out)."""
-    finite = nsfw_score[np.isfinite(nsfw_score)]
-    counts, _ = np.histogram(finite, bins=HISTOGRAM_BINS, range=(0.0, 1.0))
+def score_histogram(score: np.ndarray, value_range: tuple[float, float] = (0.0, 1.0)) -> list[int]:
+    """Counts of scored samples in `HISTOGRAM_BINS` equal bins over `value_range` (NaN scores left out, scores
+    outside the range counted in the first or last bin)."""
+    finite = score[np.isfinite(score)].astype(np.float64)
+    counts, _ = np.histogram(np.clip(finite, *value_range), bins=HISTOGRAM_BINS, range=value_range)
     return counts.astype(int).tolist()
+
+
+def scores_schema(signals: Sequence[ScoredSignal]) -> pa.Schema:
+    """The scores Parquet's schema for a run's signals: `nsfw_score`, then each signal's score (and matched concept)."""
+    extra = [
+        field
+        for signal in signals
+        if signal.name != NSFW
+        for field in ([(signal.score_column, pa.float32())] + ([(signal.concept_column, pa.string())] if signal.concept_column else []))
+    ]
+    fields = list(zip(SCORES_SCHEMA.names, SCORES_SCHEMA.types))
+    return pa.schema(fields[:3] + extra + fields[3:])
+
+
+@dataclass(frozen=True)
+class ScoredRow:
+    """A sample's scores by column name (float, or the matched concept), the rule that dropped it, and its error."""
+
+    scores: dict[str, float | str | None]
+    filtered_by: str | None
+    error: str | None
 
 
 @dataclass
@@ -183,7 +209,9 @@ class PartitionResult:
     histogram: list[int]
     scores_file: str
     output_shards: list[str] = field(default_factory=list)
-    settings_identity: str = ""  # threshold, images_per_tar, NSFW head and embedding identity of the attempt
+    settings_identity: str = ""  # signals, policy, images_per_tar, NSFW head and embedding identity of the attempt
+    signal_histograms: dict[str, list[int]] = field(default_factory=dict)  # signals other than nsfw, by name
+    filtered_by: dict[str, int] = field(default_factory=dict)  # samples each policy rule dropped, by its label
 
     @classmethod
     def from_json(cls, text: str) -> "PartitionResult":
@@ -191,15 +219,25 @@ class PartitionResult:
         result = cls(**json.loads(text))
         if not all(isinstance(value, list) for value in (result.shard_urls, result.output_shards, result.histogram)):
             raise ValueError("a manifest list field is not a list")
-        counts = (result.partition_index, result.samples, result.passed, result.filtered, result.errors, *result.histogram)
-        strings = (result.partition_id, result.scores_file, result.settings_identity, *result.shard_urls, *result.output_shards)
+        if not isinstance(result.signal_histograms, dict) or not isinstance(result.filtered_by, dict):
+            raise ValueError("a manifest mapping field is not a mapping")
+        if not all(isinstance(counts, list) for counts in result.signal_histograms.values()):
+            raise ValueError("a manifest histogram is not a list")
+        counts = (
+            result.partition_index, result.samples, result.passed, result.filtered, result.errors, *result.histogram,
+            *result.filtered_by.values(), *(count for counts in result.signal_histograms.values() for count in counts),
+        )
+        strings = (
+            result.partition_id, result.scores_file, result.settings_identity, *result.shard_urls, *result.output_shards,
+            *result.signal_histograms, *result.filtered_by,
+        )
         if not all(type(value) is int for value in counts) or not all(isinstance(value, str) for value in strings):
             raise ValueError("a manifest field has the wrong type")
         return result
 
 
-def write_scores(location: LocationLike, rows: dict[str, list]) -> None:
-    table = pa.table(rows, schema=SCORES_SCHEMA)
+def write_scores(location: LocationLike, rows: dict[str, list], schema: pa.Schema = SCORES_SCHEMA) -> None:
+    table = pa.table(rows, schema=schema)
     with atomic_output(as_location(location)) as handle:
         pq.write_table(table, handle)
 
@@ -306,40 +344,57 @@ def write_filtered_partition(
     partition_index: int,
     partition_id: str,
     shard_urls: Sequence[str],
-    scored_samples: Iterable[tuple[RawSample, float, str | None]],
-    score_threshold: float,
+    scored_samples: Iterable[tuple[RawSample, ScoredRow]],
+    signals: Sequence[ScoredSignal],
     images_per_tar: int,
     settings_identity: str = "",
     earlier: PartitionResult | None = None,
 ) -> PartitionResult:
-    """Write one partition's outputs from (raw sample, nsfw_score, error) triples in input order.
+    """Write one partition's outputs from (raw sample, scored row) pairs in input order.
 
-    `passed` is `error is None and nsfw_score < score_threshold`. `earlier` is the partition's previous
-    manifest (read before writing): the tars it names that this attempt does not rewrite are removed.
-    Returns the manifest's content after the manifest is written (the partition's commit point).
+    `passed` is `error is None`, every signal scored, and no policy rule dropped the sample (`filtered_by` None).
+    `earlier` is the partition's previous manifest (read before writing): the tars it names that this attempt does
+    not rewrite are removed. Returns the manifest's content after the manifest is written (the commit point).
     """
     output = as_location(output)
-    columns: dict[str, list[Any]] = {name: [] for name in SCORES_SCHEMA.names}
+    schema = scores_schema(signals)
+    score_columns = [signal.score_column for signal in signals]
+    concept_columns = [signal.concept_column for signal in signals if signal.concept_column]
+    columns: dict[str, list[Any]] = {name: [] for name in schema.names}
     with FilteredShardWriter(output, partition_index, images_per_tar) as writer:
-        for sample, nsfw_score, error in scored_samples:
-            scored = error is None and sample.key is not None and bool(np.isfinite(nsfw_score))
-            passed = scored and bool(nsfw_score < score_threshold)
-            if passed and error is None:
+        for sample, row in scored_samples:
+            error = row.error
+            scored = error is None and sample.key is not None and all(
+                isinstance(row.scores.get(name), float) and np.isfinite(row.scores[name]) for name in score_columns
+            )
+            passed = scored and row.filtered_by is None
+            if passed:
                 error = unscored_images(sample.members)
                 passed = error is None
             columns["key"].append(sample.key)
             columns["shard"].append(sample.shard)
-            columns["nsfw_score"].append(float(nsfw_score) if scored else None)
+            for name in score_columns:
+                columns[name].append(float(row.scores[name]) if scored else None)
+            for name in concept_columns:
+                columns[name].append(row.scores.get(name) if scored else None)
             columns["passed"].append(passed)
+            columns["filtered_by"].append(row.filtered_by if scored else None)
             columns["error"].append(error if error is not None or scored else "not scored")
             columns["output_shard"].append(writer.add(sample) if passed else None)
     output_shards = writer.written
     score_file = scores_url(output.url, partition_index)
-    write_scores(output.at(score_file), columns)
+    write_scores(output.at(score_file), columns, schema)
     remove_stale_outputs(output, partition_index, len(output_shards), earlier.output_shards if earlier else ())
-    nsfw_scores = np.array([np.nan if s is None else s for s in columns["nsfw_score"]], dtype=np.float32)
+    histograms = {
+        signal.name: score_histogram(np.array([np.nan if s is None else s for s in columns[signal.score_column]], dtype=np.float64), signal.histogram_range)
+        for signal in signals
+    }
     passed_count = int(sum(columns["passed"]))
     error_count = int(sum(e is not None for e in columns["error"]))
+    rules: dict[str, int] = {}
+    for label in columns["filtered_by"]:
+        if label is not None:
+            rules[label] = rules.get(label, 0) + 1
     result = PartitionResult(
         partition_index=partition_index,
         partition_id=partition_id,
@@ -348,10 +403,12 @@ def write_filtered_partition(
         passed=passed_count,
         filtered=len(columns["key"]) - passed_count - error_count,
         errors=error_count,
-        histogram=score_histogram(nsfw_scores),
+        histogram=histograms.pop(NSFW, [0] * HISTOGRAM_BINS),
         scores_file=score_file,
         output_shards=output_shards,
         settings_identity=settings_identity,
+        signal_histograms=histograms,
+        filtered_by=rules,
     )
     write_manifest(output, result)
     return result
@@ -371,14 +428,40 @@ class RunSummary:
     output_path: str
     scores_files: list[str]
     output_shards: list[str]
+    policy: dict[str, Any] = field(default_factory=dict)  # the rules as run (`filtered_by` names them by label)
+    filtered_by: dict[str, int] = field(default_factory=dict)  # samples each rule dropped
+    signals: dict[str, dict[str, Any]] = field(default_factory=dict)  # per signal: kind, column, histogram bins and counts
 
     @classmethod
     def from_partitions(
-        cls, results: Sequence[PartitionResult], score_threshold: float, models: dict[str, str], output_path: str
+        cls,
+        results: Sequence[PartitionResult],
+        score_threshold: float,
+        models: dict[str, str],
+        output_path: str,
+        signals: Sequence[ScoredSignal] = (),
+        policy: dict[str, Any] | None = None,
     ) -> "RunSummary":
         histogram = np.zeros(HISTOGRAM_BINS, dtype=int)
+        rules: dict[str, int] = {}
+        per_signal = {signal.name: np.zeros(HISTOGRAM_BINS, dtype=int) for signal in signals if signal.name != NSFW}
         for result in results:
             histogram += np.asarray(result.histogram, dtype=int)
+            for label, count in result.filtered_by.items():
+                rules[label] = rules.get(label, 0) + count
+            for name, counts in result.signal_histograms.items():
+                if name in per_signal and len(counts) == HISTOGRAM_BINS:
+                    per_signal[name] += np.asarray(counts, dtype=int)
+        signal_records = {
+            signal.name: {
+                "kind": signal.kind,
+                "column": signal.score_column,
+                **({"concept_column": signal.concept_column} if signal.concept_column else {}),
+                "histogram_bins": np.linspace(*signal.histogram_range, HISTOGRAM_BINS + 1).round(4).tolist(),
+                "histogram": (histogram if signal.name == NSFW else per_signal[signal.name]).tolist(),
+            }
+            for signal in signals
+        }
         return cls(
             samples=sum(r.samples for r in results),
             passed=sum(r.passed for r in results),
@@ -392,6 +475,9 @@ class RunSummary:
             output_path=output_path,
             scores_files=[r.scores_file for r in results],
             output_shards=[url for r in results for url in r.output_shards],
+            policy=dict(policy or {}),
+            filtered_by=rules,
+            signals=signal_records,
         )
 
     def write(self, output: LocationLike | None = None) -> str:
@@ -402,11 +488,19 @@ class RunSummary:
         write_bytes_atomic(output.at(url), json.dumps(asdict(self), indent=2).encode())
         return url
 
-    def histogram_markdown(self) -> str:
-        """The score histogram as a Markdown table with bars, threshold bin marked."""
-        peak = max(self.histogram) or 1
-        lines = ["| nsfw_score | count | |", "| --- | ---: | --- |"]
-        for low, high, count in zip(self.histogram_bins[:-1], self.histogram_bins[1:], self.histogram):
-            mark = " ← threshold" if low <= self.score_threshold < high else ""
+    def histogram_markdown(self, signal: str = NSFW) -> str:
+        """A signal's score histogram as a Markdown table with bars, the bins of the policy's thresholds on it marked."""
+        record = self.signals.get(signal, {"column": "nsfw_score", "histogram_bins": self.histogram_bins, "histogram": self.histogram})
+        bins, counts = record["histogram_bins"], record["histogram"]
+        thresholds = self.policy_thresholds(signal) if self.policy else [self.score_threshold]
+        peak = max(counts) or 1
+        lines = [f"| {record['column']} | count | |", "| --- | ---: | --- |"]
+        for low, high, count in zip(bins[:-1], bins[1:], counts):
+            mark = " ← threshold" if any(low <= threshold < high for threshold in thresholds) else ""
             lines.append(f"| {low:.2f}–{high:.2f} | {count} | {'█' * round(30 * count / peak)}{mark} |")
         return "\n".join(lines)
+
+    def policy_thresholds(self, signal: str) -> list[float]:
+        """The thresholds the policy's rules and conditions set on `signal`."""
+        tests = [test for rule in self.policy.get("rules", []) for test in (rule, *rule.get("when", []))]
+        return [value for test in tests if test.get("signal") == signal for value in (test.get("at_least"), test.get("below")) if value is not None]
