@@ -209,7 +209,7 @@ def _load_prompts_pickle(source: Path, data: bytes) -> np.ndarray:
         loaded = _PromptsUnpickler(io.BytesIO(data)).load()
     except _ForbiddenGlobal as forbidden:
         raise UserError(
-            f"{source} is a pickle that calls {forbidden}, not only a numpy array, and is never run; "
+            f"{source} is a pickle that calls {forbidden} rather than holding only a numpy array, so it was never run; "
             f"pass the published prompts pickle, a .npy file or a PyTorch tensor file."
         ) from None
     except Exception:  # any other failure to parse: truncated bytes, not a pickle at all

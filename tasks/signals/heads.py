@@ -33,6 +33,7 @@ from tasks.signals.convert import (
     linear_tensor_names,
 )
 
+CONVERT_COMMAND = "nsfw-curator models convert"
 # First bytes of the published (unconverted) files: a zip (torch), a pickle, a .npy array.
 _PUBLISHED_MAGICS = (b"PK\x03\x04", b"\x80", b"\x93NUMPY")
 
@@ -93,7 +94,8 @@ class PromptDetector:
         """The same score from cosines [N, K] of unit embeddings with `class_vectors` (a stable softmax, in float64)."""
         cosines = np.asarray(cosines)
         if cosines.ndim != 2 or cosines.shape[1] != self.class_count:
-            raise UserError(f"{self.path} scores cosines [N, {self.class_count}], not an array of shape {list(cosines.shape)}; pass one cosine per class vector.")
+            shape = list(cosines.shape)
+            raise UserError(f"{self.path} scores cosines [N, {self.class_count}], not an array of shape {shape}; pass one cosine per class vector.")
         logits = self.scale * cosines.astype(np.float64, copy=False)
         with np.errstate(invalid="ignore"):
             shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -111,7 +113,7 @@ def load_signal_head(path: str | Path, kind: str | None = None) -> SignalHead:
     tensors, metadata = _read_signal_file(path)
     found_kind = metadata.get("kind")
     if kind is not None and found_kind != kind:
-        raise UserError(f"{path} holds {found_kind} signal weights, not {kind}; pass a {kind} file converted with `nsfw-curator models convert`.")
+        raise UserError(f"{path} holds {found_kind} signal weights, not {kind}; pass a {kind} file made by `{CONVERT_COMMAND}`.")
     if found_kind == AESTHETIC_KIND:
         return _aesthetic_head(path, tensors, metadata)
     return _prompt_detector(path, tensors, metadata)
@@ -120,11 +122,14 @@ def load_signal_head(path: str | Path, kind: str | None = None) -> SignalHead:
 def _read_signal_file(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The file's float32 tensors and metadata, once its format and kind are ours."""
     if not path.is_file():
-        raise UserError(f"signal weights not found at {path}; convert the published file with `nsfw-curator models convert SOURCE {path}`.")
+        raise UserError(f"signal weights not found at {path}; convert the published file with `{CONVERT_COMMAND} SOURCE {path}`.")
     with path.open("rb") as handle:
         first_bytes = handle.read(8)
     if first_bytes.startswith(_PUBLISHED_MAGICS):
-        raise UserError(f"{path} is a published weights file, not converted signal weights; convert it with `nsfw-curator models convert {path} OUT.safetensors` and pass OUT.safetensors.")
+        raise UserError(
+            f"{path} is a published weights file, not converted signal weights; "
+            f"convert it with `{CONVERT_COMMAND} {path} OUT.safetensors` and pass OUT.safetensors."
+        )
     try:
         with safe_open(str(path), framework="numpy") as handle:
             metadata = dict(handle.metadata() or {})
@@ -132,34 +137,39 @@ def _read_signal_file(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]
             dtypes = {name: handle.get_slice(name).get_dtype() for name in handle.keys()}
             not_float32 = sorted(name for name, dtype in dtypes.items() if dtype != "F32")
             if not_float32:
-                raise UserError(f"{path} holds {not_float32[0]} as {dtypes[not_float32[0]]}, not F32; convert the published file again with `nsfw-curator models convert`.")
+                raise _damaged(path, f"holds {not_float32[0]} as {dtypes[not_float32[0]]}, not F32")
             tensors = {name: handle.get_tensor(name) for name in dtypes}
     except (SafetensorError, OSError, ValueError):
-        raise UserError(f"{path} is not a readable safetensors file; convert the published file again with `nsfw-curator models convert`.") from None
+        raise _damaged(path, "is not a readable safetensors file") from None
     non_finite = sorted(name for name, values in tensors.items() if not np.all(np.isfinite(values)))
     if non_finite:
-        raise UserError(f"{path} has NaN or infinite values in {non_finite[0]}; convert the published file again with `nsfw-curator models convert`.")
+        raise _damaged(path, f"has NaN or infinite values in {non_finite[0]}")
     return tensors, metadata
+
+
+def _damaged(path: Path, problem: str) -> UserError:
+    return UserError(f"{path} {problem}; convert the published file again with `{CONVERT_COMMAND}`.")
 
 
 def _refuse_foreign_metadata(path: Path, metadata: dict[str, str]) -> None:
     if metadata.get("format") != SIGNAL_FORMAT:
-        raise UserError(f"{path} is not in the {SIGNAL_FORMAT} format (format {metadata.get('format')!r}); convert the published file with `nsfw-curator models convert`.")
+        raise _damaged(path, f"is not in the {SIGNAL_FORMAT} format (format {metadata.get('format')!r})")
     if metadata.get("kind") not in SIGNAL_KINDS:
-        raise UserError(f"{path} is of signal kind {metadata.get('kind')!r}, not one of {', '.join(SIGNAL_KINDS)}; convert the published file again with `nsfw-curator models convert`.")
+        raise _damaged(path, f"is of signal kind {metadata.get('kind')!r}, not one of {', '.join(SIGNAL_KINDS)}")
 
 
 def _aesthetic_head(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> AestheticHead:
     layer_count = len(tensors) // 2
     expected_names = {name for index in range(layer_count) for name in linear_tensor_names(index)}
     if layer_count == 0 or set(tensors) != expected_names:
-        raise UserError(f"{path} does not hold the aesthetic tensors linear.0..{max(layer_count - 1, 0)}.weight/.bias; convert the published file again with `nsfw-curator models convert`.")
+        raise _damaged(path, f"does not hold the aesthetic tensors linear.0..{max(layer_count - 1, 0)}.weight/.bias")
     layers = [tuple(tensors[name] for name in linear_tensor_names(index)) for index in range(layer_count)]
     in_width = layers[0][0].shape[1] if layers[0][0].ndim == 2 else 0
     for index, (weight, bias) in enumerate(layers):
         out_width = 1 if index == layer_count - 1 else (weight.shape[0] if weight.ndim == 2 else 0)
         if in_width < 1 or weight.shape != (out_width, in_width) or bias.shape != (out_width,):
-            raise UserError(f"{path} has linear.{index} of shapes {list(weight.shape)} and {list(bias.shape)}, which do not chain from D inputs to 1 output; convert the published file again with `nsfw-curator models convert`.")
+            shapes = f"{list(weight.shape)} and {list(bias.shape)}"
+            raise _damaged(path, f"has linear.{index} of shapes {shapes}, which do not chain from D inputs to 1 output")
         in_width = out_width
     weight64, bias64 = _collapsed_affine(layers)
     if not (np.all(np.isfinite(weight64)) and math.isfinite(bias64)):
@@ -182,17 +192,19 @@ def _collapsed_affine(layers: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray,
 def _prompt_detector(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> PromptDetector:
     vectors = tensors.get(CLASS_VECTORS_TENSOR)
     if set(tensors) != {CLASS_VECTORS_TENSOR} or vectors.ndim != 2 or vectors.shape[0] < 2 or vectors.shape[1] < 1:
-        raise UserError(f"{path} does not hold one {CLASS_VECTORS_TENSOR} tensor [K, D] with K >= 2; convert the published file again with `nsfw-curator models convert`.")
+        raise _damaged(path, f"does not hold one {CLASS_VECTORS_TENSOR} tensor [K, D] with K >= 2")
     norms = np.linalg.norm(vectors.astype(np.float64), axis=1, keepdims=True)
     if not np.all(norms > 0):
-        raise UserError(f"{path} has a class vector of zeros; convert the published file again with `nsfw-curator models convert`.")
+        raise _damaged(path, "has a class vector of zeros")
     scale = _positive_scale(path, metadata.get("scale"))
     positive_class = _class_index(path, metadata.get("positive_class"), vectors.shape[0])
     unit64 = vectors.astype(np.float64) / norms
     unit32 = unit64.astype(np.float32)
     unit64.flags.writeable = False
     unit32.flags.writeable = False
-    return PromptDetector(path=path, class_vectors=unit32, scale=scale, positive_class=positive_class, metadata=metadata, _class_vectors64=unit64)
+    return PromptDetector(
+        path=path, class_vectors=unit32, scale=scale, positive_class=positive_class, metadata=metadata, _class_vectors64=unit64
+    )
 
 
 def _positive_scale(path: Path, text: str | None) -> float:
@@ -201,13 +213,16 @@ def _positive_scale(path: Path, text: str | None) -> float:
     except ValueError:
         scale = math.nan
     if not (math.isfinite(scale) and scale > 0):
-        raise UserError(f"{path} has scale {text!r}, not a positive number; convert it again with `nsfw-curator models convert --scale S`.")
+        raise UserError(f"{path} has scale {text!r}, not a positive number; convert it again with `{CONVERT_COMMAND} --scale S`.")
     return scale
 
 
 def _class_index(path: Path, text: str | None, class_count: int) -> int:
     if text is None or not text.isdecimal() or not 0 <= int(text) < class_count:
-        raise UserError(f"{path} has positive_class {text!r}, not a class index below {class_count}; convert it again with `nsfw-curator models convert --positive-class K`.")
+        raise UserError(
+            f"{path} has positive_class {text!r}, not a class index below {class_count}; "
+            f"convert it again with `{CONVERT_COMMAND} --positive-class K`."
+        )
     return int(text)
 
 
@@ -215,14 +230,17 @@ def _checked_matrix(path: Path, values: np.ndarray, width: int) -> np.ndarray:
     """`values` as float64 [N, width]; UserError naming the head when its width differs."""
     matrix = np.asarray(values)
     if matrix.ndim != 2:
-        raise UserError(f"{path} scores a matrix [N, {width}], not an array of shape {list(matrix.shape)}; pass the embeddings as one row each.")
+        shape = list(matrix.shape)
+        raise UserError(f"{path} scores a matrix [N, {width}], not an array of shape {shape}; pass the embeddings as one row each.")
     _refuse_other_dimension(path, width, matrix.shape[1])
     return matrix.astype(np.float64, copy=False)
 
 
 def _refuse_other_dimension(path: Path, expected: int, dim: int) -> None:
     if dim != expected:
-        raise UserError(f"{path} is for {expected}-d CLIP embeddings, not {dim}-d; pass signal weights converted for the CLIP model that made the embeddings.")
+        raise UserError(
+            f"{path} is for {expected}-d CLIP embeddings, not {dim}-d; pass signal weights converted for the CLIP model that made the embeddings."
+        )
 
 
 def _unit_rows(matrix: np.ndarray) -> np.ndarray:
