@@ -98,7 +98,7 @@ def _score_file_signals(args: argparse.Namespace, embedding_dim: int) -> Any:
 
 
 def _add_models(parser: argparse.ArgumentParser) -> None:
-    models = parser.add_subparsers(dest="models_command", required=True, metavar="{fetch,convert-laion}")
+    models = parser.add_subparsers(dest="models_command", required=True, metavar="{fetch,convert-laion,convert}")
     fetch = models.add_parser(
         "fetch",
         help="download CLIP and the LAION NSFW head into --model-dir",
@@ -118,6 +118,18 @@ def _add_models(parser: argparse.ArgumentParser) -> None:
     convert.add_argument("zip", help="LAION's zip file")
     convert.add_argument("out", help="the safetensors file to write")
     convert.set_defaults(handler=_run_convert_laion)
+    signal_convert = models.add_parser(
+        "convert",
+        help="convert published signal weights (aesthetic predictors, Q16 or violence prompts) to safetensors",
+        description="Convert improved-aesthetic-predictor's or LAION aesthetic-predictor's .pth, Q16's prompts.p or "
+        "clip-retrieval's violence .npy into the safetensors signal weights the pipeline loads. Pickles are never run.",
+    )
+    signal_convert.add_argument("source", help="the published weights file")
+    signal_convert.add_argument("out", help="the safetensors file to write")
+    signal_convert.add_argument("--kind", choices=["aesthetic", "prompts"], default=None, help="what the source must hold (default: found from the file)")
+    signal_convert.add_argument("--scale", type=float, default=None, help="prompts: the softmax scale of the cosines (default: 100, as Q16)")
+    signal_convert.add_argument("--positive-class", type=int, default=None, help="prompts: the class whose probability is the score (default: 1)")
+    signal_convert.set_defaults(handler=_run_models_convert)
 
 
 def _run_models_fetch(args: argparse.Namespace) -> int:
@@ -132,6 +144,14 @@ def _run_convert_laion(args: argparse.Namespace) -> int:
     from tasks.models.laion_convert import convert_laion_zip
 
     print(convert_laion_zip(args.zip, args.out))
+    return 0
+
+
+def _run_models_convert(args: argparse.Namespace) -> int:
+    from tasks.signals.convert import convert_signal_weights
+
+    kind = convert_signal_weights(args.source, args.out, args.kind, scale=args.scale, positive_class=args.positive_class)
+    print(f"{kind} -> {args.out}")
     return 0
 
 
