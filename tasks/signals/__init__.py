@@ -1,0 +1,1 @@
+"""Safety signals computed from a stored CLIP image embedding."""
