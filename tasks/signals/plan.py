@@ -26,14 +26,14 @@ from tasks.io.locations import Location
 from tasks.models.clip_resolve import ClipWeights, weights_fingerprint
 from tasks.models.remote_weights import is_remote, resolve_weights
 from tasks.signals.columns import NSFW, RESERVED_COLUMNS, ScoredSignal
-from tasks.signals.concepts import ConceptGroups, read_concepts, read_text_features, text_features_fingerprint, write_text_features
+from tasks.signals.concepts import ConceptGroups, read_concepts, read_text_features, text_features_fingerprint, text_features_location, write_text_features
+from tasks.signals.heads import AestheticHead
 from tasks.signals.loaded import cached_signal_head
 from tasks.signals.text_tower import encode_concepts
 from tasks.store.entries import EmbeddingStore
 from tasks.signals.schema import Policy, SignalSpec, default_policy
 
 MAX_PARAMETER_FILE = 1 << 20
-TEXT_FEATURES_FOLDER = "text-features"  # under the embedding store's root: concept text features, named by fingerprint
 
 
 @dataclass(frozen=True)
@@ -182,9 +182,10 @@ def _weights_file(spec: SignalSpec, storage_options: dict[str, Any]) -> tuple[Lo
 def _planned_head_signal(spec: SignalSpec, embedding_dim: int, storage_options: dict[str, Any]) -> PlannedSignal:
     location, path, sha256 = _weights_file(spec, storage_options)
     head = cached_signal_head(path)
-    if head.kind != spec.kind:
-        raise UserError(f"signal {spec.name!r} is declared as {spec.kind}, but {location} holds {head.kind} weights; fix the signal's kind or its file.")
-    head.check_dimension(embedding_dim, f"signal {spec.name!r}")
+    kind = "aesthetic" if isinstance(head, AestheticHead) else "prompts"
+    if kind != spec.kind:
+        raise UserError(f"signal {spec.name!r} is declared as {spec.kind}, but {location} holds {kind} weights; fix the signal's kind or its file.")
+    head.check_dimension(embedding_dim)
     return PlannedSignal(spec.name, spec.kind, location, sha256)
 
 
@@ -192,7 +193,7 @@ def _planned_concepts(spec: SignalSpec, clip_weights: ClipWeights, store: Embedd
     """The concepts file read and checked, and its text features found in the store or computed once and stored there."""
     groups = read_concepts(signal_location(spec.weights, storage_options, f"signal {spec.name!r} concepts"))
     fingerprint = text_features_fingerprint(f"{clip_weights.model_name}:{clip_weights.weights_fingerprint}", groups.texts)
-    features_location = store.location / TEXT_FEATURES_FOLDER / f"{fingerprint}.safetensors"
+    features_location = text_features_location(store.location, fingerprint)
     if read_text_features(features_location, fingerprint, groups.texts, clip_weights.embedding_dim) is None:
         features = encode_concepts(clip_weights, groups.texts)
         write_text_features(features_location, features, groups.texts, fingerprint)
