@@ -160,6 +160,10 @@ def test_deployments_are_declared_for_the_gpu_pool(deployed):
     filter_deployment = server.get(f"/deployments/{deployed.filter_id}")
     threshold = filter_deployment["parameter_openapi_schema"]["properties"]["score_threshold"]
     assert (threshold["minimum"], threshold["maximum"]) == (0, 1)  # the range the UI form and the API enforce
+    # The policy and the signals are typed structures: the UI draws a form of rules and signals from their definitions.
+    definitions = filter_deployment["parameter_openapi_schema"]["definitions"]
+    assert {"Policy", "Rule", "Condition", "SignalSpec"} <= set(definitions)
+    assert set(definitions["Rule"]["properties"]) == {"signal", "at_least", "below", "matched", "name", "when"}
     [schedule] = filter_deployment["schedules"]
     assert schedule["active"] is False and schedule["schedule"]["cron"] == "0 2 * * *"
 
