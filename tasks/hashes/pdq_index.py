@@ -66,6 +66,7 @@ class PDQIndex:
             self._index.nflip = max_distance // HASH_TABLES
             limits, distances, labels = self._index.range_search(queries, max_distance + 1)  # radius is exclusive
         query_rows = np.repeat(np.arange(len(queries)), np.diff(limits.astype(np.int64)))
+        distances = distances.astype(np.int64)  # faiss returns Hamming distances as float32
         order = np.lexsort((labels, distances, query_rows))
         return list(zip(query_rows[order].tolist(), labels[order].tolist(), distances[order].tolist()))
 
