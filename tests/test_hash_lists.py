@@ -348,3 +348,12 @@ def test_unreachable_storage_is_one_sentence_that_may_pass(unreachable_s3):
     with pytest.raises(StorageUnavailable) as refused:
         read_hash_lists([Location("s3://some-bucket/lists/pdq.txt", NO_RETRIES)])
     assert one_sentence(str(refused.value)) and "s3://some-bucket/lists/pdq.txt" in str(refused.value)
+
+
+def test_the_fingerprint_ignores_file_order_when_pdq_hashes_share_their_first_bytes(tmp_path):
+    shared = "ab" * 8
+    hashes = [shared + f"{value:048x}" for value in (3, 1, 2)]
+    first = read_hash_lists([write(tmp_path / "one" / "pdq.txt", "\n".join(hashes))])
+    second = read_hash_lists([write(tmp_path / "two" / "pdq.txt", "\n".join(sorted(hashes)))])
+    assert first.fingerprint == second.fingerprint
+    assert [row.tobytes().hex() for row in first.lists[0].pdq] == hashes  # rows stay in file order

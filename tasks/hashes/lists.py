@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 
@@ -34,7 +34,6 @@ PDQ_HEX_DIGITS = 64
 MAX_LINE_BYTES = 4096
 _BLOCK_BYTES = 1 << 20
 _BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark some editors write first
-_HEX = re.compile(rb"[0-9a-fA-F]+")
 _FINGERPRINT_VERSION = b"nsfw-curator hash lists 1\n"
 
 
@@ -90,19 +89,22 @@ def _read_one(location: Location) -> HashList:
     try:
         fs, path = location.filesystem()
         with fs.open(path, "rb") as handle:
-            for number, line in enumerate(_lines(handle, shown), start=1):
-                digits = _hash_digits(line)
-                if digits is None:
+            for number, line in _lines(handle, shown):
+                if b"#" in line:
+                    line = line.split(b"#", 1)[0]
+                digits = line.strip()
+                if not digits:
                     continue
-                if not _HEX.fullmatch(digits) or len(digits) not in (MD5_HEX_DIGITS, SHA1_HEX_DIGITS, PDQ_HEX_DIGITS):
+                value = _hash_bytes(digits)
+                if value is None:
                     raise UserError(
                         f"hash list {shown} line {number} is not an MD5, SHA-1 or PDQ hash (32, 40 or 64 hex digits); "
                         "fix or remove that line (comments start with #)."
                     )
-                if len(digits) == PDQ_HEX_DIGITS:
-                    pdq[bytes.fromhex(digits.decode("ascii"))] = None
+                if len(value) == PDQ_HEX_DIGITS // 2:
+                    pdq[value] = None
                 else:
-                    (md5 if len(digits) == MD5_HEX_DIGITS else sha1).add(digits.decode("ascii").lower())
+                    (md5 if len(value) == MD5_HEX_DIGITS // 2 else sha1).add(value.hex())
     except UserError:
         raise
     except Exception as error:  # noqa: BLE001 - any storage failure is one sentence about this file
@@ -113,32 +115,37 @@ def _read_one(location: Location) -> HashList:
     return HashList(name=_file_name(location), md5=frozenset(md5), sha1=frozenset(sha1), pdq=pdq_array)
 
 
-def _lines(handle, shown: str) -> Iterable[bytes]:
-    """The file's lines, read in blocks; a line over MAX_LINE_BYTES is refused by its number (no line is held whole)."""
+def _lines(handle: BinaryIO, shown: str) -> Iterator[tuple[int, bytes]]:
+    """(number, line) for each line, read in blocks; a line over MAX_LINE_BYTES is refused by its number."""
     pending, number = b"", 0
     while block := handle.read(_BLOCK_BYTES):
+        if number == 0 and not pending and block.startswith(_BOM):
+            block = block[len(_BOM) :]
         *complete, pending = (pending + block).split(b"\n")
         for line in complete:
             number += 1
-            yield _bounded(line, number, shown)
-        _bounded(pending, number + 1, shown)
+            if len(line) > MAX_LINE_BYTES:
+                raise _overlong(shown, number)
+            yield number, line
+        if len(pending) > MAX_LINE_BYTES:  # no line is ever held whole past the limit
+            raise _overlong(shown, number + 1)
     if pending:
-        yield _bounded(pending, number + 1, shown)
+        yield number + 1, pending
 
 
-def _bounded(line: bytes, number: int, shown: str) -> bytes:
-    if len(line) > MAX_LINE_BYTES:
-        raise UserError(
-            f"hash list {shown} line {number} is over {MAX_LINE_BYTES} bytes, not a hash; "
-            "give a text file with one hash per line."
-        )
-    return line[len(_BOM):] if number == 1 and line.startswith(_BOM) else line
+def _overlong(shown: str, number: int) -> UserError:
+    return UserError(f"hash list {shown} line {number} is over {MAX_LINE_BYTES} bytes, not a hash; give a text file with one hash per line.")
 
 
-def _hash_digits(line: bytes) -> bytes | None:
-    """The line's hash text without its comment and surrounding space; None for a blank or comment line."""
-    text = line.split(b"#", 1)[0].strip()
-    return text or None
+def _hash_bytes(digits: bytes) -> bytes | None:
+    """The hash's bytes, or None unless `digits` are exactly 32, 40 or 64 hex digits (either case)."""
+    if len(digits) not in (MD5_HEX_DIGITS, SHA1_HEX_DIGITS, PDQ_HEX_DIGITS):
+        return None
+    try:
+        value = bytes.fromhex(digits.decode("ascii"))
+    except ValueError:  # not ASCII (UnicodeDecodeError is a ValueError) or not hex
+        return None
+    return value if 2 * len(value) == len(digits) else None  # fromhex skips spaces between digit pairs
 
 
 def _file_name(location: Location) -> str:
@@ -167,7 +174,9 @@ def _fingerprint(lists: Sequence[HashList]) -> str:
             digest.update(f"{kind} {len(hashes)}\n".encode())
             digest.update("".join(f"{value}\n" for value in sorted(hashes)).encode())
         words = hash_list.pdq.view(">u8")  # [M, 4] big-endian words: their lexicographic order is the bytes' order
-        order = np.lexsort(words.T[::-1]) if len(words) else np.zeros(0, dtype=np.int64)
+        order = np.argsort(words[:, 0], kind="stable")
+        if np.any(words[order[1:], 0] == words[order[:-1], 0]):  # a shared first word: order by all four
+            order = np.lexsort(words.T[::-1])
         digest.update(f"pdq {len(order)}\n".encode())
         digest.update(hash_list.pdq[order].tobytes())
     return digest.hexdigest()
