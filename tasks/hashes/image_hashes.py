@@ -19,7 +19,7 @@ with Cython) at full size; only a flat image (quality 0, every coefficient equal
 Resolution: PDQ reduces any image to 64 x 64 itself and every pixel counts, so it takes the image at the
 size it was decoded; nothing is gained by giving it more than that. Measured on one core
 (benchmarks/bench_hashes.py): 0.36 ms for the pixels of a 512 px JPEG and 2.6 ms for a 1.2-2 MP photo,
-against 2.9 ms and 43 ms for `pdqhash` (its column pass is cache-hostile). ThreatExchange's tools reduce
+against 3-4 ms and 43-47 ms for `pdqhash` (its column pass is cache-hostile). ThreatExchange's tools reduce
 first for that cost (Python: `thumbnail((512, 512))`; C++: a 512 x 512 resize); here a reduction saves
 about 1 ms per 1.5 MP photo (Pillow's `reduce` itself costs 2 ms) and moves the hash: on the test photos
 0-22 of 256 bits for ThreatExchange's thumbnail and 4-14 for the reader's reduced-size JPEG decode, out
