@@ -1,0 +1,9 @@
+"""Known-abuse hash lists and the hashes images are matched by.
+
+- `image_hashes`: MD5 and SHA-1 of an image member's bytes, and PDQ (256 bits and a quality) of its decoded pixels;
+- `lists`: reading and validating list files (one hash per line, kind by length) into a `HashLists` value that never
+  shows a hash and is named by a fingerprint of its content;
+- `pdq_index`: an exact Hamming-radius search of PDQ hashes against a list (faiss multi-index hashing).
+
+Nothing here decodes images, logs hashes or talks to Prefect; the pipeline calls these per batch.
+"""
