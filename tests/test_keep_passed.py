@@ -40,6 +40,7 @@ def scores_rows(shard: str, rows: list[tuple[str | None, bool]]) -> dict[str, li
         "shard": [shard] * len(rows),
         "nsfw_score": [0.1 if passed else 0.9 for _, passed in rows],
         "passed": [passed for _, passed in rows],
+        "filtered_by": [None if passed else "nsfw >= 0.5" for _, passed in rows],
         "error": [None] * len(rows),
         "output_shard": [None] * len(rows),
     }

@@ -63,6 +63,11 @@ def pdq_hash(pixels: np.ndarray) -> tuple[bytes, int]:
     return _bits(_dct16(cells)), _quality(cells)
 
 
+def pdq_of_image(image) -> tuple[bytes, int]:
+    """PDQ of a decoded PIL image (any mode; RGB pixels are what PDQ reads): what the pipeline calls per image."""
+    return pdq_hash(np.asarray(image if image.mode == "RGB" else image.convert("RGB")))
+
+
 def pdq_hex(bits32: bytes) -> str:
     """The hash as ThreatExchange writes it: 64 lowercase hex digits, the first the four most significant bits."""
     if not isinstance(bits32, (bytes, bytearray)) or len(bits32) != PDQ_BYTES:
