@@ -302,13 +302,20 @@ def _add_review(parser: argparse.ArgumentParser) -> None:
     from tasks.review.sheet import DEFAULT_BLUR_ABOVE
 
     parser.description = (
-        "Read a filter run's scores and input shards and write {output_path}/review/review.html: a score "
-        "histogram with the threshold marked, then thumbnails sampled across score bands, denser around the threshold, "
-        "each with key, shard, score and caption. Thumbnails of high-scoring images are blurred unless --no-blur."
+        "Read a filter run's scores and input shards and write {output_path}/review/review.html: one signal's score "
+        "histogram (nsfw unless --signal) with its threshold marked, then thumbnails sampled across its score bands, denser "
+        "around the threshold, each with key, shard, scores, the rule that dropped it and caption. Thumbnails of images "
+        "with a high nsfw_score are blurred unless --no-blur, whichever signal is reviewed."
     )
     parser.add_argument("--output-path", required=True, help="the output_path of a finished filter run (local or object storage)")
+    parser.add_argument("--signal", default="nsfw", help="the signal to review: nsfw or one the run scored, as summary.json lists them (default: %(default)s)")
     parser.add_argument("--n", type=int, default=DEFAULT_REVIEW_SAMPLES, help="samples to show (default: %(default)s)")
-    parser.add_argument("--around", type=float, default=None, help="nsfw_score to sample densely around (default: the run's score_threshold)")
+    parser.add_argument(
+        "--around",
+        type=float,
+        default=None,
+        help="score of the reviewed signal to sample densely around (default: the policy's threshold on it; for nsfw the run's score_threshold)",
+    )
     parser.add_argument("--blur-above", type=float, default=DEFAULT_BLUR_ABOVE, help="blur thumbnails with nsfw_score >= this (default: %(default)s)")
     parser.add_argument("--no-blur", action="store_true", help="show every thumbnail unblurred (opt in to see explicit images)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed; the same seed picks the same samples (default: %(default)s)")
@@ -320,10 +327,17 @@ def _run_review(args: argparse.Namespace) -> int:
     from tasks.review.sheet import write_review_sheet
 
     sheet = write_review_sheet(
-        Location(*resolve_url_credentials(args.output_path)), n=args.n, around=args.around, blur_above=args.blur_above, blur=not args.no_blur, seed=args.seed
+        Location(*resolve_url_credentials(args.output_path)),
+        n=args.n,
+        around=args.around,
+        blur_above=args.blur_above,
+        blur=not args.no_blur,
+        seed=args.seed,
+        signal=args.signal,
     )
     unavailable = sum(sample.thumbnail is None for sample in sheet.samples)
-    print(f"{len(sheet.samples)} samples ({unavailable} without image) of {sheet.overview.scored} scored -> {sheet.sheet_url}")
+    scored_by = "" if args.signal == "nsfw" else f" by {args.signal}"
+    print(f"{len(sheet.samples)} samples ({unavailable} without image) of {sheet.overview.scored} scored{scored_by} -> {sheet.sheet_url}")
     return 0
 
 

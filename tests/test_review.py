@@ -19,10 +19,15 @@ from PIL import Image
 
 from flows.nsfw_filter import nsfw_filter
 from tasks.errors import UserError
+from tasks.review.records import nsfw_signal
+from tasks.review.reviewed import review_centre, reviewed_signal
 from tasks.review.render import FILTERED_COLOUR, PASS_COLOUR, HistogramLayout
 from tasks.review.sampling import AROUND_WEIGHT, allocate_quotas, band_weights, choose_review_samples, read_run_summary, run_scores_urls, scan_scores
 from tasks.review.sheet import write_review_sheet
 from tasks.review.thumbnails import THUMBNAIL_SIDE
+from tests.support.filter_parameters import local_filter_parameters
+from tests.support.signal_weights import published_aesthetic, signal_specs
+from tests.support.tiny_clip import open_clip_reference
 from tests.support.tars import Member, bad_case_members, drawn_image, encode, shard_of_good_samples, write_tar
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -42,6 +47,13 @@ class FilterRunOutput:
     output_path: Path
     flow_run_id: object
     score_threshold: float
+    signals_output_path: Path  # the first run: an aesthetic signal under SIGNALS_POLICY, no sheet written
+
+
+AESTHETIC_CUT = 5.0
+SIGNALS_POLICY = {"rules": [{"signal": "nsfw", "at_least": 0.5}, {"signal": "aesthetic", "below": AESTHETIC_CUT}]}
+# A concepts file in LAION's shape; a random CLIP's cosines sit about 0, so thresholds of 0 match some samples.
+STYLE_CONCEPTS = "style:\n  concepts:\n    a photo: 0.0\n    a drawing: 0.0\n  action: obfuscate\n"
 
 
 def input_shards(input_dir: Path, good_shards: int = 3, per_shard: int = 8) -> Path:
@@ -55,21 +67,33 @@ def input_shards(input_dir: Path, good_shards: int = 3, per_shard: int = 8) -> P
     return input_dir
 
 
+def spread_aesthetic_weights(folder: Path, tiny_clip, images: list[Image.Image]) -> Path:
+    """signal_weights' published aesthetic head, its last layer scaled and re-biased so that the tiny CLIP's
+    embeddings of `images` score about AESTHETIC_CUT, one unit apart (a random head's scores all fall in one
+    0.5-wide band); saved in the published format and converted the product's way."""
+    import torch
+
+    from tasks.signals.convert import convert_signal_weights
+
+    source = published_aesthetic(folder / "sac+logos+ava1-l14-linearMSE.pth")
+    state = torch.load(source)
+    hidden = torch.from_numpy(open_clip_reference(*tiny_clip, images)).double()
+    for index in (0, 2, 4, 6):  # the published MLP has no activation between its linear layers
+        hidden = hidden @ state[f"layers.{index}.weight"].double().T + state[f"layers.{index}.bias"].double()
+    raw = (hidden @ state["layers.7.weight"].double().T).squeeze(1)
+    scale = 1.0 / float(raw.std())
+    state["layers.7.weight"] = state["layers.7.weight"] * scale
+    state["layers.7.bias"] = torch.tensor([AESTHETIC_CUT - scale * float(raw.median())])
+    torch.save(state, source)
+    convert_signal_weights(source, folder / "aesthetic.safetensors")
+    return folder / "aesthetic.safetensors"
+
+
 def filter_parameters(tiny_clip, laion_dir, root: Path, file_paths: str, output_path: str) -> dict:
-    config_path, checkpoint_path = tiny_clip
-    return dict(
-        file_paths=file_paths,
-        output_path=output_path,
-        files_per_partition=2,
-        task_batch_size=8,
-        clip_model=str(config_path),
-        clip_pretrained=str(checkpoint_path),
-        nsfw_weights=str(laion_dir / "vit_l_14.safetensors"),
-        cache_path=str(root / "cache"),
-        model_dir=str(root / "models"),
-        review_samples=FLOW_REVIEW_SAMPLES,
-        return_state=True,
-    )
+    return local_filter_parameters(
+        root, tiny_clip, laion_dir, file_paths=file_paths, output_path=output_path, files_per_partition=2, task_batch_size=8,
+        review_samples=FLOW_REVIEW_SAMPLES, return_state=True,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -77,20 +101,29 @@ def filter_run(tmp_path_factory, tiny_clip_768, laion_dir, prefect_api) -> Filte
     root = tmp_path_factory.mktemp("review-run")
     input_dir = input_shards(root / "in")
     parameters = filter_parameters(tiny_clip_768, laion_dir, root, str(input_dir), str(root / "out"))
-    assert nsfw_filter(**{**parameters, "review_samples": 0}).is_completed()
+    # The first run scores an aesthetic signal and a concept group under a policy, into its own output.
+    (root / "signals").mkdir()
+    (root / "signals" / "style.yml").write_text(STYLE_CONCEPTS)
+    drawn = [drawn_image(160, 120, seed=seed) for seed in range(8)]  # the images of every good shard
+    files = {"aesthetic": spread_aesthetic_weights(root / "signals", tiny_clip_768, drawn), "concepts": root / "signals" / "style.yml"}
+    signals_output = root / "signals-out"
+    signal_parameters = {
+        **parameters, "output_path": str(signals_output), "review_samples": 0, "signals": signal_specs(files), "policy": SIGNALS_POLICY,
+    }  # fmt: skip
+    assert nsfw_filter(**signal_parameters).is_completed()
     # A random CLIP scores everything far below 0.5; a threshold inside its scores puts samples on both sides.
     # The second run reuses the cached embeddings and writes the sheet.
-    scores = np.sort(np.array(list(scored_rows(root / "out").values()), dtype=np.float32))
+    scores = np.sort(np.array(list(scored_rows(signals_output).values()), dtype=np.float32))
     threshold = float(np.float32((scores[int(len(scores) * 0.6)] + scores[int(len(scores) * 0.6) - 1]) / 2))
     state = nsfw_filter(**{**parameters, "score_threshold": threshold})
     assert state.is_completed()
-    return FilterRunOutput(input_dir, root / "out", state.state_details.flow_run_id, threshold)
+    return FilterRunOutput(input_dir, root / "out", state.state_details.flow_run_id, threshold, signals_output)
 
 
-def copy_of_run(run: FilterRunOutput, tmp_path: Path) -> Path:
+def copy_of_run(run: FilterRunOutput, tmp_path: Path, output_path: Path | None = None) -> Path:
     """The run's outputs copied (the scores still name the original input shards); each test writes its own sheet."""
     target = tmp_path / "out"
-    shutil.copytree(run.output_path, target, ignore=shutil.ignore_patterns("review"))
+    shutil.copytree(output_path or run.output_path, target, ignore=shutil.ignore_patterns("review"))
     return target
 
 
@@ -300,8 +333,8 @@ def test_sampling_is_seeded_and_independent_of_file_order(filter_run, tmp_path):
     # the seeded hash of (shard, key), not the reading order, decides: reversed files keep the same candidates
     summary = read_run_summary(str(output_path))
     urls = run_scores_urls(str(output_path), summary)
-    _, forward = scan_scores(urls, 3, 0.5, 0.5, seed=7)
-    _, backward = scan_scores(urls[::-1], 3, 0.5, 0.5, seed=7)
+    _, forward = scan_scores(urls, 3, nsfw_signal(0.5), 0.5, seed=7)
+    _, backward = scan_scores(urls[::-1], 3, nsfw_signal(0.5), 0.5, seed=7)
     assert forward[["shard", "key"]].values.tolist() == backward[["shard", "key"]].values.tolist()
 
 
@@ -335,10 +368,11 @@ def test_a_spread_of_scores_is_sampled_per_band_and_densest_around_the_centre(tm
             "shard": [f"s3://bucket/in/{part:06d}.tar"] * rows,
             "nsfw_score": [float(v) for v in chunk] + [None, None],
             "passed": [bool(v < 0.5) for v in chunk] + [False, False],
+            "filtered_by": [None if v < 0.5 else "nsfw >= 0.5" for v in chunk] + [None, None],
             "error": [None] * len(chunk) + ["image is truncated", "not scored"],
             "output_shard": [None] * rows,
         })  # fmt: skip
-    overview, kept = scan_scores(urls, 64, 0.5, 0.3, seed=0)
+    overview, kept = scan_scores(urls, 64, nsfw_signal(0.5), 0.3, seed=0)
     assert overview.samples == len(nsfw_score) + 6 and overview.scored == len(nsfw_score)
     assert overview.histogram == np.histogram(nsfw_score, bins=20, range=(0.0, 1.0))[0].tolist()
     assert min(overview.histogram) >= 8  # the tail fills every band, so the weights alone decide
@@ -352,12 +386,13 @@ def test_a_spread_of_scores_is_sampled_per_band_and_densest_around_the_centre(tm
 
 
 def test_a_run_without_scored_samples_gets_an_empty_sheet(tmp_path):
-    from tasks.io.write import write_scores
+    from tasks.io.write import SCORES_SCHEMA, write_scores
 
+    # A run from before the policy: no filtered_by in its scores, no signals or policy in its summary.
     write_scores(str(tmp_path / "scores" / "part-000000.parquet"), {
         "key": ["a", "b"], "shard": ["in/0.tar"] * 2, "nsfw_score": [None, None], "passed": [False, False],
         "error": ["image is truncated", "no image member"], "output_shard": [None, None],
-    })  # fmt: skip
+    }, pa.schema([column for column in SCORES_SCHEMA if column.name != "filtered_by"]))  # fmt: skip
     (tmp_path / "summary.json").write_text(json.dumps({"score_threshold": 0.5, "scores_files": ["part-000000.parquet"]}))
     sheet = write_review_sheet(str(tmp_path), n=4)
     assert sheet.samples == [] and sheet.overview.samples == 2 and sheet.overview.histogram == [0] * 20
@@ -446,6 +481,127 @@ def test_cli_writes_the_sheet_and_reports_mistakes(filter_run, tmp_path, capsys)
     assert capsys.readouterr().err.strip() == "nsfw-curator: error: around must be an nsfw_score between 0 and 1, not 2.0."
     assert main(["review", "--output-path", str(tmp_path / "nothing")]) == 2
     assert "has no summary.json" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- a run with signals and a policy
+
+
+def signal_rows(output_path: Path, signal: str) -> dict[tuple[str, str], dict]:
+    """Per scored sample of `signal`: its score, nsfw_score, filtered_by and (concept groups) matched concept."""
+    scores = read_scores(output_path)
+    concepts = scores.get(f"{signal}_concept", [None] * len(scores["key"]))
+    rows = zip(scores["shard"], scores["key"], scores[f"{signal}_score"], scores["nsfw_score"], scores["filtered_by"], concepts)
+    return {(s, k): {"score": v, "nsfw": n, "rule": r, "concept": c} for s, k, v, n, r, c in rows if v is not None}
+
+
+def test_cli_reviews_the_aesthetic_signal_in_its_bands_around_the_policys_threshold(filter_run, tmp_path, capsys):
+    from flows.cli import main
+
+    output_path = copy_of_run(filter_run, tmp_path, filter_run.signals_output_path)
+    rows = signal_rows(output_path, "aesthetic")
+    blur_above = float(np.median([row["nsfw"] for row in rows.values()]))
+    arguments = ["review", "--output-path", str(output_path), "--signal", "aesthetic", "--n", "12", "--seed", "1", "--blur-above", repr(blur_above)]
+    assert main(arguments) == 0
+    sheet_path = output_path / "review" / "review.html"
+    assert capsys.readouterr().out.strip() == f"12 samples (0 without image) of {len(rows)} scored by aesthetic -> {sheet_path}"
+    text = sheet_path.read_text()
+    page = parse_sheet(text)
+    record = json.loads((output_path / "summary.json").read_text())["signals"]["aesthetic"]
+    # The bands are the summary's 20 aesthetic bins over [0, 10]; "around" spans 0.1 of that range: 1.0 either side of the cut.
+    edges = np.linspace(0.0, 10.0, 21)
+    assert record["histogram_bins"] == edges.tolist() and record["column"] == "aesthetic_score"
+    weights = band_weights(AESTHETIC_CUT, edges)
+    assert weights.tolist() == [1.0] * 8 + [float(AROUND_WEIGHT)] * 4 + [1.0] * 8
+    quotas = allocate_quotas(12, record["histogram"], weights)
+    bands = [int(np.searchsorted(edges, card.score, side="right")) - 1 for card in page.cards]
+    assert len(page.cards) == 12 and np.bincount(bands, minlength=20).tolist() == quotas.tolist()
+    assert quotas[8:12].sum() / 12 > sum(record["histogram"][8:12]) / len(rows) and quotas.sum() > quotas[8:12].sum()  # denser near the cut
+    for card in page.cards:
+        row = rows[(card.shard, card.key)]
+        assert card.score == row["score"] and f"nsfw_score {format(row['nsfw'], '.4g')}" in card.text
+        assert ("blurred" in card.classes) == (row["nsfw"] >= blur_above)  # blurring follows nsfw_score, whatever is reviewed
+        assert ("filtered" in card.classes) == (row["rule"] is not None) == (row["score"] < AESTHETIC_CUT)
+        assert ("filtered by: aesthetic < 5" in card.text) == (row["rule"] is not None)
+    assert {"blurred" in card.classes for card in page.cards} == {True, False} and {"filtered" in card.classes for card in page.cards} == {True, False}
+    # The page and the histogram name the signal and its column; the policy's rule drops the side below the cut.
+    assert "<h1>aesthetic_score review</h1>" in text and 'alt="aesthetic_score histogram of the signal aesthetic' in text
+    assert [int(row[1]) for row in page.tables["histogram"][1:]] == record["histogram"] and page.tables["histogram"][0][0] == "aesthetic_score"
+    scores = np.array([row["score"] for row in rows.values()], dtype=np.float32)
+    assert page.tables["sides"] == [
+        ["line", "below (filtered)", "at or above (pass)"],
+        ["threshold 5 (aesthetic < 5)", str(int((scores < AESTHETIC_CUT).sum())), str(int((scores >= AESTHETIC_CUT).sum()))],
+    ]
+    layout = HistogramLayout()
+    with Image.open(output_path / "review" / "histogram.png") as image:
+        pixels = image.convert("RGB")
+        for index, count in enumerate(record["histogram"]):
+            x0, x1 = layout.bar_span(index)
+            colours = {pixels.getpixel((x, layout.baseline - 2)) for x in range(x0, x1 + 1)} & {PASS_COLOUR, FILTERED_COLOUR}
+            assert colours == (set() if count == 0 else {FILTERED_COLOUR} if edges[index + 1] <= AESTHETIC_CUT else {PASS_COLOUR}), index
+    # 7 is no nsfw_score but an aesthetic one; the signal's range decides, and out of it is one sentence.
+    assert main(arguments + ["--around", "7"]) == 0
+    capsys.readouterr()
+    assert parse_sheet(sheet_path.read_text()).tables["sides"][2][0] == "review centre 7"
+    assert main(arguments + ["--around", "11"]) == 2
+    assert capsys.readouterr().err.strip() == "nsfw-curator: error: around must be an aesthetic_score between 0 and 10, not 11.0."
+    assert main(["review", "--output-path", str(output_path), "--signal", "beauty"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "nsfw-curator: error: the run has no signal 'beauty'; its signals are nsfw, aesthetic, concepts_style (pass one of them to --signal)."
+    )
+
+
+def test_concept_groups_show_their_matched_concept_and_nsfw_centres_on_the_policys_threshold(filter_run, tmp_path):
+    output_path = copy_of_run(filter_run, tmp_path, filter_run.signals_output_path)
+    rows = signal_rows(output_path, "concepts_style")
+    sheet = write_review_sheet(str(output_path), n=len(rows), signal="concepts_style", blur=False)
+    # The policy sets no threshold on the group: the centre is the middle of its histogram range, [0, 0.5].
+    assert sheet.overview.around == 0.25 and not sheet.overview.has_threshold
+    text = (output_path / "review" / "review.html").read_text()
+    page = parse_sheet(text)
+    assert len(page.cards) == len(rows) and "<h1>concepts_style_score review</h1>" in text
+    for card in page.cards:
+        row = rows[(card.shard, card.key)]
+        assert card.score == row["score"]
+        assert (f"matched concept: {row['concept']}" if row["concept"] else "no concept matched") in card.text
+    assert {row["concept"] for row in rows.values()} >= {"a photo", None}
+    assert page.tables["sides"] == [["line", "below", "at or above"], ["review centre 0.25", str(len(rows)), "0"]]
+    # nsfw on the same run: the policy's nsfw rule sets the centre; the cards name the aesthetic rule that dropped them.
+    sheet = write_review_sheet(str(output_path), n=8, seed=0, blur=False)
+    assert sheet.overview.around == sheet.overview.score_threshold == 0.5
+    page = parse_sheet((output_path / "review" / "review.html").read_text())
+    assert page.tables["sides"][1][0] == "threshold 0.5 (nsfw >= 0.5)"
+    nsfw_rows = signal_rows(output_path, "nsfw")
+    for card in page.cards:
+        rule = nsfw_rows[(card.shard, card.key)]["rule"]
+        assert ("filtered" in card.classes) == (rule is not None) and ("filtered by: aesthetic < 5" in card.text) == (rule is not None)
+
+
+def test_the_review_centre_defaults_to_the_first_threshold_the_policy_sets_on_the_signal(filter_run):
+    summary = json.loads((filter_run.signals_output_path / "summary.json").read_text())
+
+    def reviewed(policy: dict | None, name: str, **changes) -> tuple[float, object]:
+        edited = {**summary, "policy": policy, **changes}
+        signal = reviewed_signal(edited, name, "summary.json")
+        return review_centre(signal, None, edited["score_threshold"]), signal
+
+    in_when = {"rules": [{"signal": "nsfw", "at_least": 0.2, "when": [{"signal": "aesthetic", "below": 6.5}]}, {"signal": "aesthetic", "at_least": 9}]}
+    centre, aesthetic = reviewed(in_when, "aesthetic")
+    assert centre == 6.5 and aesthetic.drops_below and aesthetic.threshold_rule == "nsfw >= 0.2 and aesthetic < 6.5"
+    assert reviewed(in_when, "nsfw")[0] == 0.2
+    no_thresholds = {"rules": [{"signal": "concepts_style", "matched": True}]}
+    assert reviewed(no_thresholds, "aesthetic")[0] == 5.0  # the middle of [0, 10]
+    assert reviewed(no_thresholds, "nsfw", score_threshold=0.3)[0] == 0.3  # nsfw falls back on the run's score_threshold
+    with pytest.raises(UserError, match=r"^the policy's threshold 0.8 on concepts_style_score lies outside its histogram's range \[0, 0.5\]; pass --around"):
+        reviewed({"rules": [{"signal": "concepts_style", "at_least": 0.8}]}, "concepts_style")
+    # A summary from before the policy knows nsfw alone, dropped at or above its score_threshold.
+    older = {key: value for key, value in summary.items() if key not in ("signals", "policy", "filtered_by")}
+    signal = reviewed_signal({**older, "score_threshold": 0.3}, "nsfw", "summary.json")
+    assert (signal.column, signal.threshold, signal.threshold_name, signal.legacy_score_threshold) == ("nsfw_score", 0.3, "score_threshold", 0.3)
+    with pytest.raises(UserError, match=r"^the run has no signal 'aesthetic'; its signals are nsfw \(pass one of them to --signal\)\.$"):
+        reviewed_signal(older, "aesthetic", "summary.json")
+    broken = {**summary, "signals": {**summary["signals"], "aesthetic": {**summary["signals"]["aesthetic"], "histogram_bins": [0, 10]}}}
+    with pytest.raises(UserError, match=r"^summary.json holds a malformed record of the signal 'aesthetic'; re-run the nsfw-filter flow"):
+        reviewed_signal(broken, "aesthetic", "summary.json")
 
 
 def read_artifacts(flow_run_id) -> dict[str, object]:
@@ -543,3 +699,5 @@ def test_chromium_renders_the_histogram_and_the_thumbnails(filter_run, tmp_path)
     expected = int(colourful(histogram).sum()) + sum(int(colourful(t).sum()) for t in thumbnails)
     assert int(colourful(shot).sum()) >= 0.9 * expected
     assert sum(int(colourful(t).sum()) for t in thumbnails) > 0.5 * sum(t.shape[0] * t.shape[1] for t in thumbnails)
+
+

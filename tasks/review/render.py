@@ -1,4 +1,10 @@
-"""Rendering a review sheet: the score histogram as a PNG and the self-contained HTML page."""
+"""Rendering a review sheet: the reviewed signal's score histogram as a PNG and the self-contained HTML page.
+
+Both name the signal and its score column. The histogram spans the signal's histogram range; bars split at the
+threshold line, the side its rule drops in FILTERED_COLOUR, the other in PASS_COLOUR (NEUTRAL_COLOUR when the
+policy sets no threshold on the signal). Each card shows the reviewed score, nsfw_score when another signal is
+reviewed, the matched concept of a concept group and the rule that dropped the sample.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +19,16 @@ from typing import Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 from tasks.io.write import HISTOGRAM_BINS
-from tasks.review.records import ReviewSample, ReviewSheet, ScoreOverview
-from tasks.review.sampling import AROUND_HALF_WIDTH, AROUND_WEIGHT
+from tasks.review.records import ReviewedSignal, ReviewSample, ReviewSheet, ScoreOverview
+from tasks.review.sampling import AROUND_WEIGHT, around_half_width
+from tasks.signals.columns import NSFW
 
 HISTOGRAM_NAME = "histogram.png"
 _CAPTION_CHARS = 300
 
 PASS_COLOUR = (54, 104, 168)
 FILTERED_COLOUR = (196, 72, 52)
+NEUTRAL_COLOUR = (130, 130, 130)
 THRESHOLD_COLOUR = (20, 20, 20)
 AROUND_COLOUR = (120, 70, 170)
 _GRID_COLOUR = (225, 225, 225)
@@ -50,8 +58,9 @@ class HistogramLayout:
     def plot_height(self) -> int:
         return self.baseline - self.top
 
-    def x_of(self, nsfw_score: float) -> int:
-        return round(self.left + nsfw_score * self.plot_width)
+    def x_of(self, fraction: float) -> int:
+        """x of a fraction of the score range, held inside the plot (a threshold may lie beyond the histogram's range)."""
+        return round(self.left + min(max(fraction, 0.0), 1.0) * self.plot_width)
 
     def axis_top(self, histogram: Sequence[int]) -> int:
         """The count at the top of the log axis: the next power of ten at or above the largest bin."""
@@ -80,6 +89,32 @@ def _compact(count: int) -> str:
     return str(count)
 
 
+def decimals_for(step: float, at_least: int = 0) -> int:
+    """The fewest decimals (at least `at_least`) that write multiples of `step` exactly: 0.05 -> 2, 0.025 -> 3, 1 -> 0."""
+    decimals = at_least
+    while decimals < 6 and abs(round(step, decimals) - step) > 1e-9 * max(1.0, abs(step)):
+        decimals += 1
+    return decimals
+
+
+def _fraction(overview: ScoreOverview, score: float) -> float:
+    low, high = overview.bin_edges[0], overview.bin_edges[-1]
+    return (score - low) / (high - low)
+
+
+def side_words(overview: ScoreOverview) -> tuple[str, str]:
+    """What the samples below the line and at or above it are: (pass, filtered), (filtered, pass), or neither."""
+    if not overview.has_threshold:
+        return "samples", "samples"
+    return ("filtered", "pass") if overview.signal.drops_below else ("pass", "filtered")
+
+
+def _side_colours(overview: ScoreOverview) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    words = side_words(overview)
+    colours = {"pass": PASS_COLOUR, "filtered": FILTERED_COLOUR, "samples": NEUTRAL_COLOUR}
+    return colours[words[0]], colours[words[1]]
+
+
 def _dashed_vertical(draw: ImageDraw.ImageDraw, x: int, y0: int, y1: int, colour: tuple[int, int, int]) -> None:
     for y in range(y0, y1, 10):
         draw.line((x, y, x, min(y + 5, y1)), fill=colour, width=2)
@@ -89,6 +124,10 @@ def render_histogram_png(overview: ScoreOverview, layout: HistogramLayout = Hist
     """The score histogram: log count axis, bars coloured by side of the threshold, counts on each side."""
     histogram = overview.histogram
     bins = len(histogram)
+    column = overview.signal.column
+    line = overview.score_threshold
+    low, high = overview.bin_edges[0], overview.bin_edges[-1]
+    below_colour, above_colour = _side_colours(overview)
     image = Image.new("RGB", (layout.width, layout.height), (255, 255, 255))
     draw = ImageDraw.Draw(image)
     small, normal = _font(11), _font(14)
@@ -97,39 +136,43 @@ def render_histogram_png(overview: ScoreOverview, layout: HistogramLayout = Hist
         y = layout.baseline - layout.bar_height(10**power, histogram)
         draw.line((layout.left, y, layout.width - layout.right, y), fill=_GRID_COLOUR)
         draw.text((layout.left - 6, y), _compact(10**power), fill=_TEXT_COLOUR, font=small, anchor="rm")
-    threshold_x = layout.x_of(overview.score_threshold)
-    for index, (count, passing) in enumerate(zip(histogram, overview.histogram_below_threshold)):
+    line_x = layout.x_of(_fraction(overview, line))
+    for index, (count, below_line) in enumerate(zip(histogram, overview.histogram_below_threshold)):
         x0, x1 = layout.bar_span(index, bins)
         height = layout.bar_height(count, histogram)
         if height == 0:
             continue
         y0 = layout.baseline - height
-        # A bin the threshold cuts is split left/right in proportion to its samples on each side.
-        split = x0 + round((x1 - x0 + 1) * passing / count)
-        if 0 < passing < count:
+        # A bin the line cuts is split left/right in proportion to its samples on each side.
+        split = x0 + round((x1 - x0 + 1) * below_line / count)
+        if 0 < below_line < count:
             split = min(max(split, x0 + 1), x1)
         if split > x0:
-            draw.rectangle((x0, y0, split - 1, layout.baseline - 1), fill=PASS_COLOUR)
+            draw.rectangle((x0, y0, split - 1, layout.baseline - 1), fill=below_colour)
         if split <= x1:
-            draw.rectangle((split, y0, x1, layout.baseline - 1), fill=FILTERED_COLOUR)
+            draw.rectangle((split, y0, x1, layout.baseline - 1), fill=above_colour)
         draw.text(((x0 + x1) / 2, y0 - 3), _compact(count), fill=_TEXT_COLOUR, font=small, anchor="mb")
     draw.line((layout.left, layout.baseline, layout.width - layout.right, layout.baseline), fill=_TEXT_COLOUR)
+    tick_step = (high - low) / 10
+    tick_decimals = decimals_for(tick_step)
     for tenth in range(11):
         x = layout.x_of(tenth / 10)
         draw.line((x, layout.baseline, x, layout.baseline + 4), fill=_TEXT_COLOUR)
-        draw.text((x, layout.baseline + 7), f"{tenth / 10:.1f}", fill=_TEXT_COLOUR, font=small, anchor="mt")
-    draw.text((layout.left + layout.plot_width / 2, layout.height - 6), "nsfw_score", fill=_TEXT_COLOUR, font=normal, anchor="mb")
-    draw.text((8, 8), f"nsfw_score of {overview.scored:,} scored samples ({bins} bins, count on a log scale)", fill=_TEXT_COLOUR, font=normal)
-    if abs(overview.around - overview.score_threshold) > 1e-9:
-        around_x = layout.x_of(overview.around)
+        draw.text((x, layout.baseline + 7), f"{low + tenth * tick_step:.{tick_decimals}f}", fill=_TEXT_COLOUR, font=small, anchor="mt")
+    draw.text((layout.left + layout.plot_width / 2, layout.height - 6), column, fill=_TEXT_COLOUR, font=normal, anchor="mb")
+    draw.text((8, 8), f"{column} of {overview.scored:,} scored samples ({bins} bins, count on a log scale)", fill=_TEXT_COLOUR, font=normal)
+    if not overview.has_threshold or abs(overview.around - line) > 1e-9:
+        around_x = layout.x_of(_fraction(overview, overview.around))
         _dashed_vertical(draw, around_x, layout.top - 8, layout.baseline, AROUND_COLOUR)
         draw.text((around_x + 4, layout.top - 8), f"review centre {overview.around:g}", fill=AROUND_COLOUR, font=small, anchor="lt")
-    draw.line((threshold_x, layout.top - 26, threshold_x, layout.baseline), fill=THRESHOLD_COLOUR, width=2)
-    # The pass count left of the line, the filtered count right of it; near an edge both slide inwards, in order.
-    below = f"{overview.below_threshold:,} pass (< {overview.score_threshold:g})"
-    above = f"{overview.at_or_above_threshold:,} filtered (>= {overview.score_threshold:g})"
+    if overview.has_threshold:
+        draw.line((line_x, layout.top - 26, line_x, layout.baseline), fill=THRESHOLD_COLOUR, width=2)
+    # The count below the line left of it, the count at or above right of it; near an edge both slide inwards, in order.
+    below_word, above_word = side_words(overview)
+    below = f"{overview.below_threshold:,} {below_word} (< {line:g})"
+    above = f"{overview.at_or_above_threshold:,} {above_word} (>= {line:g})"
     below_width, above_width = normal.getlength(below), normal.getlength(above)
-    below_x, above_x = threshold_x - 8 - below_width, threshold_x + 8
+    below_x, above_x = line_x - 8 - below_width, line_x + 8
     if below_x < 8:
         below_x = 8
         above_x = max(above_x, below_x + below_width + 16)
@@ -137,8 +180,8 @@ def render_histogram_png(overview: ScoreOverview, layout: HistogramLayout = Hist
         above_x = layout.width - 8 - above_width
         below_x = min(below_x, above_x - 16 - below_width)
     label_y = layout.top - 30
-    draw.text((below_x, label_y), below, fill=PASS_COLOUR, font=normal, anchor="lm")
-    draw.text((above_x, label_y), above, fill=FILTERED_COLOUR, font=normal, anchor="lm")
+    draw.text((below_x, label_y), below, fill=below_colour, font=normal, anchor="lm")
+    draw.text((above_x, label_y), above, fill=above_colour, font=normal, anchor="lm")
     buffer = io.BytesIO()
     image.save(buffer, "PNG", optimize=True)
     return buffer.getvalue()
@@ -169,6 +212,8 @@ th { background: #eee; }
 .key, .shard { display: block; font-size: 12px; color: #333; }
 .caption { font-size: 12px; color: #555; margin: 4px 0 0; overflow-wrap: anywhere; }
 .problem { font-size: 12px; color: #000; font-style: italic; }
+.detail { display: block; font-size: 12px; color: #222; }
+.detail.rule { font-weight: 600; }
 """
 
 
@@ -187,13 +232,13 @@ def _caption_text(caption: str | None) -> str:
     return text if len(text) <= _CAPTION_CHARS else text[: _CAPTION_CHARS - 1] + "…"
 
 
-def score_text(nsfw_score: float) -> str:
+def score_text(score: float) -> str:
     """Four significant digits: clean data scores far below 0.001, where fixed decimals would all read 0.0000."""
-    return format(nsfw_score, ".4g")
+    return format(score, ".4g")
 
 
-def _card(sample: ReviewSample, score_threshold: float) -> str:
-    filtered = sample.nsfw_score >= score_threshold
+def _card(sample: ReviewSample, signal: ReviewedSignal) -> str:
+    filtered = sample.filtered_by is not None
     classes = ["sample", "filtered" if filtered else "passed"] + (["blurred"] if sample.blurred else [])
     if sample.thumbnail is not None:
         alt = f"{'blurred ' if sample.blurred else ''}thumbnail of {sample.key}"
@@ -201,66 +246,115 @@ def _card(sample: ReviewSample, score_threshold: float) -> str:
     else:
         picture = '<div class="thumb missing">image unavailable</div>'
     badge = '<span class="badge">blurred</span>' if sample.blurred else ""
+    attributes = f'data-key="{_e(sample.key)}" data-shard="{_e(sample.shard)}" data-score="{sample.score!r}" data-nsfw-score="{sample.nsfw_score!r}"'
+    details = []
+    if signal.name != NSFW:  # blurring follows nsfw_score: show it beside the reviewed score
+        details.append(f'<span class="detail nsfw">nsfw_score {score_text(sample.nsfw_score)}</span>')
+    if signal.concept_column is not None:
+        matched = f"matched concept: {sample.concept}" if sample.concept is not None else "no concept matched"
+        details.append(f'<span class="detail concept">{_e(matched)}</span>')
+        attributes += f' data-concept="{_e(sample.concept)}"' if sample.concept is not None else ""
+    if sample.filtered_by is not None:
+        details.append(f'<span class="detail rule">filtered by: {_e(sample.filtered_by)}</span>')
+        attributes += f' data-filtered-by="{_e(sample.filtered_by)}"'
     problem = f'<span class="problem">{_e(sample.problem)}</span>' if sample.problem else ""
     return (
-        f'<figure class="{" ".join(classes)}" data-key="{_e(sample.key)}" data-shard="{_e(sample.shard)}" '
-        f'data-score="{sample.nsfw_score!r}">{picture}<figcaption>'
-        f'<span class="score">{score_text(sample.nsfw_score)}</span><span class="verdict">{"filtered" if filtered else "passes"}</span>{badge}'
+        f'<figure class="{" ".join(classes)}" {attributes}>{picture}<figcaption>'
+        f'<span class="score" title="{_e(signal.column)}">{score_text(sample.score)}</span><span class="verdict">{"filtered" if filtered else "passes"}</span>{badge}'
+        f'{"".join(details)}'
         f'<code class="key">{_e(sample.key)}</code><span class="shard" title="{_e(sample.shard)}">{_e(_shard_label(sample.shard))}</span>'
         f'<p class="caption">{_e(_caption_text(sample.caption))}</p>{problem}</figcaption></figure>'
     )
 
 
+def _policy_text(sheet: ReviewSheet, summary: dict) -> str:
+    """How the run decided: its score_threshold (no policy, or the default one), else its rules with what each dropped."""
+    signal = sheet.overview.signal
+    if signal.threshold_name == "score_threshold":
+        return f"score_threshold {summary['score_threshold']:g}"
+    dropped = summary.get("filtered_by")
+    if not isinstance(dropped, dict) or not all(type(count) is int for count in dropped.values()):
+        return "policy " + "; ".join(sheet.policy)  # counts read back are validated; without them the rules alone
+    return "policy " + "; ".join(f"{label} ({dropped.get(label, 0):,} dropped)" for label in sheet.policy)
+
+
+def _sides_table(overview: ScoreOverview) -> str:
+    signal = overview.signal
+    below_word, above_word = side_words(overview)
+    heads = ("below", "at or above") if not overview.has_threshold else (f"below ({below_word})", f"at or above ({above_word})")
+    rows = [f'<table class="sides"><tr><th>line</th><th>{heads[0]}</th><th>{heads[1]}</th></tr>']
+    if overview.has_threshold:
+        rule = f" ({_e(signal.threshold_rule)})" if signal.threshold_name != "score_threshold" and signal.threshold_rule else ""
+        rows.append(
+            f"<tr><th>{signal.threshold_name} {overview.score_threshold:g}{rule}</th><td>{overview.below_threshold:,}</td>"
+            f"<td>{overview.at_or_above_threshold:,}</td></tr>"
+        )
+    if not overview.has_threshold or abs(overview.around - overview.score_threshold) > 1e-9:
+        rows.append(f"<tr><th>review centre {overview.around:g}</th><td>{overview.below_around:,}</td><td>{overview.at_or_above_around:,}</td></tr>")
+    rows.append("</table>")
+    return "".join(rows)
+
+
 def render_sheet_html(sheet: ReviewSheet, summary: dict) -> str:
     """The review sheet as one HTML document (inline CSS, no scripts, relative links only)."""
     overview = sheet.overview
-    threshold = overview.score_threshold
+    signal = overview.signal
+    column = signal.column
     shown = len(sheet.samples)
     errors = overview.samples - overview.scored
     models = summary.get("models") or {}
     model_text = ", ".join(f"{name} {models[name]}" for name in ("clip_model", "clip_pretrained", "nsfw_head") if name in models)
     blur_text = (
-        f"Thumbnails of samples scoring ≥ {sheet.blur_above:g} are blurred (marked “blurred”); write the sheet with --no-blur to see them."
+        f"Thumbnails of samples with nsfw_score ≥ {sheet.blur_above:g} are blurred (marked “blurred”); write the sheet with --no-blur to see them."
         if sheet.blur_above is not None
         else "Blurring is off: every thumbnail shows its image as it is."
     )
-    around_row = ""
-    if abs(overview.around - threshold) > 1e-9:
-        around_row = f"<tr><th>review centre {overview.around:g}</th><td>{overview.below_around:,}</td><td>{overview.at_or_above_around:,}</td></tr>"
+    frames = (
+        f"Bold frames mark samples the run filtered (nsfw_score ≥ {overview.score_threshold:g})."
+        if signal.threshold_name == "score_threshold"
+        else "Bold frames mark samples a policy rule dropped; the card names the rule."
+    )
+    edges = overview.bin_edges
+    band_width = (edges[-1] - edges[0]) / len(overview.histogram)
+    decimals = decimals_for(band_width, at_least=2)
+    if overview.has_threshold:
+        line_text = f"{overview.below_threshold:,} scored samples below {overview.score_threshold:g}, {overview.at_or_above_threshold:,} at or above"
+    else:
+        line_text = f"the policy sets no threshold on {signal.name}; {overview.below_around:,} scored samples below {overview.around:g}"
     parts = [
         "<!doctype html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>nsfw_score review: {_e(_shard_label(sheet.output_path))}</title>",
+        f"<title>{_e(column)} review: {_e(_shard_label(sheet.output_path))}</title>",
         f"<style>{_CSS}</style></head><body>",
-        "<h1>nsfw_score review</h1>",
+        f"<h1>{_e(column)} review</h1>",
         f'<p class="run">Run <code>{_e(sheet.output_path)}</code>: {overview.samples:,} samples, {overview.scored:,} scored, '
-        f"{errors:,} not scored; score_threshold {threshold:g}. {_e(model_text)}</p>",
+        f"{errors:,} not scored; {_e(_policy_text(sheet, summary))}. {_e(model_text)}</p>",
         f'<img class="histogram-png" src="{HISTOGRAM_NAME}" width="{HistogramLayout().width}" height="{HistogramLayout().height}" '
-        f'alt="nsfw_score histogram: {overview.below_threshold:,} scored samples below {threshold:g}, {overview.at_or_above_threshold:,} at or above">',
-        '<table class="sides"><tr><th>line</th><th>below (pass)</th><th>at or above (filtered)</th></tr>',
-        f"<tr><th>score_threshold {threshold:g}</th><td>{overview.below_threshold:,}</td><td>{overview.at_or_above_threshold:,}</td></tr>{around_row}</table>",
+        f'alt="{_e(column)} histogram of the signal {_e(signal.name)}: {_e(line_text)}">',
+        _sides_table(overview),
         f'<p class="how">{shown} of {overview.scored:,} scored samples (requested {sheet.requested}), drawn at random with seed {sheet.seed} '
-        f"from each {1 / len(overview.histogram):g}-wide score band; bands centred within {AROUND_HALF_WIDTH:g} of {overview.around:g} get "
+        f"from each {band_width:g}-wide {_e(column)} band; bands centred within {around_half_width(edges):g} of {overview.around:g} get "
         f"{AROUND_WEIGHT}× the share of the others, and a band with fewer samples than its share passes the rest on. "
-        f"Bold frames mark samples the run filtered (nsfw_score ≥ {threshold:g}). {_e(blur_text)}</p>",
+        f"{_e(frames)} {_e(blur_text)}</p>",
     ]
     by_band: dict[int, list[ReviewSample]] = defaultdict(list)
     for sample in sheet.samples:
         by_band[sample.band].append(sample)
-    edges = overview.bin_edges
     for band in sorted(by_band):
         members = by_band[band]
         parts.append(
-            f'<section class="band" data-band="{band}"><h2>nsfw_score {edges[band]:.2f}–{edges[band + 1]:.2f}: '
+            f'<section class="band" data-band="{band}"><h2>{_e(column)} {edges[band]:.{decimals}f}–{edges[band + 1]:.{decimals}f}: '
             f"{len(members)} shown of {overview.histogram[band]:,}</h2><div class=\"grid\">"
         )
-        parts.extend(_card(sample, threshold) for sample in members)
+        parts.extend(_card(sample, signal) for sample in members)
         parts.append("</div></section>")
     if not sheet.samples:
         parts.append('<p class="how">No scored samples to show.</p>')
-    parts.append('<h2>Histogram counts</h2><table class="histogram"><tr><th>nsfw_score</th><th>count</th></tr>')
+    parts.append(f'<h2>Histogram counts</h2><table class="histogram"><tr><th>{_e(column)}</th><th>count</th></tr>')
     for band, count in enumerate(overview.histogram):
-        parts.append(f'<tr data-low="{edges[band]}" data-high="{edges[band + 1]}"><td>{edges[band]:.2f}–{edges[band + 1]:.2f}</td><td>{count}</td></tr>')
+        parts.append(
+            f'<tr data-low="{edges[band]}" data-high="{edges[band + 1]}"><td>{edges[band]:.{decimals}f}–{edges[band + 1]:.{decimals}f}</td><td>{count}</td></tr>'
+        )
     parts.append("</table></body></html>\n")
     return "\n".join(parts)
