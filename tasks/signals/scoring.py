@@ -6,8 +6,9 @@ aesthetic heads' collapsed affine maps (their layers have no activation, so an M
 keeps it within 1e-6 of the layer-by-layer float32 network). A batch then costs the NSFW head plus two matrix
 products, however many signals and concepts the run has (benchmarks/bench_signals.py).
 
-Embeddings are L2-normalised here before the signals see them, as the published aesthetic, Q16 and
-clip-retrieval code feed them (the store's are unit length already, within its tolerance).
+Every signal sees L2-normalised embeddings, as the published aesthetic, Q16 and clip-retrieval code feed them (the
+store's are unit length within its tolerance): since each is linear in the embedding, its result is divided by the
+embedding's norm rather than the [N, D] matrix normalised first.
 """
 
 from __future__ import annotations
@@ -70,15 +71,19 @@ class SignalScorer:
         concepts: dict[str, list[str | None]] = {}
         if not self.plan.signals:
             return SignalValues(scores, concepts)
-        embeddings = np.asarray(embeddings, dtype=np.float32)
-        norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-        unit = embeddings / np.where(norms > 0, norms, 1.0)
+        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        # Norms, not normalised copies: every signal is linear in the embedding, so dividing its [N, K] result
+        # by the norms is the same as scoring unit rows, without writing a second [N, D] matrix.
+        norms = np.sqrt(np.einsum("ij,ij->i", embeddings, embeddings, dtype=np.float64))
+        inverse = 1.0 / np.where(norms > 0, norms, 1.0)
         if self._aesthetic_matrix is not None:
-            values = unit.astype(np.float64) @ self._aesthetic_matrix + self._aesthetic_bias
             for column, name in enumerate(self._aesthetic):
-                scores[name] = values[:, column].astype(np.float32)
+                # float64 accumulation (einsum casts in small buffers): within 1e-6 of the float64 layer-by-layer network.
+                dot = np.einsum("ij,j->i", embeddings, self._aesthetic_matrix[:, column], dtype=np.float64)
+                scores[name] = (dot * inverse + self._aesthetic_bias[column]).astype(np.float32)
         if self._cosine_matrix is not None:
-            cosines = unit @ self._cosine_matrix
+            cosines = embeddings @ self._cosine_matrix
+            cosines *= inverse.astype(np.float32)[:, None]
             for name, head, columns in self._prompts:
                 scores[name] = head.scores_from_cosines(cosines[:, columns]).astype(np.float32)
             for name, groups, columns in self._concepts:
