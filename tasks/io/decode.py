@@ -4,8 +4,9 @@ Decoding is two steps so the cheap one can run where the batch is assembled: `op
 the header and refuses what is over the limits (`DecodeOptions.max_pixels`, the JPEG scan count of
 tasks/io/jpeg_scans.py) before any pixel is decoded; `finish_decoding` decodes the pixels (RGB, EXIF orientation
 applied, see `to_rgb`), the caption and the bounded JSON metadata (tasks/io/metadata.py). `decode_and_transform`
-is a worker's whole job: both steps and the model's transform, the image then dropped. Every refusal is that
-sample's one-sentence `error`; nothing here raises for a sample's content.
+is a worker's whole job: the second step, the sample's hashes (`hash_sample`: MD5 and SHA-1 of its image member's
+bytes, PDQ of the pixels just decoded, so no image is ever decoded twice for them) and the model's transform, the
+image then dropped. Every refusal is that sample's one-sentence `error`; nothing here raises for a sample's content.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tasks.errors import UserError
+from tasks.hashes.image_hashes import bytes_hashes, pdq_of_image
 from tasks.io.jpeg_scans import JPEG_SIGNATURE, jpeg_scans_reason
 from tasks.io.metadata import parse_metadata
-from tasks.io.samples import Sample, fail, image_extension, member_of_format
+from tasks.io.samples import ImageHashes, Sample, fail, hashed_image_extension, image_extension, member_of_format
 
 # Pillow formats allowed to open an image member (JPEG includes MPO); content decides, so a PNG named .jpg decodes.
 _PILLOW_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
@@ -195,10 +197,27 @@ def finish_decoding(sample: Sample, opened: Image.Image | None) -> Sample:
     return sample
 
 
-def decode_and_transform(sample: Sample, opened: Image.Image, transform: Callable[[Image.Image], object]) -> Sample:
-    """One worker's whole job for a sample: its pixels decoded, then turned into the model's input (the image is dropped)."""
+def hash_sample(sample: Sample) -> Sample:
+    """Set the sample's `image_hashes`: MD5 and SHA-1 of its image member's bytes (`hashed_image_extension`) and,
+    when its pixels are decoded (`sample.image`), their PDQ; None without a non-empty image member or for a
+    shard-level record. Call it before a transform drops the image."""
+    extension = hashed_image_extension(sample.members) if sample.key is not None else None
+    if extension is None:
+        sample.image_hashes = None
+        return sample
+    md5, sha1 = bytes_hashes(sample.members[extension])
+    pdq, quality = pdq_of_image(sample.image) if sample.image is not None else (None, None)
+    sample.image_hashes = ImageHashes(md5, sha1, pdq, quality)
+    return sample
+
+
+def decode_and_transform(sample: Sample, opened: Image.Image | None, transform: Callable[[Image.Image], object] | None) -> Sample:
+    """One worker's whole job for a sample: its pixels decoded (when `opened` passed the header checks), hashed
+    (`hash_sample`, also when they could not be decoded), then turned into the model's input and dropped; with
+    `transform=None` the image is kept."""
     finish_decoding(sample, opened)
-    if sample.image is not None:
+    hash_sample(sample)
+    if sample.image is not None and transform is not None:
         image_ext = image_extension(sample.members)
         try:
             sample.model_input = transform(sample.image)

@@ -7,6 +7,10 @@ the sample will hold (tasks/io/limits.py). `submit` hands the sample on and retu
 when a decoding `transform` is picklable, loadable there, and more than one worker is asked for, unless
 `worker_processes=False`; otherwise threads. `close` stops the threads and drops this reading's samples still
 in worker processes (the shared process pool stays).
+
+Every sample of a decoding reading comes out with its `image_hashes` (tasks/io/decode.py `hash_sample`): computed
+by the thread or worker process that decodes it, with the PDQ of the pixels it decoded; here, from the bytes
+alone, for a sample no worker decodes (refused before decoding) or whose worker died or ran out of time.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from tasks.io import decode_workers
-from tasks.io.decode import DecodeOptions, decode_and_transform, finish_decoding, open_sample_image
+from tasks.io.decode import DecodeOptions, decode_and_transform, hash_sample, open_sample_image
 from tasks.io.limits import held_bytes, transform_output_bytes
 from tasks.io.samples import Sample, fail, image_extension
 
@@ -82,15 +86,13 @@ class BatchDecoder:
         """The sample's batch entry, its decoding started."""
         sample = checked.sample
         if not checked.decoding:
-            return sample
+            return hash_sample(sample) if self.decode is not None else sample
         if self.in_processes is not None:
             entry = _InWorker(sample, decode_workers.submit(self.workers, sample.key, sample.shard, sample.members, self.decode, self.in_processes))
             while self.pending and self.pending[0].future.done():
                 self.pending.popleft()
             self.pending.append(entry)
             return entry
-        if self.transform is None:
-            return self.pool.submit(finish_decoding, sample, checked.opened)
         return self.pool.submit(decode_and_transform, sample, checked.opened, self.transform)
 
     def finished(self, entry: PendingSample) -> Sample:
@@ -106,6 +108,9 @@ class BatchDecoder:
         result = decode_workers.result_of(entry.future, self.workers, sample.key, sample.shard, sample.members, decode, transform,
                                           sample.member_name(image_ext) if image_ext is not None else sample.key)
         sample.caption, sample.metadata = result.caption, result.metadata
+        sample.image_hashes = result.image_hashes
+        if result.image_hashes is None:
+            hash_sample(sample)  # its worker died or ran out of time: the bytes still match exact lists
         if result.error is not None:
             fail(sample, result.error)
         elif result.model_input is not None:

@@ -4,8 +4,8 @@ Threads share one interpreter lock: the tar reader, the batch assembler, the mod
 decoding thread take turns holding it between Pillow's and torch's lock-free stretches, so a thread pool's
 rate stops growing with cores (measured in benchmarks/README.md, "Host pipeline"). Here each worker is a
 process with its own interpreter and one torch thread: it receives a sample's raw members, checks and
-decodes the image, applies the transform and sends back only the model input (a numpy array), caption,
-metadata and error.
+decodes the image, hashes it (MD5 and SHA-1 of its bytes, PDQ of its pixels: tasks/io/decode.py `hash_sample`),
+applies the transform and sends back only the model input (a numpy array), caption, metadata, hashes and error.
 
 - One pool per worker count per process, started on first use and reused by every partition the process
   reads, through `forkserver`: forking a process that runs threads (Prefect's, the reader's) could copy a
@@ -56,7 +56,7 @@ from typing import Callable
 import numpy as np
 
 from tasks.io.decode import DecodeOptions, decode_and_transform, open_sample_image
-from tasks.io.samples import Sample
+from tasks.io.samples import ImageHashes, Sample
 from tasks.stop import on_stop, raise_if_stopped
 
 CRASH_REASON = "the image decoder's process died while decoding image {name!r} (a decoder crash or out of memory)"
@@ -144,6 +144,7 @@ class WorkerResult:
     caption: str | None
     metadata: dict | None
     error: str | None
+    image_hashes: ImageHashes | None  # None also when the worker died or ran out of time (the parent hashes the bytes then)
 
 
 def _start_worker(slots: "ctypes.Array[ctypes.c_double]", claimed: "multiprocessing.sharedctypes.Synchronized") -> None:
@@ -178,16 +179,15 @@ def decode_in_worker(task: int, key: str, shard: str, members: dict[str, bytes],
         _slots[_slot_base + _SLOT_DEADLINE] = time.monotonic() + options.decode_deadline_s
     try:
         sample = Sample(key=key, shard=shard, members=members)
-        opened = open_sample_image(sample, options)
-        if opened is not None:
-            decode_and_transform(sample, opened, _transform_of(transform))
+        # a refused header still gets its bytes hashed here, in parallel
+        decode_and_transform(sample, open_sample_image(sample, options), _transform_of(transform))
     finally:
         if _slots is not None:
             _slots[_slot_base + _SLOT_DEADLINE] = 0.0
     model_input, tensor = sample.model_input, False
     if model_input is not None and type(model_input).__module__.startswith("torch"):
         model_input, tensor = model_input.numpy(), True
-    return WorkerResult(model_input, tensor, sample.caption, sample.metadata, sample.error)
+    return WorkerResult(model_input, tensor, sample.caption, sample.metadata, sample.error, sample.image_hashes)
 
 
 def _load_transform(transform: WorkerTransform) -> bool:
@@ -403,7 +403,7 @@ def submit(workers: int, key: str, shard: str, members: dict[str, bytes], option
 
 
 def _over_deadline(options: DecodeOptions, image_name: str) -> WorkerResult:
-    return WorkerResult(None, False, None, None, DEADLINE_REASON.format(name=image_name, seconds=options.decode_deadline_s))
+    return WorkerResult(None, False, None, None, DEADLINE_REASON.format(name=image_name, seconds=options.decode_deadline_s), None)
 
 
 def result_of(decoding: Decoding, workers: int, key: str, shard: str, members: dict[str, bytes], options: DecodeOptions, transform: WorkerTransform,
@@ -435,7 +435,7 @@ def result_of(decoding: Decoding, workers: int, key: str, shard: str, members: d
             continue
         finally:
             alone_pool.shutdown(wait=True)
-    return WorkerResult(None, False, None, None, CRASH_REASON.format(name=image_name))
+    return WorkerResult(None, False, None, None, CRASH_REASON.format(name=image_name), None)
 
 
 def shutdown_pools() -> None:

@@ -157,7 +157,9 @@ def iter_batches(
     of `threads` workers (default: the CPUs this process may use); up to `prefetch` batches wait ready
     while the caller works on the current one. With a `transform` (e.g. open_clip's preprocess) each
     worker also applies it to the image it decoded: samples come with `model_input` set and no `image`,
-    so decoding and preprocessing together scale with the workers. With a picklable transform and more
+    so decoding and preprocessing together scale with the workers. Each sample also comes with its
+    `image_hashes` (MD5 and SHA-1 of its image member, PDQ of the pixels decoded; tasks/io/decode_dispatch.py),
+    computed by the worker that decoded it; `decode=None` leaves them None. With a picklable transform and more
     than one worker, the workers are processes (tasks/io/decode_workers.py; `worker_processes=False`
     keeps them threads), so the interpreter lock does not cap the rate. A batch closes early when its next sample would take it
     over `limits.batch_bytes` (a sample alone may exceed it), so memory is bounded by about

@@ -4,6 +4,10 @@ A member's format is the last component of its extension, case-insensitive (`a.J
 key `dir/with`, extension `dots.in.name.jpg`), and `image_extension` picks the image of a sample with several.
 A sample that cannot be scored carries one short sentence in `error`: `fail` records the first reason only, as
 one line of valid UTF-8 text (`short_reason`), so every error fits one Parquet string.
+
+A sample read for embedding carries its `ImageHashes` (what known-abuse hash lists are matched by): the MD5 and
+SHA-1 of its hashed image member's bytes (`hashed_image_extension`) and the PDQ of its decoded pixels. Their
+`repr` never shows a hash.
 """
 
 from __future__ import annotations
@@ -21,6 +25,28 @@ UNSUPPORTED_IMAGE_EXTENSIONS = frozenset(
 _MAX_REASON_CHARS = 160
 
 
+@dataclass(frozen=True, repr=False)
+class ImageHashes:
+    """The hashes one sample's image is matched by (tasks/hashes/image_hashes.py computes them).
+
+    `md5` and `sha1` are the lowercase hex digests of the image member's bytes as stored, present whenever the
+    sample has a non-empty image member, decodable or not (a corrupt file still matches an exact list). `pdq`
+    (32 bytes) and `pdq_quality` (0-100) are the PDQ of the RGB pixels the embedding decode produced (EXIF
+    orientation applied, transparency over white); with decode_mode=reduced those are the reduced-size JPEG
+    decode's pixels, not the full-size image's. Both are None where no pixels were decoded.
+    """
+
+    md5: str
+    sha1: str
+    pdq: bytes | None
+    pdq_quality: int | None
+
+    def __repr__(self) -> str:
+        # Hashes of abuse material are kept out of logs and tracebacks.
+        shown = "no PDQ" if self.pdq is None else f"PDQ of quality {self.pdq_quality}"
+        return f"ImageHashes(md5, sha1, {shown})"
+
+
 @dataclass
 class Sample:
     """One WebDataset sample, or (key=None) the unreadable rest of a damaged shard."""
@@ -33,6 +59,7 @@ class Sample:
     caption: str | None = None
     metadata: dict | None = None
     error: str | None = None  # why this sample cannot be scored (one short sentence); None when fine
+    image_hashes: ImageHashes | None = None  # set by the embedding pass's decoding; None without an image member
 
     def member_name(self, extension: str) -> str:
         """The member's name in the tar, as the writer re-creates it."""
@@ -58,6 +85,13 @@ def image_extension(members: dict[str, bytes]) -> str | None:
         if image_format in whole:
             return whole[image_format]
     return next((extension for extension in members if member_format(extension) in IMAGE_EXTENSIONS), None)
+
+
+def hashed_image_extension(members: dict[str, bytes]) -> str | None:
+    """The member whose bytes the sample's MD5 and SHA-1 are of: its image (`image_extension`), else its first image
+    member in a format not decoded (`.heic`: exact lists match those too), else None; an empty member is none."""
+    extension = image_extension(members) or next(iter(image_members(members)), None)
+    return extension if extension is not None and members[extension] else None
 
 
 def image_members(members: dict[str, bytes]) -> list[str]:

@@ -10,6 +10,8 @@ worker pool decodes each image and applies open_clip's transform to it (`feed_mo
 host side scales with cores, and a background thread stacks the results into model batches two ahead of
 inference; on CUDA the batch is stacked in pinned memory, copied with `non_blocking=True` and run under
 fp16 (or bf16) autocast.
+The same workers hash each image they decode (tasks/io/decode.py `hash_sample`: MD5 and SHA-1 of its bytes, PDQ
+of its pixels), and `embed_shard` keeps those hashes in the entry, so a hash list is matched without decoding again.
 `ClipEmbedder.times` says where an embedder's time went: waiting for model-ready input, or in the model.
 """
 
@@ -34,6 +36,7 @@ from tasks.io.locations import LocationLike, as_location, redacted
 from tasks.models.remote_weights import local_weights
 from tasks.io.prefetch import close_iterator, prefetched
 from tasks.io.read import DecodeOptions, Sample, iter_batches
+from tasks.io.samples import ImageHashes
 from tasks.stop import raise_if_stopped
 from tasks.store.entries import EmbeddingStore, embedding_table, shard_fingerprint
 
@@ -220,6 +223,7 @@ class ModelBatch:
 
     rows: list[tuple[str | None, str | None]]  # (key, error) of each sample in tar order; error None = it is in `pixels`
     pixels: torch.Tensor | None  # [samples without error, 3, H, W], pinned for a CUDA model; None when every row is an error
+    hashes: list[ImageHashes | None]  # each row's image hashes (None: no image member), in the order of `rows`
 
 
 def feed_model_batches(
@@ -246,20 +250,22 @@ def feed_model_batches(
         samples = iter_batches(shards, task_batch_size, decode=decode_options, threads=threads,
                                transform=transform, worker_processes=worker_processes, local_copies=local_copies)
         rows: list[tuple[str | None, str | None]] = []
+        hashes: list[ImageHashes | None] = []
         inputs: list[torch.Tensor] = []
         try:
             for batch in samples:
                 for sample in batch:
                     error = _error_of(sample)
                     rows.append((sample.key, error))
+                    hashes.append(sample.image_hashes)
                     if error is None:
                         inputs.append(sample.model_input)
                         if len(inputs) == batch_size:
-                            yield ModelBatch(rows, _stacked(inputs, pin_memory))
-                            rows, inputs = [], []
+                            yield ModelBatch(rows, _stacked(inputs, pin_memory), hashes)
+                            rows, hashes, inputs = [], [], []
                 del batch
             if rows:
-                yield ModelBatch(rows, _stacked(inputs, pin_memory) if inputs else None)
+                yield ModelBatch(rows, _stacked(inputs, pin_memory) if inputs else None, hashes)
         finally:
             close_iterator(samples)
 
@@ -291,7 +297,8 @@ def embed_shard(
     `local_copy` the shard's verified copy on this machine (tasks/io/spool.py), read instead of storage.
 
     One row per sample, including samples that failed to decode (null embedding, `error` set) and
-    shard-level damage (key None). Images are released as soon as they are preprocessed.
+    shard-level damage (key None), each with its image hashes (`embedding_table`'s hash columns). Images are
+    released as soon as they are preprocessed and hashed.
     """
     shard = as_location(shard)
     shard_url = shard.url
@@ -299,6 +306,7 @@ def embed_shard(
     identity = clip_identity(embedder.weights, decode_options.identity())
     keys: list[str | None] = []
     errors: list[str | None] = []
+    hashes: list[ImageHashes | None] = []
     embedded_rows: list[np.ndarray] = []
     pin_memory = embedder.device.type == "cuda"
     batches = feed_model_batches([shard], embedder.transform, embedder.batch_size, decode_options, task_batch_size, pin_memory, threads,
@@ -312,8 +320,9 @@ def embed_shard(
             embedded_rows.append(full)
             keys.extend(key for key, _ in batch.rows)
             errors.extend(error for _, error in batch.rows)
+            hashes.extend(batch.hashes)
     embeddings = np.concatenate(embedded_rows) if embedded_rows else np.zeros((0, embedder.embedding_dim), np.float32)
-    table = embedding_table(keys, shard_url, embeddings, errors)
+    table = embedding_table(keys, shard_url, embeddings, errors, hashes=hashes)
     metadata = dict(identity_record(embedder.weights, decode_options.identity()), precision=embedder.precision)
     return store.write(identity, shard_url, table, shard_fingerprint=fingerprint, metadata=metadata)
 

@@ -8,8 +8,12 @@ Layout (readable by pandas, pyarrow or a dedup flow without this module):
 the checkpoint's SHA-256, open_clip's preprocessing and the decode settings. `shard_fingerprint` names the
 shard's content (see `shard_fingerprint`). Columns: `key` (string; null for shard-level damage), `shard`
 (string, the shard URL of the run that wrote the entry), `embedding` (fixed-size list of float32, length =
-embedding dimension, L2-normalised; null where the sample could not be embedded), `error` (null or why).
-The footer's key-value metadata `nsfw_curator` (JSON) repeats what the identity covers.
+embedding dimension, L2-normalised; null where the sample could not be embedded), `error` (null or why), and in
+entries written since images are hashed the four `HASH_COLUMNS`: `md5` and `sha1` (string, lowercase hex of the
+image member's bytes; null without an image member), `pdq` (fixed_size_binary(32)) and `pdq_quality` (int16,
+0-100; both null where no pixels were decoded) -- see `ImageHashes` in tasks/io/samples.py. An entry without them
+is still a valid entry (`entry_hashes` is None for it; tasks/hashes/image_pass.py adds them). The footer's
+key-value metadata `nsfw_curator` (JSON) repeats what the identity covers.
 
 Writes are atomic (`tasks.io.atomic`): a temp file + `os.replace` on local disk; on object stores the
 object appears whole or not at all (one PUT, or a multipart upload completed at close). Concurrent writers of one entry leave one complete file (the last).
@@ -25,8 +29,12 @@ shard overwrites it):
 - every embedding is finite with an L2 norm within `NORM_TOLERANCE` of 1;
 - its keys are the shard's keys in order, when the caller knows them (`expected_keys`; the filter stage
   checks them while streaming the shard again).
+- the hash columns, when there are any, are all four with their types; `md5` is 32 and `sha1` 40 lowercase hex
+  digits, null together; `pdq_quality` is 0-100 and null exactly where `pdq` is; a PDQ only beside an MD5, and
+  none of them in a row without a key.
 - when `NSFW_CURATOR_STORE_KEY` is set, its footer carries an HMAC-SHA256 under that key of the identity,
-  the shard fingerprint, the keys, the errors and the embeddings (`entry_signature`): an unsigned entry, or
+  the shard fingerprint, the keys, the errors and the embeddings, and the hash columns when it has them
+  (`entry_signature`; an entry without them signs as before they existed): an unsigned entry, or
   one signed with another key or changed after signing, is a miss. The key is read from the environment at
   each use and never stored, logged or written.
 Without a key, an entry that passes all of this but holds other vectors than the model's (say, each row's
@@ -46,17 +54,20 @@ import os
 import threading
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from tasks.io.atomic import write_bytes_atomic
 from tasks.io.locations import Location, LocationLike, as_location, object_size, redacted, safe_name
+from tasks.io.samples import ImageHashes
 from tasks.errors import UserError
 from tasks.store.retired_errors import first_retired_error
 
@@ -72,6 +83,12 @@ NORM_TOLERANCE = 1e-2
 NON_FINITE_REASON = "embedding has non-finite values (NaN or inf); not scored"
 NOT_UNIT_REASON = "embedding is not L2-normalised (the model gave a zero or degenerate vector); not scored"
 STORE_KEY_VARIABLE = "NSFW_CURATOR_STORE_KEY"
+ENTRY_COLUMNS = ("key", "shard", "embedding", "error")
+# The image hashes of each row (see the module docstring): all four or none.
+HASH_COLUMN_TYPES = {"md5": pa.string(), "sha1": pa.string(), "pdq": pa.binary(32), "pdq_quality": pa.int16()}
+HASH_COLUMNS = tuple(HASH_COLUMN_TYPES)
+_HEX_DIGITS = {"md5": 32, "sha1": 40}
+_MAX_PDQ_QUALITY = 100
 
 
 class CorruptEntryWarning(UserWarning):
@@ -209,8 +226,10 @@ def embedding_table(
     shard_url: str,
     embeddings: np.ndarray,
     errors: Sequence[str | None],
+    hashes: Sequence[ImageHashes | None] | None = None,
 ) -> pa.Table:
-    """An entry's table from keys, a float32 [N, D] matrix and per-row errors (rows with an error get a null embedding).
+    """An entry's table from keys, a float32 [N, D] matrix and per-row errors (rows with an error get a null embedding),
+    with the `HASH_COLUMNS` when `hashes` (each row's, None where it has none) are given.
 
     A row without an error whose embedding is not finite or not unit-length gets that as its error, so
     every table made here passes the read-side validation.
@@ -229,7 +248,7 @@ def embedding_table(
     embedding_column = pa.FixedSizeListArray.from_arrays(
         pa.array(embeddings.reshape(-1)), embeddings.shape[1], mask=pa.array(failed, type=pa.bool_())
     )
-    return pa.table(
+    table = pa.table(
         {
             "key": pa.array(list(keys), type=pa.string()),
             "shard": pa.array([redacted(shard_url)] * len(keys), type=pa.string()),
@@ -237,6 +256,60 @@ def embedding_table(
             "error": pa.array(list(errors), type=pa.string()),
         }
     )
+    return table if hashes is None else with_hash_columns(table, hashes)
+
+
+def with_hash_columns(table: pa.Table, hashes: Sequence[ImageHashes | None]) -> pa.Table:
+    """The entry table with its `HASH_COLUMNS` set from each row's hashes (None where it has none), replacing any."""
+    assert len(hashes) == table.num_rows, "one ImageHashes (or None) per row"
+    keys = table.column("key").to_pylist()
+    assert all(row_hashes is None for key, row_hashes in zip(keys, hashes) if key is None), "a row without a key has no hashes"
+    columns = {
+        "md5": [row.md5 if row else None for row in hashes],
+        "sha1": [row.sha1 if row else None for row in hashes],
+        "pdq": [row.pdq if row else None for row in hashes],
+        "pdq_quality": [row.pdq_quality if row else None for row in hashes],
+    }
+    table = table.drop_columns([name for name in HASH_COLUMNS if name in table.column_names])
+    for name, values in columns.items():
+        table = table.append_column(pa.field(name, HASH_COLUMN_TYPES[name]), pa.array(values, type=HASH_COLUMN_TYPES[name]))
+    return table
+
+
+def has_hash_columns(table_or_schema: pa.Table | pa.Schema) -> bool:
+    """Whether an entry holds image hashes (the hash columns, all four; `_validate` refuses some without the others)."""
+    names = table_or_schema.names if isinstance(table_or_schema, pa.Schema) else table_or_schema.column_names
+    return all(name in names for name in HASH_COLUMNS)
+
+
+@dataclass(frozen=True, repr=False)
+class EntryHashes:
+    """A validated entry's image hashes, one row per entry row (its `repr` shows no hash)."""
+
+    md5: list[str | None]  # lowercase hex; None without an image member
+    sha1: list[str | None]
+    pdq: np.ndarray  # uint8 [N, 32], bit 255 first; zeros where `has_pdq` is False
+    has_pdq: np.ndarray  # bool [N]: the row's pixels were decoded and hashed
+    pdq_quality: np.ndarray  # int16 [N], 0-100; -1 where `has_pdq` is False
+
+    def __repr__(self) -> str:
+        return f"EntryHashes({len(self.md5)} rows, {int(self.has_pdq.sum())} with PDQ)"
+
+
+def entry_hashes(table: pa.Table) -> EntryHashes | None:
+    """The image hashes of an entry read by `EmbeddingStore.read_table`, or None for an entry written before images were hashed."""
+    if not has_hash_columns(table):
+        return None
+    pdq_column = table.column("pdq").combine_chunks()
+    rows = len(pdq_column)
+    has_pdq = pdq_column.is_valid().to_numpy(zero_copy_only=False)
+    # a fixed-size binary array is one buffer of 32 bytes per slot, null slots included
+    values = np.frombuffer(pdq_column.buffers()[1], dtype=np.uint8) if rows else np.zeros(0, np.uint8)
+    start = pdq_column.offset * 32
+    pdq = values[start : start + rows * 32].reshape(rows, 32).copy()
+    pdq[~has_pdq] = 0
+    quality = table.column("pdq_quality").combine_chunks().fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int16)
+    return EntryHashes(table.column("md5").to_pylist(), table.column("sha1").to_pylist(), pdq, has_pdq, quality)
 
 
 def embedding_matrix(table: pa.Table | pd.DataFrame) -> np.ndarray:
@@ -286,6 +359,12 @@ def _validate(table_schema: pa.Schema, num_rows: int, expected: dict, embedding_
     for name in ("key", "shard", "error"):
         if not pa.types.is_string(table_schema.field(name).type):
             return f"{name} column has type {table_schema.field(name).type}"
+    present = [name for name in HASH_COLUMNS if name in table_schema.names]
+    if present and len(present) != len(HASH_COLUMNS):
+        return f"hash columns {sorted(set(HASH_COLUMNS) - set(present))} are missing beside {present}"
+    for name in present:
+        if table_schema.field(name).type != HASH_COLUMN_TYPES[name]:
+            return f"{name} column has type {table_schema.field(name).type}, not {HASH_COLUMN_TYPES[name]}"
     return None
 
 
@@ -312,6 +391,33 @@ def _validate_rows(table: pa.Table) -> str | None:
     if len(off) and off.max() > NORM_TOLERANCE:
         worst = int(np.argmax(off))
         return f"row {int(np.flatnonzero(has_embedding)[worst])} has L2 norm {np.linalg.norm(rows[worst]):.4g}, not 1"
+    return _hash_rows_problem(table, has_key) if has_hash_columns(table) else None
+
+
+def _hash_rows_problem(table: pa.Table, has_key: np.ndarray) -> str | None:
+    """Why an entry's hash columns cannot be used, or None; never shows a hash (only row numbers)."""
+
+    def first(rows: np.ndarray) -> int | None:
+        found = np.flatnonzero(rows)
+        return int(found[0]) if len(found) else None
+
+    valid = {name: table.column(name).combine_chunks().is_valid().to_numpy(zero_copy_only=False) for name in HASH_COLUMNS}
+    for name, digits in _HEX_DIGITS.items():
+        # RE2's `$` is the end of the text (a trailing newline does not match)
+        matches = pc.match_substring_regex(table.column(name).combine_chunks(), f"^[0-9a-f]{{{digits}}}$")
+        if (row := first(~matches.fill_null(True).to_numpy(zero_copy_only=False))) is not None:
+            return f"row {row}'s {name} is not {digits} lowercase hex digits"
+    quality = table.column("pdq_quality").combine_chunks().fill_null(0).to_numpy(zero_copy_only=False)
+    checks = [
+        (valid["md5"] != valid["sha1"], "has one of md5 and sha1 without the other"),
+        (valid["pdq"] != valid["pdq_quality"], "has one of pdq and pdq_quality without the other"),
+        (valid["pdq"] & ~valid["md5"], "has a pdq without an md5"),
+        ((quality < 0) | (quality > _MAX_PDQ_QUALITY), f"has a pdq_quality outside 0..{_MAX_PDQ_QUALITY}"),
+        (~has_key & valid["md5"], "has hashes but no key"),
+    ]
+    for rows, problem in checks:
+        if (row := first(rows)) is not None:
+            return f"row {row} {problem}"
     return None
 
 
@@ -322,11 +428,16 @@ def _store_key() -> bytes | None:
 
 
 def entry_signature(key: bytes, identity: str, shard_fingerprint: str, table: pa.Table) -> str:
-    """HMAC-SHA256 under `key` of what an entry says: identity, shard fingerprint, keys, errors, embeddings."""
+    """HMAC-SHA256 under `key` of what an entry says: identity, shard fingerprint, keys, errors, embeddings, and its
+    hash columns when it has them (an entry without them signs exactly as before they existed)."""
     matrix = embedding_matrix(table)  # null rows become NaN, whatever bytes they hold
     header = json.dumps([identity, shard_fingerprint, table.column("key").to_pylist(), table.column("error").to_pylist(), list(matrix.shape)])
     digest = hashlib.sha256(header.encode())
     digest.update(np.ascontiguousarray(matrix, dtype="<f4").tobytes())
+    if has_hash_columns(table):
+        pdq = [None if value is None else value.hex() for value in table.column("pdq").to_pylist()]
+        hashes = [table.column("md5").to_pylist(), table.column("sha1").to_pylist(), pdq, table.column("pdq_quality").to_pylist()]
+        digest.update(b"\x00image-hashes-v1\x00" + json.dumps(hashes).encode())
     return "hmac-sha256:" + hmac.new(key, digest.digest(), hashlib.sha256).hexdigest()
 
 
@@ -492,8 +603,8 @@ class EmbeddingStore:
     ) -> str:
         """Write the entry atomically (replacing any existing one) and return its URL.
 
-        `table` has the columns `key`, `shard`, `embedding` (fixed-size list of float32) and `error`
-        (see `embedding_table`); `metadata` (JSON-serialisable) is stored in the footer beside the identity.
+        `table` has the columns `key`, `shard`, `embedding` (fixed-size list of float32) and `error`, and the
+        `HASH_COLUMNS` when it holds image hashes (see `embedding_table`); `metadata` (JSON-serialisable) is stored in the footer beside the identity.
         """
         fingerprint = self._fingerprint(shard_url, shard_fingerprint)
         if isinstance(table, pd.DataFrame):
@@ -509,7 +620,11 @@ class EmbeddingStore:
             rows=table.num_rows,
             embedding_dim=embedding_type.list_size,
         )
-        table = table.select(["key", "shard", "embedding", "error"])
+        present = [name for name in HASH_COLUMNS if name in table.column_names]
+        assert present in ([], list(HASH_COLUMNS)), f"an entry holds all of {HASH_COLUMNS} or none, not {present}"
+        for name in present:
+            assert table.schema.field(name).type == HASH_COLUMN_TYPES[name], f"{name} column must be {HASH_COLUMN_TYPES[name]}"
+        table = table.select(list(ENTRY_COLUMNS) + (list(HASH_COLUMNS) if has_hash_columns(table) else []))
         if (key := _store_key()) is not None:
             record["signature"] = entry_signature(key, identity, fingerprint, table)
         table = table.replace_schema_metadata({METADATA_KEY: json.dumps(record, sort_keys=True)})
