@@ -84,7 +84,7 @@ NON_FINITE_REASON = "embedding has non-finite values (NaN or inf); not scored"
 NOT_UNIT_REASON = "embedding is not L2-normalised (the model gave a zero or degenerate vector); not scored"
 STORE_KEY_VARIABLE = "NSFW_CURATOR_STORE_KEY"
 ENTRY_COLUMNS = ("key", "shard", "embedding", "error")
-# The image hashes of each row (see the module docstring): all four or none.
+# The image hashes of each row, named as `ImageHashes` fields (see the module docstring): all four or none.
 HASH_COLUMN_TYPES = {"md5": pa.string(), "sha1": pa.string(), "pdq": pa.binary(32), "pdq_quality": pa.int16()}
 HASH_COLUMNS = tuple(HASH_COLUMN_TYPES)
 _HEX_DIGITS = {"md5": 32, "sha1": 40}
@@ -264,12 +264,7 @@ def with_hash_columns(table: pa.Table, hashes: Sequence[ImageHashes | None]) -> 
     assert len(hashes) == table.num_rows, "one ImageHashes (or None) per row"
     keys = table.column("key").to_pylist()
     assert all(row_hashes is None for key, row_hashes in zip(keys, hashes) if key is None), "a row without a key has no hashes"
-    columns = {
-        "md5": [row.md5 if row else None for row in hashes],
-        "sha1": [row.sha1 if row else None for row in hashes],
-        "pdq": [row.pdq if row else None for row in hashes],
-        "pdq_quality": [row.pdq_quality if row else None for row in hashes],
-    }
+    columns = {name: [None if row is None else getattr(row, name) for row in hashes] for name in HASH_COLUMNS}
     table = table.drop_columns([name for name in HASH_COLUMNS if name in table.column_names])
     for name, values in columns.items():
         table = table.append_column(pa.field(name, HASH_COLUMN_TYPES[name]), pa.array(values, type=HASH_COLUMN_TYPES[name]))
