@@ -89,11 +89,11 @@ def _score_file_signals(args: argparse.Namespace, embedding_dim: int) -> Any:
     from tasks.signals.plan import parse_signals, plan_signals
     from tasks.store.entries import EmbeddingStore
 
-    signals = structured_value(args.signals) if args.signals else None
+    signals = args.signals or None
     needs_text = any(spec.kind == "concepts" for spec in parse_signals(signals, {}))
     clip_weights = resolve_clip(args.clip_model, args.clip_pretrained, args.model_dir or default_model_dir()) if needs_text else None
     store = EmbeddingStore(Location(args.cache_path or default_cache_path())) if needs_text else None
-    policy = structured_value(args.policy) if args.policy else None
+    policy = args.policy or None
     return plan_signals(signals, policy, 0.5, embedding_dim, {}, clip_weights, store)
 
 
@@ -166,16 +166,6 @@ def _is_structured(annotation: Any) -> bool:
     return any(_is_structured(argument) for argument in typing.get_args(annotation))
 
 
-def structured_value(text: str) -> Any:
-    """Inline JSON (`{...}` or `[...]`) parsed, anything else kept as the path or URL of a JSON or YAML file."""
-    if text.lstrip()[:1] not in ("{", "["):
-        return text
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise UserError(f"the option's JSON does not parse ({error.msg} at character {error.pos}); fix it or pass a file's path.") from None
-
-
 def add_flow_arguments(parser: argparse.ArgumentParser, signature: FlowSignature) -> None:
     """One `--kebab-case` option per flow parameter, typed and documented from the flow's signature and docstring."""
     for parameter in signature.parameters:
@@ -210,7 +200,7 @@ def flow_arguments(args: argparse.Namespace, signature: FlowSignature) -> dict[s
         value = getattr(args, parameter.name)
         annotation = parameter.annotation
         if isinstance(value, str) and _is_structured(annotation):
-            value = structured_value(value)
+            pass  # inline JSON or a file's path: the run's plan reads either (tasks/signals/plan.py)
         elif isinstance(value, list) and len(value) == 1 and typing.get_origin(annotation) is typing.Union and str in typing.get_args(annotation):
             value = value[0]
         values[parameter.name] = value

@@ -52,13 +52,42 @@ def settings_model(flow_fn: Callable, name: str) -> type[BaseModel]:
     return create_model(name, __config__=ConfigDict(extra="forbid"), **fields)
 
 
+_SCALAR_BRANCHES = ("str", "int", "float", "bool", "none", "dict")
+
+
+def _is_branch(part: object) -> bool:
+    """Whether an error location part names a union branch or a validator (`str`, `list[...]`, `function-after[...]`)."""
+    return isinstance(part, str) and ("[" in part or part in _SCALAR_BRANCHES)
+
+
+def _of_input_branch(error: dict, parameters: dict[str, Any]) -> bool:
+    """For a value that several union branches refused, whether this error is the branch of the value's own type
+    (a dict's model errors, not "should be a valid string")."""
+    loc = error["loc"]
+    if len(loc) < 2 or not _is_branch(loc[1]):
+        return True
+    value = parameters.get(loc[0])
+    branch = str(loc[1])
+    if isinstance(value, dict):
+        return not branch.startswith(_SCALAR_BRANCHES + ("list[",))
+    if isinstance(value, list):
+        return branch.startswith("list[")
+    return not branch.startswith("function-after[") and "[" not in branch or branch.startswith(type(value).__name__)
+
+
 def validate_settings(parameters: dict[str, Any], model: type[BaseModel]) -> Any:
     """The settings model from a flow's parameters; UserError with one sentence naming every bad value."""
     try:
         return model(**parameters)
     except ValidationError as exc:
+        errors = [error for error in exc.errors() if _of_input_branch(error, parameters)] or exc.errors()
+        first_per_parameter: dict[object, dict] = {}
+        for error in errors:  # a structured value's first problem (the rest often follow from it)
+            first_per_parameter.setdefault(error["loc"][0] if error["loc"] else None, error)
+        errors = list(first_per_parameter.values())
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc'])} {error['msg'].lower()} (got {error.get('input')!r})" for error in exc.errors()
+            f"{'.'.join(str(p) for p in error['loc'] if not _is_branch(p))} {error['msg'].removeprefix('Value error, ').lower()} (got {error.get('input')!r})"
+            for error in errors
         )
         raise UserError(f"invalid parameters: {problems}.") from None
 

@@ -18,7 +18,7 @@ import webdataset as wds
 from tasks.errors import UserError
 from tasks.io.keep_passed import keep_passed, shard_identity
 from tasks.io.locations import Location
-from tasks.io.write import SCORES_SCHEMA, write_scores
+from tasks.io.write import SCORES_SCHEMA, PartitionResult, write_manifest, write_scores
 from tests.support.tars import Member, encode, drawn_image, shard_of_good_samples, write_tar
 
 SCORED = "000"  # the folder of the shards the run scored; "other" holds a shard of the same name it never listed
@@ -46,6 +46,15 @@ def scores_rows(shard: str, rows: list[tuple[str | None, bool]]) -> dict[str, li
     }
 
 
+def committed_scores(output: Path, index: int, rows: dict[str, list]) -> None:
+    """A partition's scores file and the manifest that commits it, as the writer leaves a finished partition."""
+    scores_file = output / "scores" / f"part-{index:06d}.parquet"
+    write_scores(scores_file, rows)
+    passed = sum(rows["passed"])
+    write_manifest(str(output), PartitionResult(index, f"p{index}", sorted(set(rows["shard"])), len(rows["key"]), passed, len(rows["key"]) - passed, 0,
+                                                [0] * 20, str(scores_file)))
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Run:
     root = tmp_path_factory.mktemp("keep-passed")
@@ -59,11 +68,8 @@ def run(tmp_path_factory) -> Run:
     unlisted = write_tar(root / "in" / "other" / "part-000000.tar", shard_of_good_samples([f"a/{j}" for j in range(6)], size=(32, 24)))
     output = root / "out"
     # a/5 has no row: the run never checked it
-    write_scores(output / "scores" / "part-000000.parquet", scores_rows(str(first), [("a/0", True), ("a/1", False), ("a/2", True), ("a/3", True), ("a/4", False)]))
-    write_scores(
-        output / "scores" / "part-000001.parquet",
-        scores_rows(str(second), [("b/0", True), ("b/1", True), ("b/2", True), ("b/3", False), ("b/2", False), (None, False)]),
-    )
+    committed_scores(output, 0, scores_rows(str(first), [("a/0", True), ("a/1", False), ("a/2", True), ("a/3", True), ("a/4", False)]))
+    committed_scores(output, 1, scores_rows(str(second), [("b/0", True), ("b/1", True), ("b/2", True), ("b/3", False), ("b/2", False), (None, False)]))
     return Run(root, output, [first, second], unlisted, ["a/0", "a/2", "a/3", "b/0", "b/1"])
 
 
@@ -138,13 +144,21 @@ def test_the_output_folder_its_scores_folder_and_a_location_all_work(run):
 
 def test_object_store_shards_match_as_written_without_a_trailing_slash(tmp_path):
     shard = "s3://bucket/x/part-000001.tar"
-    write_scores(tmp_path / "scores" / "part-000000.parquet", scores_rows(shard, [("k", True)]))
+    committed_scores(tmp_path, 0, scores_rows(shard, [("k", True)]))
     stage = keep_passed(tmp_path)
     urls = [shard, "S3://bucket/x/part-000001.tar/", "s3://bucket/y/part-000001.tar", "s3://bucket/x//part-000001.tar", "part-000001.tar"]
     samples = [{"__key__": "k", "__url__": url, "jpg": b"\xff\xd8"} for url in urls]
     assert list(stage(iter(samples))) == samples[:2]
     assert stage.counts.unknown_shard == 3
     assert shard_identity("file:///data/a%20b/x.tar") == os.path.realpath("/data/a b/x.tar")  # as webdataset opens it
+
+
+def test_scores_no_manifest_commits_are_not_trusted(tmp_path):
+    committed_scores(tmp_path, 0, scores_rows("/data/a.tar", [("k", True)]))
+    write_scores(tmp_path / "scores" / "part-000001.parquet", scores_rows("/data/b.tar", [("k", True)]))  # a stopped partition
+    stage = keep_passed(tmp_path)
+    samples = [{"__key__": "k", "__url__": url} for url in ("/data/a.tar", "/data/b.tar")]
+    assert list(stage(iter(samples))) == samples[:1] and stage.incomplete_partitions == 1 and stage.counts.unknown_shard == 1
 
 
 def _write_bad(scores: Path, case: str) -> Path:

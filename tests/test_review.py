@@ -529,7 +529,7 @@ def test_cli_reviews_the_aesthetic_signal_in_its_bands_around_the_policys_thresh
     scores = np.array([row["score"] for row in rows.values()], dtype=np.float32)
     assert page.tables["sides"] == [
         ["line", "below (filtered)", "at or above (pass)"],
-        ["threshold 5 (aesthetic < 5)", str(int((scores < AESTHETIC_CUT).sum())), str(int((scores >= AESTHETIC_CUT).sum()))],
+        ["threshold 5 (aesthetic < 5.0)", str(int((scores < AESTHETIC_CUT).sum())), str(int((scores >= AESTHETIC_CUT).sum()))],
     ]
     layout = HistogramLayout()
     with Image.open(output_path / "review" / "histogram.png") as image:

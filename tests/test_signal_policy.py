@@ -138,7 +138,7 @@ def test_every_signal_under_one_policy_then_a_new_policy_rescores_without_clip_o
     rescored = read_scores(dataset / "out")
     verdicts = labels(rescored)
     assert verdicts == expected_verdicts(rescored, second_policy)
-    assert {"aesthetic < " + f"{aesthetic_cut:g}", "minors co-signal"} <= set(verdicts)
+    assert {f"aesthetic < {aesthetic_cut!r}", "minors co-signal"} <= set(verdicts)
     for column in ("nsfw_score", "aesthetic_score", "concepts_special_score"):  # the same scores, another verdict
         np.testing.assert_array_equal(rescored[column].to_numpy(), scores[column].to_numpy())
     assert rescored["passed"].tolist() == [v is None for v in verdicts]

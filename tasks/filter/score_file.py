@@ -55,6 +55,8 @@ def scored_columns(
         for name, column in values.scores.items():
             scores[name] = np.full(len(reasons), np.nan, dtype=np.float32)
             scores[name][scorable] = column
+            for row in np.flatnonzero(scorable)[~np.isfinite(column)].tolist():
+                reasons[row] = reasons[row] or f"signal {name} cannot score this embedding (zero length); not scored"
         for name, matched in values.concepts.items():
             concepts[name] = [None] * len(reasons)
             for row, concept in zip(rows, matched):

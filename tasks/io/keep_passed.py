@@ -5,7 +5,9 @@
     dataset = wds.WebDataset(urls, shardshuffle=False).compose(keep_passed(output_path))
 
 `keep_passed(scores)` takes a filter run's `output_path` (or its `scores/` folder), as a path, URL or
-`Location`. Building it lists `scores/part-{partition:06d}.parquet`, checks each file's schema (`key` and
+`Location`. Building it lists `scores/part-{partition:06d}.parquet`, uses only those a partition manifest
+(`_manifests/`, the partition's commit point) names (a run stopped mid-partition leaves scores no manifest
+vouches for: their samples are dropped as never checked), checks each file's schema (`key` and
 `shard` strings, `passed` bool) and reads its `shard` column once, so a bad or missing scores file is one
 UserError naming it before any sample is read. Only the columns key, shard and passed are ever read.
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import re
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -48,7 +51,7 @@ import pyarrow.parquet as pq
 
 from tasks.errors import UserError
 from tasks.io.locations import Location, LocationLike, split_url_credentials
-from tasks.io.write import OUTPUT_NAMES, join_url
+from tasks.io.write import OUTPUT_NAMES, join_url, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -121,10 +124,17 @@ class KeepPassed:
         self._files: dict[str, str] = {}  # file path -> its URL, for messages
         # shard identity -> (scores file path, the shard as that file writes it), for each file holding its rows
         self._shard_rows: dict[str, list[tuple[str, str]]] = {}
+        output = self.scores.at(self.scores.url.rstrip("/").rsplit("/", 1)[0])
+        self.incomplete_partitions = 0  # scores files no manifest vouches for (a run stopped before they were committed)
         for name in _scores_file_names(self._fs, scores_path, self.scores.url):
             path = f"{scores_path.rstrip('/')}/{name}"
             self._files[path] = join_url(self.scores.url, name)
-            for written in _distinct(self._read(path, ["shard"]).column("shard")):
+            shards = self._read(path, ["shard"]).column("shard")  # every file's schema is checked, committed or not
+            manifest = read_manifest(output, int(name[len("part-") : len("part-") + 6]))
+            if manifest is None or posixpath.basename(manifest.scores_file) != name:
+                self.incomplete_partitions += 1  # its samples are not in the index: dropped as never checked
+                continue
+            for written in _distinct(shards):
                 self._shard_rows.setdefault(shard_identity(written), []).append((path, written))
         self._held: OrderedDict[str, ShardKeys | None] = OrderedDict()
         self._file_table: tuple[str, pa.Table] | None = None

@@ -35,6 +35,7 @@ the texts again and overwrites the file.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import math
 import re
@@ -49,6 +50,7 @@ import yaml
 from tasks.errors import UserError
 from tasks.io.atomic import write_bytes_atomic
 from tasks.io.locations import Location
+from tasks.store.entries import _store_key as store_key  # the same key that signs entries
 
 MAX_CONCEPTS = 1_000
 MAX_FILE_BYTES = 1 << 20
@@ -286,6 +288,8 @@ def write_text_features(location: Location, features: np.ndarray, texts: Sequenc
     assert features.dtype == np.float32 and features.ndim == 2 and features.shape[0] == len(texts), f"features {features.shape} for {len(texts)} texts"
     assert _rows_are_unit(features), "text features must be finite and L2-normalised"
     metadata = {"format": TEXT_FEATURES_FORMAT, "fingerprint": fingerprint, "texts": _canonical_json(list(texts))}
+    if (key := store_key()) is not None:
+        metadata["signature"] = _features_signature(key, fingerprint, metadata["texts"], np.ascontiguousarray(features))
     data = save({TEXT_FEATURES_TENSOR: np.ascontiguousarray(features)}, metadata=metadata)
     write_bytes_atomic(text_features_location(location, fingerprint), data)
 
@@ -322,7 +326,19 @@ def read_text_features(location: Location, fingerprint: str, texts: Sequence[str
         return None
     if features.dtype != np.float32 or features.shape != (len(texts), embedding_dim) or not _rows_are_unit(features):
         return None
-    return np.array(features, dtype=np.float32, order="C")
+    features = np.array(features, dtype=np.float32, order="C")
+    if (key := store_key()) is not None:  # with a store key, only features signed under it are used (as entries)
+        expected = _features_signature(key, fingerprint, metadata["texts"], features)
+        if not isinstance(metadata.get("signature"), str) or not hmac.compare_digest(metadata["signature"], expected):
+            return None
+    return features
+
+
+def _features_signature(key: bytes, fingerprint: str, texts_json: str, features: np.ndarray) -> str:
+    """HMAC-SHA256 under the store key of what the file claims: its fingerprint, texts and values."""
+    digest = hmac.new(key, f"nsfw-curator text features\n{fingerprint}\n{texts_json}\n".encode(), hashlib.sha256)
+    digest.update(features.tobytes())
+    return digest.hexdigest()
 
 
 def _safetensors_header(data: bytes) -> dict | None:

@@ -125,7 +125,9 @@ def _read_signal_file(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]
         raise UserError(f"signal weights not found at {path}; convert the published file with `{CONVERT_COMMAND} SOURCE {path}`.")
     with path.open("rb") as handle:
         first_bytes = handle.read(8)
-    if first_bytes.startswith(_PUBLISHED_MAGICS):
+    # A safetensors file starts with its header's length (8 bytes, little-endian), which may begin with 0x80 like a
+    # pickle: a published file is told apart only when the bytes after that length are not a JSON header.
+    if first_bytes.startswith(_PUBLISHED_MAGICS) and not _is_safetensors(path):
         raise UserError(
             f"{path} is a published weights file, not converted signal weights; "
             f"convert it with `{CONVERT_COMMAND} {path} OUT.safetensors` and pass OUT.safetensors."
@@ -145,6 +147,15 @@ def _read_signal_file(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]
     if non_finite:
         raise _damaged(path, f"has NaN or infinite values in {non_finite[0]}")
     return tensors, metadata
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Whether the file opens as safetensors (its header parses)."""
+    try:
+        with safe_open(str(path), framework="numpy"):
+            return True
+    except (SafetensorError, OSError, ValueError):
+        return False
 
 
 def _damaged(path: Path, problem: str) -> UserError:

@@ -8,6 +8,7 @@ Weights given as a URL are fetched once per machine and verified against the pla
 from __future__ import annotations
 
 import functools
+import hashlib
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,8 +21,8 @@ if TYPE_CHECKING:
 
 
 @functools.lru_cache(maxsize=16)
-def cached_signal_head(path: str) -> AestheticHead | PromptDetector:
-    """The head in a local safetensors file, loaded once per process (shared read-only by a worker's threads)."""
+def cached_signal_head(path: str, sha256: str = "") -> AestheticHead | PromptDetector:
+    """The head in a local safetensors file, loaded once per process and digest (shared read-only by a worker's threads)."""
     return load_signal_head(path)
 
 
@@ -31,6 +32,8 @@ def _stored_text_features(signal: "PlannedSignal", embedding_dim: int) -> np.nda
 
     assert signal.groups is not None
     features = read_text_features(signal.location, signal.sha256, signal.groups.texts, embedding_dim)
+    if features is not None and hashlib.sha256(features.tobytes()).hexdigest() != signal.features_sha256:
+        features = None  # not the features the run's plan checked: the store was written meanwhile
     if features is None:
         raise RuntimeError(
             f"the text features of signal {signal.name!r} are missing or damaged in the embedding store ({signal.location}); "
@@ -42,7 +45,7 @@ def _stored_text_features(signal: "PlannedSignal", embedding_dim: int) -> np.nda
 def signal_head(signal: "PlannedSignal") -> AestheticHead | PromptDetector:
     """An aesthetic or prompts signal's head, from this machine's verified copy of its weights."""
     url = signal.location.url
-    return cached_signal_head(str(local_weights(signal.location, signal.sha256)) if is_remote(url) else url)
+    return cached_signal_head(str(local_weights(signal.location, signal.sha256)) if is_remote(url) else url, signal.sha256)
 
 
 def text_features(signal: "PlannedSignal", embedding_dim: int) -> np.ndarray:

@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import numpy as np
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
@@ -26,7 +27,7 @@ from tasks.io.locations import Location
 from tasks.models.clip_resolve import ClipWeights, weights_fingerprint
 from tasks.models.remote_weights import is_remote, resolve_weights
 from tasks.signals.columns import NSFW, RESERVED_COLUMNS, ScoredSignal
-from tasks.signals.concepts import ConceptGroups, read_concepts, read_text_features, text_features_fingerprint, text_features_location, write_text_features
+from tasks.signals.concepts import ConceptGroups, read_concepts, read_text_features, text_features_fingerprint, write_text_features
 from tasks.signals.heads import AestheticHead
 from tasks.signals.loaded import cached_signal_head
 from tasks.signals.text_tower import encode_concepts
@@ -43,9 +44,16 @@ class PlannedSignal:
 
     name: str
     kind: str
-    location: Location  # the weights as given (a path or URL), or the stored text features for concepts
+    location: Location  # the weights as given (a path or URL); for concepts, the embedding store holding the text features
     sha256: str  # of the weights file; for concepts, the text features' fingerprint
     groups: ConceptGroups | None = None
+    features_sha256: str | None = None  # concepts: SHA-256 of the text features' float32 values, as the plan read them
+    source: str | None = None  # concepts: the concepts file as given
+
+    @property
+    def source_name(self) -> str:
+        """What the summary names the signal's file by: the weights file, or the concepts file."""
+        return (self.source or self.location.url).rstrip("/").rsplit("/", 1)[-1]
 
     def columns(self) -> tuple[ScoredSignal, ...]:
         if self.groups is None:
@@ -59,6 +67,7 @@ class PlannedSignal:
         record: dict[str, Any] = {"name": self.name, "kind": self.kind, "sha256": self.sha256}
         if self.groups is not None:
             record["concepts"] = self.groups.fingerprint  # the texts, groups and thresholds
+            record["features_sha256"] = self.features_sha256
         return record
 
 
@@ -105,6 +114,16 @@ def read_parameter_file(location: Location, what: str) -> Any:
         raise UserError(f"the {what} file {location} is not valid JSON or YAML; fix its syntax.") from None
 
 
+def inline_or_file(value: str, storage_options: dict[str, Any], what: str) -> Any:
+    """A parameter given as text: inline JSON (`{...}`, `[...]`) parsed, anything else the path or URL of a JSON or YAML file."""
+    if value.lstrip()[:1] in ("{", "["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as error:
+            raise UserError(f"the {what} is not valid JSON ({error.msg} at character {error.pos}); fix it or pass a file's path.") from None
+    return read_parameter_file(signal_location(value, storage_options, what), what)
+
+
 def _validation_sentence(error: ValidationError) -> str:
     first = error.errors()[0]
     where = ".".join(str(part) for part in first["loc"])
@@ -117,7 +136,7 @@ def parse_signals(value: Any, storage_options: dict[str, Any]) -> tuple[SignalSp
     if value is None:
         return ()
     if isinstance(value, str):
-        value = read_parameter_file(signal_location(value, storage_options, "signals"), "signals")
+        value = inline_or_file(value, storage_options, "signals")
     try:
         specs = TypeAdapter(list[SignalSpec]).validate_python(value)
     except ValidationError as error:
@@ -136,7 +155,7 @@ def parse_policy(value: Any, score_threshold: float, storage_options: dict[str, 
     if value is None:
         return default_policy(score_threshold)
     if isinstance(value, str):
-        value = read_parameter_file(signal_location(value, storage_options, "policy"), "policy")
+        value = inline_or_file(value, storage_options, "policy")
     if isinstance(value, Policy):
         return value
     try:
@@ -181,7 +200,7 @@ def _weights_file(spec: SignalSpec, storage_options: dict[str, Any]) -> tuple[Lo
 
 def _planned_head_signal(spec: SignalSpec, embedding_dim: int, storage_options: dict[str, Any]) -> PlannedSignal:
     location, path, sha256 = _weights_file(spec, storage_options)
-    head = cached_signal_head(path)
+    head = cached_signal_head(path, sha256)
     kind = "aesthetic" if isinstance(head, AestheticHead) else "prompts"
     if kind != spec.kind:
         raise UserError(f"signal {spec.name!r} is declared as {spec.kind}, but {location} holds {kind} weights; fix the signal's kind or its file.")
@@ -191,13 +210,18 @@ def _planned_head_signal(spec: SignalSpec, embedding_dim: int, storage_options: 
 
 def _planned_concepts(spec: SignalSpec, clip_weights: ClipWeights, store: EmbeddingStore, storage_options: dict[str, Any]) -> PlannedSignal:
     """The concepts file read and checked, and its text features found in the store or computed once and stored there."""
-    groups = read_concepts(signal_location(spec.weights, storage_options, f"signal {spec.name!r} concepts"))
-    fingerprint = text_features_fingerprint(f"{clip_weights.model_name}:{clip_weights.weights_fingerprint}", groups.texts)
-    features_location = text_features_location(store.location, fingerprint)
-    if read_text_features(features_location, fingerprint, groups.texts, clip_weights.embedding_dim) is None:
+    concepts = signal_location(spec.weights, storage_options, f"signal {spec.name!r} concepts")
+    groups = read_concepts(concepts)
+    # The text tower is named by its checkpoint and its config (the same weights under another config encode otherwise).
+    config_digest = hashlib.sha256(clip_weights.model_config.encode()).hexdigest()[:16]
+    fingerprint = text_features_fingerprint(f"{clip_weights.model_name}:{clip_weights.weights_fingerprint}:{config_digest}", groups.texts)
+    features = read_text_features(store.location, fingerprint, groups.texts, clip_weights.embedding_dim)
+    if features is None:
         features = encode_concepts(clip_weights, groups.texts)
-        write_text_features(features_location, features, groups.texts, fingerprint)
-    return PlannedSignal(spec.name, "concepts", features_location, fingerprint, groups)
+        write_text_features(store.location, features, groups.texts, fingerprint)
+    # The features' digest travels with the plan: every worker uses exactly the features checked here.
+    features_digest = hashlib.sha256(np.ascontiguousarray(features, dtype=np.float32).tobytes()).hexdigest()
+    return PlannedSignal(spec.name, "concepts", store.location, fingerprint, groups, features_digest, concepts.url)
 
 
 def plan_signals(
@@ -219,6 +243,11 @@ def plan_signals(
     for spec in specs:
         if spec.kind != "concepts":
             planned.append(_planned_head_signal(spec, embedding_dim, storage_options))
+        elif clip_weights is not None and clip_weights.embedding_dim != embedding_dim:
+            raise UserError(
+                f"signal {spec.name!r}: CLIP {clip_weights.model_name} gives {clip_weights.embedding_dim}-d text features but the "
+                f"embeddings are {embedding_dim}-d; use the CLIP model that made the embeddings (--clip-model)."
+            )
         elif clip_weights is None or store is None:
             raise UserError(f"signal {spec.name!r} is a concepts signal: its text features need the CLIP checkpoint; pass --clip-model and --clip-pretrained.")
         else:

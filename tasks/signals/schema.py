@@ -64,9 +64,9 @@ class Condition(BaseModel):
 
     def describe(self) -> str:
         if self.at_least is not None:
-            return f"{self.signal} >= {self.at_least:g}"
+            return f"{self.signal} >= {self.at_least!r}"
         if self.below is not None:
-            return f"{self.signal} < {self.below:g}"
+            return f"{self.signal} < {self.below!r}"
         return f"{self.signal} {'matched' if self.matched else 'not matched'}"
 
 

@@ -75,7 +75,8 @@ class SignalScorer:
         # Norms, not normalised copies: every signal is linear in the embedding, so dividing its [N, K] result
         # by the norms is the same as scoring unit rows, without writing a second [N, D] matrix.
         norms = np.sqrt(np.einsum("ij,ij->i", embeddings, embeddings, dtype=np.float64))
-        inverse = 1.0 / np.where(norms > 0, norms, 1.0)
+        # A zero (or overflowing) embedding has no direction: every signal of it is NaN, i.e. not scored.
+        inverse = np.where((norms > 0) & np.isfinite(norms), 1.0 / np.where(norms > 0, norms, 1.0), np.nan)
         if self._aesthetic_matrix is not None:
             for column, name in enumerate(self._aesthetic):
                 # float64 accumulation (einsum casts in small buffers): within 1e-6 of the float64 layer-by-layer network.
