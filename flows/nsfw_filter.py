@@ -30,7 +30,7 @@ from tasks.io.partition import Partition
 from flows.artifacts import publish_location, publish_review_artifacts
 from tasks.review.sheet import write_review_sheet
 from tasks.filter.plan import EmbedStage, FilterRun, FilterStage, plan_filter_run, small_partitions_advice
-from tasks.io.write import PartitionResult, RunSummary, remove_leftover_temp_files
+from tasks.io.write import PartitionResult, RunSummary, remove_leftover_temp_files, write_run_quarantine
 from tasks.signals.schema import Policy, SignalSpec
 
 
@@ -132,6 +132,7 @@ def filter_partition_task(partition: Partition, read: PartitionRead, entry_urls:
         entry_urls,
         read.lookup.shard_fingerprints,
         log=logger.info if stage.verbose else None,
+        log_always=logger.warning,
         reembed_shard=shard_reembedder(stage.embedding),  # an entry found unusable while scoring is embedded again, not a failure
         read=read,
     )
@@ -243,6 +244,7 @@ def publish_artifacts(summary: RunSummary, summary_url: str) -> None:
             {"what": "filtered by the policy", "count": summary.filtered},
             *({"what": f"filtered by {label}", "count": count} for label, count in summary.filtered_by.items()),
             {"what": "not scored (errors)", "count": summary.errors},
+            *([{"what": "quarantined (hash-list matches)", "count": summary.quarantined}] if summary.quarantined else []),
             {"what": "partitions", "count": summary.partitions},
         ],
         description="nsfw-filter counts, per rule of the policy",
@@ -276,6 +278,8 @@ def nsfw_filter(
     score_threshold: Annotated[float, Field(ge=0, le=1)] = 0.5,
     signals: Optional[Union[list[SignalSpec], str]] = None,
     policy: Optional[Union[Policy, str]] = None,
+    hash_lists: Optional[list[str]] = None,
+    pdq_max_distance: Annotated[int, Field(ge=0, le=63)] = 31,
     cache_path: Optional[str] = None,
     images_per_tar: Annotated[int, Field(ge=1)] = 1000,
     verbose: bool = False,
@@ -306,6 +310,8 @@ def nsfw_filter(
         score_threshold: Images with nsfw_score >= score_threshold are filtered out (when no policy is given).
         signals: Signals to score besides nsfw, from the same stored embedding: a list of {name, kind (aesthetic, prompts or concepts), weights} or a path/URL of a JSON or YAML file holding it. Each adds a {name}_score column (concepts: one per group).
         policy: Which signals drop a sample: {"rules": [{"signal": "aesthetic", "below": 4.5}, {"signal": "nsfw", "at_least": 0.1, "when": [{"signal": "concepts_special", "matched": true}]}]}, or a path/URL of a JSON or YAML file holding it; default drops nsfw_score >= score_threshold. The scores' filtered_by names the first rule that dropped each sample.
+        hash_lists: Paths or URLs of known-abuse hash lists (one MD5, SHA-1 or PDQ hash per line, the kind told by its length); every image is matched in the pass that embeds it, and a matched sample is quarantined: never copied, shown or thumbnailed, recorded only in _quarantine/matches.jsonl.
+        pdq_max_distance: PDQ hashes within this Hamming distance of a listed one match (31, Meta's recommendation).
         cache_path: Root of the embedding store (local directory or s3://...); default $NSFW_CURATOR_CACHE_PATH or ~/.cache/nsfw-curator/embeddings.
         images_per_tar: Samples per output shard.
         verbose: Log every partition's progress.
@@ -334,6 +340,7 @@ def nsfw_filter(
         remove_run_folder(run.filter.spool_folder)  # copies of partitions that failed, or were stopped
 
     clean_partitions_beyond(run.output, len(run.partitions))
+    write_run_quarantine(run.output, results)  # the one record of hash-list matches, or none
     remove_leftover_temp_files(run.output)
     summary = RunSummary.from_partitions(
         results, run.filter.score_threshold, run.models(), run.output_path, run.filter.signals.scored(), run.filter.signals.policy.model_dump(mode="json")
@@ -346,7 +353,12 @@ def nsfw_filter(
         publish_review_artifacts(sheet)
         logger.info("review sheet with %d samples: %s", len(sheet.samples), sheet.sheet_url)
     logger.info("%d samples: %d passed, %d filtered, %d not scored", summary.samples, summary.passed, summary.filtered, summary.errors)
-    return {"summary": summary_url, "samples": summary.samples, "passed": summary.passed, "filtered": summary.filtered, "errors": summary.errors}
+    if summary.quarantined:
+        logger.warning("%d samples matched a hash list and are quarantined; see %s/_quarantine/matches.jsonl", summary.quarantined, run.output_path)
+    return {
+        "summary": summary_url, "samples": summary.samples, "passed": summary.passed, "filtered": summary.filtered, "errors": summary.errors,
+        "quarantined": summary.quarantined,
+    }
 
 
 # The flow's parameters as a model (types, ranges and defaults from the signature above), for checks outside Prefect.

@@ -32,6 +32,7 @@ from tasks.io.partition import Partition, list_shard_sizes, parse_blocksize, par
 from tasks.io.read import DecodeOptions
 from tasks.io.spool import run_spool_folder
 from tasks.signals.plan import SignalPlan, plan_signals
+from tasks.hashes.matching import HashListsPlan, plan_hash_lists
 from tasks.store.entries import EmbeddingStore
 
 
@@ -55,6 +56,8 @@ class FilterSettingsLike(Protocol):
     model_inference_batch_size: int
     num_gpus_per_worker: float
     score_threshold: float
+    hash_lists: list[str] | None  # paths or URLs of hash list files
+    pdq_max_distance: int
     signals: Any  # list of signal specs, or a path/URL of a JSON or YAML file holding them (tasks/signals/schema.py)
     policy: Any  # a Policy, or a path/URL of one; None: drop nsfw_score >= score_threshold
     cache_path: str | None
@@ -107,6 +110,7 @@ class FilterStage:
     images_per_tar: int
     verbose: bool = False
     signals: SignalPlan = field(default_factory=SignalPlan)  # signals besides nsfw, and the policy
+    hash_lists: HashListsPlan | None = None  # known-abuse hash lists every image is matched against (tasks/hashes/)
     # This run's folder for local copies of remote shards (tasks/io/spool.py); None when tasks may run on
     # other machines (a Ray cluster), whose copies nobody would read or remove.
     spool_folder: str | None = None
@@ -114,6 +118,10 @@ class FilterStage:
     @property
     def output_path(self) -> str:
         return self.output.url
+
+    @property
+    def hash_lists_identity(self) -> dict | None:
+        return self.hash_lists.identity() if self.hash_lists is not None else None
 
     @property
     def nsfw_weights(self) -> str:
@@ -152,9 +160,12 @@ class FilterRun:
             "nsfw_head": _file_name(self.filter.head_location.url),
             "nsfw_head_sha256": self.filter.head_fingerprint,
             **{
-                f"signal_{signal.name}": f"{signal.kind}: {_file_name(signal.location.url)}" for signal in self.filter.signals.signals
+                f"signal_{signal.name}": f"{signal.kind}: {signal.source_name}" for signal in self.filter.signals.signals
             },
             **{f"signal_{signal.name}_sha256": signal.sha256 for signal in self.filter.signals.signals},
+            # Lists are named by count and content fingerprint only: their names and hashes stay out of shared outputs.
+            **({"hash_lists": f"{len(self.filter.hash_lists.locations)} lists, fingerprint {self.filter.hash_lists.fingerprint}"}
+               if self.filter.hash_lists is not None else {}),
         }
 
 
@@ -252,6 +263,7 @@ def plan_filter_run(
     signals = plan_signals(
         settings.signals, settings.policy, float(settings.score_threshold), clip_weights.embedding_dim, storage_options, clip_weights, store
     )
+    hash_lists = plan_hash_lists(settings.hash_lists, settings.pdq_max_distance, storage_options)
     # Last, once everything else is valid: the output is claimed before any task writes to it.
     owner = input_owner(FILTER_FLOW, file_paths, file_extensions, shard_urls, len(partitions), inputs)
     claim_output(output, owner, settings.take_over_output)
@@ -275,6 +287,7 @@ def plan_filter_run(
         images_per_tar=int(settings.images_per_tar),
         verbose=bool(settings.verbose),
         signals=signals,
+        hash_lists=hash_lists,
         # Every task of a threads run, or of a Ray started here, runs on this machine and sees its disk.
         spool_folder=run_spool_folder() if settings.task_runner == "threads" or not settings.ray_address else None,
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import Sequence
 
 from tasks.filter.plan import EmbedStage, FilterStage
 from tasks.io.partition import Partition
@@ -24,7 +25,12 @@ from tasks.store.entries import shard_fingerprint_and_size
 
 
 def settings_identity(
-    shard_fingerprints: list[str], embedding_identity: str, head_fingerprint: str, signals_fingerprint: str, images_per_tar: int
+    shard_fingerprints: list[str],
+    embedding_identity: str,
+    head_fingerprint: str,
+    signals_fingerprint: str,
+    images_per_tar: int,
+    hash_lists: dict | None = None,
 ) -> str:
     """What makes a partition's outputs what they are: its shards' content and the run's settings (the signals'
     weights and the policy among them: changing either redoes scoring and writing, never embedding)."""
@@ -34,8 +40,18 @@ def settings_identity(
         "nsfw_head": head_fingerprint,
         "signals": signals_fingerprint,
         "images_per_tar": int(images_per_tar),
+        "hash_lists": hash_lists,  # the lists' content fingerprint and PDQ distance: a new list redoes the partition
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def stage_settings_identity(stage: FilterStage, shard_fingerprints: Sequence[str]) -> str:
+    """The settings identity of a partition of these shards under this stage (read and filter tasks ask the same)."""
+    embedding = stage.embedding
+    return settings_identity(
+        list(shard_fingerprints), embedding.embedding_identity, stage.head_fingerprint, stage.signals.fingerprint(), stage.images_per_tar,
+        stage.hash_lists_identity,
+    )
 
 
 def completed_partition(output: Location, manifest: PartitionResult | None, partition: Partition, identity_of_settings: str) -> PartitionResult | None:
@@ -96,9 +112,7 @@ def read_partition(partition: Partition, stage: FilterStage) -> PartitionRead:
     """Fingerprint and look up the partition's shards, check its earlier outputs and copy what must be read."""
     embedding = stage.embedding
     lookup = look_up_partition(embedding, partition.shard_urls)
-    identity_of_settings = settings_identity(
-        list(lookup.shard_fingerprints), embedding.embedding_identity, stage.head_fingerprint, stage.signals.fingerprint(), stage.images_per_tar
-    )
+    identity_of_settings = stage_settings_identity(stage, lookup.shard_fingerprints)
     earlier = read_manifest(stage.output, partition.index)
     complete = completed_partition(stage.output, earlier, partition, identity_of_settings) is not None
     copies: list[LocalCopy | None] = []

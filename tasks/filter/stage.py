@@ -12,6 +12,7 @@ fingerprints the shards again nor lists any folder.
 
 from __future__ import annotations
 
+import json
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -27,9 +28,13 @@ from tasks.stop import raise_if_stopped
 from tasks.signals.columns import NSFW
 from tasks.signals.schema import Policy
 from tasks.signals.scoring import SignalScorer, cached_scorer, filtered_by
+from tasks.hashes.image_pass import hash_shard, with_hashes
+from tasks.hashes.matching import HashMatch, loaded_matcher
+from tasks.store.entries import METADATA_KEY, entry_hashes
 from tasks.io.write import (
     PartitionResult,
     ScoredRow,
+    quarantine_url,
     manifest_url,
     partitions_with_outputs,
     read_manifest,
@@ -38,13 +43,19 @@ from tasks.io.write import (
     write_filtered_partition,
 )
 
-from tasks.filter.reading import PartitionRead, completed_partition, settings_identity
+from tasks.filter.reading import PartitionRead, completed_partition, stage_settings_identity
+
+
+def entry_metadata(table) -> dict:
+    """The footer record an entry was written with (the writer sets the identity fields again)."""
+    return json.loads((table.schema.metadata or {}).get(METADATA_KEY, b"{}"))
 
 
 def shard_scores(
-    table, head: NSFWHead, scorer: SignalScorer, policy: Policy, batch_size: int
+    table, head: NSFWHead, scorer: SignalScorer, policy: Policy, batch_size: int, matches: dict[int, HashMatch] | None = None
 ) -> tuple[list, list[ScoredRow]]:
-    """The keys of a validated store entry and each row's scores, policy verdict and error."""
+    """The keys of a validated store entry and each row's scores, policy verdict and error; a row a hash list
+    matched (`matches`) keeps its match only: no score, no verdict of the policy."""
     keys = table.column("key").to_pylist()
     errors = table.column("error").to_pylist()
     embeddings = embedding_matrix(table)
@@ -63,6 +74,8 @@ def shard_scores(
         for name, column in values.scores.items():
             scores[name] = np.full(rows, np.nan, dtype=np.float32)
             scores[name][scorable] = column
+            for row in np.flatnonzero(scorable)[~np.isfinite(column)].tolist():
+                errors[row] = errors[row] or f"signal {name} cannot score this embedding (zero length); not scored"
         for name, matched in values.concepts.items():
             concepts[name] = [None] * rows
             for row, concept in zip(np.flatnonzero(scorable).tolist(), matched):
@@ -75,7 +88,11 @@ def shard_scores(
     columns = [(signal.score_column, scores[signal.name]) for signal in scorer.plan.scored()]
     concept_columns = [(signal.concept_column, concepts[signal.name]) for signal in scorer.plan.scored() if signal.concept_column]
     scored_rows = []
+    matches = matches or {}
     for row in range(rows):
+        if row in matches:
+            scored_rows.append(ScoredRow({}, matches[row].filtered_by, None, matches[row]))
+            continue
         values = {column: float(value[row]) for column, value in columns}
         values.update({column: matched[row] for column, matched in concept_columns})
         scored_rows.append(ScoredRow(values, verdicts[row], errors[row]))
@@ -154,6 +171,7 @@ def filter_partition(
     entry_urls: Sequence[str],
     shard_fingerprints: Sequence[str] | None = None,
     log: Callable[[str], None] | None = None,
+    log_always: Callable[[str], None] | None = None,
     reembed_shard: Callable[[str], object] | None = None,
     read: PartitionRead | None = None,
 ) -> PartitionResult:
@@ -177,7 +195,7 @@ def filter_partition(
     head = cached_nsfw_head(stage.nsfw_weights)
     scorer = cached_scorer(stage.signals, head.embedding_dim)
     output = stage.output
-    identity_of_settings = settings_identity(fingerprints, identity, stage.head_fingerprint, stage.signals.fingerprint(), stage.images_per_tar)
+    identity_of_settings = stage_settings_identity(stage, fingerprints)
     if read is not None:
         earlier, done = read.earlier, read.earlier if read.outputs_complete else None
         local_copies = read.copies_here()
@@ -190,18 +208,34 @@ def filter_partition(
             log(f"partition {partition.index} already complete; kept")
         return done
 
-    def score_entry(table) -> tuple[list, list[ScoredRow]]:
-        return shard_scores(table, head, scorer, stage.signals.policy, embedding.model_inference_batch_size)
+    matcher = loaded_matcher(stage.hash_lists) if stage.hash_lists is not None else None
+    hashed_now: list[str] = []
+
+    def scorer_of(shard_url: str, fingerprint: str, local_copy: str | None) -> Callable[[object], tuple[list, list[ScoredRow]]]:
+        def score_entry(table) -> tuple[list, list[ScoredRow]]:
+            matches = None
+            if matcher is not None:
+                hashes = entry_hashes(table)
+                if hashes is None:  # an entry from before image hashes: its images are hashed once, and it is rewritten
+                    table = with_hashes(table, hash_shard(embedding.shard(shard_url), embedding.decode, local_copy))
+                    store.write(identity, shard_url, table, shard_fingerprint=fingerprint, metadata=entry_metadata(table))
+                    hashed_now.append(shard_url)
+                    hashes = entry_hashes(table)
+                matches = matcher.match(hashes)
+            return shard_scores(table, head, scorer, stage.signals.policy, embedding.model_inference_batch_size, matches)
+
+        return score_entry
 
     def scored_samples() -> Iterator[tuple[object, ScoredRow]]:
         for shard_url, fingerprint, local_copy in zip(partition.shard_urls, fingerprints, local_copies):
             yield from _scored_shard(
-                embedding.shard(shard_url), identity, store, score_entry, head.embedding_dim, reembed_shard, fingerprint, local_copy
+                embedding.shard(shard_url), identity, store, scorer_of(shard_url, fingerprint, local_copy), head.embedding_dim,
+                reembed_shard, fingerprint, local_copy,
             )
             if log:
                 log(f"scored {shard_url}")
 
-    return write_filtered_partition(
+    result = write_filtered_partition(
         output,
         partition.index,
         partition.partition_id,
@@ -212,6 +246,12 @@ def filter_partition(
         identity_of_settings,
         earlier,
     )
+    if hashed_now and log_always is not None:
+        log_always(
+            f"partition {partition.index}: {len(hashed_now)} store entries had no image hashes (written before hashing); "
+            f"their images were decoded once to hash them, and the entries now hold the hashes"
+        )
+    return result
 
 
 def clean_partitions_beyond(output: LocationLike, partition_count: int) -> list[str]:
@@ -231,7 +271,7 @@ def clean_partitions_beyond(output: LocationLike, partition_count: int) -> list[
         raise_if_stopped()
         manifest = read_manifest(output, index)
         removed += remove_stale_outputs(output, index, 0, manifest.output_shards if manifest else ())
-        for url in (scores_url(output.url, index), manifest_url(output.url, index)):
+        for url in (scores_url(output.url, index), quarantine_url(output.url, index), manifest_url(output.url, index)):
             path = output.at(url).path
             if fs.exists(path):
                 fs.rm(path)

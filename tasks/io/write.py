@@ -48,6 +48,8 @@ SCORES_SCHEMA = pa.schema(
     ]
 )
 HISTOGRAM_BINS = 20
+QUARANTINE_DIR = "_quarantine"  # hash-list matches: key, shard, list, kind, distance (never an image-derived value)
+QUARANTINE_FILE = "matches.jsonl"
 
 
 class RawSample(Protocol):
@@ -188,11 +190,48 @@ def scores_schema(signals: Sequence[ScoredSignal]) -> pa.Schema:
 
 @dataclass(frozen=True)
 class ScoredRow:
-    """A sample's scores by column name (float, or the matched concept), the rule that dropped it, and its error."""
+    """A sample's scores by column name (float, or the matched concept), the rule that dropped it, and its error;
+    `quarantine` is its hash-list match (tasks/hashes/matching.py), when it has one."""
 
     scores: dict[str, float | str | None]
     filtered_by: str | None
     error: str | None
+    quarantine: Any = None  # HashMatch: list_name, kind, distance, filtered_by
+
+
+def quarantine_url(output_path: str, partition_index: int) -> str:
+    return join_url(output_path, QUARANTINE_DIR, f"{partition_stem(partition_index)}.jsonl")
+
+
+def write_partition_quarantine(output: LocationLike, partition_index: int, records: list[dict[str, Any]]) -> None:
+    """The partition's hash-list matches as JSON lines (atomic), or no file when it has none (an earlier one removed)."""
+    output = as_location(output)
+    location = output.at(quarantine_url(output.url, partition_index))
+    if records:
+        write_bytes_atomic(location, "".join(json.dumps(record, sort_keys=True) + "\n" for record in records).encode())
+        return
+    fs, path = location.filesystem()
+    if fs.exists(path):
+        fs.rm(path)
+
+
+def write_run_quarantine(output: LocationLike, results: Sequence["PartitionResult"]) -> str | None:
+    """`_quarantine/matches.jsonl`: every partition's matches in partition order (atomic); removed when there are none."""
+    output = as_location(output)
+    location = output.at(join_url(output.url, QUARANTINE_DIR, QUARANTINE_FILE))
+    fs, path = location.filesystem()
+    parts = []
+    for result in sorted(results, key=lambda result: result.partition_index):
+        if result.quarantined:
+            part_fs, part_path = output.at(quarantine_url(output.url, result.partition_index)).filesystem()
+            with part_fs.open(part_path, "rb") as handle:
+                parts.append(handle.read())
+    if not parts:
+        if fs.exists(path):
+            fs.rm(path)
+        return None
+    write_bytes_atomic(location, b"".join(parts))
+    return location.url
 
 
 @dataclass
@@ -212,6 +251,7 @@ class PartitionResult:
     settings_identity: str = ""  # signals, policy, images_per_tar, NSFW head and embedding identity of the attempt
     signal_histograms: dict[str, list[int]] = field(default_factory=dict)  # signals other than nsfw, by name
     filtered_by: dict[str, int] = field(default_factory=dict)  # samples each policy rule dropped, by its label
+    quarantined: int = 0  # samples a hash list matched (listed in _quarantine/part-{partition}.jsonl)
 
     @classmethod
     def from_json(cls, text: str) -> "PartitionResult":
@@ -224,7 +264,7 @@ class PartitionResult:
         if not all(isinstance(counts, list) for counts in result.signal_histograms.values()):
             raise ValueError("a manifest histogram is not a list")
         counts = (
-            result.partition_index, result.samples, result.passed, result.filtered, result.errors, *result.histogram,
+            result.quarantined, result.partition_index, result.samples, result.passed, result.filtered, result.errors, *result.histogram,
             *result.filtered_by.values(), *(count for counts in result.signal_histograms.values() for count in counts),
         )
         strings = (
@@ -274,6 +314,7 @@ OUTPUT_NAMES = {
     "shards": r"part-\d{6}-\d{4,}\.tar",
     "scores": r"part-\d{6}\.parquet",
     "_manifests": r"part-\d{6}\.json",
+    QUARANTINE_DIR: r"part-\d{6}\.jsonl|matches\.jsonl",
 }
 
 
@@ -361,8 +402,18 @@ def write_filtered_partition(
     score_columns = [signal.score_column for signal in signals]
     concept_columns = [signal.concept_column for signal in signals if signal.concept_column]
     columns: dict[str, list[Any]] = {name: [] for name in schema.names}
+    quarantined: list[dict[str, Any]] = []
     with FilteredShardWriter(output, partition_index, images_per_tar) as writer:
         for sample, row in scored_samples:
+            if row.quarantine is not None:
+                # A hash-list match: its key, shard and which list, nothing derived from its pixels, never copied.
+                match = row.quarantine
+                quarantined.append({"key": sample.key, "shard": sample.shard, "list": match.list_name, "kind": match.kind, "distance": match.distance})
+                for name in schema.names:
+                    columns[name].append(None)
+                columns["key"][-1], columns["shard"][-1] = sample.key, sample.shard
+                columns["passed"][-1], columns["filtered_by"][-1] = False, match.filtered_by
+                continue
             error = row.error
             scored = error is None and sample.key is not None and all(
                 isinstance(row.scores.get(name), float) and np.isfinite(row.scores[name]) for name in score_columns
@@ -384,6 +435,7 @@ def write_filtered_partition(
     output_shards = writer.written
     score_file = scores_url(output.url, partition_index)
     write_scores(output.at(score_file), columns, schema)
+    write_partition_quarantine(output, partition_index, quarantined)
     remove_stale_outputs(output, partition_index, len(output_shards), earlier.output_shards if earlier else ())
     histograms = {
         signal.name: score_histogram(np.array([np.nan if s is None else s for s in columns[signal.score_column]], dtype=np.float32), signal.histogram_range)
@@ -393,7 +445,7 @@ def write_filtered_partition(
     error_count = int(sum(e is not None for e in columns["error"]))
     rules: dict[str, int] = {}
     for label in columns["filtered_by"]:
-        if label is not None:
+        if label is not None and not label.startswith("hash:"):  # matches are counted apart, never by list name
             rules[label] = rules.get(label, 0) + 1
     result = PartitionResult(
         partition_index=partition_index,
@@ -401,7 +453,7 @@ def write_filtered_partition(
         shard_urls=list(shard_urls),
         samples=len(columns["key"]),
         passed=passed_count,
-        filtered=len(columns["key"]) - passed_count - error_count,
+        filtered=len(columns["key"]) - passed_count - error_count - len(quarantined),
         errors=error_count,
         histogram=histograms.pop(NSFW, [0] * HISTOGRAM_BINS),
         scores_file=score_file,
@@ -409,6 +461,7 @@ def write_filtered_partition(
         settings_identity=settings_identity,
         signal_histograms=histograms,
         filtered_by=rules,
+        quarantined=len(quarantined),
     )
     write_manifest(output, result)
     return result
@@ -431,6 +484,7 @@ class RunSummary:
     policy: dict[str, Any] = field(default_factory=dict)  # the rules as run (`filtered_by` names them by label)
     filtered_by: dict[str, int] = field(default_factory=dict)  # samples each rule dropped
     signals: dict[str, dict[str, Any]] = field(default_factory=dict)  # per signal: kind, column, histogram bins and counts
+    quarantined: int = 0  # samples a hash list matched: a count only (the record is _quarantine/matches.jsonl)
 
     @classmethod
     def from_partitions(
@@ -478,6 +532,7 @@ class RunSummary:
             policy=dict(policy or {}),
             filtered_by=rules,
             signals=signal_records,
+            quarantined=sum(r.quarantined for r in results),
         )
 
     def write(self, output: LocationLike | None = None) -> str:
@@ -496,7 +551,8 @@ class RunSummary:
         peak = max(counts) or 1
         lines = [f"| {record['column']} | count | |", "| --- | ---: | --- |"]
         for low, high, count in zip(bins[:-1], bins[1:], counts):
-            mark = " ← threshold" if any(low <= threshold < high for threshold in thresholds) else ""
+            last = high == bins[-1]
+            mark = " ← threshold" if any(low <= threshold < high or (last and threshold == high) for threshold in thresholds) else ""
             lines.append(f"| {low:.2f}–{high:.2f} | {count} | {'█' * round(30 * count / peak)}{mark} |")
         return "\n".join(lines)
 
