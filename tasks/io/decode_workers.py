@@ -163,6 +163,10 @@ def _start_worker(slots: "ctypes.Array[ctypes.c_double]", claimed: "multiprocess
         torch.set_num_threads(1)  # one process per core: a thread team per worker would only compete
     except ImportError:
         pass
+    # The same for numpy's BLAS (PDQ's filter bands are matrix products): one thread per worker process.
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1)
 
 
 def _transform_of(transform: WorkerTransform) -> Callable:
