@@ -14,6 +14,7 @@ Goal: all signals >= 0.5x NSFW alone and >= 100,000 embeddings/s on 2 cores.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import pickle
 import tempfile
 import time
@@ -69,9 +70,10 @@ def all_signals(folder: Path) -> SignalPlan:
     features = rng.standard_normal((30, DIM)).astype(np.float32)
     features /= np.linalg.norm(features, axis=1, keepdims=True)
     fingerprint = text_features_fingerprint("bench", groups.texts)
-    location = Location(str(folder / f"{fingerprint}.safetensors"))
-    write_text_features(location, features, groups.texts, fingerprint)
-    signals.append(PlannedSignal("concepts", "concepts", location, fingerprint, groups))
+    store = Location(str(folder / "store"))
+    write_text_features(store, features, groups.texts, fingerprint)
+    digest = hashlib.sha256(features.tobytes()).hexdigest()
+    signals.append(PlannedSignal("concepts", "concepts", store, fingerprint, groups, digest, "concepts.yml"))
     policy = Policy.model_validate(
         {
             "rules": [
