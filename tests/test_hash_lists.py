@@ -14,7 +14,8 @@ import pytest
 from PIL import Image, ImageEnhance
 
 from tasks.errors import StorageUnavailable, UserError
-from tasks.hashes.image_hashes import bytes_hashes, pdq_hash, pdq_hex
+from tasks.hashes import image_hashes
+from tasks.hashes.image_hashes import bytes_hashes, pdq_hash, pdq_hex, pdq_of_image
 from tasks.hashes.lists import MAX_LINE_BYTES, read_hash_lists
 from tasks.hashes.pdq_index import PDQIndex, match_pdq
 from tasks.io.locations import Location
@@ -114,6 +115,28 @@ def test_pdq_gives_the_reference_bits_and_quality_on_the_sample_photos():
     for name, (reference_hex, reference_quality) in REFERENCE_PDQ.items():
         bits, quality = pdq_hash(pixels(photo(name)))
         assert (pdq_hex(bits), quality) == (reference_hex, reference_quality), name
+
+
+def test_pdq_of_image_gives_the_reference_bits_from_pillows_luma_without_a_copy_of_the_pixels():
+    for name, (reference_hex, reference_quality) in REFERENCE_PDQ.items():
+        assert pdq_of_image(photo(name)) == (bytes.fromhex(reference_hex), reference_quality), name  # 0 bits apart
+    for seed, (width, height) in enumerate([(5, 5), (64, 64), (333, 97), (1000, 17), (2100, 2100)]):  # the last: > 4 MP
+        image = drawn_image(width, height, seed=seed)
+        assert pdq_of_image(image) == pdq_hash(pixels(image)), (width, height)
+    image = photo("chelsea")
+    for mode in ("L", "RGBA", "P", "CMYK"):  # any mode is hashed as its RGB pixels
+        other = image.convert(mode)
+        assert pdq_of_image(other) == pdq_hash(pixels(other)), mode
+    assert pdq_of_image(image.crop((0, 0, 4, 300))) == (bytes(32), 0)
+
+
+def test_the_luma_read_in_place_outlives_its_image():
+    image = photo("coffee")
+    luma = image_hashes._float_luma(image)
+    expected = np.asarray(image.convert("F"))
+    del image
+    others = [photo("rocket").convert("F") for _ in range(4)]  # reuse of freed memory would show here
+    assert luma.dtype == np.float32 and np.array_equal(luma, expected) and len(others) == 4
 
 
 def test_pdq_agrees_with_the_pdqhash_package_on_drawn_images_of_many_sizes():
