@@ -281,6 +281,14 @@ def test_index_equals_faiss_brute_force_at_100000_list_hashes_with_a_crowded_clu
             assert len(expected) > 2 * len(cluster)  # the queries near the cluster match thousands of its hashes
 
 
+def test_index_counts_bits_the_same_without_numpys_bitwise_count(random_list_and_queries, monkeypatch):
+    listed, queries = random_list_and_queries
+    index = PDQIndex(listed)
+    expected = index.match(queries, max_distance=31)
+    monkeypatch.delattr(np, "bitwise_count")  # numpy before 2.0
+    assert index.match(queries, max_distance=31) == expected and len(expected) >= 96  # 3 planted at each of 0..31
+
+
 def test_index_pickles_as_its_hashes_and_refuses_bad_arguments(random_list_and_queries):
     listed, queries = random_list_and_queries
     index = PDQIndex(listed)

@@ -13,23 +13,30 @@ is what the pipeline calls: hashes of quality below `min_quality` (50) are not m
 images all hash alike (ThreatExchange's pdq/README.md: discard quality <= 49); its rows are the caller's
 rows. An index pickles as its hashes and is rebuilt where it is unpickled, so no index bytes are ever parsed.
 
-How (numpy only; each step is one array operation over many queries, which releases the GIL):
-- each table keeps its list hashes in bucket order (a counting sort of the slice's 16 bits): offsets
-  [65537] into a copy of the hashes' first 128 bits and their list rows, so a bucket is one contiguous run;
-- a table is searched for up to `_PROBES_PER_UNIT` probes at a time, the queries sorted by that table's key,
-  so that successive probes read neighbouring buckets (the candidates are read from the cache, not memory);
-- candidates are checked on their first 128 bits (a random hash is 64 of them away; almost none pass),
-  the few that pass on all 256, and a pair found by several tables is kept once;
-- the (query chunk, table) units run on `MATCH_THREADS` threads.
+How (numpy only, no per-query Python):
+- each table keeps the list in bucket order (a counting sort on its 16 bits): 65,537 offsets into a copy of
+  the hashes' first 128 bits and into their list rows, so a bucket is one contiguous run;
+- a table is searched `_PROBES_PER_UNIT` probes at a time, the queries sorted by that table's key, so that
+  successive probes read neighbouring buckets: candidates come from the CPU's cache, not from memory;
+- each probe's bucket run is laid out as candidates and checked on the first 128 bits (a random hash is
+  64 of them away, so almost none pass), the few that pass on all 256; a pair is reported by the first
+  table whose slice is within `max_distance // 16` bits, so each pair comes once, with no set of pairs;
+- the (query chunk, table) units run on `MATCH_THREADS` threads. numpy releases the GIL in its array
+  operations except `np.repeat` (about a third of the time), which caps what a second thread adds.
 
-faiss's `IndexBinaryMultiHash` (the earlier implementation, same tables) took 2-3 ms a query at 10^6 list
-hashes, gathering ~4,000 candidates a query into a hash set; this takes ~20-40 us of CPU a query for the
-same candidates, so faiss is no longer used here (the tests still check against its brute force).
+faiss's `IndexBinaryMultiHash` (the earlier implementation, the same 16 x 16-bit tables and probes) took
+2-3 ms a query at 10^6 list hashes: it gathers the ~4,150 candidates of a query one by one into a hash set.
+Here the same candidates take ~40-50 us of CPU a query, so faiss is no longer used to match (the tests and
+the benchmark still use its brute-force search as the reference).
 
-Memory: 400 bytes per list hash (the hashes, and per table 16 bytes of bits and a 4-byte row), 4 MiB of
-offsets, so 0.4 GB per million list hashes; building takes about a second per million. A search adds at
-most ~30 MiB per thread, or one bucket's candidates when a bucket is larger than `_CANDIDATES_PER_STEP`.
-Measured (benchmarks/bench_hashes.py, 2 cores): MATCH_FIGURES.
+Memory: 20 bytes per list hash per table (16 bytes of bits, a 4-byte row), so 320 bytes per list hash and
+16 x 256 KiB of offsets besides the list's own hashes: 0.33 GB per million list hashes (measured: +363 MB
+peak while building one). A match adds 16 bytes per query and about 65 MB per thread (one unit's probes),
+or one bucket's candidates where a bucket holds more than `_CANDIDATES_PER_STEP` list hashes.
+Measured (benchmarks/bench_hashes.py, figures in benchmarks/README.md): building takes 1.5-1.7 s per
+million list hashes; 10^6 queries against 10^6 random list hashes at distance 31 take 45-51 s of CPU
+(45-51 us a query; the goal was 120), every planted pair at 0..31 found and none beyond. A call with a
+few hundred queries costs up to ~90 us of CPU a query (fewer queries share fewer buckets).
 """
 
 from __future__ import annotations
