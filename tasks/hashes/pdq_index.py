@@ -33,10 +33,11 @@ Memory: 20 bytes per list hash per table (16 bytes of bits, a 4-byte row), so 32
 16 x 256 KiB of offsets besides the list's own hashes: 0.33 GB per million list hashes (measured: +363 MB
 peak while building one). A match adds 16 bytes per query and about 65 MB per thread (one unit's probes),
 or one bucket's candidates where a bucket holds more than `_CANDIDATES_PER_STEP` list hashes.
-Measured (benchmarks/bench_hashes.py, figures in benchmarks/README.md): building takes 1.5-1.7 s per
-million list hashes; 10^6 queries against 10^6 random list hashes at distance 31 take 45-51 s of CPU
-(45-51 us a query; the goal was 120), every planted pair at 0..31 found and none beyond. A call with a
-few hundred queries costs up to ~90 us of CPU a query (fewer queries share fewer buckets).
+Measured (benchmarks/bench_hashes.py, figures in benchmarks/README.md): building takes 1.3-1.7 s per
+million list hashes; 10^6 queries against 10^6 random list hashes at distance 31 take 46-50 s, 45-46 s of
+CPU (45 us a query; the goal was 120), on a 2-core machine where other work left about one core; every
+planted pair at 0..31 is found and none beyond. A call with a few hundred queries costs up to ~90 us of
+CPU a query (fewer queries share fewer buckets).
 """
 
 from __future__ import annotations
