@@ -20,7 +20,7 @@ from tasks.hashes.lists import MAX_LINE_BYTES, read_hash_lists
 from tasks.hashes.pdq_index import PDQIndex, match_pdq
 from tasks.io.locations import Location
 from tests.support.s3 import NO_RETRIES
-from tests.support.tars import PHOTO_NAMES, drawn_image, encode, photo
+from tests.support.tars import drawn_image, encode, photo
 
 # The reference C++ (ThreatExchange's pdqhashing.cpp, as the `pdqhash` 0.2.8 package builds it) on these photos'
 # RGB pixels: (hash as ThreatExchange writes it, quality).

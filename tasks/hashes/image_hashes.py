@@ -26,14 +26,15 @@ pixels; Pillow's 8-bit "L" luma, which rounds each pixel, moved 0-2 bits on thos
 
 Resolution: PDQ reduces any image to 64 x 64 itself and every pixel counts, so it takes the image at the
 size it was decoded; nothing is gained by giving it more than that. Measured on one core
-(benchmarks/bench_hashes.py, figures in benchmarks/README.md): `pdq_of_image` takes 0.36-0.43 ms for a
-512 px JPEG's image and 1.6-2.1 ms for a 1.2-2 MP photo's (MD5 + SHA-1 + PDQ: 10-11% over its decode and
-CLIP transform), against 3-4 ms and 43-47 ms for `pdqhash` on the pixels (its column pass is cache-hostile). ThreatExchange's tools reduce
-first for that cost (Python: `thumbnail((512, 512))`; C++: a 512 x 512 resize); here a reduction moves the
-hash: on the test photos 0-22 of 256 bits for ThreatExchange's thumbnail and 4-14 for the reader's
-reduced-size JPEG decode, out of the 31 a match allows. So the full-size hash is the one computed, as
-python-threatexchange (which HMA uses) computes it; hashes from the reducing tools still match it. An image
-under 5 pixels on a side has the all-zero hash and quality 0, as in the reference.
+(benchmarks/bench_hashes.py, figures in benchmarks/README.md): `pdq_of_image` takes 0.36-0.50 ms for a
+512 px JPEG's image and 1.6-2.2 ms for a 1.2-2 MP photo's (MD5 + SHA-1 + PDQ: 10-11% over its decode and
+CLIP transform; 17-23% with the RGB copy), against 3-4 ms and 43-47 ms for `pdqhash` on the pixels (its
+column pass is cache-hostile). ThreatExchange's tools reduce first for that cost (Python:
+`thumbnail((512, 512))`; C++: a 512 x 512 resize); here a reduction moves the hash: on the test photos
+0-22 of 256 bits for ThreatExchange's thumbnail and 4-14 for the reader's reduced-size JPEG decode, out of
+the 31 a match allows. So the full-size hash is the one computed, as python-threatexchange (which HMA uses)
+computes it; hashes from the reducing tools still match it. An image under 5 pixels on a side has the
+all-zero hash and quality 0, as in the reference.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ PDQ_HEX_DIGITS = 64
 MIN_HASHABLE_SIDE = 5  # the reference's smallest side; below it, the all-zero hash of quality 0
 _CELLS = 64  # PDQ's downsampled image is 64 x 64
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-# Up to this many values, the row reduction gathers every band at once (it fits the CPU cache).
+# Up to this many values, one gather of every band beats 64 products of one band each (measured).
 _GATHER_VALUES = 1 << 20
 
 
@@ -78,7 +79,7 @@ def pdq_hash(pixels: np.ndarray) -> tuple[bytes, int]:
 def pdq_of_image(image: Image.Image) -> tuple[bytes, int]:
     """PDQ of a decoded PIL image (any mode; RGB pixels are what PDQ reads): what the pipeline calls per image.
 
-    The same hash as `pdq_hash(np.asarray(image))`, from Pillow's float luma instead of a copy of the RGB pixels.
+    The same hash as `pdq_hash` of its RGB pixels, from Pillow's float luma instead of a copy of those pixels.
     """
     if image.mode not in ("RGB", "L"):
         image = image.convert("RGB")
@@ -169,7 +170,7 @@ def _reduce_rows(values: np.ndarray) -> np.ndarray:
     """[64, columns] float32: the two-pass Jarosz filter and decimation along axis 0 of `values` [side, columns]."""
     starts, weights = _bands(values.shape[0])
     band = weights.shape[1]
-    if values.size <= _GATHER_VALUES:  # small: one gather and one batched product beat 64 calls
+    if values.size <= _GATHER_VALUES:
         gathered = values[starts[:, None] + np.arange(band)].astype(np.float32, copy=False)  # [64, band, columns]
         return np.matmul(weights[:, None, :], gathered)[:, 0]
     rows = np.empty((_CELLS, values.shape[1]), dtype=np.float32)
