@@ -14,12 +14,13 @@ import pytest
 from PIL import Image, ImageEnhance
 
 from tasks.errors import StorageUnavailable, UserError
-from tasks.hashes.image_hashes import bytes_hashes, pdq_hash, pdq_hex
+from tasks.hashes import image_hashes, pdq_index
+from tasks.hashes.image_hashes import bytes_hashes, pdq_hash, pdq_hex, pdq_of_image
 from tasks.hashes.lists import MAX_LINE_BYTES, read_hash_lists
 from tasks.hashes.pdq_index import PDQIndex, match_pdq
 from tasks.io.locations import Location
 from tests.support.s3 import NO_RETRIES
-from tests.support.tars import PHOTO_NAMES, drawn_image, encode, photo
+from tests.support.tars import drawn_image, encode, photo
 
 # The reference C++ (ThreatExchange's pdqhashing.cpp, as the `pdqhash` 0.2.8 package builds it) on these photos'
 # RGB pixels: (hash as ThreatExchange writes it, quality).
@@ -114,6 +115,28 @@ def test_pdq_gives_the_reference_bits_and_quality_on_the_sample_photos():
     for name, (reference_hex, reference_quality) in REFERENCE_PDQ.items():
         bits, quality = pdq_hash(pixels(photo(name)))
         assert (pdq_hex(bits), quality) == (reference_hex, reference_quality), name
+
+
+def test_pdq_of_image_gives_the_reference_bits_from_pillows_luma_without_a_copy_of_the_pixels():
+    for name, (reference_hex, reference_quality) in REFERENCE_PDQ.items():
+        assert pdq_of_image(photo(name)) == (bytes.fromhex(reference_hex), reference_quality), name  # 0 bits apart
+    for seed, (width, height) in enumerate([(5, 5), (64, 64), (333, 97), (1000, 17), (2100, 2100)]):  # the last: > 4 MP
+        image = drawn_image(width, height, seed=seed)
+        assert pdq_of_image(image) == pdq_hash(pixels(image)), (width, height)
+    image = photo("chelsea")
+    for mode in ("L", "RGBA", "P", "CMYK"):  # any mode is hashed as its RGB pixels
+        other = image.convert(mode)
+        assert pdq_of_image(other) == pdq_hash(pixels(other)), mode
+    assert pdq_of_image(image.crop((0, 0, 4, 300))) == (bytes(32), 0)
+
+
+def test_the_luma_read_in_place_outlives_its_image():
+    image = photo("coffee")
+    luma = image_hashes._float_luma(image)
+    expected = np.asarray(image.convert("F"))
+    del image
+    others = [photo("rocket").convert("F") for _ in range(4)]  # reuse of freed memory would show here
+    assert luma.dtype == np.float32 and np.array_equal(luma, expected) and len(others) == 4
 
 
 def test_pdq_agrees_with_the_pdqhash_package_on_drawn_images_of_many_sizes():
@@ -226,6 +249,44 @@ def test_index_finds_exactly_the_pairs_brute_force_finds(random_list_and_queries
     assert found == sorted(found, key=lambda match: (match[0], match[2], match[1]))  # query row, distance, list row
     if max_distance == 31:  # the planted neighbours: 3 per distance, 0..31 found and 32..40 not
         assert sorted({row // 3 for row, _, _ in found if row < 123}) == list(range(32))
+
+
+def near_copies(hashes: np.ndarray, bits: int, rng: np.random.Generator) -> np.ndarray:
+    """Each row with up to `bits` of its 256 bits flipped (positions drawn at random, so some may repeat)."""
+    flips = np.zeros((len(hashes), 256), dtype=np.uint8)
+    np.put_along_axis(flips, rng.integers(0, 256, (len(hashes), bits)), 1, axis=1)
+    return hashes ^ np.packbits(flips, axis=1)
+
+
+def test_index_equals_faiss_brute_force_at_100000_list_hashes_with_a_crowded_cluster(monkeypatch):
+    faiss = pytest.importorskip("faiss")
+    rng = np.random.default_rng(11)
+    base = rng.integers(0, 256, (1, 32), dtype=np.uint8)
+    cluster = np.concatenate([near_copies(np.repeat(base, 1000, axis=0), bits, rng) for bits in range(5)])
+    listed = np.concatenate([rng.integers(0, 256, (95000, 32), dtype=np.uint8), cluster])
+    planted = np.concatenate([near_copies(listed[rng.integers(0, 95000, 4)], bits, rng) for bits in range(0, 48)])
+    near_cluster = np.concatenate([near_copies(base, bits, rng) for bits in (0, 10, 20, 29, 35)])
+    queries = np.concatenate([planted, near_cluster, rng.integers(0, 256, (40, 32), dtype=np.uint8)])
+    brute_force = faiss.IndexBinaryFlat(256)
+    brute_force.add(listed)
+    index = PDQIndex(listed)
+    for candidates_per_step in (pdq_index._CANDIDATES_PER_STEP, 1000):  # 1000: the cluster's buckets exceed a step
+        monkeypatch.setattr(pdq_index, "_CANDIDATES_PER_STEP", candidates_per_step)
+        for max_distance in (31, 47):
+            limits, distances, labels = brute_force.range_search(queries, max_distance + 1)  # the radius is exclusive
+            query_rows = np.repeat(np.arange(len(queries)), np.diff(limits.astype(np.int64)))
+            expected = set(zip(query_rows.tolist(), labels.tolist(), distances.astype(int).tolist()))
+            found = index.match(queries, max_distance=max_distance)
+            assert len(found) == len(set(found)) and set(found) == expected, (candidates_per_step, max_distance)
+            assert len(expected) > 2 * len(cluster)  # the queries near the cluster match thousands of its hashes
+
+
+def test_index_counts_bits_the_same_without_numpys_bitwise_count(random_list_and_queries, monkeypatch):
+    listed, queries = random_list_and_queries
+    index = PDQIndex(listed)
+    expected = index.match(queries, max_distance=31)
+    monkeypatch.delattr(np, "bitwise_count")  # numpy before 2.0
+    assert index.match(queries, max_distance=31) == expected and len(expected) >= 96  # 3 planted at each of 0..31
 
 
 def test_index_pickles_as_its_hashes_and_refuses_bad_arguments(random_list_and_queries):

@@ -1,10 +1,11 @@
 """The hashes an image is matched by: MD5 and SHA-1 of its member's bytes, and PDQ of its decoded pixels.
 
 `bytes_hashes(data)` gives the MD5 and SHA-1 hex digests of an image member's bytes exactly as stored in the
-shard (what exact-match lists hold). `pdq_hash(pixels)` gives the PDQ perceptual hash (Meta's, from
-facebook/ThreatExchange) of an already-decoded RGB image, as 32 bytes and a quality from 0 to 100;
-`pdq_hex` writes those bytes as ThreatExchange writes PDQ hashes (64 hex digits, bit 255 first). Nothing
-here decodes an image: the pipeline decodes each image once and hands its pixels here.
+shard (what exact-match lists hold). `pdq_of_image(image)` gives the PDQ perceptual hash (Meta's, from
+facebook/ThreatExchange) of a decoded PIL image, as 32 bytes and a quality from 0 to 100: what the pipeline
+calls per image. `pdq_hash(pixels)` gives the same hash of an RGB numpy array. `pdq_hex` writes those bytes as
+ThreatExchange writes PDQ hashes (64 hex digits, bit 255 first). Nothing here decodes an image: the pipeline
+decodes each image once and hands it here.
 
 PDQ is computed here in numpy, following ThreatExchange's C++ reference (pdq/cpp/hashing/pdqhashing.cpp,
 downscaling.cpp) step by step: luma `0.299 R + 0.587 G + 0.114 B` in float32; two passes of the Jarosz box
@@ -16,32 +17,44 @@ bands per axis, each touching only the rows (then columns) that reach one output
 pixels. On the test photos this gives the same 256 bits as the `pdqhash` package (the reference C++ built
 with Cython) at full size; only a flat image (quality 0, every coefficient equal up to rounding) can differ.
 
+`pdq_of_image` never copies the RGB pixels: Pillow's own RGB to "F" conversion computes the reference's
+float32 luma (the same formula in float32, within 1e-5 of it in float64) into a 4-byte-per-pixel image,
+which is read in place through Arrow (Pillow 11.2 and newer, images up to 4 MP at Pillow's 16 MiB blocks;
+a larger one is copied). It is 0 bits from the reference hash on every test photo (scikit-image's eight
+samples, the tests' REFERENCE_PDQ) and on the benchmark's 1-2 MP photos, where the reference takes the RGB
+pixels; Pillow's 8-bit "L" luma, which rounds each pixel, moved 0-2 bits on those photos and costs as much.
+
 Resolution: PDQ reduces any image to 64 x 64 itself and every pixel counts, so it takes the image at the
 size it was decoded; nothing is gained by giving it more than that. Measured on one core
-(benchmarks/bench_hashes.py): 0.36 ms for the pixels of a 512 px JPEG and 2.6 ms for a 1.2-2 MP photo,
-against 3-4 ms and 43-47 ms for `pdqhash` (its column pass is cache-hostile). ThreatExchange's tools reduce
-first for that cost (Python: `thumbnail((512, 512))`; C++: a 512 x 512 resize); here a reduction saves
-about 1 ms per 1.5 MP photo (Pillow's `reduce` itself costs 2 ms) and moves the hash: on the test photos
-0-22 of 256 bits for ThreatExchange's thumbnail and 4-14 for the reader's reduced-size JPEG decode, out
-of the 31 a match allows. So the full-size hash is the one computed, as python-threatexchange (which
-HMA uses) computes it; hashes from the reducing tools still match it. An image under 5 pixels on a
-side has the all-zero hash and quality 0, as in the reference.
+(benchmarks/bench_hashes.py, figures in benchmarks/README.md): `pdq_of_image` takes 0.36-0.50 ms for a
+512 px JPEG's image and 1.6-2.2 ms for a 1.2-2 MP photo's (MD5 + SHA-1 + PDQ: 10-11% over its decode and
+CLIP transform; 17-23% with the RGB copy), against 3-4 ms and 43-47 ms for `pdqhash` on the pixels (its
+column pass is cache-hostile). ThreatExchange's tools reduce first for that cost (Python:
+`thumbnail((512, 512))`; C++: a 512 x 512 resize); here a reduction moves the hash: on the test photos
+0-22 of 256 bits for ThreatExchange's thumbnail and 4-14 for the reader's reduced-size JPEG decode, out of
+the 31 a match allows. So the full-size hash is the one computed, as python-threatexchange (which HMA uses)
+computes it; hashes from the reducing tools still match it. An image under 5 pixels on a side has the
+all-zero hash and quality 0, as in the reference.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 PDQ_BYTES = 32  # 256 bits
 PDQ_HEX_DIGITS = 64
 MIN_HASHABLE_SIDE = 5  # the reference's smallest side; below it, the all-zero hash of quality 0
 _CELLS = 64  # PDQ's downsampled image is 64 x 64
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-# Gathered pixels per step of the row reduction, in float32 values: small enough to stay in the CPU cache.
-_GATHER_VALUES = 1 << 18
+# Up to this many values, one gather of every band beats 64 products of one band each (measured).
+_GATHER_VALUES = 1 << 20
 
 
 def bytes_hashes(data: bytes) -> tuple[str, str]:
@@ -59,13 +72,20 @@ def pdq_hash(pixels: np.ndarray) -> tuple[bytes, int]:
     height, width = pixels.shape[:2]
     if height < MIN_HASHABLE_SIDE or width < MIN_HASHABLE_SIDE:
         return bytes(PDQ_BYTES), 0
-    cells = _downsample(np.ascontiguousarray(pixels))
-    return _bits(_dct16(cells)), _quality(cells)
+    rows = _reduce_rows(np.ascontiguousarray(pixels).reshape(height, width * 3))
+    return _pdq_of_cells(_reduce_columns(rows.reshape(_CELLS, width, 3) @ _LUMA))  # the luma is linear, so it commutes
 
 
-def pdq_of_image(image) -> tuple[bytes, int]:
-    """PDQ of a decoded PIL image (any mode; RGB pixels are what PDQ reads): what the pipeline calls per image."""
-    return pdq_hash(np.asarray(image if image.mode == "RGB" else image.convert("RGB")))
+def pdq_of_image(image: Image.Image) -> tuple[bytes, int]:
+    """PDQ of a decoded PIL image (any mode; RGB pixels are what PDQ reads): what the pipeline calls per image.
+
+    The same hash as `pdq_hash` of its RGB pixels, from Pillow's float luma instead of a copy of those pixels.
+    """
+    if image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")
+    if image.height < MIN_HASHABLE_SIDE or image.width < MIN_HASHABLE_SIDE:
+        return bytes(PDQ_BYTES), 0
+    return _pdq_of_cells(_reduce_columns(_reduce_rows(_float_luma(image))))
 
 
 def pdq_hex(bits32: bytes) -> str:
@@ -126,23 +146,54 @@ def _bands(side: int) -> tuple[np.ndarray, np.ndarray]:
     return starts, band_weights
 
 
-def _downsample(pixels: np.ndarray) -> np.ndarray:
-    """The reference's 64 x 64 float32 luma: Jarosz-filtered and decimated, rows first, then columns."""
-    height, width = pixels.shape[:2]
-    row_starts, row_weights = _bands(height)
-    band = row_weights.shape[1]
-    flat = pixels.reshape(height, width * 3)
-    rows = np.empty((_CELLS, width * 3), dtype=np.float32)
-    step = max(1, _GATHER_VALUES // (band * width * 3))
-    offsets = np.arange(band)
-    for first in range(0, _CELLS, step):  # a few cells at a time, so the float copy of their rows stays in cache
-        cells = slice(first, first + step)
-        gathered = flat[row_starts[cells, None] + offsets].astype(np.float32)  # [cells, band, width * 3]
-        rows[cells] = np.matmul(row_weights[cells, None, :], gathered)[:, 0]
-    luma_rows = rows.reshape(_CELLS, width, 3) @ _LUMA  # [64, width]; the luma is linear, so it commutes
-    column_starts, column_weights = _bands(width)
+def _float_luma(image: Image.Image) -> np.ndarray:
+    """The reference's luma as float32 [height, width]: Pillow's RGB to "F", 0.299 R + 0.587 G + 0.114 B in float32.
+
+    Read in place through Arrow when Pillow keeps the image in one block (up to 4 MP at its default 16 MiB
+    blocks; Pillow 11.2 and newer), else copied.
+    """
+    luma_image = image.convert("F")
+    if hasattr(luma_image, "__arrow_c_array__"):
+        import pyarrow  # only here: importing it costs the command line a tenth of a second
+
+        try:
+            exported = pyarrow.array(luma_image)  # zero-copy: the array keeps the image's memory alive
+        except ValueError:  # Pillow holds the rows in several blocks
+            exported = None
+        if exported is not None:
+            assert exported.type == pyarrow.float32() and len(exported) == image.width * image.height
+            return np.frombuffer(exported.buffers()[1], dtype=np.float32).reshape(image.height, image.width)
+    return np.asarray(luma_image)
+
+
+def _reduce_rows(values: np.ndarray) -> np.ndarray:
+    """[64, columns] float32: the two-pass Jarosz filter and decimation along axis 0 of `values` [side, columns]."""
+    starts, weights = _bands(values.shape[0])
+    band = weights.shape[1]
+    if values.size <= _GATHER_VALUES:
+        gathered = values[starts[:, None] + np.arange(band)].astype(np.float32, copy=False)  # [64, band, columns]
+        return np.matmul(weights[:, None, :], gathered)[:, 0]
+    rows = np.empty((_CELLS, values.shape[1]), dtype=np.float32)
+    # bytes are widened one band at a time, into a buffer that stays in the CPU cache
+    widened = None if values.dtype == np.float32 else np.empty((band, values.shape[1]), dtype=np.float32)
+    for cell, start in enumerate(starts.tolist()):
+        run = values[start : start + band]
+        if widened is not None:
+            np.copyto(widened, run, casting="unsafe")
+            run = widened
+        np.matmul(weights[cell], run, out=rows[cell])
+    return rows
+
+
+def _reduce_columns(luma_rows: np.ndarray) -> np.ndarray:
+    """The reference's 64 x 64 float32 luma from the row-reduced luma [64, width]: the same filter along the columns."""
+    column_starts, column_weights = _bands(luma_rows.shape[1])
     columns = luma_rows[:, column_starts[:, None] + np.arange(column_weights.shape[1])]  # [64, 64, band]
     return np.einsum("rcb,cb->rc", columns, column_weights).astype(np.float32)
+
+
+def _pdq_of_cells(cells: np.ndarray) -> tuple[bytes, int]:
+    return _bits(_dct16(cells)), _quality(cells)
 
 
 def _quality(cells: np.ndarray) -> int:
