@@ -12,6 +12,7 @@ fingerprints the shards again nor lists any folder.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Callable, Iterator, Sequence
 
@@ -155,7 +156,7 @@ def _scored_shard(
             keys, rows = entry_matching([*streamed_keys, sample.key])
         scored_row = rows[row]
         if sample.error is not None and scored_row.error is None:
-            scored_row = ScoredRow(scored_row.scores, scored_row.filtered_by, sample.error)
+            scored_row = dataclasses.replace(scored_row, error=sample.error)  # a match stays a match
         yield sample, scored_row
         streamed_keys.append(sample.key)
     if len(streamed_keys) != len(keys):
