@@ -28,7 +28,7 @@ from tasks.filter.stage import clean_partitions_beyond, filter_partition
 from tasks.io.spool import remove_copies, remove_run_folder
 from tasks.io.partition import Partition
 from flows.artifacts import publish_location, publish_review_artifacts
-from tasks.review.sheet import write_review_sheet
+from tasks.review.sheet import remove_review_sheet, write_review_sheet
 from tasks.filter.plan import EmbedStage, FilterRun, FilterStage, plan_filter_run, small_partitions_advice
 from tasks.io.write import PartitionResult, RunSummary, remove_leftover_temp_files, write_run_quarantine
 from tasks.signals.schema import Policy, SignalSpec
@@ -347,6 +347,8 @@ def nsfw_filter(
     )
     summary_url = summary.write(run.output)
     publish_artifacts(summary, summary_url)
+    if summary.quarantined and settings.review_samples == 0 and remove_review_sheet(run.output):
+        logger.warning("the earlier review sheet was removed: it may show samples this run quarantined; write a new one with `nsfw-curator review`")
     if settings.review_samples > 0:
         # Opt-in threshold-calibration sheet (tasks/review/sheet.py); the run's outputs are complete before it starts.
         sheet = write_review_sheet(run.output, n=settings.review_samples)

@@ -218,7 +218,11 @@ def filter_partition(
             if matcher is not None:
                 hashes = entry_hashes(table)
                 if hashes is None:  # an entry from before image hashes: its images are hashed once, and it is rewritten
-                    table = with_hashes(table, hash_shard(embedding.shard(shard_url), embedding.decode, local_copy))
+                    undecodable = {key for key, error in zip(table.column("key").to_pylist(), table.column("error").to_pylist()) if error}
+                    try:
+                        table = with_hashes(table, hash_shard(embedding.shard(shard_url), embedding.decode, local_copy, undecodable))
+                    except ValueError:
+                        raise RuntimeError(f"{shard_url} no longer matches its cached embeddings; it changed during the run, run again") from None
                     store.write(identity, shard_url, table, shard_fingerprint=fingerprint, metadata=entry_metadata(table))
                     hashed_now.append(shard_url)
                     hashes = entry_hashes(table)

@@ -17,25 +17,34 @@ Nothing here logs or prints a hash.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import pyarrow as pa
 
 from tasks.io.decode import DecodeOptions, hash_sample
 from tasks.io.locations import Location
-from tasks.io.read import iter_samples
+from tasks.io.read import decode_sample, iter_samples
 from tasks.io.samples import ImageHashes
 from tasks.store.entries import keys_mismatch, with_hash_columns
 
 
-def hash_shard(shard: Location, decode: DecodeOptions, local_copy: str | None = None) -> list[tuple[str | None, ImageHashes | None]]:
+def hash_shard(
+    shard: Location, decode: DecodeOptions, local_copy: str | None = None, undecodable: Collection[str] = ()
+) -> list[tuple[str | None, ImageHashes | None]]:
     """(key, hashes) of every sample of the shard in tar order, as the embedding pass computes them with `decode`.
 
     `local_copy` is the shard's verified copy on this machine (tasks/io/spool.py), read instead of storage.
-    A sample without an image member, and the shard-level record of a damaged tar (key None), get None.
+    `undecodable` are the keys whose entry rows carry an error (a decoder crash, a deadline, a corrupt image): their
+    bytes are hashed (MD5, SHA-1) but their pixels are not decoded again here, where no worker process or deadline
+    guards the decoder. A sample without an image member, and the shard-level record of a damaged tar (key None), get None.
     """
-    # each decoded image is dropped as soon as it is hashed: only the hashes are kept
-    return [(sample.key, hash_sample(sample).image_hashes) for sample in iter_samples(shard, decode, local_copy=local_copy)]
+    hashes = []
+    for sample in iter_samples(shard, decode=None, local_copy=local_copy):
+        if sample.key is not None and sample.error is None and sample.key not in undecodable:
+            sample = decode_sample(sample, decode)
+        hashes.append((sample.key, hash_sample(sample).image_hashes))
+        sample.image = None  # each decoded image is dropped as soon as it is hashed: only the hashes are kept
+    return hashes
 
 
 def with_hashes(table: pa.Table, hashes: Sequence[tuple[str | None, ImageHashes | None]]) -> pa.Table:

@@ -149,7 +149,10 @@ def _hash_bytes(digits: bytes) -> bytes | None:
 
 
 def _file_name(location: Location) -> str:
-    return posixpath.basename(location.url.rstrip("/")) or location.url
+    """The list's file name: the URL's last path segment without a query or fragment (a presigned URL's
+    signature must never reach a scores row or the quarantine record)."""
+    path = location.url.split("#", 1)[0].split("?", 1)[0] if "://" in location.url else location.url
+    return posixpath.basename(path.rstrip("/")) or "hash list"
 
 
 def _read_error(location: Location, error: BaseException) -> UserError:

@@ -7,13 +7,14 @@ that matches reads the lists once (`loaded_matcher`), checks they still have tha
 index per list (tasks/hashes/pdq_index.py).
 
 `HashMatcher.match(hashes)` gives, per matched row of an entry, its one `HashMatch`: an exact MD5 or SHA-1 match
-(distance 0) before any PDQ match, then the nearest PDQ hash; lists in the order given. PDQ hashes below quality
+(distance 0) before any PDQ match, then the nearest PDQ hash; lists in name order. PDQ hashes below quality
 50 are not matched. Nothing here logs, prints or returns a hash: a match names the list, the kind and the distance.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
@@ -83,7 +84,9 @@ class HashMatcher:
     def __init__(self, lists: HashLists, pdq_max_distance: int = DEFAULT_MAX_DISTANCE) -> None:
         self.lists = lists
         self.pdq_max_distance = pdq_max_distance
-        self._indexes = [(hash_list.name, PDQIndex(hash_list.pdq)) for hash_list in lists.lists if len(hash_list.pdq)]
+        # Lists in name order, as their fingerprint takes them: the order they were given in changes no match.
+        self._ordered = sorted(lists.lists, key=lambda hash_list: hash_list.name)
+        self._indexes = [(hash_list.name, PDQIndex(hash_list.pdq)) for hash_list in self._ordered if len(hash_list.pdq)]
 
     def match(self, hashes: EntryHashesLike) -> dict[int, HashMatch]:
         """Row -> its match, for the rows of one entry that any list holds."""
@@ -91,7 +94,7 @@ class HashMatcher:
         for row, (md5, sha1) in enumerate(zip(hashes.md5, hashes.sha1)):
             if md5 is None and sha1 is None:
                 continue
-            for hash_list in self.lists.lists:
+            for hash_list in self._ordered:
                 if md5 in hash_list.md5:
                     found[row] = HashMatch(hash_list.name, "md5", 0)
                     break
@@ -114,9 +117,18 @@ class HashMatcher:
         return found
 
 
-@functools.lru_cache(maxsize=2)
+_matcher_lock = threading.Lock()
+
+
 def loaded_matcher(plan: HashListsPlan) -> HashMatcher:
-    """The plan's lists read once per process and checked against the plan's fingerprint."""
+    """The plan's lists read once per process (one build, however many partitions ask at once) and checked
+    against the plan's fingerprint."""
+    with _matcher_lock:
+        return _built_matcher(plan)
+
+
+@functools.lru_cache(maxsize=2)
+def _built_matcher(plan: HashListsPlan) -> HashMatcher:
     lists = read_hash_lists(plan.locations)
     if lists.fingerprint != plan.fingerprint:
         raise RuntimeError("a hash list changed while the run was going; run again so every partition is matched against the same lists")

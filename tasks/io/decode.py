@@ -145,12 +145,24 @@ def _open_image(data: bytes, name: str, options: DecodeOptions) -> Image.Image |
         return _corrupt_reason(exc, name)
 
 
-def _load_image(image: Image.Image, name: str) -> Image.Image | str:
-    """The opened image's pixels as RGB, EXIF orientation applied, or why they cannot be decoded."""
+def _stored_pixels_pdq(image: Image.Image) -> tuple[bytes, int] | None:
+    """PDQ of the pixels as the file stores them: before EXIF orientation and with transparency dropped, not
+    flattened (Pillow's RGB conversion), which is how ThreatExchange's hashers read a file, so the hash a list
+    holds for an image is the one found here (a rotated or see-through copy would otherwise hash far from it)."""
+    try:
+        return pdq_of_image(image)
+    except Exception:  # noqa: BLE001 - a hash that cannot be made costs the sample its PDQ, never its row
+        return None
+
+
+def _load_image(image: Image.Image, name: str) -> tuple[Image.Image, tuple[bytes, int] | None] | str:
+    """The opened image's pixels as RGB, EXIF orientation applied, and the PDQ of its pixels as stored; or why
+    they cannot be decoded."""
     try:
         image.load()
+        stored_pdq = _stored_pixels_pdq(image)
         ImageOps.exif_transpose(image, in_place=True)
-        return to_rgb(image)
+        return to_rgb(image), stored_pdq
     except Exception as exc:  # noqa: BLE001 - see _open_image
         return _corrupt_reason(exc, name)
 
@@ -193,7 +205,7 @@ def finish_decoding(sample: Sample, opened: Image.Image | None) -> Sample:
     if isinstance(decoded, str):
         fail(sample, decoded)
     else:
-        sample.image = decoded
+        sample.image, sample.stored_pdq = decoded
     return sample
 
 
@@ -206,7 +218,8 @@ def hash_sample(sample: Sample) -> Sample:
         sample.image_hashes = None
         return sample
     md5, sha1 = bytes_hashes(sample.members[extension])
-    pdq, quality = pdq_of_image(sample.image) if sample.image is not None else (None, None)
+    stored = sample.stored_pdq if sample.image is not None else None
+    pdq, quality = stored if stored is not None else (None, None)
     sample.image_hashes = ImageHashes(md5, sha1, pdq, quality)
     return sample
 

@@ -60,6 +60,7 @@ class Sample:
     metadata: dict | None = None
     error: str | None = None  # why this sample cannot be scored (one short sentence); None when fine
     image_hashes: ImageHashes | None = None  # set by the embedding pass's decoding; None without an image member
+    stored_pdq: tuple[bytes, int] | None = None  # PDQ of the decoded pixels as stored (tasks/io/decode.py), for image_hashes
 
     def member_name(self, extension: str) -> str:
         """The member's name in the tar, as the writer re-creates it."""
@@ -92,6 +93,22 @@ def hashed_image_extension(members: dict[str, bytes]) -> str | None:
     member in a format not decoded (`.heic`: exact lists match those too), else None; an empty member is none."""
     extension = image_extension(members) or next(iter(image_members(members)), None)
     return extension if extension is not None and members[extension] else None
+
+
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*", b"\x00\x00\x00\x0cjP  \r\n", b"\xff\x0a")
+_FTYP_BRANDS = (b"heic", b"heix", b"hevc", b"heif", b"mif1", b"msf1", b"avif", b"avis")
+
+
+def holds_image_bytes(data: bytes) -> bool:
+    """Whether a member's bytes are an image file by their magic numbers, whatever its name says (a JPEG named
+    `.bin` is still an image: the filtered dataset copies every member, so it must not pass unscored)."""
+    if data.startswith(_SIGNATURES):
+        return True
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return True
+    if data[4:8] == b"ftyp" and data[8:12] in _FTYP_BRANDS:
+        return True
+    return data[:2] == b"BM" and len(data) >= 26 and int.from_bytes(data[2:6], "little") == len(data)  # BMP: its own size
 
 
 def image_members(members: dict[str, bytes]) -> list[str]:

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from tasks.io.atomic import atomic_output, is_object_store, write_bytes_atomic
 from tasks.io.locations import LocationLike, as_location
 from tasks.io.read import image_extension, image_members
+from tasks.io.samples import holds_image_bytes
 from tasks.signals.columns import NSFW, ScoredSignal
 from tasks.stop import raise_if_stopped
 
@@ -61,14 +62,17 @@ class RawSample(Protocol):
 def unscored_images(members: dict[str, bytes]) -> str | None:
     """Why a sample whose scored image passed must still stay out of the filtered dataset, or None.
 
-    One image per sample is embedded and scored (`image_extension` picks it); the filtered dataset copies
-    every member byte for byte, so a sample with other image members would carry images nobody scored.
+    One image per sample is embedded, scored and hashed (`image_extension` picks it); the filtered dataset copies
+    every member byte for byte, so a sample with another image member, named as one or holding an image's bytes
+    under another name, would carry an image nobody scored or matched against the hash lists.
     """
-    others = [extension for extension in image_members(members) if extension != image_extension(members)]
+    scored = image_extension(members)
+    others = [extension for extension in image_members(members) if extension != scored]
+    others += [extension for extension, data in members.items() if extension != scored and extension not in others and holds_image_bytes(data)]
     if not others:
         return None
     return (
-        f"{len(others) + 1} image members; only '{image_extension(members)}' was scored, so the sample is kept out of "
+        f"{len(others) + 1} image members; only '{scored}' was scored, so the sample is kept out of "
         f"the filtered dataset (unscored: {', '.join(repr(extension) for extension in others[:3])}{', ...' if len(others) > 3 else ''})"
     )
 

@@ -17,6 +17,7 @@ missing file; thumbnails of an earlier sheet that the new one does not show are 
 from __future__ import annotations
 
 import os
+import posixpath
 
 from tasks.errors import UserError
 from tasks.io.atomic import write_bytes_for_browser
@@ -101,3 +102,20 @@ def write_review_sheet(
     write_bytes_for_browser(review.at(sheet.sheet_url), render_sheet_html(sheet, summary).encode(), "text/html; charset=utf-8")
     remove_stale_thumbnails(review, [s.thumbnail for s in samples if s.thumbnail])
     return sheet
+
+
+def remove_review_sheet(output: LocationLike) -> bool:
+    """Delete an earlier review sheet under `output` (its page, histogram and thumbnails); True when there was one.
+
+    A run that quarantines samples and writes no new sheet removes the old one: it may show a sample now matched.
+    """
+    review = as_location(output) / REVIEW_DIR
+    fs, root = review.filesystem()
+    removed = bool(remove_stale_thumbnails(review, []))
+    for name in (SHEET_NAME, HISTOGRAM_NAME):
+        path = posixpath.join(root.rstrip("/"), name)
+        if fs.exists(path):
+            fs.rm(path)
+            removed = True
+    return removed
+
