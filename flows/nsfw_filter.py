@@ -307,7 +307,7 @@ def nsfw_filter(
         nsfw_weights: Path to an NSFW-head safetensors file; default model_dir/nsfw/{clip_model}.safetensors.
         model_inference_batch_size: Batch size for CLIP and for the NSFW head.
         num_gpus_per_worker: Fraction of one GPU an embedding task holds; at most floor(1/f) such tasks share a GPU.
-        score_threshold: Images with nsfw_score >= score_threshold are filtered out (when no policy is given).
+        score_threshold: Images with nsfw_score >= score_threshold are filtered out. Used when no policy is given.
         signals: Signals to score besides nsfw, from the same stored embedding: a list of {name, kind (aesthetic, prompts or concepts), weights} or a path/URL of a JSON or YAML file holding it. Each adds a {name}_score column (concepts: one per group).
         policy: Which signals drop a sample: {"rules": [{"signal": "aesthetic", "below": 4.5}, {"signal": "nsfw", "at_least": 0.1, "when": [{"signal": "concepts_special", "matched": true}]}]}, or a path/URL of a JSON or YAML file holding it; default drops nsfw_score >= score_threshold. The scores' filtered_by names the first rule that dropped each sample.
         hash_lists: Paths or URLs of known-abuse hash lists (one MD5, SHA-1 or PDQ hash per line, the kind told by its length); every image is matched in the pass that embeds it, and a matched sample is quarantined: never copied, shown or thumbnailed, recorded only in _quarantine/matches.jsonl.
