@@ -207,16 +207,23 @@ def quarantine_url(output_path: str, partition_index: int) -> str:
     return join_url(output_path, QUARANTINE_DIR, f"{partition_stem(partition_index)}.jsonl")
 
 
-def write_partition_quarantine(output: LocationLike, partition_index: int, records: list[dict[str, Any]]) -> None:
-    """The partition's hash-list matches as JSON lines (atomic), or no file when it has none (an earlier one removed)."""
+def write_partition_quarantine(
+    output: LocationLike, partition_index: int, records: list[dict[str, Any]], earlier: "PartitionResult | None" = None
+) -> None:
+    """The partition's hash-list matches as JSON lines (atomic), or no file when it has none: the one an earlier
+    attempt's manifest counts is removed (no request at all when it counts none; a file no manifest counts is
+    never gathered into the run's record)."""
     output = as_location(output)
     location = output.at(quarantine_url(output.url, partition_index))
     if records:
         write_bytes_atomic(location, "".join(json.dumps(record, sort_keys=True) + "\n" for record in records).encode())
         return
-    fs, path = location.filesystem()
-    if fs.exists(path):
-        fs.rm(path)
+    if earlier is not None and earlier.quarantined:
+        fs, path = location.filesystem()
+        try:
+            fs.rm(path)
+        except FileNotFoundError:
+            pass
 
 
 def write_run_quarantine(output: LocationLike, results: Sequence["PartitionResult"]) -> str | None:
@@ -439,7 +446,7 @@ def write_filtered_partition(
     output_shards = writer.written
     score_file = scores_url(output.url, partition_index)
     write_scores(output.at(score_file), columns, schema)
-    write_partition_quarantine(output, partition_index, quarantined)
+    write_partition_quarantine(output, partition_index, quarantined, earlier)
     remove_stale_outputs(output, partition_index, len(output_shards), earlier.output_shards if earlier else ())
     histograms = {
         signal.name: score_histogram(np.array([np.nan if s is None else s for s in columns[signal.score_column]], dtype=np.float32), signal.histogram_range)
