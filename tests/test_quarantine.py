@@ -18,6 +18,7 @@ from PIL import Image
 
 from tasks.hashes.image_hashes import bytes_hashes, pdq_hex, pdq_of_image
 from tests.support.filter_parameters import local_filter_parameters
+from tests.support.spies import Counted
 from tests.support.tars import Member, encode, photo, write_tar
 from tests.test_credentials import logs_of
 from tests.test_flow_filter import read_artifacts
@@ -72,16 +73,6 @@ def quarantine_records(output: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-class Counted:
-    def __init__(self, monkeypatch, module, name: str) -> None:
-        self.calls = 0
-        original = getattr(module, name)
-
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, counted)
 
 
 def test_matches_are_quarantined_and_a_new_list_matches_the_stored_dataset_without_decoding(tmp_path, tiny_clip_768, laion_dir, monkeypatch):

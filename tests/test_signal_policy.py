@@ -20,6 +20,7 @@ from tasks.signals.schema import Policy
 from tasks.signals.scoring import filtered_by
 from tests.support.filter_parameters import local_filter_parameters
 from tests.support.signal_weights import converted_signals, signal_specs
+from tests.support.spies import Counted
 from tests.support.tars import shard_of_good_samples, write_tar
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -60,18 +61,6 @@ def dataset(tmp_path: Path) -> Path:
     return tmp_path
 
 
-class Counted:
-    """Calls of a product function, passed through (a spy: the function still runs)."""
-
-    def __init__(self, monkeypatch, module, name: str) -> None:
-        self.calls = 0
-        original = getattr(module, name)
-
-        def counted(*args, **kwargs):
-            self.calls += 1
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, counted)
 
 
 def expected_verdicts(scores: pd.DataFrame, policy: dict) -> list[str | None]:
