@@ -186,10 +186,9 @@ def open_sample_image(sample: Sample, options: DecodeOptions) -> Image.Image | N
     return opened
 
 
-def finish_decoding(sample: Sample, opened: Image.Image | None) -> Sample:
-    """Second step: caption, metadata and pixels of a sample whose image passed `open_sample_image`."""
-    if sample.error is not None or opened is None:
-        return sample
+def decode_text_members(sample: Sample) -> bool:
+    """The sample's caption and bounded JSON metadata parsed (tasks/io/metadata.py); False with the error recorded when the
+    metadata is refused."""
     caption_ext = member_of_format(sample.members, "txt")
     if caption_ext is not None:
         sample.caption = sample.members[caption_ext].decode("utf-8", errors="replace")
@@ -198,8 +197,15 @@ def finish_decoding(sample: Sample, opened: Image.Image | None) -> Sample:
         metadata = parse_metadata(sample.members[metadata_ext], sample.member_name(metadata_ext))
         if isinstance(metadata, str):
             fail(sample, metadata)
-            return sample
+            return False
         sample.metadata = metadata
+    return True
+
+
+def finish_decoding(sample: Sample, opened: Image.Image | None) -> Sample:
+    """Second step: caption, metadata and pixels of a sample whose image passed `open_sample_image`."""
+    if sample.error is not None or opened is None or not decode_text_members(sample):
+        return sample
     image_ext = image_extension(sample.members)
     decoded = _load_image(opened, sample.member_name(image_ext))
     if isinstance(decoded, str):
