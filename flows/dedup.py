@@ -229,7 +229,7 @@ def image_dedup(
     images_per_tar: Annotated[int, Field(ge=1)] = 1000,
     storage_options_secret: Optional[str] = None,
     take_over_output: bool = False,
-    decode_mode: Literal["exact", "reduced"] = "exact",
+    decode_mode: Literal["exact", "reduced", "gpu"] = "exact",
 ) -> dict:
     """Find near-duplicate images of a dataset from its cached CLIP embeddings (CLIP is never loaded).
 
@@ -254,7 +254,7 @@ def image_dedup(
         images_per_tar: Samples per shard of the deduplicated copy.
         storage_options_secret: Name of a Prefect Secret block holding fsspec storage options as JSON.
         take_over_output: Replace the outputs of an earlier run over other inputs in output_path (otherwise refused).
-        decode_mode: The decode_mode the embeddings were made with (exact or reduced, as given to nsfw-filter).
+        decode_mode: The decode_mode the embeddings were made with (exact, reduced or gpu, as given to nsfw-filter).
     """
     settings = validate_settings(dict(locals()), DedupSettings)
     clear_stop()  # a stop of an earlier run in this process (a notebook) is not this run's

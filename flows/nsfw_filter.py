@@ -289,7 +289,7 @@ def nsfw_filter(
     storage_options_secret: Optional[str] = None,
     review_samples: Annotated[int, Field(ge=0)] = 0,
     take_over_output: bool = False,
-    decode_mode: Literal["exact", "reduced"] = "exact",
+    decode_mode: Literal["exact", "reduced", "gpu"] = "exact",
     allow_cpu: bool = False,
 ) -> dict:
     """Score every image of a WebDataset with LAION's CLIP-based NSFW detector and keep the safe ones.
@@ -321,7 +321,7 @@ def nsfw_filter(
         storage_options_secret: Name of a Prefect Secret block holding fsspec storage options as JSON (credentials stay out of parameters).
         review_samples: When above 0, end the run by writing review/review.html under output_path (score histogram and this many thumbnails across score bands, denser around score_threshold, blurred at nsfw_score >= 0.5) for calibrating the threshold.
         take_over_output: Replace the outputs of an earlier run over other inputs in output_path (otherwise refused).
-        decode_mode: exact decodes every pixel, so embeddings equal open_clip's own preprocess + encode_image; reduced decodes large JPEGs at 1/2-1/8 scale (never below the model's input size), several times faster to decode, embeddings within a cosine of about 0.9998. Part of the embedding identity.
+        decode_mode: exact decodes every pixel, so embeddings equal open_clip's own preprocess + encode_image; reduced decodes large JPEGs at 1/2-1/8 scale (never below the model's input size), several times faster to decode, embeddings within a cosine of about 0.9998; gpu decodes and resizes JPEGs in batches on the embedding device (nvJPEG on CUDA), every other image as exact, model input within 0.5/255 of exact on average. Part of the embedding identity.
         allow_cpu: With task_runner ray, embed on a Ray that has no GPU at all (CLIP on CPUs, much slower); otherwise such a run is refused. A Ray with GPUs always runs embedding on GPU nodes; the threads runner uses the CPU when this machine has no GPU either way.
     """
     settings = validate_settings(dict(locals()), FilterSettings)

@@ -26,6 +26,7 @@ from tasks.io.atomic import atomic_output, write_bytes_atomic
 from tasks.io.locations import Location, redacted
 from tasks.models.clip_resolve import clip_identity, resolve_clip, safe_name
 from tasks.errors import UserError
+from tasks.io.decode import decode_mode_of
 from tasks.io.read import DEFAULT_DECODE_MODE, DecodeOptions, iter_samples
 from tasks.store.entries import METADATA_KEY, EmbeddingStore, embedding_matrix, shard_fingerprint
 from tasks.io.write import FilteredShardWriter, join_url, output_shard_name, partitions_with_outputs, remove_stale_outputs
@@ -88,7 +89,7 @@ def find_embedding_identity(
         record = _entry_record(store, folder)
         if record is None or not (is_path or tag in (record.get("pretrained_tag"), record.get("weights_fingerprint"))):
             continue
-        if ("jpeg-reduced-min-side=off" in str(record.get("decode"))) != (decode_mode == "exact"):
+        if decode_mode_of(str(record.get("decode"))) != decode_mode:
             continue  # made with the other decode mode
         if store.has(folder, first, fingerprint):
             matches.append(folder)

@@ -257,6 +257,10 @@ def plan_filter_run(
     head, head_fingerprint = load_planned_head(head_location)
     head.check_dimension(clip_weights.embedding_dim, f"embeddings of CLIP {clip_weights.model_name}")
     decode = decode or DecodeOptions.for_model(clip_weights.image_size, settings.decode_mode)
+    if decode.on_device:
+        from tasks.models.device_transform import DeviceTransform
+
+        DeviceTransform.of(clip_weights.preprocess_cfg)  # a model whose preprocessing the device cannot reproduce is refused here
     if settings.policy is not None and float(settings.score_threshold) != DEFAULT_SCORE_THRESHOLD:
         raise UserError("score_threshold applies only when no policy is given; put the NSFW threshold in the policy's rules.")
     store = EmbeddingStore(Location(cache_path, storage_options))

@@ -36,7 +36,9 @@ DEFAULT_MAX_PIXELS = 89_478_485
 # - reduced: JPEGs of at least twice the model's input size decode at 1/2, 1/4 or 1/8 scale by libjpeg's DCT
 #   scaling, keeping both sides >= REDUCED_JPEG_SIZE (never below the model's input size): decode +
 #   transform several times faster, embeddings within a small cosine distance (README, "Decoding").
-DECODE_MODES = ("exact", "reduced")
+# - gpu: baseline and progressive RGB/grayscale JPEGs decoded in batches on the model's device and resized there
+#   (tasks/models/device_feed.py); every other image, and any the device refuses, decoded as exact does.
+DECODE_MODES = ("exact", "reduced", "gpu")
 DEFAULT_DECODE_MODE = "exact"
 # From benchmarks/bench_read.py on 1024-2048 px JPEGs: decode 2x and decode + open_clip transform 3-4x
 # faster, pixels after the 224 px transform within 1/255 on average; >= 256 also suits 240/256 px models.
@@ -53,6 +55,7 @@ class DecodeOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb limit (width x height before any reduction)
     reduced_jpeg_size: int | None = None  # JPEGs decode at 1/2, 1/4 or 1/8 scale keeping both sides >= this; None = every pixel
     decode_deadline_s: float = DEFAULT_DECODE_DEADLINE_S  # per image in a worker process (tasks/io/decode_workers.py)
+    on_device: bool = False  # JPEGs decoded and resized on the model's device (decode_mode="gpu"); others as exact
 
     def __post_init__(self) -> None:
         if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1:
@@ -71,12 +74,28 @@ class DecodeOptions:
             return cls(reduced_jpeg_size=None)
         if decode_mode == "reduced":
             return cls(reduced_jpeg_size=max(REDUCED_JPEG_SIZE, *image_size))
+        if decode_mode == "gpu":
+            return cls(reduced_jpeg_size=None, on_device=True)
         raise UserError(f"decode_mode must be one of {', '.join(DECODE_MODES)}, not {decode_mode!r}.")
 
     def identity(self) -> str:
         # The size, scan and time limits only decide which images are refused, never their pixels, so they are not part of it.
         reduced = "off" if self.reduced_jpeg_size is None else str(self.reduced_jpeg_size)
-        return f"decode-v2:rgb,exif-orientation,alpha-over-white,first-frame,16bit-msb,jpeg-reduced-min-side={reduced}"
+        identity = f"decode-v2:rgb,exif-orientation,alpha-over-white,first-frame,16bit-msb,jpeg-reduced-min-side={reduced}"
+        # JPEGs resized by torch's antialiased filter in float (within 0.5/255 of Pillow's 8-bit passes on average)
+        return identity + ",jpeg-on-device=torch-antialias-v1" if self.on_device else identity
+
+    @property
+    def mode(self) -> str:
+        """The `DECODE_MODES` name this setting is."""
+        return "gpu" if self.on_device else "exact" if self.reduced_jpeg_size is None else "reduced"
+
+
+def decode_mode_of(identity: str) -> str:
+    """The `DECODE_MODES` name of a stored decode identity (an entry's `decode` record)."""
+    if "jpeg-on-device=" in identity:
+        return "gpu"
+    return "exact" if "jpeg-reduced-min-side=off" in identity else "reduced"
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
