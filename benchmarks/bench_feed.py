@@ -10,8 +10,9 @@ with their aspect ratio kept or padded to a square), or `photo`, camera photos o
 both, measured one after the other.
 
 ours        `tasks.models.embed.feed_model_batches`, what the embedding stage runs: a reader thread
-            streams the tars, a pool of as many worker processes as cores decodes and transforms (one
-            thread on one core), batches are stacked in a background thread. Also run with decode_mode=reduced, for that option's speed.
+            streams the tars, a pool of as many worker processes as cores decodes and transforms up to
+            the uint8 centre crop (one thread on one core; the embedder normalises the batch on its
+            device), batches are stacked in a background thread. Also run with decode_mode=reduced, for that option's speed.
 DataLoader  clip-retrieval's design: `torch.utils.data.DataLoader` over a webdataset pipeline
             (`decode("pilrgb")`, the same transform) with num_workers = cores, shards split among workers.
 
@@ -50,10 +51,13 @@ def vit_l_14_transform():
 
 def feed_ours(shard_urls: list[str], batch_size: int, workers: int, decode_mode: str = "exact", worker_processes: bool = True) -> int:
     from tasks.io.read import DecodeOptions
+    from tasks.models.bounded_transform import BoundedTransform, pixel_step
     from tasks.models.embed import feed_model_batches
 
     images = 0
-    batches = feed_model_batches(shard_urls, vit_l_14_transform(), batch_size, DecodeOptions.for_model((224, 224), decode_mode), threads=workers,
+    # what embed_shard runs: the workers send uint8 crops, which the embedder normalises on its device
+    transform = pixel_step(BoundedTransform(vit_l_14_transform()))
+    batches = feed_model_batches(shard_urls, transform, batch_size, DecodeOptions.for_model((224, 224), decode_mode), threads=workers,
                                  worker_processes=worker_processes)
     for batch in batches:  # the stand-in model: takes the batch, costs nothing
         images += 0 if batch.pixels is None else len(batch.pixels)
