@@ -1,21 +1,24 @@
 """The host pipeline: how fast tars become model-ready tensors, against a DataLoader, and how it scales with cores.
 
-    python benchmarks/bench_feed.py [--images 128] [--cores 1,2] [--batch-size 64] [--repeats 3] [--workdir DIR]
+    python benchmarks/bench_feed.py [--images 128] [--cores 1,2] [--batch-size 64] [--repeats 3] [--image-size 512|photo] [--workdir DIR]
 
-Both sides read the same WebDataset shards of photo-like JPEGs of 1024-2048 px, decode every pixel
+Both sides read the same WebDataset shards of photo-like JPEGs, decode every pixel
 (decode_mode=exact) and apply open_clip's ViT-L-14 inference transform (224 px, bicubic, centre crop,
 OpenAI normalisation); the model is a stand-in that costs nothing, so the figure is the rate at which the
-host could feed a GPU.
+host could feed a GPU. `--image-size` picks the JPEGs: `512`, as img2dataset writes them (512 px, resized
+with their aspect ratio kept or padded to a square), or `photo`, camera photos of 1024-2048 px; by default
+both, measured one after the other.
 
 ours        `tasks.models.embed.feed_model_batches`, what the embedding stage runs: a reader thread
-            streams the tars, a pool of as many worker processes as cores decodes and transforms (one
-            thread on one core), batches are stacked in a background thread. Also run with decode_mode=reduced, for that option's speed.
+            streams the tars, a pool of as many worker processes as cores decodes and transforms up to
+            the uint8 centre crop (one thread on one core; the embedder normalises the batch on its
+            device), batches are stacked in a background thread. Also run with decode_mode=reduced, for that option's speed.
 DataLoader  clip-retrieval's design: `torch.utils.data.DataLoader` over a webdataset pipeline
             (`decode("pilrgb")`, the same transform) with num_workers = cores, shards split among workers.
 
 Every measurement runs in a fresh process pinned to the first N CPUs (os.sched_setaffinity), with torch
 using N threads; contenders alternate, best of --repeats. Goals: ours >= 1.0x the DataLoader at every core
-count, and ours on 2 cores >= 1.7x ours on 1.
+count and image size, and ours on 2 cores >= 1.7x ours on 1 at 512 px.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# img2dataset's 512 px output: padded to a square (resize_mode=border) or the shorter side at 512 (keep_ratio).
+IMG2DATASET_512_SIZES = [(512, 512), (683, 512), (512, 683), (512, 512), (768, 512), (512, 640)]
+IMAGE_SIZES = ("512", "photo")
 
 
 def vit_l_14_transform():
@@ -45,10 +51,13 @@ def vit_l_14_transform():
 
 def feed_ours(shard_urls: list[str], batch_size: int, workers: int, decode_mode: str = "exact", worker_processes: bool = True) -> int:
     from tasks.io.read import DecodeOptions
+    from tasks.models.bounded_transform import BoundedTransform, pixel_step
     from tasks.models.embed import feed_model_batches
 
     images = 0
-    batches = feed_model_batches(shard_urls, vit_l_14_transform(), batch_size, DecodeOptions.for_model((224, 224), decode_mode), threads=workers,
+    # what embed_shard runs: the workers send uint8 crops, which the embedder normalises on its device
+    transform = pixel_step(BoundedTransform(vit_l_14_transform()))
+    batches = feed_model_batches(shard_urls, transform, batch_size, DecodeOptions.for_model((224, 224), decode_mode), threads=workers,
                                  worker_processes=worker_processes)
     for batch in batches:  # the stand-in model: takes the batch, costs nothing
         images += 0 if batch.pixels is None else len(batch.pixels)
@@ -138,21 +147,30 @@ def measure(which: str, shard_urls: list[str], batch_size: int, cpus: list[int])
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks._photos import write_photo_shards
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=128, help="images per run (default: %(default)s)")
     parser.add_argument("--shard-images", type=int, default=16, help="samples per shard (default: %(default)s)")
     parser.add_argument("--cores", default="1,2", help="core counts to compare (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64, help="model batch size (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per contender and core count (default: %(default)s)")
+    parser.add_argument("--image-size", choices=IMAGE_SIZES, action="append",
+                        help="JPEGs of 512 px (img2dataset's) or photos of 1024-2048 px; repeat for both (default: both, one after the other)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "nsfw-curator-bench-feed")
     args = parser.parse_args(argv)
+    for image_size in args.image_size or IMAGE_SIZES:
+        measure_image_size(args, image_size)
+    return 0
+
+
+def measure_image_size(args: argparse.Namespace, image_size: str) -> None:
+    """Every contender on every core count over shards of one `--image-size`, and the summary tables."""
+    from benchmarks._photos import LARGE_SIZES, write_photo_shards
 
     available = sorted(os.sched_getaffinity(0))
     core_counts = [int(n) for n in args.cores.split(",") if int(n) <= len(available)]
-    shard_urls = write_photo_shards(args.workdir / "shards", args.images, args.shard_images)
-    print(f"== {args.images} photo-like JPEGs of 1024-2048 px in {len(shard_urls)} shards, exact decode + open_clip ViT-L-14 "
+    sizes, described = (IMG2DATASET_512_SIZES, "img2dataset-style JPEGs of 512 px") if image_size == "512" else (LARGE_SIZES, "photo-like JPEGs of 1024-2048 px")
+    shard_urls = write_photo_shards(args.workdir / f"shards-{image_size}", args.images, args.shard_images, sizes)
+    print(f"== {args.images} {described} in {len(shard_urls)} shards, exact decode + open_clip ViT-L-14 "
           f"transform, model batch {args.batch_size}, best of {args.repeats}; {len(available)} CPUs here", flush=True)
     measure("ours", shard_urls[:1], args.batch_size, available[:1])  # warm-up: page cache, imports
     best: dict[tuple[str, int], float] = {}
@@ -178,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         scaling = f"{ours / best['ours', core_counts[0]]:.2f}x" if core_counts[0] == 1 else "-"
         print(f"{cores:>5} {ours:>11.1f} {theirs:>17.1f} {ours / theirs:>17.2f}x {scaling:>15} "
               f"{cpu_ms['ours', cores]:>16.1f} {cpu_ms['dataloader', cores]:>22.1f} {peak[cores]:>18.0f}")
-    print("goals: ours / DataLoader >= 1.0 at every core count; ours on 2 cores >= 1.7x ours on 1")
+    print("goals: ours / DataLoader >= 1.0 at every core count and image size; ours on 2 cores >= 1.7x ours on 1 at 512 px")
     for cores in core_counts:
         print(f"ours on {cores} cores: peak RSS of each decoding process {worker_peak[cores]:.0f} MiB (beside the {peak[cores]:.0f} MiB of the main one)")
     for cores in core_counts:
@@ -191,7 +209,6 @@ def main(argv: list[str] | None = None) -> int:
               f"exact; CPU {cpu_ms['ours-reduced', cores]:.1f} ms/img, {cpu_ms['ours', cores] / cpu_ms['ours-reduced', cores]:.2f}x less than exact")
     print(f"load average while measured: {', '.join(f'{v:.1f}' for v in os.getloadavg())} (other processes take cores from both sides;")
     print("CPU ms per image, best of the runs, is not inflated by them: equal at 1 and N cores means no cost of parallelism)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 
-from tasks.models.bounded_transform import NAIVE_RESIZE_MAX_RATIO, BoundedTransform, _pass_order_rule
+from tasks.io.limits import transform_output_bytes
+from tasks.models.bounded_transform import NAIVE_RESIZE_MAX_RATIO, BoundedTransform, PixelTransform, _pass_order_rule, model_input, pixel_step
 from tests.support.tars import Member, encode, good_sample_members, write_tar
 from tests.test_hostile_samples import run_limited
 
@@ -135,6 +136,34 @@ def test_the_transform_pickles_for_worker_processes_and_shows_open_clips_repr():
     image = noise(13, 2003, seed=9)
     assert torch.equal(again(image), transform(image))
     assert repr(transform) == repr(transform.transform)
+
+
+@pytest.mark.parametrize("cfg", [dict(size=64), dict(size=(64, 96)), dict(size=64, resize_mode="squash"), dict(size=64, resize_mode="longest")],
+                         ids=["shortest", "keep-ratio", "squash", "longest"])
+def test_uint8_crops_normalised_as_a_batch_are_open_clips_input_bit_for_bit(cfg):
+    transform = transform_of(**cfg)
+    pixels = pixel_step(transform)
+    assert isinstance(pixels, PixelTransform) and transform.normalise.mean == tuple(transform.transform.transforms[-1].mean)
+    # bounded and naive resizes, grey and transparent images, the banner shapes 'longest' can make
+    images = [noise(300, 200, seed=1), noise(40, 3000, seed=2), noise(50, 50, seed=3, mode="L"), noise(3000, 40, seed=4, mode="RGBA")]
+    crops = torch.stack([pixels(image) for image in images])
+    assert crops.dtype == torch.uint8 and crops.is_contiguous() and crops.shape[1] == 3
+    assert torch.equal(model_input(transform, crops), torch.stack([transform.transform(image) for image in images]))
+    assert transform_output_bytes(pixels) == crops[0].numel()  # the reader's budget counts one byte per crop value
+    again = pickle.loads(pickle.dumps(pixels, protocol=pickle.HIGHEST_PROTOCOL))  # as the worker processes receive it
+    assert torch.equal(again(images[1]), crops[1])
+
+
+def test_a_transform_not_of_open_clips_shape_is_its_own_pixel_step_and_its_batch_the_model_input():
+    plain = lambda image: image  # noqa: E731
+    from torchvision.transforms import Compose
+
+    no_normalize = BoundedTransform(Compose(image_transform_v2(PreprocessCfg(size=64), is_train=False).transforms[:-1]))
+    assert pixel_step(plain) is plain and no_normalize.pixels is None and pixel_step(no_normalize) is no_normalize
+    batch = torch.rand(2, 3, 64, 64)
+    assert model_input(transform_of(size=64), batch) is batch  # a float batch is already the model's input
+    crops = torch.zeros(2, 3, 64, 64, dtype=torch.uint8)
+    assert model_input(no_normalize, crops) is crops
 
 
 # Under the hostile tests' address-space limit: open_clip's own transform of the 1 x 100000 banner (64 x 6,400,000

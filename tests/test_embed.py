@@ -39,6 +39,7 @@ from tests.support.tiny_clip import make_tiny_clip, open_clip_reference, save_cl
 
 from tasks.models.clip_resolve import clip_identity, resolve_clip, weights_fingerprint
 from tasks.filter.plan import EmbedStage
+from tasks.models.bounded_transform import model_input, pixel_step
 from tasks.models.embed import (
     ClipEmbedder,
     embed_partition,
@@ -134,16 +135,27 @@ def test_model_batches_keep_order_and_a_batch_without_images(tmp_path, tiny_768)
     members[5:5] = [Member("0005b.png", b"not an image")]
     members += [Member("0009.png", b"not an image"), Member("0010.png", b"not an image either")]
     shard = str(write_tar(tmp_path / "mixed.tar", members))
-    batches = feed_model_batches([shard], embedder.transform, embedder.batch_size, NO_REDUCTION, task_batch_size=3)
+    batches = feed_model_batches([shard], pixel_step(embedder.transform), embedder.batch_size, NO_REDUCTION, task_batch_size=3)
     outputs = [embeddings for _, embeddings in embedder.embed_model_batches(batches)]
     assert [o.shape for o in outputs] == [(4, 768), (4, 768), (0, 768)]
     assert cosines(np.concatenate(outputs), open_clip_reference(tiny_768[0], tiny_768[1], images)).min() >= PARITY_COSINE
 
 
+def test_uint8_crops_normalised_in_the_batch_embed_bit_for_bit_as_open_clips_float_input(tmp_path, tiny_768):
+    embedder = load_clip_embedder(resolve_clip(str(tiny_768[0]), str(tiny_768[1])), "cpu", batch_size=5)
+    images = [image.convert("RGB") for image in random_images(5, seed=3)]  # as decoding hands them to the transform
+    shard = png_shard(tmp_path / "images.tar", images)
+    [batch] = list(feed_model_batches([shard], pixel_step(embedder.transform), embedder.batch_size, NO_REDUCTION, threads=2))
+    assert batch.pixels.dtype == torch.uint8 and batch.pixels.shape == (5, 3, 64, 64) and batch.pixels.is_contiguous()
+    float_input = torch.stack([embedder.transform(image) for image in images])  # what the workers sent before: open_clip's preprocess
+    assert torch.equal(model_input(embedder.transform, batch.pixels), float_input)
+    assert np.array_equal(embedder.embed_pixels(batch.pixels), embedder.embed_pixels(float_input))
+
+
 def test_model_batches_report_input_errors_and_stop_early(tmp_path, tiny_768):
     embedder = load_clip_embedder(resolve_clip(str(tiny_768[0]), str(tiny_768[1])), "cpu", batch_size=2)
     shard = png_shard(tmp_path / "images.tar", random_images(60))
-    first_batch = next(iter(feed_model_batches([shard], embedder.transform, embedder.batch_size, NO_REDUCTION)))
+    first_batch = next(iter(feed_model_batches([shard], pixel_step(embedder.transform), embedder.batch_size, NO_REDUCTION)))
 
     def failing():
         yield first_batch
@@ -430,14 +442,15 @@ def test_host_pipeline_gives_open_clip_inputs_in_model_batches_across_reading_ba
     samples = list(iter_samples(bad_case_shard, NO_REDUCTION))
     good = [sample for sample in samples if sample.error is None]
 
-    batches = list(feed_model_batches([bad_case_shard], transform, 4, NO_REDUCTION, task_batch_size=3, threads=2,
+    batches = list(feed_model_batches([bad_case_shard], pixel_step(transform), 4, NO_REDUCTION, task_batch_size=3, threads=2,
                                       worker_processes=worker_processes))
     rows = [row for batch in batches for row in batch.rows]
     assert [key for key, _ in rows] == [sample.key for sample in samples]  # every sample once, in tar order
     assert [error for _, error in rows] == [sample.error for sample in samples]
     assert [len(batch.pixels) for batch in batches] == [4] * (len(good) // 4) + ([len(good) % 4] if len(good) % 4 else [])
     pixels = torch.cat([batch.pixels for batch in batches])
-    assert torch.equal(pixels, torch.stack([transform(sample.image) for sample in good]))  # bit for bit open_clip's
+    assert pixels.dtype == torch.uint8  # the crops, a quarter of the float input's bytes
+    assert torch.equal(model_input(transform, pixels), torch.stack([transform(sample.image) for sample in good]))  # bit for bit open_clip's
 
 
 def test_an_image_the_transform_refuses_is_that_samples_error_only(tiny_768, bad_case_shard):
@@ -471,8 +484,8 @@ def test_worker_processes_keep_a_refused_image_and_a_dead_decoder_to_that_sample
     refused_size, deadly_size = good[1].image.size, good[3].image.size
     assert refused_size != deadly_size and transform.__class__.__module__ == "tasks.models.bounded_transform"
 
-    for picky, reason in [(RefusingTransform(transform, refused_size), "could not be preprocessed for the model (ValueError: odd size)"),
-                          (KillingTransform(transform, deadly_size), "died while decoding image")]:
+    for picky, reason in [(RefusingTransform(pixel_step(transform), refused_size), "could not be preprocessed for the model (ValueError: odd size)"),
+                          (KillingTransform(pixel_step(transform), deadly_size), "died while decoding image")]:
         hit_size = picky.size
         batches = list(feed_model_batches([bad_case_shard], picky, 4, NO_REDUCTION, task_batch_size=3, threads=2))
         rows = [row for batch in batches for row in batch.rows]
@@ -484,7 +497,7 @@ def test_worker_processes_keep_a_refused_image_and_a_dead_decoder_to_that_sample
                 assert reason in error, error
             else:
                 assert error == sample.error  # every other sample as without the bad image
-        pixels = torch.cat([batch.pixels for batch in batches if batch.pixels is not None])
+        pixels = model_input(transform, torch.cat([batch.pixels for batch in batches if batch.pixels is not None]))
         assert torch.equal(pixels, torch.stack([transform(sample.image) for sample, is_hit in zip(samples, hit) if sample.error is None and not is_hit]))
 
 

@@ -25,6 +25,7 @@ from tasks.hashes.image_pass import hash_shard, with_hashes
 from tasks.io.decode import DecodeOptions
 from tasks.io.locations import as_location
 from tasks.io.samples import ImageHashes
+from tasks.models.bounded_transform import pixel_step
 from tasks.models.clip_resolve import clip_identity, resolve_clip
 from tasks.models.embed import embed_shard, feed_model_batches, load_clip_embedder
 from tasks.store.entries import (
@@ -138,7 +139,7 @@ def test_the_embedding_pass_keeps_each_samples_md5_sha1_and_pdq_in_its_entry(tmp
 
 def test_a_sample_whose_decoder_died_keeps_the_hashes_of_its_bytes(embedder, shard):
     # a.jpg is 96 x 64: its worker process is killed before it sends anything back
-    batches = list(feed_model_batches([shard], KillingTransform(embedder.transform, (96, 64)), 3, EXACT, task_batch_size=4, threads=2))
+    batches = list(feed_model_batches([shard], KillingTransform(pixel_step(embedder.transform), (96, 64)), 3, EXACT, task_batch_size=4, threads=2))
     rows = [(key, error, hashes) for batch in batches for (key, error), hashes in zip(batch.rows, batch.hashes)]
     expected = expected_hashes()
     killed = [row for row in rows if row[0] == "a"][0]

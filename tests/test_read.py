@@ -391,7 +391,7 @@ def test_extreme_aspect_ratios_are_decoded_and_transformed(tmp_path):
     # Banners once got "one side over 100 times the other"; the model's transform now bounds the resize itself.
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    from tasks.models.bounded_transform import BoundedTransform
+    from tasks.models.bounded_transform import BoundedTransform, model_input, pixel_step
 
     jpeg = lambda width, height: encode(drawn_image(width, height), "JPEG")  # noqa: E731
     members = [
@@ -414,6 +414,12 @@ def test_extreme_aspect_ratios_are_decoded_and_transformed(tmp_path):
     for sample, decoded in zip(batch, samples):
         if decoded.image.width * decoded.image.height < 100_000:  # open_clip's own transform fits here: the same pixels
             assert torch.equal(sample.model_input, transform.transform(decoded.image)), sample.key
+    # the worker processes send the uint8 crops, the same pixels before ToTensor and Normalize
+    [crops] = list(iter_batches([str(shard)], task_batch_size=10, threads=2, transform=pixel_step(transform), worker_processes=True))
+    assert keys_and_errors(crops) == keys_and_errors(samples)
+    for sample, transformed in zip(crops, batch):
+        assert sample.model_input.dtype == torch.uint8 and sample.model_input.is_contiguous(), sample.key
+        assert torch.equal(model_input(transform, sample.model_input[None])[0], transformed.model_input), sample.key
 
 
 def test_errors_of_the_retired_aspect_ratio_limit_are_recognised():

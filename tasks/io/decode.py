@@ -5,8 +5,8 @@ the header and refuses what is over the limits (`DecodeOptions.max_pixels`, the 
 tasks/io/jpeg_scans.py) before any pixel is decoded; `finish_decoding` decodes the pixels (RGB, EXIF orientation
 applied, see `to_rgb`), the caption and the bounded JSON metadata (tasks/io/metadata.py). `decode_and_transform`
 is a worker's whole job: the second step, the sample's hashes (`hash_sample`: MD5 and SHA-1 of its image member's
-bytes, PDQ of the pixels just decoded, so no image is ever decoded twice for them) and the model's transform, the
-image then dropped. Every refusal is that sample's one-sentence `error`; nothing here raises for a sample's content.
+bytes, PDQ of the pixels just decoded, so no image is ever decoded twice for them) and the transform (for the
+embedding stage the uint8 crop of tasks/models/bounded_transform.py `pixel_step`), the image then dropped. Every refusal is that sample's one-sentence `error`; nothing here raises for a sample's content.
 """
 
 from __future__ import annotations
@@ -251,8 +251,8 @@ def hash_sample(sample: Sample) -> Sample:
 
 def decode_and_transform(sample: Sample, opened: Image.Image | None, transform: Callable[[Image.Image], object] | None) -> Sample:
     """One worker's whole job for a sample: its pixels decoded (when `opened` passed the header checks), hashed
-    (`hash_sample`, also when they could not be decoded), then turned into the model's input and dropped; with
-    `transform=None` the image is kept."""
+    (`hash_sample`, also when they could not be decoded), then turned into `transform`'s output (`model_input`:
+    the embedding stage's uint8 crop, or the model's input itself) and dropped; with `transform=None` the image is kept."""
     finish_decoding(sample, opened)
     hash_sample(sample)
     if sample.image is not None and transform is not None:

@@ -66,7 +66,7 @@ class BatchDecoder:
                 in_processes = None
             self.in_processes = in_processes
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="decode") if decode is not None and self.in_processes is None else None
-        # A transformed sample holds its model input (602 KB at 224 px in float32), often more than its image did.
+        # A transformed sample holds what the transform made (the 150 KB uint8 crop at 224 px), sometimes more than its image did.
         self.input_bytes = transform_output_bytes(transform) if transform is not None and decode is not None else 0
         # samples handed to worker processes and not yet done (kept by the reader thread), dropped when reading stops early
         self.pending: deque[_InWorker] = deque()

@@ -5,7 +5,9 @@ decoding thread take turns holding it between Pillow's and torch's lock-free str
 rate stops growing with cores (measured in benchmarks/README.md, "Host pipeline"). Here each worker is a
 process with its own interpreter and one torch thread: it receives a sample's raw members, checks and
 decodes the image, hashes it (MD5 and SHA-1 of its bytes, PDQ of its pixels: tasks/io/decode.py `hash_sample`),
-applies the transform and sends back only the model input (a numpy array), caption, metadata, hashes and error.
+applies the transform and sends back only its output (a numpy array: for the embedding stage the uint8 crop of
+tasks/models/bounded_transform.py `pixel_step`, a quarter of the float model input's bytes), caption, metadata,
+hashes and error.
 
 - One pool per worker count per process, started on first use and reused by every partition the process
   reads, through `forkserver`: forking a process that runs threads (Prefect's, the reader's) could copy a
@@ -139,7 +141,7 @@ class WorkerTransform:
 class WorkerResult:
     """What a worker sends back for one sample (the raw members stay with the parent)."""
 
-    model_input: np.ndarray | None
+    model_input: np.ndarray | None  # the transform's output (the embedding stage's uint8 crop [3, H, W])
     tensor: bool  # model_input was a torch tensor (sent as numpy, made a tensor again without a copy)
     caption: str | None
     metadata: dict | None

@@ -14,6 +14,16 @@ keeps the centre S x S crop, so a 1 x 100000 banner would first become 224 x 22,
   pass by pass, within 2/255 of open_clip (Pillow keeps the box in float32).
 - Everything after the resize and crop (mode conversion, ToTensor, Normalize) is open_clip's own.
 
+Where each step runs: the host pipeline (tasks/models/embed.py `feed_model_batches`) applies
+`pixel_step(transform)` to each image, and the model's side turns the batch into the model's input with
+`model_input(transform, batch)`. For open_clip's shape, [resize, crop, RGB conversion, ToTensor, Normalize],
+`BoundedTransform.pixels` (a `PixelTransform`) runs every step before ToTensor and returns the uint8 crop
+[3, H, W], C-contiguous (a quarter of the float input's bytes to send between processes), and
+`BoundedTransform.normalise` (a `Normalise`) does ToTensor's scaling and Normalize on a uint8 batch
+[N, 3, H, W] on whatever device holds it, with torchvision's own float32 operations, so on the CPU the
+result equals `transform(image)` bit for bit. Any other transform (one not of that shape, or a wrapper
+around a `BoundedTransform`) is its own pixel step, and its output, float or not, is the model's input as it is.
+
 Why not one `resize(box=...)`: Pillow (13) picks the order of its two passes from the whole source's size
 against the output's, `horizontal_first = not (in_h - out_h > 0 and in_h - out_h > 2 * (in_w - out_w))`,
 so a box in a tall image (20 x 4000 -> 224 x 224 from a 4000-row source) runs the vertical pass first
@@ -30,9 +40,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torch
 
 # Resizes up to this many times the crop's pixels run as open_clip runs them: what the former 100:1
 # aspect-ratio limit admitted (at most 100 S^2 pixels, 15 MB at 224 px), so those pixels never change.
@@ -246,23 +260,84 @@ def _resize_then_crop(transform: object) -> _ResizeThenCrop | None:
     return _ResizeThenCrop(resize, filters[resize.interpolation], (int(crop_h), int(crop_w)))
 
 
+@dataclass(frozen=True)
+class Normalise:
+    """ToTensor's scaling and Normalize of open_clip's transform, on a uint8 batch [N, C, H, W] where it lies."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __call__(self, pixels: "torch.Tensor") -> "torch.Tensor":
+        import torch
+
+        assert pixels.dtype == torch.uint8 and pixels.ndim == 4, (pixels.dtype, pixels.shape)
+        # torchvision's to_tensor (`.to(float32).div(255)`), then normalize (`sub_(mean).div_(std)`, both float32), per element alike
+        scaled = pixels.to(torch.float32).div(255)
+        mean = torch.as_tensor(self.mean, dtype=torch.float32, device=pixels.device).view(1, -1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=torch.float32, device=pixels.device).view(1, -1, 1, 1)
+        return scaled.sub_(mean).div_(std)
+
+
+@dataclass(frozen=True)
+class _PixelSplit:
+    """Where open_clip's transform leaves 8-bit pixels: the index of its ToTensor step, and what follows it as a batch step."""
+
+    tensor_step: int
+    normalise: Normalise
+
+
+def _pixel_split(transform: object) -> _PixelSplit | None:
+    """The split of a transform of open_clip's shape (..., RGB conversion, ToTensor, Normalize), else None."""
+    steps = getattr(transform, "transforms", None)
+    if not isinstance(steps, list) or len(steps) < 3:
+        return None
+    from torchvision.transforms import Normalize, ToTensor
+
+    convert, to_tensor, normalize = steps[-3:]
+    from_open_clip = getattr(type(convert), "__module__", "").startswith("open_clip") or getattr(convert, "__module__", "").startswith("open_clip")
+    # open_clip's MaybeConvertMode("RGB") or its older _convert_to_rgb: ToTensor then always sees 8-bit RGB
+    to_rgb = from_open_clip and (getattr(convert, "mode", None) == "RGB" or getattr(convert, "__name__", None) == "_convert_to_rgb")
+    if not (to_rgb and isinstance(to_tensor, ToTensor) and type(normalize) is Normalize):
+        return None
+    mean, std = normalize.mean, normalize.std
+    if not all(isinstance(values, (list, tuple)) and len(values) == 3 for values in (mean, std)):
+        return None
+    return _PixelSplit(len(steps) - 2, Normalise(tuple(float(v) for v in mean), tuple(float(v) for v in std)))
+
+
 class BoundedTransform:
     """`transform` (open_clip's inference transform) with the resize limited to the pixels its centre crop keeps."""
 
     def __init__(self, transform: Callable) -> None:
         self.transform = transform
         self.resize_then_crop = _resize_then_crop(transform)  # None: the transform never makes a large image
+        self.pixel_split = _pixel_split(transform)  # None: not open_clip's shape, so it has no uint8 step
 
     def __call__(self, image: object) -> object:
+        cropped = self.bounded_crop(image)
+        return self.transform(image) if cropped is None else self.after_crop(cropped)
+
+    @property
+    def pixels(self) -> "PixelTransform | None":
+        """The per-image steps up to the uint8 crop, or None when the transform is not open_clip's shape."""
+        return PixelTransform(self) if self.pixel_split is not None else None
+
+    @property
+    def normalise(self) -> Normalise | None:
+        """The batch step after `pixels` (ToTensor's scaling, Normalize), or None when there is no `pixels`."""
+        return self.pixel_split.normalise if self.pixel_split is not None else None
+
+    def bounded_crop(self, image: object) -> Image.Image | None:
+        """The centre crop of the resized image computed from its source region, or None when open_clip's own resize runs."""
         plan = self.resize_then_crop
         if plan is None or not isinstance(image, Image.Image):
-            return self.transform(image)
+            return None
         resized = plan.resized_size(image)
         crop = plan.crop_box(resized)
         crop_h, crop_w = plan.crop_size
         if crop is None or resized[0] * resized[1] <= NAIVE_RESIZE_MAX_RATIO * crop_h * crop_w:
-            return self.transform(image)
-        return self.after_crop(self.crop_of_resize(image, resized, crop))
+            return None
+        return self.crop_of_resize(image, resized, crop)
 
     def crop_of_resize(self, image: Image.Image, resized: tuple[int, int], crop: tuple[int, int, int, int]) -> Image.Image:
         """The centre crop of the resized image, computed from the source region it depends on."""
@@ -280,5 +355,55 @@ class BoundedTransform:
             image = step(image)
         return image
 
+    def before_tensor(self, image: Image.Image) -> Image.Image:
+        """The wrapped transform's steps before ToTensor (resize bounded as in `__call__`, crop, RGB conversion)."""
+        assert self.pixel_split is not None
+        steps = self.transform.transforms
+        cropped = self.bounded_crop(image)
+        image, first = (image, 0) if cropped is None else (cropped, 2)
+        for step in steps[first : self.pixel_split.tensor_step]:
+            image = step(image)
+        return image
+
     def __repr__(self) -> str:
         return repr(self.transform)
+
+
+class PixelTransform:
+    """A `BoundedTransform`'s steps before ToTensor, returning the crop as uint8 [3, H, W], C-contiguous (picklable)."""
+
+    def __init__(self, bounded: BoundedTransform) -> None:
+        assert bounded.pixel_split is not None, "only a transform of open_clip's shape has a uint8 step"
+        self.bounded = bounded
+
+    def __call__(self, image: Image.Image) -> "torch.Tensor":
+        import torch
+
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"the pixel step takes a PIL image, not {type(image).__name__}")
+        rgb = self.bounded.before_tensor(image)
+        assert rgb.mode == "RGB", rgb.mode  # the RGB conversion step is the last one before ToTensor
+        # to_tensor's own layout (HWC bytes viewed, then CHW made contiguous), without its float scaling
+        pixels = torch.from_numpy(np.array(rgb, np.uint8, copy=True))
+        return pixels.view(rgb.height, rgb.width, 3).permute(2, 0, 1).contiguous()
+
+    def __repr__(self) -> str:
+        return f"PixelTransform({self.bounded!r})"
+
+
+def pixel_step(transform: Callable) -> Callable:
+    """What the host pipeline applies to each image for `transform`: a `BoundedTransform`'s uint8 `pixels` when it has
+    them, else `transform` itself (its output is then the model's input)."""
+    pixels = transform.pixels if isinstance(transform, BoundedTransform) else None
+    return pixels if pixels is not None else transform
+
+
+def model_input(transform: Callable, batch: "torch.Tensor") -> "torch.Tensor":
+    """A stacked batch of `pixel_step(transform)` outputs made the model's input: uint8 crops normalised where they
+    lie (`BoundedTransform.normalise`); any other batch is the model's input as it is."""
+    import torch
+
+    normalise = transform.normalise if isinstance(transform, BoundedTransform) else None
+    if normalise is not None and batch.dtype == torch.uint8:
+        return normalise(batch)
+    return batch

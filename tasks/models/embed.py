@@ -6,10 +6,13 @@ feeds them with open_clip's own inference transform, so embeddings equal open_cl
 `encode_image(preprocess(image))`, L2-normalised.
 
 Batches of `batch_size` images run under `torch.inference_mode`. For shards (`embed_shard`), the reader's
-worker pool decodes each image and applies open_clip's transform to it (`feed_model_batches`), so the
-host side scales with cores, and a background thread stacks the results into model batches two ahead of
-inference; on CUDA the batch is stacked in pinned memory, copied with `non_blocking=True` and run under
-fp16 (or bf16) autocast.
+worker pool decodes each image and applies open_clip's transform up to its uint8 centre crop to it
+(`feed_model_batches` with tasks/models/bounded_transform.py `pixel_step`), so the host side scales with
+cores and sends a quarter of the float input's bytes, and a background thread stacks the crops into uint8
+model batches two ahead of inference; on CUDA the batch is stacked in pinned memory and copied with
+`non_blocking=True`. `ClipEmbedder.embed_pixels` then makes the batch the model's input where the model runs
+(ToTensor's scaling and Normalize, `model_input`: on the CPU bit for bit open_clip's `preprocess`) and runs
+it, under fp16 (or bf16) autocast on CUDA.
 The same workers hash each image they decode (tasks/io/decode.py `hash_sample`: MD5 and SHA-1 of its bytes, PDQ
 of its pixels), and `embed_shard` keeps those hashes in the entry, so a hash list is matched without decoding again.
 `ClipEmbedder.times` says where an embedder's time went: waiting for model-ready input, or in the model.
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 from tasks.models.clip_resolve import ClipWeights, clip_identity, identity_record, read_model_config, weights_fingerprint
 from tasks.errors import UserError
 from tasks.io.locations import LocationLike, as_location, redacted
+from tasks.models.bounded_transform import model_input, pixel_step
 from tasks.models.remote_weights import local_weights
 from tasks.io.prefetch import close_iterator, prefetched
 from tasks.io.read import DecodeOptions, Sample, iter_batches
@@ -151,8 +155,9 @@ class ClipEmbedder:
 
     @torch.inference_mode()
     def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
-        """Embeddings of one preprocessed batch, float32 [N, D], L2-normalised."""
-        pixels = pixels.to(self.device, non_blocking=True)
+        """Embeddings of one batch, float32 [N, D], L2-normalised: uint8 crops of `pixel_step(self.transform)` [N, 3, H, W],
+        normalised on the device after the copy, or a batch already the model's input."""
+        pixels = model_input(self.transform, pixels.to(self.device, non_blocking=True))
         if self.device.type == "cuda":
             with torch.autocast("cuda", dtype=AUTOCAST_DTYPES[self.autocast]):
                 features = self.model.encode_image(pixels)
@@ -219,10 +224,10 @@ def unload_clip_models() -> None:
 
 @dataclass
 class ModelBatch:
-    """Model-ready input of up to `batch_size` samples, with every sample read since the previous batch."""
+    """The transformed images of up to `batch_size` samples (the model's input once `model_input` has run), with every sample read since the previous batch."""
 
     rows: list[tuple[str | None, str | None]]  # (key, error) of each sample in tar order; error None = it is in `pixels`
-    pixels: torch.Tensor | None  # [samples without error, 3, H, W], pinned for a CUDA model; None when every row is an error
+    pixels: torch.Tensor | None  # [samples without error, 3, H, W] (uint8 crops from `pixel_step`), pinned for a CUDA model; None when every row is an error
     hashes: list[ImageHashes | None]  # each row's image hashes (None: no image member), in the order of `rows`
 
 
@@ -239,11 +244,14 @@ def feed_model_batches(
 ) -> Iterator[ModelBatch]:
     """The host pipeline: tars -> (decode + `transform` in a pool of `threads` workers) -> model batches.
 
-    Each worker decodes a sample and applies the transform (`iter_batches`), so the rate of model-ready
-    tensors grows with the workers (default: the CPUs this process may use). A background thread stacks
-    them into batches of `batch_size` across reading batches (in pinned memory for a CUDA model, which
-    then copies them without blocking), up to two batches ahead. Memory is bounded by the reader's
-    budget plus four model batches (one being filled, two waiting, one with the caller).
+    Each worker decodes a sample and applies `transform` to it (`iter_batches`), so the rate of transformed
+    images grows with the workers (default: the CPUs this process may use). The embedding stage passes
+    `pixel_step(embedder.transform)` (tasks/models/bounded_transform.py): uint8 crops [3, H, W], which
+    `ClipEmbedder.embed_pixels` normalises on its device; any other transform's outputs are stacked as they
+    are, as the model's input. A background thread stacks them into batches of `batch_size` across reading
+    batches (in pinned memory for a CUDA model, which then copies them without blocking), up to two
+    batches ahead. Memory is bounded by the reader's budget plus four model batches (one being filled,
+    two waiting, one with the caller).
     """
 
     def assemble() -> Iterator[ModelBatch]:
@@ -274,8 +282,8 @@ def feed_model_batches(
 
 def _stacked(inputs: list[torch.Tensor], pin_memory: bool) -> torch.Tensor:
     out = torch.empty((len(inputs), *inputs[0].shape), dtype=inputs[0].dtype, pin_memory=pin_memory)
-    if out.dtype in (torch.float32, torch.float16, torch.float64) and all(item.is_contiguous() and item.device.type == "cpu" for item in inputs):
-        # numpy copies in this thread alone; torch.stack would wake a team of threads to copy 40 MB
+    if out.dtype in (torch.uint8, torch.float32, torch.float16, torch.float64) and all(item.is_contiguous() and item.device.type == "cpu" for item in inputs):
+        # numpy copies in this thread alone; torch.stack would wake a team of threads to copy 10-40 MB
         np.stack([item.numpy() for item in inputs], out=out.numpy())
         return out
     return torch.stack(inputs, out=out)
@@ -309,7 +317,7 @@ def embed_shard(
     hashes: list[ImageHashes | None] = []
     embedded_rows: list[np.ndarray] = []
     pin_memory = embedder.device.type == "cuda"
-    batches = feed_model_batches([shard], embedder.transform, embedder.batch_size, decode_options, task_batch_size, pin_memory, threads,
+    batches = feed_model_batches([shard], pixel_step(embedder.transform), embedder.batch_size, decode_options, task_batch_size, pin_memory, threads,
                                  local_copies={shard_url: local_copy} if local_copy is not None else None)
     with closing(batches):
         for batch, batch_embeddings in embedder.embed_model_batches(batches):
