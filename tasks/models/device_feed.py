@@ -90,29 +90,6 @@ def feed_device_batches(
     counts = counts if counts is not None else DeviceFeedCounts()
     cpu_options = dataclasses.replace(decode_options, on_device=False)  # what the CPU path does with a fallback
 
-    def host_batches(decoder: BatchDecoder) -> Iterator[list[_Row]]:
-        samples = iter_batches(shards, task_batch_size, decode=None, local_copies=local_copies)
-        rows: list[_Row] = []
-        images = 0
-        try:
-            for batch in samples:
-                for sample in batch:
-                    target = for_device(sample, cpu_options, device_transform.fits)
-                    if isinstance(target, str):
-                        counts.add(fallback=target)
-                        rows.append(_Row(sample, on_cpu=decoder.submit(decoder.check(sample))))
-                    else:
-                        hash_sample(sample)  # MD5 and SHA-1 of the bytes; PDQ comes from the device's pixels
-                        rows.append(_Row(sample, jpeg=target))
-                    images += target is not None
-                    if images == batch_size:
-                        yield rows
-                        rows, images = [], 0
-            if rows:
-                yield rows
-        finally:
-            close_iterator(samples)
-
     def on_device(rows: list[_Row], decoder: BatchDecoder) -> None:
         """The rows decoded: JPEGs on the device (those it refuses on the CPU path, here), the others by the CPU path's decoders."""
         jpeg_rows = [row for row in rows if row.jpeg is not None]
@@ -136,7 +113,8 @@ def feed_device_batches(
     def device_batches() -> Iterator[ModelBatch]:
         decoder = BatchDecoder(cpu_options, pixel_transform, threads or _default_threads(), worker_processes)
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        host = prefetched(host_batches(decoder), _PREFETCH_BATCHES, "device-host")
+        host = prefetched(host_batches(shards, device_transform.fits, batch_size, cpu_options, decoder, counts, task_batch_size, local_copies),
+                          _PREFETCH_BATCHES, "device-host")
         try:
             for rows in host:
                 with torch.cuda.stream(stream) if stream is not None else nullcontext():
@@ -152,6 +130,41 @@ def feed_device_batches(
             decoder.close()
 
     return prefetched(device_batches(), _PREFETCH_BATCHES, "device-decode")
+
+
+def host_batches(
+    shards: Sequence[LocationLike],
+    fits: Callable[[int, int], bool],
+    batch_size: int,
+    cpu_options: DecodeOptions,
+    decoder: BatchDecoder,
+    counts: DeviceFeedCounts,
+    task_batch_size: int = 100,
+    local_copies: Mapping[str, str] | None = None,
+) -> Iterator[list[_Row]]:
+    """The host's whole share of the gpu mode: the tars streamed, each header checked, JPEG bytes batched for the device
+    (`batch_size` images a batch) and every other image handed to `decoder` (the exact CPU path) as it is met."""
+    samples = iter_batches(shards, task_batch_size, decode=None, local_copies=local_copies)
+    rows: list[_Row] = []
+    images = 0
+    try:
+        for batch in samples:
+            for sample in batch:
+                target = for_device(sample, cpu_options, fits)
+                if isinstance(target, str):
+                    counts.add(fallback=target)
+                    rows.append(_Row(sample, on_cpu=decoder.submit(decoder.check(sample))))
+                else:
+                    hash_sample(sample)  # MD5 and SHA-1 of the bytes; PDQ comes from the device's pixels
+                    rows.append(_Row(sample, jpeg=target))
+                images += target is not None
+                if images == batch_size:
+                    yield rows
+                    rows, images = [], 0
+        if rows:
+            yield rows
+    finally:
+        close_iterator(samples)
 
 
 def _as_tensor(model_input: object) -> torch.Tensor:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,7 +263,7 @@ def feed_model_batches(
         try:
             for batch in samples:
                 for sample in batch:
-                    error = _error_of(sample)
+                    error = error_of(sample)
                     rows.append((sample.key, error))
                     hashes.append(sample.image_hashes)
                     if error is None:
@@ -316,9 +316,18 @@ def embed_shard(
     errors: list[str | None] = []
     hashes: list[ImageHashes | None] = []
     embedded_rows: list[np.ndarray] = []
-    pin_memory = embedder.device.type == "cuda"
-    batches = feed_model_batches([shard], pixel_step(embedder.transform), embedder.batch_size, decode_options, task_batch_size, pin_memory, threads,
-                                 local_copies={shard_url: local_copy} if local_copy is not None else None)
+    local_copies = {shard_url: local_copy} if local_copy is not None else None
+    device_counts = None
+    if decode_options.on_device:
+        from tasks.models.device_feed import DeviceFeedCounts, feed_device_batches
+        from tasks.models.device_transform import DeviceTransform
+
+        device_counts = DeviceFeedCounts()
+        batches = feed_device_batches([shard], _pixel_transform(embedder), DeviceTransform.of(embedder.weights.preprocess_cfg), embedder.batch_size,
+                                      decode_options, embedder.device, device_counts, task_batch_size, threads, local_copies=local_copies)
+    else:
+        batches = feed_model_batches([shard], pixel_step(embedder.transform), embedder.batch_size, decode_options, task_batch_size,
+                                     embedder.device.type == "cuda", threads, local_copies=local_copies)
     with closing(batches):
         for batch, batch_embeddings in embedder.embed_model_batches(batches):
             full = np.full((len(batch.rows), embedder.embedding_dim), np.nan, dtype=np.float32)
@@ -332,10 +341,23 @@ def embed_shard(
     embeddings = np.concatenate(embedded_rows) if embedded_rows else np.zeros((0, embedder.embedding_dim), np.float32)
     table = embedding_table(keys, shard_url, embeddings, errors, hashes=hashes)
     metadata = dict(identity_record(embedder.weights, decode_options.identity()), precision=embedder.precision)
+    if device_counts is not None:
+        metadata["device_decode"] = device_counts.record()  # how many images the device decoded, and why the others went to the CPU
     return store.write(identity, shard_url, table, shard_fingerprint=fingerprint, metadata=metadata)
 
 
-def _error_of(sample: Sample) -> str | None:
+def _pixel_transform(embedder: ClipEmbedder) -> Callable:
+    """The CPU path's per-image step to the uint8 crop, for the images the gpu mode decodes on the CPU."""
+    from tasks.models.bounded_transform import PixelTransform
+
+    pixels = pixel_step(embedder.transform)
+    if not isinstance(pixels, PixelTransform):
+        raise UserError(f"decode_mode 'gpu' needs open_clip's own inference transform, and {embedder.weights.model_name} has {embedder.transform!r}; use decode_mode 'exact'.")
+    return pixels
+
+
+def error_of(sample: Sample) -> str | None:
+    """Why a sample has no model input (its error, or that it holds no image), or None when it has one."""
     if sample.error is not None:
         return str(sample.error)
     if sample.image is None and sample.model_input is None:
