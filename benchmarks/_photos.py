@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image
 
 LARGE_SIZES = [(1024, 768), (1024, 1024), (1280, 960), (1536, 1024), (2048, 1365), (2048, 1536)]
+# img2dataset's 512 px output: padded to a square (resize_mode=border) or the shorter side at 512 (keep_ratio).
+IMG2DATASET_512_SIZES = [(512, 512), (683, 512), (512, 683), (512, 512), (768, 512), (512, 640)]
 _DISTINCT_IMAGES = 24  # encoded once, reused under new keys: the reader cannot tell, and setup stays quick
 
 
