@@ -429,10 +429,11 @@ def test_decode_mode_is_in_the_ui_form_and_the_command_line(flow_module, flow_na
 
     flow = getattr(importlib.import_module(flow_module), flow_name)
     field = parameter_schema(flow.fn).model_dump()["properties"]["decode_mode"]
-    assert field["default"] == "exact" and field["enum"] == ["exact", "reduced"] and field["description"]
+    assert field["default"] == "exact" and field["enum"] == ["exact", "reduced", "gpu"] and field["description"]
     plain = [command, "--file-paths", "in", "--output-path", "out"]
     assert build_parser(plain).parse_args(plain).decode_mode == "exact"
     assert build_parser(plain).parse_args(plain + ["--decode-mode", "reduced"]).decode_mode == "reduced"
+    assert build_parser(plain).parse_args(plain + ["--decode-mode", "gpu"]).decode_mode == "gpu"
 
 
 @pytest.mark.parametrize("worker_processes", [True, False], ids=["processes", "threads"])

@@ -384,3 +384,19 @@ def test_gpu_sharing_bound_with_threads_and_ray(tmp_path, tiny_clip_768, laion_d
     np.testing.assert_allclose(np.array(threads_scores["nsfw_score"], dtype=float), np.array(ray_scores["nsfw_score"], dtype=float), atol=1e-6)
     for threads_tar in sorted((tmp_path / "out-threads" / "shards").glob("*.tar")):
         assert threads_tar.read_bytes() == (tmp_path / "out-ray" / "shards" / threads_tar.name).read_bytes()
+
+
+def test_gpu_decode_mode_keeps_every_row_and_the_exact_modes_verdicts(tmp_path, tiny_clip_768, laion_dir):
+    """decode_mode="gpu" through the flow (on the CPU here, the same code): every input key once, errors as the exact
+    mode words them, scores within the cosine the device's resize moves embeddings by; its entries say what the device decoded."""
+    dataset = build_dataset(tmp_path, good_shards=2, per_shard=4)
+    run_filter(dataset, tiny_clip_768, laion_dir, tmp_path / "exact", cache_path=str(tmp_path / "cache"))
+    exact = check_outputs(dataset, tmp_path / "exact" / "out", 0.5)
+    run_filter(dataset, tiny_clip_768, laion_dir, tmp_path / "gpu", cache_path=str(tmp_path / "cache"), decode_mode="gpu")
+    gpu = check_outputs(dataset, tmp_path / "gpu" / "out", 0.5)
+    assert gpu["key"] == exact["key"] and gpu["error"] == exact["error"]
+    scored = [(a, b) for a, b in zip(exact["nsfw_score"], gpu["nsfw_score"]) if a is not None]
+    assert len(scored) > 20 and max(abs(a - b) for a, b in scored) < 0.02
+    records = [json.loads(pq.read_schema(path).metadata[b"nsfw_curator"]) for path in (tmp_path / "cache").rglob("*.parquet")]
+    on_device = [record["device_decode"] for record in records if "device_decode" in record]
+    assert len(on_device) == len(dataset.keys) and sum(counts["on_device"] for counts in on_device) > 0

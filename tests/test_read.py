@@ -208,7 +208,7 @@ def test_decode_options_identity_and_validation():
     assert "jpeg-reduced-min-side=off" in default.identity()
     assert DecodeOptions.for_model((224, 224), "reduced").reduced_jpeg_size == 256
     assert DecodeOptions.for_model((336, 336), "reduced").reduced_jpeg_size == 336  # never below the model's input
-    with pytest.raises(UserError, match=r"^decode_mode must be one of exact, reduced, not 'fast'\.$"):
+    with pytest.raises(UserError, match=r"^decode_mode must be one of exact, reduced, gpu, not 'fast'\.$"):
         DecodeOptions.for_model((224, 224), "fast")
     with pytest.raises(UserError, match=r"^max_pixels must be a positive whole number"):
         DecodeOptions(max_pixels=0)
