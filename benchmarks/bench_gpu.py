@@ -13,8 +13,8 @@ measured:
 
 cosine       each forward pass of tasks/models/forward.py against the fp32 model on the CPU, on the same
              preprocessed images of both kinds: mean and min over the images (the bar is autocast's min).
-model alone  images/s of each forward pass at each batch size on ready pinned tensors, doing what
-             `embed_pixels` does (copy to the device, forward, normalise, back to the host), and the ratio to
+model alone  images/s of each forward pass at each batch size on a ready batch of uint8 crops, doing what
+             `embed_pixels` does (copy to the device, normalise there, forward, back to the host), and the ratio to
              autocast at the same batch; peak device memory while it ran (the fp32 model included).
              half-compiled runs only at the largest batch size with --quick: each shape is a compilation.
 choice       the fastest pass whose min cosine is within 1e-4 of autocast's, and its best batch size; autocast
@@ -58,6 +58,7 @@ from benchmarks._photos import LARGE_SIZES, write_photo_shards
 from benchmarks.bench_feed import _process_cpu_seconds
 from tasks.io import decode_workers
 from tasks.io.read import DECODE_MODES, DecodeOptions, iter_samples
+from tasks.models.bounded_transform import model_input
 from tasks.models.clip_resolve import ClipWeights, resolve_clip
 from tasks.models.embed import AUTOCAST_DTYPES, FeedTimes, embed_shard, load_clip_embedder
 from tasks.models.forward import FORWARD_PASSES, Forward, build_forward
@@ -230,18 +231,27 @@ def run_stage(
     return result
 
 
-def embed_like_the_stage(forward: Forward, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """What `ClipEmbedder.embed_pixels` does with a batch: to the device, forward, L2-normalised float32 on the host."""
-    return F.normalize(forward(pixels.to(device, non_blocking=True)).float(), dim=-1).cpu()
+def embed_like_the_stage(forward: Forward, transform, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """What `ClipEmbedder.embed_pixels` does with a batch: to the device, normalised there (uint8 crops), forward,
+    L2-normalised float32 on the host."""
+    return F.normalize(forward(model_input(transform, pixels.to(device, non_blocking=True))).float(), dim=-1).cpu()
 
 
-def model_alone_rate(forward: Forward, pixels: torch.Tensor, device: torch.device, seconds: float) -> float:
-    """Images/s of `forward` on ready pinned tensors, repeated for at least `seconds` (after two warm-up batches)."""
+def ready_batch(transform, batch_size: int, image_size: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """A random batch as the host pipeline hands it to the embedder (pinned for a GPU): uint8 crops when the transform
+    normalises on the device, else the float model input."""
+    crops = torch.randint(0, 256, (batch_size, 3, *image_size), dtype=torch.uint8)
+    batch = crops if model_input(transform, crops).dtype != torch.uint8 else torch.randn(batch_size, 3, *image_size)
+    return batch.pin_memory() if device.type == "cuda" else batch
+
+
+def model_alone_rate(forward: Forward, transform, pixels: torch.Tensor, device: torch.device, seconds: float) -> float:
+    """Images/s of `forward` on a ready batch, repeated for at least `seconds` (after two warm-up batches)."""
     for _ in range(2):  # warm-up: kernels chosen and loaded for this shape (and a compiled pass compiled)
-        embed_like_the_stage(forward, pixels, device)
+        embed_like_the_stage(forward, transform, pixels, device)
     batches, started = 0, time.perf_counter()
     while batches < 2 or time.perf_counter() - started < seconds:
-        embed_like_the_stage(forward, pixels, device)  # returns on the host, so every batch has finished on the device
+        embed_like_the_stage(forward, transform, pixels, device)  # returns on the host, so every batch has finished on the device
         batches += 1
     return batches * len(pixels) / (time.perf_counter() - started)
 
@@ -295,7 +305,7 @@ def _free_device_memory(device: torch.device) -> None:
 
 
 def measure_passes(
-    model: torch.nn.Module, pixels_for_cosine: torch.Tensor, reference: torch.Tensor, image_size: tuple[int, int], device: torch.device,
+    model: torch.nn.Module, transform, pixels_for_cosine: torch.Tensor, reference: torch.Tensor, image_size: tuple[int, int], device: torch.device,
     dtype: torch.dtype, names: list[str], batch_sizes: list[int], seconds: float, compile_backend: str, record: list[dict],
     compiled_batch_sizes: list[int] | None = None,
 ) -> tuple[dict[str, tuple[float, float]], dict[tuple[str, int], float]]:
@@ -303,7 +313,6 @@ def measure_passes(
     as made; "half-compiled" only at `compiled_batch_sizes` (default: all), since each shape costs a compilation."""
     cosines: dict[str, tuple[float, float]] = {}
     rates: dict[tuple[str, int], float] = {}
-    height, width = image_size
     for name in names:
         for batch_size in batch_sizes if name != "half-compiled" or compiled_batch_sizes is None else compiled_batch_sizes:
             subject = f"{name} batch {batch_size}"
@@ -313,11 +322,10 @@ def measure_passes(
             try:
                 forward = build_forward(model, device, name, batch_size, dtype, compile_backend=compile_backend)
                 if name not in cosines:
-                    embeddings = torch.cat([embed_like_the_stage(forward, piece, device) for piece in pixels_for_cosine.split(batch_size)])
+                    embeddings = torch.cat([embed_like_the_stage(forward, transform, piece, device) for piece in pixels_for_cosine.split(batch_size)])
                     cosines[name] = cosine_to_fp32(embeddings, reference)
                     report("cosine", name, f"vs fp32 CPU, mean and min of {len(reference)} images", f"{cosines[name][0]:.6f} {cosines[name][1]:.6f}", record)
-                pixels = torch.randn(batch_size, 3, height, width)
-                rate = model_alone_rate(forward, pixels.pin_memory() if device.type == "cuda" else pixels, device, seconds)
+                rate = model_alone_rate(forward, transform, ready_batch(transform, batch_size, image_size, device), device, seconds)
             except Exception as error:  # noqa: BLE001 - one pass failing on this machine must not cost the run its other figures
                 reason = " ".join(str(error).split())[:200]
                 report("model alone", subject, "images/s", f"failed ({type(error).__name__}: {reason})", record)
@@ -459,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         per_kind = max(1, args.cosine_images // len(SHARD_KINDS))
         cosine_pixels = torch.cat([preprocessed_images(urls, first_mode, transform, per_kind) for urls in shards.values()])
         reference = fp32_cpu_reference(model, cosine_pixels)
-        cosines, rates = measure_passes(model, cosine_pixels, reference, weights.image_size, device, dtype, forwards, batch_sizes,
+        cosines, rates = measure_passes(model, transform, cosine_pixels, reference, weights.image_size, device, dtype, forwards, batch_sizes,
                                         args.model_seconds, args.compile_backend, record, compiled_batch_sizes)
         chosen, chosen_batch, why = choose_pass(cosines, rates)
         report("choice", "forward pass", f"{chosen} batch {chosen_batch}", why, record)
