@@ -18,9 +18,10 @@ half           a copy of the visual tower in `dtype`, no autocast: no casts per 
 half-sdpa      that copy with each block's nn.MultiheadAttention replaced by open_clip's own `Attention` (the
                block open_clip builds for `vision_cfg.block_type="custom"`), same weights, which calls
                `F.scaled_dot_product_attention` itself whatever the head count: no fork of open_clip.
-half-compiled  the half-sdpa tower under `torch.compile` for one batch shape: a batch of fewer rows is padded
-               with zeros to `batch_size` and the padding's rows dropped (a ViT never mixes rows, so padding
-               changes no real row); a larger batch runs in pieces of `batch_size`.
+half-compiled  the half-sdpa tower under `torch.compile` (compiled on its first call, one graph, no breaks) for
+               one batch shape: a batch of fewer rows is padded with zeros to `batch_size` and the padding's
+               rows dropped (a ViT never mixes rows, so padding changes no real row); a larger batch runs in
+               pieces of `batch_size`.
 
 On the CPU every pass runs too (tests use bfloat16); the embedder itself runs fp32 there.
 `shared_forward` keeps one built pass per model, name, device, dtype and batch size in a process, so the
