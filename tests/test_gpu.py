@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -108,4 +109,50 @@ def test_gpu_benchmark_without_cuda_says_so_and_imports_no_orchestration(tmp_pat
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(repo)}
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["bench_gpu: torch sees no CUDA GPU on this machine; nothing to measure.", "[]"]
+    assert done.stdout.splitlines() == [
+        "bench_gpu: torch sees no CUDA GPU on this machine; nothing to measure (--device cpu --tiny checks the script).", "[]"]
+
+
+def figure_lines(stdout: str) -> dict[tuple[str, str, str], str]:
+    """The benchmark's `section | subject | figure: value` lines, by (section, subject, figure) -> value."""
+    figures = {}
+    for line in stdout.splitlines():
+        parts = line.split(" | ")
+        if len(parts) == 3 and ": " in parts[2]:
+            figure, value = parts[2].split(": ", 1)
+            figures[parts[0], parts[1], figure] = value
+    return figures
+
+
+def test_gpu_benchmark_runs_end_to_end_on_the_cpu_and_prints_every_figure(tmp_path):
+    from tasks.io.read import DECODE_MODES
+    from tasks.models.forward import FORWARD_PASSES
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "figures.json"
+    command = [sys.executable, str(repo / "benchmarks" / "bench_gpu.py"), "--device", "cpu", "--tiny", "--compile-backend", "aot_eager",
+               "--workdir", str(tmp_path / "work"), "--out", str(out)]
+    done = subprocess.run(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = figure_lines(done.stdout)
+
+    assert done.stdout.startswith("setup | ")
+    for name in FORWARD_PASSES:
+        mean, least = map(float, figures["cosine", name, "vs fp32 CPU, mean and min of 8 images"].split())
+        assert 1.0 + 1e-6 >= mean >= least >= 0.999
+        assert float(figures["model alone", f"{name} batch 4", "images/s"].split()[0]) > 0
+        assert figures["model alone", f"{name} batch 4", "peak device MiB"] == "n/a (no GPU)"
+    [(chosen, chosen_batch)] = [tuple(figure.split(" batch ")) for section, _, figure in figures if section == "choice"]
+    assert chosen in FORWARD_PASSES and chosen_batch == "4"
+    stage_figures = ("images/s", "model in stage images/s", "GPU busy %", "input wait", "host CPU ms/image", "peak device MiB")
+    for kind in ("512px", "photos"):
+        for mode in DECODE_MODES:
+            for forward in {"autocast", chosen}:
+                subject = f"{kind} {mode} {forward} (fp32) batch 4"
+                assert " (8 images in " in figures["stage", subject, "images/s"], subject
+                assert all(("stage", subject, figure) in figures for figure in stage_figures), subject
+                assert float(figures["stage", subject, "host CPU ms/image"]) > 0
+    assert "| shards | decode | forward | precision |" in done.stdout
+    saved = json.loads(out.read_text())
+    assert len(saved["figures"]) == sum(section != "setup" for section, _, _ in figures)
+    assert len(saved["stages"]) == 2 * len(DECODE_MODES) * len({"autocast", chosen}) and all(stage["images"] == 8 for stage in saved["stages"])

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from tasks.models.clip_resolve import ClipWeights, clip_identity, identity_record, read_model_config, weights_fingerprint
+from tasks.models.forward import DEFAULT_FORWARD, check_forward_name, shared_forward
 from tasks.errors import UserError
 from tasks.io.locations import LocationLike, as_location, redacted
 from tasks.models.bounded_transform import model_input, pixel_step
@@ -134,7 +135,8 @@ class ClipEmbedder:
     """A loaded CLIP image tower: `embed_model_batches` turns model-ready batches into float32 [N, D] embeddings, L2-normalised."""
 
     def __init__(
-        self, weights: ClipWeights, model: torch.nn.Module, transform, device: torch.device, batch_size: int = 32, autocast: str = "fp16"
+        self, weights: ClipWeights, model: torch.nn.Module, transform, device: torch.device, batch_size: int = 32, autocast: str = "fp16",
+        forward: str = DEFAULT_FORWARD,
     ) -> None:
         if batch_size < 1:
             raise UserError(f"model_inference_batch_size must be at least 1, got {batch_size}.")
@@ -147,20 +149,22 @@ class ClipEmbedder:
         self.batch_size = int(batch_size)
         self.embedding_dim = weights.embedding_dim
         self.autocast = autocast
+        # On CUDA the named pass of tasks/models/forward.py in the autocast dtype; the CPU runs the fp32 model.
+        self.forward = check_forward_name(forward)
+        self._cuda_forward = shared_forward(model, device, forward, self.batch_size, AUTOCAST_DTYPES[autocast]) if device.type == "cuda" else None
         self.times = FeedTimes()
 
     @property
     def precision(self) -> str:
-        return f"{self.autocast}-autocast" if self.device.type == "cuda" else "fp32"
+        return f"{self.autocast}-{self.forward}" if self.device.type == "cuda" else "fp32"
 
     @torch.inference_mode()
     def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         """Embeddings of one batch, float32 [N, D], L2-normalised: uint8 crops of `pixel_step(self.transform)` [N, 3, H, W],
         normalised on the device after the copy, or a batch already the model's input."""
         pixels = model_input(self.transform, pixels.to(self.device, non_blocking=True))
-        if self.device.type == "cuda":
-            with torch.autocast("cuda", dtype=AUTOCAST_DTYPES[self.autocast]):
-                features = self.model.encode_image(pixels)
+        if self._cuda_forward is not None:
+            features = self._cuda_forward(pixels)
         else:
             # One forward pass at a time per process: each already uses every core, and concurrent
             # partitions would only thrash; their decoding and writing still overlap this.
@@ -198,7 +202,8 @@ _loaded_model: dict[tuple[ClipWeights, str], tuple[torch.nn.Module, object]] = {
 
 
 def load_clip_embedder(
-    weights: ClipWeights, device: str | torch.device | None = None, batch_size: int = 32, autocast: str = "fp16"
+    weights: ClipWeights, device: str | torch.device | None = None, batch_size: int = 32, autocast: str = "fp16",
+    forward: str = DEFAULT_FORWARD,
 ) -> ClipEmbedder:
     """A `ClipEmbedder` for `weights`; the model is built once per process and device and reused across partitions."""
     device = select_device(device)
@@ -211,7 +216,7 @@ def load_clip_embedder(
                 del _loaded_model[stale]
             _loaded_model[key] = build_clip_model(weights, device)
         model, transform = _loaded_model[key]
-    return ClipEmbedder(weights, model, transform, device, batch_size, autocast)
+    return ClipEmbedder(weights, model, transform, device, batch_size, autocast, forward)
 
 
 def unload_clip_models() -> None:
