@@ -19,6 +19,8 @@ model alone  images/s of each forward pass at each batch size on a ready batch o
              half-compiled runs only at the largest batch size with --quick: each shape is a compilation.
 choice       the fastest pass whose min cosine is within 1e-4 of autocast's, and its best batch size; autocast
              stays when nothing is 5% faster.
+fidelity     per shard kind, the gpu decode mode's embeddings (nvJPEG and torch's resize on the device) against the
+             exact mode's (Pillow on the CPU) of the same images, same model and precision: mean and min cosine.
 stage        per shard kind and decode mode (every name in tasks.io.read.DECODE_MODES), the whole stage with
              autocast (before) and with the chosen pass (after), at the chosen batch size: images/s, the
              model's own images/s inside the stage, GPU busy % (NVML or nvidia-smi), time waiting for
@@ -229,6 +231,29 @@ def run_stage(
     result.input_wait_s = embedder.times.input_wait_s
     result.model_s = embedder.times.model_s
     return result
+
+
+def gpu_mode_against_exact(shard_url: str, weights: ClipWeights, store_dir: Path, modes: dict[str, DecodeOptions], device: torch.device,
+                           batch_size: int, autocast: str) -> tuple[float, float, int]:
+    """Mean and min cosine, over one shard's images, between the gpu mode's embeddings (decoded and resized on the device)
+    and the exact mode's (Pillow on the CPU), the same model and precision on the same device."""
+    from tasks.models.clip_resolve import clip_identity
+    from tasks.store.entries import embedding_matrix
+
+    embedder = load_clip_embedder(weights, device, batch_size, autocast)
+    store = EmbeddingStore(store_dir)
+    try:
+        tables = {}
+        for mode in ("exact", "gpu"):
+            embed_shard(shard_url, embedder, store, modes[mode])
+            tables[mode] = store.read_table(clip_identity(weights, modes[mode].identity()), shard_url)
+    finally:
+        shutil.rmtree(store_dir, ignore_errors=True)
+    exact, gpu = (torch.from_numpy(embedding_matrix(tables[mode])) for mode in ("exact", "gpu"))
+    assert tables["exact"].column("key").to_pylist() == tables["gpu"].column("key").to_pylist()
+    scored = ~(exact.isnan().any(dim=1) | gpu.isnan().any(dim=1))
+    mean, minimum = cosine_to_fp32(gpu[scored], exact[scored])
+    return mean, minimum, int(scored.sum())
 
 
 def embed_like_the_stage(forward: Forward, transform, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -472,6 +497,12 @@ def main(argv: list[str] | None = None) -> int:
         chosen, chosen_batch, why = choose_pass(cosines, rates)
         report("choice", "forward pass", f"{chosen} batch {chosen_batch}", why, record)
         del model, loaded
+
+        if "gpu" in _names(args.decode) and "exact" in modes:
+            for kind, urls in shards.items():
+                mean, minimum, count = gpu_mode_against_exact(urls[0], weights, workdir / f"store-fidelity-{kind}", modes, device, chosen_batch, args.autocast)
+                report("fidelity", f"{kind} gpu mode", f"cosine to exact decoding, mean and min of {count} images",
+                       f"{mean:.6f} {minimum:.6f}", record)
 
         results: list[StageResult] = []
         # every autocast run first: a chosen pass's tower, once built, stays with the model and would count in their peak

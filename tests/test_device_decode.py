@@ -29,18 +29,21 @@ from tests.test_hash_lists import REFERENCE_PDQ
 from tasks.errors import UserError
 from tasks.hashes.device_pdq import pdq_of_pixels
 from tasks.hashes.image_hashes import pdq_hex
-from tasks.io.decode import DecodeOptions, decode_mode_of
+from tasks.io.decode import DecodeOptions, decode_and_transform, decode_mode_of, open_sample_image
+from tasks.io.decode_dispatch import BatchDecoder
+from tasks.io.samples import Sample
 from tasks.io.device_jpeg import (
     FALLBACK_DEVICE_REFUSED,
     FALLBACK_ELONGATED,
     FALLBACK_INKS,
     FALLBACK_NOT_JPEG,
     DeviceJpeg,
+    without_app1,
 )
 from tasks.models.bounded_transform import BoundedTransform, pixel_step
 from tasks.models.clip_resolve import clip_identity, resolve_clip
 from tasks.models.device_decode import decode_jpegs, device_inputs
-from tasks.models.device_feed import DeviceFeedCounts, feed_device_batches
+from tasks.models.device_feed import DeviceFeedCounts, feed_device_batches, host_batches
 from tasks.models.device_transform import DeviceTransform, orient
 from tasks.models.embed import embed_shard, load_clip_embedder
 from tasks.store.entries import METADATA_KEY, EmbeddingStore, embedding_matrix
@@ -229,3 +232,78 @@ def test_bombs_and_odd_sides_never_reach_the_device(tmp_path, vit_l_14_transform
     assert rows["good"][1] is None and "decompression" in rows["bomb"][1] and "decompression" in rows["bombpng"][1]
     assert rows["line"][1] is None and rows["line"][0].shape == (3, 224, 224)  # scored the careful way, on the CPU
     assert counts.on_device == 1 and counts.fallbacks == {FALLBACK_ELONGATED: 1}
+
+
+def _segment(marker: int, payload: bytes) -> bytes:
+    return b"\xff" + bytes([marker]) + (len(payload) + 2).to_bytes(2, "big") + payload
+
+
+def _exif_orientation(orientation: int, big_endian: bool = False, as_long: bool = False) -> bytes:
+    """An APP1 EXIF segment holding only an Orientation tag (SHORT, or LONG as some writers store it)."""
+    order = "big" if big_endian else "little"
+    value = orientation.to_bytes(4, order) if as_long else orientation.to_bytes(2, order) + b"\0\0"
+    tiff = (b"MM" if big_endian else b"II") + (42).to_bytes(2, order) + (8).to_bytes(4, order) + (1).to_bytes(2, order)
+    tiff += (0x0112).to_bytes(2, order) + (4 if as_long else 3).to_bytes(2, order) + (1).to_bytes(4, order) + value + bytes(4)
+    return _segment(0xE1, b"Exif\0\0" + tiff)
+
+
+def _xmp_orientation(orientation: int) -> bytes:
+    packet = (f'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+              f'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="{orientation}"/></rdf:RDF></x:xmpmeta>')
+    return _segment(0xE1, b"http://ns.adobe.com/xap/1.0/\0" + packet.encode())
+
+
+def test_orientation_is_the_one_pillow_reads_whatever_the_device_decoder_would(tmp_path, vit_l_14_transform):
+    """XMP orientation, XMP before EXIF, a big-endian LONG tag: the device decodes the stored pixels (APP1 removed) and
+    turns them as Pillow says, so crops and PDQ are the exact mode's."""
+    plain = encode(photo("coffee"), "JPEG", quality=90)
+    cases = {
+        "xmp3": _xmp_orientation(3),
+        "xmp-then-exif6": _xmp_orientation(1) + _exif_orientation(6),
+        "long3": _exif_orientation(3, big_endian=True, as_long=True),
+        "long6": _exif_orientation(6, big_endian=True, as_long=True),
+    }
+    members = [Member(f"{key}.jpg", plain[:2] + segments + plain[2:]) for key, segments in cases.items()]
+    rows = _gpu_mode_crops(str(write_tar(tmp_path / "exif.tar", members)), vit_l_14_transform)
+    for member in members:
+        key = member.name[:-4]
+        difference = _in_levels(rows[key][0], member.data, vit_l_14_transform)
+        assert difference.mean() <= 0.5, (key, difference.mean())
+        exact = Sample(key=key, shard="exif.tar", members={"jpg": member.data})
+        decode_and_transform(exact, open_sample_image(exact, EXACT), None)
+        stored = without_app1(member.data)
+        assert stored is not None and b"Exif" not in stored and b"xmpmeta" not in stored
+        assert pdq_of_pixels(decode_jpegs([stored], CPU)[0]) == (exact.image_hashes.pdq, exact.image_hashes.pdq_quality), key  # PDQ of the stored pixels
+
+
+def test_host_batches_close_at_the_readers_byte_budget(tmp_path, vit_l_14_transform):
+    """Error rows hold their members too: a host batch never holds much over `batch_bytes` of raw members."""
+    noise = np.random.default_rng(5).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
+    members = [Member(f"{index:03d}.jpg", b"\xff\xd8\xff\xe0" + noise) for index in range(12)]  # corrupt: error rows
+    members.append(Member("good.jpg", encode(photo("coffee"), "JPEG")))
+    shard = str(write_tar(tmp_path / "heavy.tar", members))
+    decoder = BatchDecoder(EXACT, pixel_step(vit_l_14_transform), 1, False)
+    try:
+        batches = list(host_batches([shard], DeviceTransform.of(VIT_L_14).fits, 64, EXACT, decoder, DeviceFeedCounts(), batch_bytes=1_000_000))
+    finally:
+        decoder.close()
+    assert [len(rows) for rows in batches] == [4, 4, 4, 1]
+    assert [row.sample.key for rows in batches for row in rows] == [member.name[:-4] for member in members]
+
+
+def test_an_image_the_device_cannot_fit_goes_to_the_cpu_alone(tmp_path, vit_l_14_transform, monkeypatch):
+    """Device memory runs out while one image is resized (its float copy): that image is decoded by the CPU path."""
+    members = [Member(f"{index}.jpg", encode(photo(name), "JPEG", quality=90)) for index, name in enumerate(PHOTO_NAMES[:5])]
+    resize = DeviceTransform.pixels
+
+    def out_of_memory_on_the_third(self, image):
+        if image.shape[1:] == (300, 451):  # chelsea, the third photo
+            raise torch.OutOfMemoryError("CUDA out of memory (one image's float copy)")
+        return resize(self, image)
+
+    monkeypatch.setattr(DeviceTransform, "pixels", out_of_memory_on_the_third)
+    counts = DeviceFeedCounts()
+    rows = _gpu_mode_crops(str(write_tar(tmp_path / "oom.tar", members)), vit_l_14_transform, counts=counts)
+    assert list(rows) == ["0", "1", "2", "3", "4"] and all(error is None for _, error in rows.values())
+    assert counts.on_device == 4 and counts.fallbacks == {FALLBACK_DEVICE_REFUSED: 1}
+    assert _in_levels(rows["2"][0], members[2].data, vit_l_14_transform).max() < 1e-3  # the exact path's own input

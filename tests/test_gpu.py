@@ -152,6 +152,9 @@ def test_gpu_benchmark_runs_end_to_end_on_the_cpu_and_prints_every_figure(tmp_pa
                 assert " (8 images in " in figures["stage", subject, "images/s"], subject
                 assert all(("stage", subject, figure) in figures for figure in stage_figures), subject
                 assert float(figures["stage", subject, "host CPU ms/image"]) > 0
+    for kind in ("512px", "photos"):  # the gpu mode's embeddings against the exact mode's (here TorchCodec's CPU decode)
+        mean, least = map(float, figures["fidelity", f"{kind} gpu mode", "cosine to exact decoding, mean and min of 4 images"].split())
+        assert 0.999 <= least <= mean <= 1.0 + 1e-6, (kind, mean, least)
     assert "| shards | decode | forward | precision |" in done.stdout
     saved = json.loads(out.read_text())
     assert len(saved["figures"]) == sum(section != "setup" for section, _, _ in figures)

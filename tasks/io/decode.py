@@ -63,6 +63,8 @@ class DecodeOptions:
         size = self.reduced_jpeg_size
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise UserError(f"reduced_jpeg_size must be a positive number of pixels or None, not {size!r}.")
+        if self.on_device and size is not None:
+            raise UserError("decode_mode 'gpu' decodes every pixel, so it takes no reduced_jpeg_size.")
         deadline = self.decode_deadline_s
         if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not 0 < deadline < float("inf"):
             raise UserError(f"decode_deadline_s must be a positive, finite number of seconds, not {deadline!r}.")

@@ -6,7 +6,8 @@ scan and segment counts, `max_pixels`, sides of at least one pixel), so a bomb o
 device and is refused with the CPU path's own sentence. It then parses the caption and metadata (a refused JSON
 member makes the same error row as on the CPU path) and answers one of three things:
 
-- a `DeviceJpeg`: its bytes, its upright size and EXIF orientation, for the device;
+- a `DeviceJpeg`: its bytes without APP1 segments, its stored size and Pillow's EXIF orientation, for the device
+  (which then decodes the pixels as stored and turns them as Pillow would);
 - a fallback reason (a `FALLBACK_*` sentence): the sample is decoded by today's exact CPU path instead, and the
   reason is counted: not a JPEG (PNG, WebP, GIF, ...), CMYK or YCCK (Adobe's inverted inks, which the CPU path
   converts as Pillow does), a multi-picture file (MPO), or an image whose resize would make over 100 crops of
@@ -38,10 +39,11 @@ _TURNED = (5, 6, 7, 8)  # orientations that swap width and height
 
 @dataclass(frozen=True)
 class DeviceJpeg:
-    """A JPEG for the device decoder: its bytes as stored, its size upright, and its EXIF orientation (1-8)."""
+    """A JPEG for the device decoder: its bytes without APP1 (`without_app1`), its size as stored, and the EXIF
+    orientation (1-8) Pillow reads, which the device applies after decoding."""
 
     data: bytes
-    height: int
+    height: int  # as stored, before the orientation
     width: int
     orientation: int
 
@@ -76,4 +78,40 @@ def for_device(sample: Sample, options: DecodeOptions, fits: Callable[[int, int]
         return FALLBACK_ELONGATED
     if not decode_text_members(sample):
         return None
-    return DeviceJpeg(sample.members[image_extension(sample.members)], height, width, orientation)
+    stripped = without_app1(sample.members[image_extension(sample.members)])
+    if stripped is None:
+        return FALLBACK_EXIF
+    return DeviceJpeg(stripped, *opened.size[::-1], orientation)
+
+
+def without_app1(data: bytes) -> bytes | None:
+    """The JPEG without its APP1 segments (EXIF, XMP), or None when its segments before the first scan cannot be walked.
+
+    The device's decoder applies an EXIF orientation of its own reading (the first APP1 only, no XMP), which can
+    differ from Pillow's; without APP1 it decodes the pixels as stored, and `orient` turns them as Pillow says.
+    APP1 holds no pixel data, so nothing else changes; the bytes a sample is hashed by are the member's own.
+    """
+    kept: list[bytes] = [data[:2]]
+    position, copied_from = 2, 2
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            position += 1
+            continue
+        if marker == 0xDA:  # the first scan: the rest is entropy-coded data and later segments, kept as they are
+            break
+        length = int.from_bytes(data[position + 2 : position + 4], "big")
+        if length < 2 or position + 2 + length > len(data):
+            return None
+        if marker == 0xE1:
+            kept.append(data[copied_from:position])
+            copied_from = position + 2 + length
+        position += 2 + length
+    else:
+        return None
+    if copied_from == 2:
+        return data  # no APP1: no copy
+    kept.append(data[copied_from:])
+    return b"".join(kept)

@@ -2,7 +2,8 @@
 
 Decoding is TorchCodec's `decode_jpeg(list, device=...)`: on CUDA one nvJPEG call per batch (baseline JPEGs on
 the A100/H100 hardware engine, others on nvJPEG's CUDA backend), on the CPU libjpeg-turbo, whose pixels equal
-Pillow's (the tests check it). TorchCodec applies the EXIF orientation itself, as the CPU path's
+Pillow's (the tests check it). The bytes come without APP1 (tasks/io/device_jpeg.py `without_app1`), so the
+decoder applies no EXIF orientation of its own reading; `orient` applies the one Pillow read, as the CPU path's
 `exif_transpose` does.
 
 - A batch call fails as a whole when one image in it fails, so a failed call is split in halves until each
@@ -10,10 +11,10 @@ Pillow's (the tests check it). TorchCodec applies the EXIF orientation itself, a
 - Device memory is bounded per call: images are decoded in groups of at most `DECODED_BYTES_PER_CALL` decoded
   bytes (one image larger than that is decoded alone), and each image is hashed and resized on its own (float
   conversion one image at a time) and dropped, leaving only its uint8 crop.
-- An image whose decoded size is not what its header said (a decoder that read a different EXIF orientation,
-  or another frame) also gets `None`, so every pixel that reaches the model is the header-checked image.
-- PDQ is taken from the pixels as stored (the orientation undone, tasks/hashes/device_pdq.py), as the CPU path
-  takes it before `exif_transpose`.
+- An image whose decoded size is not what its header said also gets `None`, so every pixel that reaches the
+  model is the header-checked image; so does one whose resize or hash runs out of device memory (its float copies).
+- PDQ is taken from the pixels as stored (tasks/hashes/device_pdq.py), as the CPU path takes it before
+  `exif_transpose`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from tasks.models.device_transform import DeviceTransform, orient
 
 # Decoded RGB bytes one decoder call may make on the device: 100 photos of 2 MP, or 1,300 images of 512 px.
 DECODED_BYTES_PER_CALL = 768 << 20
-_UNDO_ORIENTATION = {6: 8, 8: 6}  # the others are their own inverse
 
 
 @dataclass(frozen=True)
@@ -76,11 +76,17 @@ def device_inputs(jpegs: Sequence[DeviceJpeg], transform: DeviceTransform, devic
         group = jpegs[first:last]
         decoded = decode_jpegs([jpeg.data for jpeg in group], device)
         for index, jpeg in enumerate(group):
-            image, decoded[index] = decoded[index], None  # each decoded image is dropped once its crop is made
-            if image is None or tuple(image.shape) != (3, jpeg.height, jpeg.width):
+            stored, decoded[index] = decoded[index], None  # each decoded image is dropped once its crop is made
+            if stored is None or tuple(stored.shape) != (3, jpeg.height, jpeg.width):
                 results.append(None)
                 continue
-            stored = orient(image, _UNDO_ORIENTATION.get(jpeg.orientation, jpeg.orientation))
-            results.append(DeviceInput(transform.pixels(image), pdq_of_pixels(stored)))
-            del image, stored
+            try:
+                results.append(DeviceInput(transform.pixels(orient(stored, jpeg.orientation)), pdq_of_pixels(stored)))
+                out_of_memory = False
+            except torch.OutOfMemoryError:  # the image's float copies did not fit beside the model: the CPU path takes it
+                results.append(None)
+                out_of_memory = True
+            del stored
+            if out_of_memory and torch.cuda.is_available():
+                torch.cuda.empty_cache()
     return results

@@ -4,12 +4,13 @@
     -> host thread           tasks/io/device_jpeg.py `for_device`: header checks, caption and metadata, MD5 and SHA-1;
                              JPEGs kept as bytes, every other image handed to the exact CPU path's decoders at once
     -> device thread         tasks/models/device_decode.py: the batch's JPEGs decoded, hashed (PDQ) and cropped on the
-                             device (on its own CUDA stream); an image the device refuses decoded on the CPU path there
+                             device (on its own CUDA stream); an image the device refuses sent to the CPU path's decoders
     -> the model             `ModelBatch`es of uint8 crops on the device, normalised with the model (tasks/models/embed.py)
 
 Every sample keeps exactly one row, in tar order: device-decoded, CPU-decoded (a fallback, its reason counted in
 `DeviceFeedCounts`) or an error with the CPU path's own sentence. A model batch holds at most `batch_size` images;
-memory is the reader's budget, two host batches of bytes, and on the device one decoder call's pixels
+memory is the reader's budget, host batches of at most `batch_size` images and the reader's batch budget of raw bytes
+(`ReadLimits.batch_bytes`; two waiting, one on the device, one being filled), and on the device one decoder call's pixels
 (tasks/models/device_decode.py `DECODED_BYTES_PER_CALL`) plus the crops of three model batches.
 """
 
@@ -24,9 +25,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tasks.io.decode import DecodeOptions, decode_and_transform, hash_sample, open_sample_image
+from tasks.io.decode import DecodeOptions, hash_sample
 from tasks.io.decode_dispatch import BatchDecoder, PendingSample
 from tasks.io.device_jpeg import FALLBACK_DEVICE_REFUSED, DeviceJpeg, for_device
+from tasks.io.limits import DEFAULT_BATCH_BYTES
 from tasks.io.locations import LocationLike
 from tasks.io.prefetch import close_iterator, prefetched
 from tasks.io.read import _default_threads, iter_batches
@@ -90,15 +92,15 @@ def feed_device_batches(
     counts = counts if counts is not None else DeviceFeedCounts()
     cpu_options = dataclasses.replace(decode_options, on_device=False)  # what the CPU path does with a fallback
 
-    def on_device(rows: list[_Row], decoder: BatchDecoder) -> None:
-        """The rows decoded: JPEGs on the device (those it refuses on the CPU path, here), the others by the CPU path's decoders."""
+    def on_device(rows: list[_Row], decoder: BatchDecoder, refused: BatchDecoder) -> None:
+        """The rows decoded: JPEGs on the device (those it refuses by the CPU path's decoders, `refused`: this thread's
+        own, with the worker processes' deadline), the others by the CPU path's decoders the host thread fed."""
         jpeg_rows = [row for row in rows if row.jpeg is not None]
         for row, decoded in zip(jpeg_rows, device_inputs([row.jpeg for row in jpeg_rows], device_transform, device)):
             sample = row.sample
             if decoded is None:
                 counts.add(fallback=FALLBACK_DEVICE_REFUSED)
-                decode_and_transform(sample, open_sample_image(sample, cpu_options), pixel_transform)
-                row.pixels = _as_tensor(sample.model_input) if error_of(sample) is None else None
+                row.on_cpu = refused.submit(refused.check(sample))
                 continue
             counts.add(on_device=1)
             row.pixels = decoded.pixels
@@ -107,18 +109,20 @@ def feed_device_batches(
                 sample.image_hashes = ImageHashes(hashes.md5, hashes.sha1, *decoded.pdq)
         for row in rows:
             if row.on_cpu is not None:
-                sample = row.sample = decoder.finished(row.on_cpu)
+                sample = row.sample = (refused if row.jpeg is not None else decoder).finished(row.on_cpu)
                 row.pixels = _as_tensor(sample.model_input) if error_of(sample) is None else None
 
     def device_batches() -> Iterator[ModelBatch]:
-        decoder = BatchDecoder(cpu_options, pixel_transform, threads or _default_threads(), worker_processes)
+        workers = threads or _default_threads()
+        decoder = BatchDecoder(cpu_options, pixel_transform, workers, worker_processes)  # fed by the host thread
+        refused = BatchDecoder(cpu_options, pixel_transform, workers, worker_processes)  # fed by this one (the same worker processes)
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         host = prefetched(host_batches(shards, device_transform.fits, batch_size, cpu_options, decoder, counts, task_batch_size, local_copies),
                           _PREFETCH_BATCHES, "device-host")
         try:
             for rows in host:
                 with torch.cuda.stream(stream) if stream is not None else nullcontext():
-                    on_device(rows, decoder)
+                    on_device(rows, decoder, refused)
                     batch = _model_batch(rows, device, ModelBatch, error_of)
                 if stream is not None:
                     stream.synchronize()  # the model runs on the default stream: the batch is whole before it gets it
@@ -128,6 +132,7 @@ def feed_device_batches(
         finally:
             close_iterator(host)
             decoder.close()
+            refused.close()
 
     return prefetched(device_batches(), _PREFETCH_BATCHES, "device-decode")
 
@@ -141,12 +146,14 @@ def host_batches(
     counts: DeviceFeedCounts,
     task_batch_size: int = 100,
     local_copies: Mapping[str, str] | None = None,
+    batch_bytes: int = DEFAULT_BATCH_BYTES,
 ) -> Iterator[list[_Row]]:
     """The host's whole share of the gpu mode: the tars streamed, each header checked, JPEG bytes batched for the device
-    (`batch_size` images a batch) and every other image handed to `decoder` (the exact CPU path) as it is met."""
+    (`batch_size` images a batch, fewer when the batch's raw members pass `batch_bytes`) and every other image handed to
+    `decoder` (the exact CPU path) as it is met."""
     samples = iter_batches(shards, task_batch_size, decode=None, local_copies=local_copies)
     rows: list[_Row] = []
-    images = 0
+    images = held = 0
     try:
         for batch in samples:
             for sample in batch:
@@ -158,9 +165,11 @@ def host_batches(
                     hash_sample(sample)  # MD5 and SHA-1 of the bytes; PDQ comes from the device's pixels
                     rows.append(_Row(sample, jpeg=target))
                 images += target is not None
-                if images == batch_size:
+                held += sum(len(data) for data in sample.members.values())
+                # a batch closes at `batch_size` images, or once its raw bytes (error rows' included) pass the reader's budget
+                if images == batch_size or held >= batch_bytes:
                     yield rows
-                    rows, images = [], 0
+                    rows, images, held = [], 0, 0
         if rows:
             yield rows
     finally:
