@@ -290,6 +290,7 @@ def nsfw_filter(
     review_samples: Annotated[int, Field(ge=0)] = 0,
     take_over_output: bool = False,
     decode_mode: Literal["exact", "reduced", "gpu"] = "exact",
+    forward_pass: Literal["autocast", "half", "half-sdpa", "half-compiled"] = "autocast",
     allow_cpu: bool = False,
 ) -> dict:
     """Score every image of a WebDataset with LAION's CLIP-based NSFW detector and keep the safe ones.
@@ -322,6 +323,7 @@ def nsfw_filter(
         review_samples: When above 0, end the run by writing review/review.html under output_path (score histogram and this many thumbnails across score bands, denser around score_threshold, blurred at nsfw_score >= 0.5) for calibrating the threshold.
         take_over_output: Replace the outputs of an earlier run over other inputs in output_path (otherwise refused).
         decode_mode: exact decodes every pixel, so embeddings equal open_clip's own preprocess + encode_image; reduced decodes large JPEGs at 1/2-1/8 scale (never below the model's input size), several times faster to decode, embeddings within a cosine of about 0.9998; gpu decodes and resizes JPEGs in batches on the embedding device (nvJPEG on CUDA), every other image as exact, model input within 0.5/255 of exact on average. Part of the embedding identity.
+        forward_pass: How CLIP runs on a CUDA GPU: autocast (fp16 autocast over the fp32 model), half (a half-precision copy of the image tower, fused attention), half-sdpa (open_clip's SDPA blocks), half-compiled (torch.compile for one padded batch shape). Measure with benchmarks/bench_gpu.py before leaving autocast; the CPU always runs fp32.
         allow_cpu: With task_runner ray, embed on a Ray that has no GPU at all (CLIP on CPUs, much slower); otherwise such a run is refused. A Ray with GPUs always runs embedding on GPU nodes; the threads runner uses the CPU when this machine has no GPU either way.
     """
     settings = validate_settings(dict(locals()), FilterSettings)

@@ -63,7 +63,7 @@ def shard_reembedder(stage: EmbedStage) -> Callable[[str], str]:
 
     def reembed(shard_url: str) -> str:
         with hold_gpu(stage.num_gpus_per_worker) as device:
-            embedder = load_clip_embedder(stage.clip_weights, device, stage.model_inference_batch_size)
+            embedder = load_clip_embedder(stage.clip_weights, device, stage.model_inference_batch_size, forward=stage.forward_pass)
             return embed_shard(stage.shard(shard_url), embedder, stage.store, stage.decode, stage.task_batch_size)
 
     return reembed

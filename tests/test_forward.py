@@ -136,3 +136,18 @@ def test_an_unknown_pass_is_one_sentence_and_a_cpu_embedder_runs_fp32_whatever_t
     embedder = load_clip_embedder(weights, "cpu", 4, forward="half-sdpa")
     assert embedder.precision == "fp32" and embedder.forward == "half-sdpa"
     np.testing.assert_allclose(embedder.embed_pixels(pixels), fp32_embeddings(embedder.model, pixels).numpy(), rtol=0, atol=1e-6)
+
+
+def test_the_flows_forward_pass_reaches_the_embedding_stage_and_a_wrong_one_is_refused(tmp_path, tiny_clip_768, laion_dir):
+    from flows.nsfw_filter import preflight
+    from tests.support.filter_parameters import local_filter_parameters
+    from tests.support.tars import shard_of_good_samples, write_tar
+
+    from tasks.errors import UserError
+
+    write_tar(tmp_path / "in" / "part-000000.tar", shard_of_good_samples(["a", "b"], size=(64, 48)))
+    plan = preflight(local_filter_parameters(tmp_path, tiny_clip_768, laion_dir, forward_pass="half-sdpa"))
+    assert plan.embed.forward_pass == "half-sdpa"
+    assert preflight(local_filter_parameters(tmp_path, tiny_clip_768, laion_dir, take_over_output=True)).embed.forward_pass == "autocast"
+    with pytest.raises(UserError, match="forward_pass"):
+        preflight(local_filter_parameters(tmp_path, tiny_clip_768, laion_dir, forward_pass="fp8", take_over_output=True))

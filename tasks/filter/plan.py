@@ -65,6 +65,7 @@ class FilterSettingsLike(Protocol):
     verbose: bool
     take_over_output: bool
     decode_mode: str
+    forward_pass: str
     task_runner: str
     ray_address: str | None
 
@@ -81,6 +82,7 @@ class EmbedStage:
     model_inference_batch_size: int
     num_gpus_per_worker: float
     verbose: bool = False
+    forward_pass: str = "autocast"  # how CLIP runs on CUDA (tasks/models/forward.py)
     # The input listing's location: every shard it lists is reached as `inputs.at(shard_url)` (one run, one set
     # of storage options).
     inputs: Location = Location(".")
@@ -280,6 +282,7 @@ def plan_filter_run(
         model_inference_batch_size=int(settings.model_inference_batch_size),
         num_gpus_per_worker=float(settings.num_gpus_per_worker),
         verbose=bool(settings.verbose),
+        forward_pass=str(settings.forward_pass),
         inputs=inputs,
     )
     scoring = FilterStage(

@@ -397,7 +397,7 @@ def embed_partition(
             entry_urls.append(store.entry_url(identity, shard_url, fingerprint))
             continue
         if embedder is None:
-            embedder = load_clip_embedder(weights, device, stage.model_inference_batch_size)
+            embedder = load_clip_embedder(weights, device, stage.model_inference_batch_size, forward=stage.forward_pass)
         local_copy = local_copies[index] if local_copies is not None else None
         entry_urls.append(embed_shard(shard, embedder, store, stage.decode, stage.task_batch_size, fingerprint, local_copy=local_copy))
     return entry_urls
