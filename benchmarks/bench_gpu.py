@@ -233,7 +233,7 @@ def run_stage(
     return result
 
 
-def gpu_mode_against_exact(shard_url: str, weights: ClipWeights, store_dir: Path, modes: dict[str, DecodeOptions], device: torch.device,
+def gpu_mode_against_exact(kind: str, shard_url: str, weights: ClipWeights, store_dir: Path, modes: dict[str, DecodeOptions], device: torch.device,
                            batch_size: int, autocast: str, record: list[dict]) -> tuple[float, float, int]:
     """Mean and min cosine, over one shard's images, between the gpu mode's embeddings (decoded and resized on the device)
     and the exact mode's (Pillow on the CPU), the same model and precision on the same device."""
@@ -256,7 +256,7 @@ def gpu_mode_against_exact(shard_url: str, weights: ClipWeights, store_dir: Path
     hashes = [(a, b) for a, b in zip(tables["exact"].column("pdq").to_pylist(), tables["gpu"].column("pdq").to_pylist()) if a and b]
     distances = [bin(int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).count("1") for a, b in hashes]
     if distances:
-        report("fidelity", "gpu mode PDQ", f"bits from exact decoding's PDQ, mean and max of {len(distances)} images",
+        report("fidelity", f"{kind} gpu mode PDQ", f"bits from exact decoding's PDQ, mean and max of {len(distances)} images",
                f"{sum(distances) / len(distances):.2f} {max(distances)}", record)
     return mean, minimum, int(scored.sum())
 
@@ -505,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if "gpu" in _names(args.decode) and "exact" in modes:
             for kind, urls in shards.items():
-                mean, minimum, count = gpu_mode_against_exact(urls[0], weights, workdir / f"store-fidelity-{kind}", modes, device, chosen_batch, args.autocast,
+                mean, minimum, count = gpu_mode_against_exact(kind, urls[0], weights, workdir / f"store-fidelity-{kind}", modes, device, chosen_batch, args.autocast,
                                                        record)
                 report("fidelity", f"{kind} gpu mode", f"cosine to exact decoding, mean and min of {count} images",
                        f"{mean:.6f} {minimum:.6f}", record)
