@@ -294,7 +294,8 @@ def _pixel_split(transform: object) -> _PixelSplit | None:
     from torchvision.transforms import Normalize, ToTensor
 
     convert, to_tensor, normalize = steps[-3:]
-    from_open_clip = getattr(type(convert), "__module__", "").startswith("open_clip") or getattr(convert, "__module__", "").startswith("open_clip")
+    # a class (MaybeConvertMode) or a function (_convert_to_rgb): either names open_clip as its module
+    from_open_clip = (getattr(convert, "__module__", None) or type(convert).__module__).startswith("open_clip")
     # open_clip's MaybeConvertMode("RGB") or its older _convert_to_rgb: ToTensor then always sees 8-bit RGB
     to_rgb = from_open_clip and (getattr(convert, "mode", None) == "RGB" or getattr(convert, "__name__", None) == "_convert_to_rgb")
     if not (to_rgb and isinstance(to_tensor, ToTensor) and type(normalize) is Normalize):
