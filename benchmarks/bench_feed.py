@@ -37,8 +37,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# img2dataset's 512 px output: padded to a square (resize_mode=border) or the shorter side at 512 (keep_ratio).
-IMG2DATASET_512_SIZES = [(512, 512), (683, 512), (512, 683), (512, 512), (768, 512), (512, 640)]
 IMAGE_SIZES = ("512", "photo")
 
 
@@ -164,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def measure_image_size(args: argparse.Namespace, image_size: str) -> None:
     """Every contender on every core count over shards of one `--image-size`, and the summary tables."""
-    from benchmarks._photos import LARGE_SIZES, write_photo_shards
+    from benchmarks._photos import IMG2DATASET_512_SIZES, LARGE_SIZES, write_photo_shards
 
     available = sorted(os.sched_getaffinity(0))
     core_counts = [int(n) for n in args.cores.split(",") if int(n) <= len(available)]

@@ -7,7 +7,7 @@
 Runs the flow's own code (`tasks.models.embed.load_clip_embedder` + `embed_shard`, `tasks.io.read`,
 `tasks.store.entries`, `tasks.models.forward`) with a ViT-L-14 of random weights (the speed of a model does
 not depend on its weights) on synthetic photo-like JPEGs of two kinds: img2dataset-style 512 px images
-(512x384 to 512x512 and 384x512) and 1-2 MP photos (1024-2048 px). Every figure is printed, flushed, on
+(the shorter side 512, or padded to 512 x 512) and 1-2 MP photos (1024-2048 px). Every figure is printed, flushed, on
 its own line the moment it is measured, `section | subject | figure: value`, so a run cut short keeps what it
 measured:
 
@@ -56,7 +56,7 @@ if __package__ in (None, ""):
 import torch
 import torch.nn.functional as F
 
-from benchmarks._photos import LARGE_SIZES, write_photo_shards
+from benchmarks._photos import IMG2DATASET_512_SIZES, LARGE_SIZES, write_photo_shards
 from benchmarks.bench_feed import _process_cpu_seconds
 from tasks.io import decode_workers
 from tasks.io.read import DECODE_MODES, DecodeOptions, iter_samples
@@ -67,7 +67,7 @@ from tasks.models.forward import FORWARD_PASSES, Forward, build_forward
 from tasks.store.entries import EmbeddingStore
 
 SHARD_KINDS = {  # name -> image sizes (width, height), at full size and for --tiny
-    "512px": ([(512, 384), (512, 448), (512, 512), (384, 512)], [(128, 96), (96, 128)]),
+    "512px": (IMG2DATASET_512_SIZES, [(128, 96), (96, 128)]),
     "photos": (LARGE_SIZES, [(320, 240), (256, 256)]),
 }
 COSINE_SLACK = 1e-4  # how far below autocast's min cosine a faster pass may be and still keep the embeddings
