@@ -21,7 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tasks.errors import UserError
 from tasks.hashes.image_hashes import bytes_hashes, pdq_of_image
-from tasks.io.jpeg_scans import JPEG_SIGNATURE, jpeg_scans_reason
+from tasks.io.jpeg_scans import JPEG_SIGNATURE, walk_jpeg_markers
 from tasks.io.metadata import parse_metadata
 from tasks.io.samples import ImageHashes, Sample, fail, hashed_image_extension, image_extension, member_of_format
 
@@ -196,7 +196,7 @@ def open_sample_image(sample: Sample, options: DecodeOptions) -> Image.Image | N
     assert image_ext is not None, "samples without an image member carry an error"
     data, name = sample.members[image_ext], sample.member_name(image_ext)
     # Before Pillow reads the header: its own marker walk is slower, and it keeps every APPn and COM segment.
-    too_many = jpeg_scans_reason(data, name) if data[:3] == JPEG_SIGNATURE else None
+    too_many, sample.jpeg_ended = walk_jpeg_markers(data, name) if data[:3] == JPEG_SIGNATURE else (None, None)
     if too_many is not None:
         fail(sample, too_many)
         return None

@@ -10,8 +10,9 @@ member makes the same error row as on the CPU path) and answers one of three thi
   (which then decodes the pixels as stored and turns them as Pillow would);
 - a fallback reason (a `FALLBACK_*` sentence): the sample is decoded by today's exact CPU path instead, and the
   reason is counted: not a JPEG (PNG, WebP, GIF, ...), CMYK or YCCK (Adobe's inverted inks, which the CPU path
-  converts as Pillow does), a multi-picture file (MPO), or an image whose resize would make over 100 crops of
-  pixels (the CPU's bounded transform computes only the crop);
+  converts as Pillow does), a multi-picture file (MPO), a JPEG whose marker walk ends before its EOI (truncated:
+  libjpeg refuses it, while a device decoder may fill the missing rows), or an image whose resize would make over
+  100 crops of pixels (the CPU's bounded transform computes only the crop);
 - None: the sample is refused (its `error` set) or holds nothing to decode.
 
 MD5 and SHA-1 of the bytes are computed here (tasks/io/decode.py `hash_sample`); PDQ needs pixels and is made on
@@ -31,8 +32,10 @@ FALLBACK_INKS = "a CMYK or YCCK JPEG"
 FALLBACK_MULTI_PICTURE = "a multi-picture JPEG"
 FALLBACK_ELONGATED = "an aspect ratio whose resize the CPU bounds"
 FALLBACK_EXIF = "an EXIF block the header check cannot read"
+FALLBACK_UNENDED = "a JPEG whose markers end before its end-of-image marker"
 FALLBACK_DEVICE_REFUSED = "refused by the device decoder"
-FALLBACK_REASONS = (FALLBACK_NOT_JPEG, FALLBACK_INKS, FALLBACK_MULTI_PICTURE, FALLBACK_ELONGATED, FALLBACK_EXIF, FALLBACK_DEVICE_REFUSED)
+FALLBACK_REASONS = (FALLBACK_NOT_JPEG, FALLBACK_INKS, FALLBACK_MULTI_PICTURE, FALLBACK_ELONGATED, FALLBACK_EXIF, FALLBACK_UNENDED,
+                    FALLBACK_DEVICE_REFUSED)
 _EXIF_ORIENTATION = 0x0112
 _TURNED = (5, 6, 7, 8)  # orientations that swap width and height
 
@@ -66,6 +69,8 @@ def for_device(sample: Sample, options: DecodeOptions, fits: Callable[[int, int]
         return FALLBACK_NOT_JPEG
     if opened.mode not in ("RGB", "L"):
         return FALLBACK_INKS
+    if not sample.jpeg_ended:  # truncated: libjpeg refuses it, a device decoder may return grey rows instead
+        return FALLBACK_UNENDED
     try:
         orientation = int(opened.getexif().get(_EXIF_ORIENTATION, 1))
     except Exception:  # noqa: BLE001 - an EXIF block Pillow cannot read: the CPU path decides what it means

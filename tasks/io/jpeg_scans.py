@@ -26,7 +26,13 @@ JPEG_SIGNATURE = b"\xff\xd8\xff"
 
 
 def jpeg_scans_reason(data: bytes, name: str) -> str | None:
-    """Why a JPEG's first image (up to its EOI) holds too many scans or marker segments to decode, or None.
+    """Why a JPEG's first image (up to its EOI) holds too many scans or marker segments to decode, or None."""
+    return walk_jpeg_markers(data, name)[0]
+
+
+def walk_jpeg_markers(data: bytes, name: str) -> tuple[str | None, bool]:
+    """(why the JPEG's first image holds too many scans or marker segments to decode, or None; whether the walk
+    reached its EOI marker: False for a truncated file).
 
     Walks the marker segments by their lengths, and each scan's entropy-coded data to the next marker, as
     libjpeg reads them, without decoding; the walk stops at the first limit passed, so it is linear in the
@@ -39,30 +45,30 @@ def jpeg_scans_reason(data: bytes, name: str) -> str | None:
         if data[position] != 0xFF or data[position + 1] in (0x00, 0xFF):
             found = markers.next_at_or_after(position)  # fill bytes, or garbage libjpeg skips with a warning
             if found is None:
-                return None
+                return None, False
             position = found
         marker = data[position + 1]
         if marker in (0xD8, 0xD9):  # EOI (an MPO's further images are never decoded), or a second SOI libjpeg refuses
-            return None
+            return None, marker == 0xD9
         segments += 1
         if segments > MAX_JPEG_SEGMENTS:
-            return f"image {name!r} has over {MAX_JPEG_SEGMENTS} JPEG marker segments, the limit for reading it"
+            return f"image {name!r} has over {MAX_JPEG_SEGMENTS} JPEG marker segments, the limit for reading it", False
         if marker in _JPEG_STANDALONE_MARKERS:
             position += 2
             continue
         length = int.from_bytes(data[position + 2 : position + 4], "big")
         if length < 2:
-            return None  # malformed: libjpeg refuses it when decoding
+            return None, False  # malformed: libjpeg refuses it when decoding
         position += 2 + length
         if marker == 0xDA:  # SOS: a scan header, followed by its entropy-coded data up to the next marker
             scans += 1
             if scans > MAX_JPEG_SCANS:
-                return f"image {name!r} has over {MAX_JPEG_SCANS} JPEG scans (possible scan bomb: each scan decodes the whole image again)"
+                return f"image {name!r} has over {MAX_JPEG_SCANS} JPEG scans (possible scan bomb: each scan decodes the whole image again)", False
             found = markers.next_at_or_after(position)
             if found is None:
-                return None
+                return None, False
             position = found
-    return None
+    return None, False
 
 
 class _MarkersInData:

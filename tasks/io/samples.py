@@ -61,6 +61,7 @@ class Sample:
     error: str | None = None  # why this sample cannot be scored (one short sentence); None when fine
     image_hashes: ImageHashes | None = None  # set by the embedding pass's decoding; None without an image member
     stored_pdq: tuple[bytes, int] | None = None  # PDQ of the decoded pixels as stored (tasks/io/decode.py), for image_hashes
+    jpeg_ended: bool | None = None  # whether its JPEG's marker walk reached EOI (False: truncated), set by the header check
 
     def member_name(self, extension: str) -> str:
         """The member's name in the tar, as the writer re-creates it."""
