@@ -116,8 +116,10 @@ def test_shared_forward_builds_once_per_setting_and_goes_with_its_model(tiny):
     _, model, _, _ = tiny
     first = shared_forward(model, CPU, "half", 4, torch.bfloat16)
     assert shared_forward(model, CPU, "half", 4, torch.bfloat16) is first
-    assert shared_forward(model, CPU, "half", 8, torch.bfloat16) is not first
+    assert shared_forward(model, CPU, "half", 8, torch.bfloat16) is first  # one copy serves every batch size
     assert shared_forward(model, CPU, "half-sdpa", 4, torch.bfloat16) is not first
+    compiled = shared_forward(model, CPU, "half-compiled", 4, torch.bfloat16)
+    assert shared_forward(model, CPU, "half-compiled", 8, torch.bfloat16) is not compiled  # compiled for one batch shape
 
     copy = torch.nn.Module()
     copy.visual = model.visual
@@ -151,3 +153,19 @@ def test_the_flows_forward_pass_reaches_the_embedding_stage_and_a_wrong_one_is_r
     assert preflight(local_filter_parameters(tmp_path, tiny_clip_768, laion_dir, take_over_output=True)).embed.forward_pass == "autocast"
     with pytest.raises(UserError, match="forward_pass"):
         preflight(local_filter_parameters(tmp_path, tiny_clip_768, laion_dir, forward_pass="fp8", take_over_output=True))
+
+
+def test_a_pass_the_models_tower_cannot_run_is_refused_before_any_task():
+    from tasks.errors import UserError
+    from tasks.models.forward import check_forward_for_model
+
+    vit = {"vision_cfg": {"layers": 24, "width": 1024, "patch_size": 14}}
+    resnet = {"vision_cfg": {"layers": [3, 4, 6, 3], "width": 64}}
+    timm = {"vision_cfg": {"timm_model_name": "convnext_base", "layers": 12}}
+    for name in ("autocast", "half", "half-sdpa", "half-compiled"):
+        check_forward_for_model(name, vit)
+    for config in (resnet, timm):
+        check_forward_for_model("half", config)
+        for name in ("half-sdpa", "half-compiled"):
+            with pytest.raises(UserError, match="needs an open_clip ViT image tower"):
+                check_forward_for_model(name, config)

@@ -18,6 +18,7 @@ list of work, which only the flow walks.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -259,6 +260,9 @@ def plan_filter_run(
     head, head_fingerprint = load_planned_head(head_location)
     head.check_dimension(clip_weights.embedding_dim, f"embeddings of CLIP {clip_weights.model_name}")
     decode = decode or DecodeOptions.for_model(clip_weights.image_size, settings.decode_mode)
+    from tasks.models.forward import check_forward_for_model
+
+    check_forward_for_model(settings.forward_pass, json.loads(clip_weights.model_config))
     if decode.on_device:
         from tasks.models.device_transform import DeviceTransform
 

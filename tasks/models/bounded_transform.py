@@ -20,8 +20,8 @@ Where each step runs: the host pipeline (tasks/models/embed.py `feed_model_batch
 `BoundedTransform.pixels` (a `PixelTransform`) runs every step before ToTensor and returns the uint8 crop
 [3, H, W], C-contiguous (a quarter of the float input's bytes to send between processes), and
 `BoundedTransform.normalise` (a `Normalise`) does ToTensor's scaling and Normalize on a uint8 batch
-[N, 3, H, W] on whatever device holds it, with torchvision's own float32 operations, so on the CPU the
-result equals `transform(image)` bit for bit. Any other transform (one not of that shape, or a wrapper
+[N, 3, H, W] on whatever device holds it, by a table of what torchvision's own float32 operations make of
+each 8-bit level, so on any device the result equals `transform(image)` on the CPU bit for bit. Any other transform (one not of that shape, or a wrapper
 around a `BoundedTransform`) is its own pixel step, and its output, float or not, is the model's input as it is.
 
 Why not one `resize(box=...)`: Pillow (13) picks the order of its two passes from the whole source's size
@@ -38,6 +38,7 @@ wrapped transform's; the embedding identity describes open_clip's transform and 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -262,7 +263,14 @@ def _resize_then_crop(transform: object) -> _ResizeThenCrop | None:
 
 @dataclass(frozen=True)
 class Normalise:
-    """ToTensor's scaling and Normalize of open_clip's transform, on a uint8 batch [N, C, H, W] where it lies."""
+    """ToTensor's scaling and Normalize of open_clip's transform, on a uint8 batch [N, C, H, W] where it lies.
+
+    Each channel has 256 possible values, so their normalised floats are computed once on the CPU with torchvision's
+    own operations (to_tensor's `.to(float32).div(255)`, then normalize's `sub_(mean).div_(std)` in float32) and
+    looked up: on any device the batch gets exactly the floats open_clip's preprocess makes on the CPU (CUDA's
+    division by a scalar is a multiplication by its inverse, a bit apart), and the table moves to a device once,
+    so a batch costs no blocking host-to-device copy.
+    """
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -270,12 +278,30 @@ class Normalise:
     def __call__(self, pixels: "torch.Tensor") -> "torch.Tensor":
         import torch
 
-        assert pixels.dtype == torch.uint8 and pixels.ndim == 4, (pixels.dtype, pixels.shape)
-        # torchvision's to_tensor (`.to(float32).div(255)`), then normalize (`sub_(mean).div_(std)`, both float32), per element alike
-        scaled = pixels.to(torch.float32).div(255)
-        mean = torch.as_tensor(self.mean, dtype=torch.float32, device=pixels.device).view(1, -1, 1, 1)
-        std = torch.as_tensor(self.std, dtype=torch.float32, device=pixels.device).view(1, -1, 1, 1)
-        return scaled.sub_(mean).div_(std)
+        assert pixels.dtype == torch.uint8 and pixels.ndim == 4 and pixels.shape[1] == len(self.mean), (pixels.dtype, pixels.shape)
+        table = self.table(pixels.device)
+        out = torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device)
+        for channel in range(pixels.shape[1]):  # one channel's int32 index at a time (a long index of the batch is 8 bytes a value)
+            out[:, channel] = table[channel][pixels[:, channel].to(torch.int32)]
+        return out
+
+    def table(self, device: "torch.device") -> "torch.Tensor":
+        """[C, 256] float32 on `device`: each channel's normalised value of every 8-bit level."""
+        key = (self.mean, self.std, str(device))
+        with _tables_lock:
+            found = _tables.get(key)
+            if found is None:
+                import torch
+
+                levels = torch.arange(256, dtype=torch.uint8).to(torch.float32).div(255)  # to_tensor's scaling, on the CPU
+                mean = torch.as_tensor(self.mean, dtype=torch.float32).view(-1, 1)
+                std = torch.as_tensor(self.std, dtype=torch.float32).view(-1, 1)
+                found = _tables[key] = levels.repeat(len(self.mean), 1).sub_(mean).div_(std).to(device)
+            return found
+
+
+_tables: dict[tuple, "torch.Tensor"] = {}
+_tables_lock = threading.Lock()
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ worker pool decodes each image and applies open_clip's transform up to its uint8
 cores and sends a quarter of the float input's bytes, and a background thread stacks the crops into uint8
 model batches two ahead of inference; on CUDA the batch is stacked in pinned memory and copied with
 `non_blocking=True`. `ClipEmbedder.embed_pixels` then makes the batch the model's input where the model runs
-(ToTensor's scaling and Normalize, `model_input`: on the CPU bit for bit open_clip's `preprocess`) and runs
-it, under fp16 (or bf16) autocast on CUDA.
+(ToTensor's scaling and Normalize, `model_input`: bit for bit open_clip's `preprocess` on the CPU) and runs
+it, under fp16 (or bf16) autocast on CUDA or the `forward` pass chosen (tasks/models/forward.py).
 The same workers hash each image they decode (tasks/io/decode.py `hash_sample`: MD5 and SHA-1 of its bytes, PDQ
 of its pixels), and `embed_shard` keeps those hashes in the entry, so a hash list is matched without decoding again.
 `ClipEmbedder.times` says where an embedder's time went: waiting for model-ready input, or in the model.
