@@ -6,7 +6,8 @@ tasks/io/jpeg_scans.py) before any pixel is decoded; `finish_decoding` decodes t
 applied, see `to_rgb`), the caption and the bounded JSON metadata (tasks/io/metadata.py). `decode_and_transform`
 is a worker's whole job: the second step, the sample's hashes (`hash_sample`: MD5 and SHA-1 of its image member's
 bytes, PDQ of the pixels just decoded, so no image is ever decoded twice for them) and the transform (for the
-embedding stage the uint8 crop of tasks/models/bounded_transform.py `pixel_step`), the image then dropped. Every refusal is that sample's one-sentence `error`; nothing here raises for a sample's content.
+embedding stage the uint8 crop of tasks/models/bounded_transform.py `pixel_step`), the image then dropped. Every
+refusal is that sample's one-sentence `error`; nothing here raises for a sample's content.
 """
 
 from __future__ import annotations
