@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from flows.serve import DEDUP_DEPLOYMENT, FILTER_DEPLOYMENT, dedup_after_filter_
 from tasks.models.gpu import GPU_JOURNAL_ENV, SIMULATED_GPUS_ENV
 from tests.support.filter_parameters import local_filter_parameters
 from tests.support.prefect_server import PrefectServer, prefect_server, wait_for
-from tests.support.tars import shard_of_good_samples, write_tar
+from tests.support.tars import output_shard_keys, shard_of_good_samples, write_tar
 
 pytestmark = pytest.mark.deployments
 
@@ -129,15 +128,6 @@ def build_dataset(root: Path) -> dict[str, list[str]]:
     return keys
 
 
-def shard_sample_keys(output_path: Path) -> set[str]:
-    """Sample keys in the WebDataset tars under output_path/shards."""
-    keys = set()
-    for shard in (output_path / "shards").glob("*.tar"):
-        with tarfile.open(shard) as tar:
-            keys |= {member.name.split(".", 1)[0] for member in tar.getmembers()}
-    return keys
-
-
 def test_deployments_are_declared_for_the_gpu_pool(deployed):
     server = deployed.server
     pool = server.get(f"/work_pools/{pool_name()}")
@@ -226,7 +216,7 @@ def test_ui_run_on_a_worker_writes_outputs_and_starts_dedup(deployed, tmp_path, 
     assert list(zip(scores["shard"], scores["key"])) == [(url, key) for url, shard_keys in keys.items() for key in shard_keys]
     assert all(error is None and 0.0 <= score <= 1.0 for score, error in zip(scores["nsfw_score"], scores["error"]))
     assert scores["passed"] == [score < 0.5 for score in scores["nsfw_score"]]
-    assert shard_sample_keys(tmp_path / "out") == {key for key, passed in zip(scores["key"], scores["passed"]) if passed}
+    assert output_shard_keys(tmp_path / "out") == {key for key, passed in zip(scores["key"], scores["passed"]) if passed}
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["samples"] == 12 and summary["passed"] == sum(scores["passed"])
     assert list((tmp_path / "cache").rglob("*.parquet"))  # the embedding store the dedup run reads
@@ -251,7 +241,7 @@ def test_ui_run_on_a_worker_writes_outputs_and_starts_dedup(deployed, tmp_path, 
     assert set(kept["shard"]) == {shard_urls[0]}
     assert {(url, key) for url in shard_urls[1:] for key in keys[url]} <= set(zip(duplicates["shard"], duplicates["key"]))
     passed = {(url, key) for url, key, ok in zip(scores["shard"], scores["key"], scores["passed"]) if ok}
-    assert shard_sample_keys(dedup_output) == {key for url, key in zip(kept["shard"], kept["key"]) if (url, key) in passed}
+    assert output_shard_keys(dedup_output) == {key for url, key in zip(kept["shard"], kept["key"]) if (url, key) in passed}
 
 
 def test_schedule_is_off_until_turned_on_then_schedules_runs(deployed):

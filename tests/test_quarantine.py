@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -19,7 +18,7 @@ from PIL import Image
 from tasks.hashes.image_hashes import bytes_hashes, pdq_hex, pdq_of_image
 from tests.support.filter_parameters import local_filter_parameters
 from tests.support.spies import Counted
-from tests.support.tars import Member, encode, photo, write_tar
+from tests.support.tars import Member, encode, output_shard_keys, photo, write_tar
 from tests.test_credentials import logs_of
 from tests.test_flow_filter import read_artifacts
 
@@ -50,14 +49,6 @@ def edited_copy(data: bytes) -> Image.Image:
     """What a list holder may have hashed: the image re-encoded at JPEG quality 50 and 1% cropped."""
     image = Image.open(io.BytesIO(encode(Image.open(io.BytesIO(data)).convert("RGB"), quality=50))).convert("RGB")
     return image.crop((image.width // 100, image.height // 100, image.width, image.height))
-
-
-def shard_keys(output: Path) -> set[str]:
-    keys = set()
-    for path in (output / "shards").glob("*.tar"):
-        with tarfile.open(path) as tar:
-            keys |= {member.name.rsplit(".", 1)[0] for member in tar.getmembers()}
-    return keys
 
 
 def scores_by_key(output: Path) -> dict[str, dict]:
@@ -102,7 +93,7 @@ def test_matches_are_quarantined_and_a_new_list_matches_the_stored_dataset_witho
         row = scores[key]
         assert row["passed"] is False and row["filtered_by"] == f"hash:{list_name}" and row["error"] is None
         assert row["nsfw_score"] is None and row["output_shard"] is None  # nothing derived from its pixels is kept
-    assert not (shard_keys(out) & set(quarantined)) and shard_keys(out) == {k for k, r in scores.items() if r["passed"]}
+    assert not (output_shard_keys(out) & set(quarantined)) and output_shard_keys(out) == {k for k, r in scores.items() if r["passed"]}
     # The review sheet and its thumbnails skip them; the run's artifacts and logs never name them.
     sheet = (out / "review" / "review.html").read_text()
     assert all(key not in sheet for key in quarantined) and any(key in sheet for key in scores if key not in quarantined)
@@ -129,7 +120,7 @@ def test_matches_are_quarantined_and_a_new_list_matches_the_stored_dataset_witho
     outcome = nsfw_filter(**{**parameters, "review_samples": 0}, hash_lists=[str(sha1_list)])
     assert (embedded.calls, opened.calls) == (0, 0)
     assert outcome["quarantined"] == 1 and [r["key"] for r in quarantine_records(out)] == ["p/rocket"]
-    assert scores_by_key(out)["p/astronaut"]["passed"] is True and "p/rocket" not in shard_keys(out)
+    assert scores_by_key(out)["p/astronaut"]["passed"] is True and "p/rocket" not in output_shard_keys(out)
     assert not (out / "review" / "review.html").exists() and not list((out / "review").rglob("*.jpg"))  # the old sheet showed rocket
     # both partitions' settings identity holds the lists: both were rewritten
     assert all(json.loads(text)["settings_identity"] != json.loads((out / "_manifests" / name).read_text())["settings_identity"] for name, text in manifests.items())

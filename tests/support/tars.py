@@ -336,3 +336,14 @@ def write_tar_with_holes(path: str | Path, entries) -> Path:
         handle.seek(2 * tarfile.BLOCKSIZE, io.SEEK_CUR)  # end-of-archive: two zero blocks (a hole as well)
         handle.truncate()
     return path
+
+
+def output_shard_keys(output_path: str | Path) -> set[str]:
+    """Sample keys in the WebDataset tars under `output_path/shards` (the key rule: the name up to the first dot of its file name)."""
+    keys = set()
+    for shard in Path(output_path, "shards").glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                folder, _, name = member.name.rpartition("/")
+                keys.add(f"{folder}/{name.split('.', 1)[0]}" if folder else name.split(".", 1)[0])
+    return keys
