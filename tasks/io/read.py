@@ -131,7 +131,8 @@ def iter_samples(
         yield sample if decode is None else decode_sample(sample, decode)
 
 
-def _default_threads() -> int:
+def default_threads() -> int:
+    """Decoding workers when the caller names none: the CPUs this process may use."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
@@ -171,7 +172,7 @@ def iter_batches(
         raise UserError(f"threads must be a whole number of at least 1 or None, not {threads!r}.")
     assert isinstance(prefetch, int) and prefetch >= 1, "prefetch counts batches and must be >= 1"
     shard_locations = [as_location(shards)] if isinstance(shards, (str, Location, os.PathLike)) else [as_location(shard) for shard in shards]
-    decoder = BatchDecoder(decode, transform, threads or _default_threads(), worker_processes)
+    decoder = BatchDecoder(decode, transform, threads or default_threads(), worker_processes)
     pending_batches = _pending_batches(
         _samples_of_shards(shard_locations, limits, local_copies), decoder, task_batch_size, limits.batch_bytes
     )

@@ -31,7 +31,7 @@ from tasks.io.device_jpeg import FALLBACK_DEVICE_REFUSED, DeviceJpeg, for_device
 from tasks.io.limits import DEFAULT_BATCH_BYTES
 from tasks.io.locations import LocationLike
 from tasks.io.prefetch import close_iterator, prefetched
-from tasks.io.read import _default_threads, iter_batches
+from tasks.io.read import default_threads, iter_batches
 from tasks.io.samples import ImageHashes, Sample
 from tasks.models.device_decode import device_inputs
 from tasks.models.device_transform import DeviceTransform
@@ -113,7 +113,7 @@ def feed_device_batches(
                 row.pixels = _as_tensor(sample.model_input) if error_of(sample) is None else None
 
     def device_batches() -> Iterator[ModelBatch]:
-        workers = threads or _default_threads()
+        workers = threads or default_threads()
         decoder = BatchDecoder(cpu_options, pixel_transform, workers, worker_processes)  # fed by the host thread
         refused = BatchDecoder(cpu_options, pixel_transform, workers, worker_processes)  # fed by this one (the same worker processes)
         stream = torch.cuda.Stream(device) if device.type == "cuda" else None
